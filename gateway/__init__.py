@@ -1,0 +1,4 @@
+"""Azure join gateway."""
+
+__all__ = ["__version__"]
+__version__ = "0.1.0"

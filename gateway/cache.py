@@ -1,0 +1,123 @@
+"""TTL caches with single flight.
+
+``Cache`` is the small interface every cached lookup goes through (JWKS per issuer,
+intermediates per AIA URL, verified chains per signer, VM records, scale-set maps).
+``MemoryCache`` is the in-process tier: a dict with expiries read from the injected
+clock (so TTL behaviour is tested without sleeping) and *single flight*: N concurrent
+misses for one key run the loader once, the other N-1 await its result.
+
+The in-process tier is our own rather than aiocache's ``SimpleMemoryCache`` because
+that one expires keys with ``loop.call_later`` timers (one per key, not driven by an
+injectable clock) and copies nothing we need; aiocache is used for the shared Redis tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from gateway.clock import Clock, SystemClock
+
+__all__ = ["CacheStats", "Loader", "MemoryCache"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+# A loader returns the value and how many seconds it may be kept.
+Loader = Callable[[], Awaitable[tuple[V, float]]]
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    loads_failed: int = 0
+
+
+class MemoryCache(Generic[K, V]):
+    """Parameters:
+
+    * name — for metrics and ``repr``.
+    * max_entries — beyond it the oldest-inserted entries are dropped (bounded memory
+      under hostile key churn).
+    * clock — injected; expiries use ``clock.monotonic()``.
+    """
+
+    def __init__(self, name: str, *, max_entries: int = 100_000, clock: Clock | None = None):
+        self.name = name
+        self._max = max_entries
+        self._clock = clock or SystemClock()
+        self._data: dict[K, tuple[float, V]] = {}
+        self._inflight: dict[K, asyncio.Future[V]] = {}
+        self.stats = CacheStats()
+
+    def get(self, key: K) -> V | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if expires <= self._clock.monotonic():
+            del self._data[key]
+            return None
+        return value
+
+    def set(self, key: K, value: V, ttl: float) -> None:
+        if ttl <= 0:
+            self._data.pop(key, None)
+            return
+        if key not in self._data and len(self._data) >= self._max:
+            # dicts keep insertion order: drop the oldest tenth in one go.
+            for old in list(self._data)[: max(1, self._max // 10)]:
+                del self._data[old]
+        self._data[key] = (self._clock.monotonic() + ttl, value)
+
+    def delete(self, key: K) -> None:
+        self._data.pop(key, None)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    async def get_or_load(self, key: K, loader: Loader[V]) -> V:
+        """The cached value, or the loader's; concurrent misses share one load.
+
+        A failing load is not cached: every waiter gets the exception, and the next
+        caller tries again.
+        """
+        value = self.get(key)
+        if value is not None:
+            self.stats.hits += 1
+            return value
+        pending = self._inflight.get(key)
+        if pending is not None:
+            self.stats.coalesced += 1
+            # shield: one waiter being cancelled must not cancel the shared load.
+            return await asyncio.shield(pending)
+        self.stats.misses += 1
+        fut: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            value, ttl = await loader()
+        except BaseException as exc:
+            self.stats.loads_failed += 1
+            if not fut.done():
+                fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters may be none
+            raise
+        else:
+            self.set(key, value, ttl)
+            fut.set_result(value)
+            return value
+        finally:
+            self._inflight.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemoryCache {self.name} entries={len(self._data)} inflight={len(self._inflight)} "
+            f"hits={self.stats.hits} misses={self.stats.misses} coalesced={self.stats.coalesced}>"
+        )
