@@ -1,0 +1,222 @@
+"""``join-gateway``: one entry point, argparse sub-commands.
+
+Each ``cmd_<name>(args) -> int`` only parses, builds ``Config`` and calls library code.
+Exit codes: 0 ok, 1 failure, 2 usage, 3 startup failure. A sub-command's module is
+imported only when that sub-command runs (``serve`` never loads the emulator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gateway import __version__
+
+__all__ = ["main"]
+
+log = logging.getLogger("gateway.cli")
+
+Configure = Callable[[argparse.ArgumentParser], None]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --- serve / check-config --------------------------------------------------------------
+
+
+def _configure_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="gateway.yaml")
+    p.add_argument("--workers", type=int, help="worker processes (overrides the config)")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
+    p.set_defaults(func=cmd_serve)
+
+
+def _load(args: argparse.Namespace) -> object:
+    from gateway.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"join-gateway: {exc}", file=sys.stderr)
+        return None
+    if getattr(args, "workers", None):
+        cfg = dataclasses.replace(cfg, workers=args.workers)
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.config import Config
+    from gateway.server import run
+
+    cfg = _load(args)
+    if not isinstance(cfg, Config):
+        return 3
+    _setup_logging(args.log_level or cfg.log_level)
+    return run(cfg)
+
+
+def _configure_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="gateway.yaml")
+    p.set_defaults(func=cmd_check_config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.config import Config, ConfigError
+    from gateway.join.challenge import load_keys_file
+    from gateway.join.deps import load_tokens
+
+    cfg = _load(args)
+    if not isinstance(cfg, Config):
+        return 1
+    problems: list[str] = []
+    try:
+        tokens = load_tokens(cfg)
+        print(f"tokens: {', '.join(sorted(tokens.registry.names())) or '(none)'}")
+    except (ConfigError, OSError) as exc:
+        problems.append(str(exc))
+    try:
+        keys = load_keys_file(cfg.path(cfg.challenge.keys_file))
+        print(f"challenge keys: {len(keys)}")
+    except (OSError, ValueError) as exc:
+        problems.append(f"challenge.keys_file: {exc}")
+    for name in (cfg.tls.cert_file, cfg.tls.key_file):
+        if not cfg.path(name).is_file():
+            problems.append(f"tls: {cfg.path(name)} does not exist")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{args.config}: ok (cloud {cfg.azure.cloud}, {len(cfg.listeners)} listener(s))")
+    return 1 if problems else 0
+
+
+# --- challenge keys ----------------------------------------------------------------------
+
+
+def _configure_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["new", "rotate"], help="new: a fresh file; rotate: prepend a key")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_challenge_keys)
+
+
+def cmd_challenge_keys(args: argparse.Namespace) -> int:
+    from gateway.join.challenge import load_keys_file, write_new_keys_file
+
+    if args.action == "new" and args.file.exists():
+        print(f"join-gateway: {args.file} exists; use 'rotate'", file=sys.stderr)
+        return 1
+    write_new_keys_file(args.file, keep_existing=args.action == "rotate")
+    print(f"{args.file}: {len(load_keys_file(args.file))} key(s); the first one signs")
+    return 0
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def _configure_status(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--auth-data-dir", type=Path, help="the auth service's data directory")
+    p.add_argument("--gateway", help="gateway base URL, e.g. https://gw.example.com")
+    p.add_argument("--ca-file", type=Path, help="CA to trust for the gateway's TLS")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if not args.auth_data_dir and not args.gateway:
+        print("join-gateway status: give --auth-data-dir and/or --gateway", file=sys.stderr)
+        return 2
+    rc = 0
+    if args.auth_data_dir:
+        from gateway.authservice import ca_pin_for_data_dir
+
+        try:
+            print(f"CA pin: {ca_pin_for_data_dir(args.auth_data_dir)}")
+        except (OSError, ValueError) as exc:
+            print(f"auth service: {exc}", file=sys.stderr)
+            rc = 1
+    if args.gateway:
+        rc = max(rc, asyncio.run(_gateway_status(args.gateway, args.ca_file)))
+    return rc
+
+
+async def _gateway_status(url: str, ca_file: Path | None) -> int:
+    import aiohttp
+
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    timeout = aiohttp.ClientTimeout(total=10)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(url.rstrip("/") + "/readyz", ssl=ctx) as resp:
+                body = await resp.json(content_type=None)
+                print(f"gateway {url}: {json.dumps(body)}")
+                return 0 if resp.status == 200 else 1
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        print(f"gateway {url}: unreachable: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- delegated sub-commands ------------------------------------------------------------
+
+
+def _delegate(module: str) -> Configure:
+    def configure(p: argparse.ArgumentParser) -> None:
+        import importlib
+
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+
+    return configure
+
+
+COMMANDS: dict[str, tuple[str, Configure]] = {
+    "serve": ("run the gateway", _configure_serve),
+    "join": ("join this VM (the agent)", _delegate("gateway.agent.cli")),
+    "auth": ("the reference auth service", _delegate("gateway.authservice.cli")),
+    "emulator": ("an Azure emulator for tests, demos and benchmarks", _delegate("gateway.emulator.cli")),
+    "status": ("the auth service's CA pin and the gateway's health", _configure_status),
+    "demo": ("everything on loopback, then a fleet of emulated VMs joins", _delegate("gateway.demo")),
+    "inspect": ("verify a captured attested document and/or token, step by step", _delegate("gateway.inspect")),
+    "check-config": ("validate gateway.yaml, token files and keys", _configure_check),
+    "challenge-keys": ("create or rotate the challenge keys file", _configure_keys),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="join-gateway", description="Azure join gateway")
+    parser.add_argument("--version", action="version", version=f"join-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, configure) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or name == only:
+            configure(sp)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.command not in ("serve",):
+        _setup_logging(getattr(args, "log_level", None) or "WARNING")
+    result = args.func(args)
+    return int(result)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

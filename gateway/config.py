@@ -1,0 +1,330 @@
+"""The gateway's configuration: one frozen :class:`Config`, parsed once.
+
+``load_config(path)`` reads ``gateway.yaml`` strictly: every key is declared by a
+dataclass field below, an unknown key or a value of the wrong type is a
+:class:`ConfigError` naming the file and line. Every value has a safe default, so an
+empty file is a valid (if not very useful) config. CLI overrides are applied with
+:func:`dataclasses.replace` on the loaded object, never by mutating it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gateway.cloud import CLOUDS, CloudProfile, cloud_by_name
+
+__all__ = [
+    "AiaConfig",
+    "AzureConfig",
+    "CacheConfig",
+    "ChallengeConfig",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "ListenerConfig",
+    "MetricsConfig",
+    "ProxyConfig",
+    "TlsConfig",
+    "TokensConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(Exception):
+    """A config or token file is invalid; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    address: str = "0.0.0.0:443"
+    # Expect a PROXY protocol v1/v2 header (from trusted peers only) before TLS.
+    proxy_protocol: bool = False
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = "/etc/join-gateway/tls.crt"
+    key_file: str = "/etc/join-gateway/tls.key"
+    session_tickets: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # A separate plain listener for /metrics; empty: /metrics on the main listeners.
+    listen: str = ""
+    client_ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    trusted_cidrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChallengeConfig:
+    keys_file: str = "/etc/join-gateway/challenge-keys"
+    ttl_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class AiaConfig:
+    enabled: bool = True
+    # Added to the built-in Microsoft/DigiCert prefixes (tests: the emulator's URL).
+    extra_allowed_prefixes: tuple[str, ...] = ()
+    # Production refuses private, loopback and link-local destinations (SSRF).
+    allow_private_destinations: bool = False
+    timeout_seconds: float = 5.0
+    max_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class AzureConfig:
+    cloud: str = "public"
+    # Extra PEM files: self-signed certs become pinned roots, others intermediates.
+    extra_ca_files: tuple[str, ...] = ()
+    # Only the pinned roots of extra_ca_files, not the bundled Azure roots.
+    bundled_roots: bool = True
+    allowed_tenants: tuple[str, ...] = ()
+    vm_binding: bool = True
+    # Overrides for the cloud's endpoints (the emulator, a private link).
+    authority_host: str = ""
+    arm_endpoint: str = ""
+    # Extra trust for outbound HTTPS (Entra, ARM) — e.g. the emulator's TLS CA.
+    outbound_ca_file: str = ""
+    clock_skew_seconds: float = 60.0
+    token_leeway_seconds: float = 60.0
+    aia: AiaConfig = AiaConfig()
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = "https://127.0.0.1:3025"
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    ca_file: str = ""
+    timeout_seconds: float = 10.0
+    max_connections: int = 64
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    jwks_ttl_seconds: float = 86400.0
+    jwks_min_refresh_seconds: float = 300.0
+    vm_ttl_seconds: float = 300.0
+    negative_ttl_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body_bytes: int = 65536
+    max_in_flight: int = 256
+    max_queue: int = 1024
+    queue_timeout_seconds: float = 5.0
+    retry_after_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...] = (ListenerConfig(),)
+    tls: TlsConfig = TlsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    challenge: ChallengeConfig = ChallengeConfig()
+    azure: AzureConfig = AzureConfig()
+    tokens: TokensConfig = TokensConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    cache: CacheConfig = CacheConfig()
+    limits: LimitsConfig = LimitsConfig()
+    workers: int = 1
+    shutdown_timeout_seconds: float = 30.0
+    log_level: str = "INFO"
+    # Where relative paths in this file are resolved from (set by load_config).
+    base_dir: str = "."
+
+    @property
+    def cloud(self) -> CloudProfile:
+        return cloud_by_name(self.azure.cloud)
+
+    def path(self, value: str) -> Path:
+        """A path from the config, relative to the config file's directory."""
+        p = Path(value)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(c, strict=False) for c in self.proxy.trusted_cidrs)
+
+
+# --- strict loading ---------------------------------------------------------------------
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from exc
+    cfg = parse_config(text, source=str(p))
+    return dataclasses.replace(cfg, base_dir=str(p.parent.resolve()))
+
+
+def parse_config(text: str, *, source: str = "<config>") -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
+    if node is None:
+        cfg = Config()
+    else:
+        cfg = _build(Config, node, source, "")
+    _validate(cfg, source)
+    return cfg
+
+
+def _where(source: str, node: yaml.Node) -> str:
+    return f"{source}:{node.start_mark.line + 1}"
+
+
+def _build(cls: type[Any], node: yaml.Node, source: str, ctx: str) -> Any:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{_where(source, node)}: {ctx or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "base_dir"}
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value
+        name = f"{ctx}.{key}" if ctx else key
+        if key not in fields:
+            raise ConfigError(
+                f"{_where(source, key_node)}: unknown key {name!r} "
+                f"(known: {', '.join(sorted(fields))})"
+            )
+        if key in values:
+            raise ConfigError(f"{_where(source, key_node)}: duplicate key {name!r}")
+        values[key] = _convert(hints[key], value_node, source, name)
+    return cls(**values)
+
+
+def _scalar(node: yaml.Node) -> Any:
+    return yaml.SafeLoader(b"").construct_object(node)  # type: ignore[no-untyped-call]
+
+
+def _convert(tp: Any, node: yaml.Node, source: str, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _build(tp, node, source, name)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(node, yaml.SequenceNode):
+            raise ConfigError(f"{_where(source, node)}: {name} must be a list")
+        return tuple(_convert(item_tp, n, source, f"{name}[{i}]") for i, n in enumerate(node.value))
+    if origin is Literal:
+        value = _scalar(node)
+        if value not in typing.get_args(tp):
+            raise ConfigError(
+                f"{_where(source, node)}: {name} must be one of {list(typing.get_args(tp))}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type {tp}")  # none declared; keep it that way
+    if not isinstance(node, yaml.ScalarNode):
+        raise ConfigError(f"{_where(source, node)}: {name} must be a {tp.__name__}")
+    value = _scalar(node)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"unsupported config type {tp}")
+    if not ok:
+        raise ConfigError(f"{_where(source, node)}: {name} must be a {tp.__name__}, got {value!r}")
+    return value
+
+
+def _validate(cfg: Config, source: str) -> None:
+    problems: list[str] = []
+    if cfg.azure.cloud not in CLOUDS:
+        problems.append(f"azure.cloud must be one of {sorted(CLOUDS)}")
+    for cidr in cfg.proxy.trusted_cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problems.append(f"proxy.trusted_cidrs: {cidr!r} is not a CIDR")
+    for listener in cfg.listeners:
+        try:
+            split_hostport(listener.address)
+        except ValueError as exc:
+            problems.append(f"listeners: {exc}")
+    if cfg.metrics.listen:
+        try:
+            split_hostport(cfg.metrics.listen)
+        except ValueError as exc:
+            problems.append(f"metrics.listen: {exc}")
+    if not cfg.listeners:
+        problems.append("listeners: at least one listener is needed")
+    if cfg.workers < 1:
+        problems.append("workers must be >= 1")
+    if not 5 <= cfg.challenge.ttl_seconds <= 3600:
+        problems.append("challenge.ttl_seconds must be within 5..3600")
+    if not 1024 <= cfg.limits.max_body_bytes <= 1024 * 1024:
+        problems.append("limits.max_body_bytes must be within 1024..1048576")
+    if cfg.limits.max_in_flight < 1 or cfg.limits.max_queue < 0:
+        problems.append("limits.max_in_flight must be >= 1 and limits.max_queue >= 0")
+    if not cfg.upstream.url.startswith("https://"):
+        problems.append("upstream.url must be https:// (the auth service is reached over mTLS)")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def split_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{value!r} is not host:port")
+        return value, default_port
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    return host, int(port)
+
+
+def config_keys(cls: type[Any] = Config, prefix: str = "") -> Sequence[str]:
+    """Every dotted key the config accepts (for docs and `check-config --keys`)."""
+    out: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "base_dir":
+            continue
+        tp = hints[f.name]
+        name = prefix + f.name
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            out.extend(config_keys(tp, name + "."))
+        else:
+            out.append(name)
+    return out
+

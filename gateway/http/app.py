@@ -1,0 +1,39 @@
+"""The app factory: ``make_app(config, deps)``; there is no module-level app."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.audit import Auditor
+from gateway.config import Config
+from gateway.http.keys import AUDITOR, CONFIG, DEPS, METRICS, STATE, RuntimeState
+from gateway.http.middleware import error_middleware
+from gateway.http.routes import routes
+from gateway.join.pipeline import JoinDeps
+from gateway.metrics import Metrics
+
+__all__ = ["make_app"]
+
+
+def make_app(
+    config: Config,
+    deps: JoinDeps,
+    *,
+    metrics: Metrics | None = None,
+    state: RuntimeState | None = None,
+    auditor: Auditor | None = None,
+) -> web.Application:
+    app = web.Application(
+        # Outermost first: errors must be rendered for everything below, including
+        # aiohttp's own 404/405/413.
+        middlewares=[error_middleware],
+        # The body cap applies to chunked bodies as well as to Content-Length.
+        client_max_size=config.limits.max_body_bytes,
+    )
+    app[CONFIG] = config
+    app[DEPS] = deps
+    app[METRICS] = metrics or Metrics()
+    app[STATE] = state or RuntimeState()
+    app[AUDITOR] = auditor or Auditor(clock=deps.clock)
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,29 @@
+"""Typed keys for everything the app shares (aiohttp ``AppKey``; string keys are banned)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.audit import Auditor
+from gateway.config import Config
+from gateway.join.pipeline import JoinDeps
+from gateway.metrics import Metrics
+
+__all__ = ["AUDITOR", "CONFIG", "DEPS", "METRICS", "STATE", "RuntimeState"]
+
+
+@dataclass
+class RuntimeState:
+    """Process state the lifecycle flips: readiness and draining (not per-request data)."""
+
+    draining: bool = False
+    checks: dict[str, bool] = field(default_factory=dict)
+
+
+CONFIG = web.AppKey("config", Config)
+DEPS = web.AppKey("deps", JoinDeps)
+METRICS = web.AppKey("metrics", Metrics)
+AUDITOR = web.AppKey("auditor", Auditor)
+STATE = web.AppKey("state", RuntimeState)

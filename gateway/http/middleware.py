@@ -1,0 +1,68 @@
+"""Middleware: request context and the one place errors are rendered.
+
+Order (outermost first, see ``make_app``): ``error_middleware`` must wrap everything so
+that any failure — ours, aiohttp's (404, 405, 413) or a bug — leaves as a JSON error body
+with a stable code, and the worker lives on.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.errors import Code, GatewayError, NotFound, PayloadTooLarge
+
+__all__ = ["REQUEST_ID", "error_middleware", "render_error"]
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def render_error(err: GatewayError) -> web.Response:
+    resp = web.json_response(
+        {"error": {"code": str(err.code), "message": err.message}}, status=err.status
+    )
+    if err.retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    return resp
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if exc.status == 404:
+        return NotFound()
+    if exc.status == 405:
+        return NotFound(Code.METHOD_NOT_ALLOWED)
+    if exc.status == 413:
+        return PayloadTooLarge()
+    if 400 <= exc.status < 500:
+        return GatewayError(Code.MALFORMED_BODY, detail=exc.reason)
+    return GatewayError(Code.INTERNAL_ERROR, detail=exc.reason)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    supplied = request.headers.get("X-Request-Id", "")
+    request_id = supplied if _REQUEST_ID_OK.match(supplied) else uuid.uuid4().hex
+    REQUEST_ID.set(request_id)  # each request runs in its own task: its own context
+    try:
+        resp = await handler(request)
+    except GatewayError as err:
+        resp = render_error(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        resp = render_error(_from_http_exception(exc))
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        resp = render_error(GatewayError(Code.INTERNAL_ERROR))
+    resp.headers["X-Request-Id"] = request_id
+    return resp

@@ -1,0 +1,116 @@
+"""Routes of wire protocol v1 and the operations endpoints (DESIGN §2)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from gateway.errors import Code, GatewayError, PayloadTooLarge
+from gateway.http.keys import AUDITOR, CONFIG, DEPS, METRICS, STATE
+from gateway.http.middleware import REQUEST_ID
+from gateway.http.schema import decode_challenge_request, decode_join_request
+from gateway.join.pipeline import JoinTrace, admit_join
+
+__all__ = ["client_address", "read_body", "routes"]
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+
+def client_address(request: web.Request) -> str:
+    """The peer's address. (Trusted-proxy headers are honoured by the proxy middleware.)"""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return request.remote or "unknown"
+
+
+async def read_body(request: web.Request) -> bytes:
+    cap = request.app[CONFIG].limits.max_body_bytes
+    if request.content_length is not None and request.content_length > cap:
+        raise PayloadTooLarge(f"Content-Length {request.content_length} > {cap}")
+    ctype = request.headers.get("Content-Type", "application/json")
+    if request.can_read_body and not ctype.lower().startswith("application/json"):
+        raise GatewayError(Code.UNSUPPORTED_MEDIA_TYPE)
+    try:
+        return await request.read()  # client_max_size caps chunked bodies too
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"body > {cap}") from exc
+
+
+@routes.post("/v1/join/azure/challenge")
+async def challenge(request: web.Request) -> web.Response:
+    decode_challenge_request(await read_body(request))
+    issued = request.app[DEPS].challenges.issue()
+    request.app[METRICS].challenges.inc()
+    return web.json_response(
+        {"challenge": issued.value, "expires_at": issued.expires_at_rfc3339()}
+    )
+
+
+@routes.post("/v1/join/azure")
+async def join(request: web.Request) -> web.Response:
+    app = request.app
+    metrics = app[METRICS]
+    start = time.perf_counter()
+    trace = JoinTrace()
+    address = client_address(request)
+    outcome, code, detail, host_id = "error", Code.INTERNAL_ERROR.value, None, None
+    metrics.in_flight.inc()
+    try:
+        req = decode_join_request(await read_body(request), client_address=address)
+        trace.facts.update(token_name=req.token_name, node_name=req.host.node_name)
+        result = await admit_join(req, app[DEPS], trace)
+        outcome, code, host_id = "joined", "", result.result.host_id
+        return web.json_response(result.to_json())
+    except GatewayError as err:
+        outcome = "rejected" if err.status < 500 else "error"
+        code, detail = err.code.value, err.detail
+        raise
+    finally:
+        metrics.in_flight.dec()
+        elapsed = time.perf_counter() - start
+        metrics.joins.labels(outcome=outcome, code=code).inc()
+        metrics.join_latency.observe(elapsed)
+        for step, seconds in trace.steps.items():
+            metrics.step_latency.labels(step=step).observe(seconds)
+        app[AUDITOR].record(
+            request_id=REQUEST_ID.get(),
+            client_address=address,
+            outcome=outcome,
+            code=code or None,
+            detail=detail,
+            facts=trace.facts,
+            steps=trace.steps,
+            duration=elapsed,
+            host_id=host_id,
+        )
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    deps = request.app[DEPS]
+    checks = dict(state.checks)
+    checks["not_draining"] = not state.draining
+    checks["challenge_keys"] = deps.challenges.key_count > 0
+    checks["replay_store"] = await deps.replay.ping()
+    checks["upstream"] = deps.auth.available()
+    ready = all(checks.values())
+    return web.json_response(
+        {"status": "ready" if ready else "unready", "checks": checks},
+        status=200 if ready else 503,
+    )
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})

@@ -1,0 +1,156 @@
+"""``production_deps(config)``: the real ``JoinDeps`` for a config (our checkAndSetDefaults).
+
+Tests build ``JoinDeps`` themselves with fakes that do real crypto; the server uses this.
+Every outbound client shares one aiohttp session whose TLS trust is the system store
+plus ``azure.outbound_ca_file`` (the emulator's CA in tests and demos).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+
+from gateway.azure.aia import DEFAULT_AIA_PREFIXES, AiaFetcher
+from gateway.azure.arm import ArmClient
+from gateway.azure.attested import AttestedVerifier
+from gateway.azure.certs import TrustStore
+from gateway.azure.jwks import JwksClient
+from gateway.azure.token import TokenVerifier
+from gateway.cache import MemoryCache
+from gateway.clock import Clock, SystemClock
+from gateway.config import Config
+from gateway.join.binding import VmBinder
+from gateway.join.challenge import ChallengeCodec, load_keys_file
+from gateway.join.forward import AuthClient
+from gateway.join.pipeline import JoinDeps
+from gateway.join.replay import MemoryReplayStore, ReplayStore
+from gateway.join.rules import TokenRegistry, load_token_files
+from gateway.tlsutil import client_ssl_context
+
+__all__ = ["TokenHolder", "load_tokens", "outbound_ssl_context", "production_deps"]
+
+log = logging.getLogger(__name__)
+
+
+class TokenHolder:
+    """The current token registry; ``reload`` swaps it whole, so a join sees one version."""
+
+    def __init__(self, paths: Sequence[Path], registry: TokenRegistry) -> None:
+        self.paths = tuple(paths)
+        self._registry = registry
+
+    @property
+    def registry(self) -> TokenRegistry:
+        return self._registry
+
+    def reload(self) -> None:
+        """Re-read the token files; on any error keep the old registry and raise."""
+        self._registry = load_token_files(self.paths)
+
+
+def load_tokens(config: Config) -> TokenHolder:
+    paths = [config.path(p) for p in config.tokens.files]
+    return TokenHolder(paths, load_token_files(paths))
+
+
+def outbound_ssl_context(config: Config) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.azure.outbound_ca_file:
+        ctx.load_verify_locations(cafile=str(config.path(config.azure.outbound_ca_file)))
+    return ctx
+
+
+@asynccontextmanager
+async def production_deps(
+    config: Config, *, clock: Clock | None = None, replay: ReplayStore | None = None
+) -> AsyncIterator[JoinDeps]:
+    clock = clock or SystemClock()
+    az = config.azure
+    cloud = config.cloud
+    challenges = ChallengeCodec(
+        load_keys_file(config.path(config.challenge.keys_file)),
+        ttl=config.challenge.ttl_seconds,
+        clock=clock,
+    )
+    tokens = load_tokens(config)
+    trust = TrustStore.load(
+        extra_pem_files=[config.path(p) for p in az.extra_ca_files],
+        include_bundled=az.bundled_roots,
+    )
+    connector = aiohttp.TCPConnector(
+        ssl=outbound_ssl_context(config), limit=256, ttl_dns_cache=300
+    )
+    session = aiohttp.ClientSession(connector=connector, trust_env=False)
+    upstream = config.upstream
+    auth = AuthClient(
+        url=upstream.url,
+        ssl_context=client_ssl_context(
+            ca_file=config.path(upstream.ca_file) if upstream.ca_file else None,
+            cert_file=config.path(upstream.client_cert_file) if upstream.client_cert_file else None,
+            key_file=config.path(upstream.client_key_file) if upstream.client_key_file else None,
+        ),
+        clock=clock,
+        timeout=upstream.timeout_seconds,
+        max_connections=upstream.max_connections,
+    )
+    replay_store: ReplayStore = replay or MemoryReplayStore(clock=clock)
+    try:
+        aia = None
+        if az.aia.enabled:
+            aia = AiaFetcher(
+                session,
+                allowed_prefixes=(*DEFAULT_AIA_PREFIXES, *az.aia.extra_allowed_prefixes),
+                max_bytes=az.aia.max_bytes,
+                timeout=az.aia.timeout_seconds,
+                allow_private=az.aia.allow_private_destinations,
+                cache=MemoryCache("aia", clock=clock),
+                clock=clock,
+            )
+        jwks = JwksClient(
+            session,
+            cloud=cloud,
+            authority_host=az.authority_host or None,
+            clock=clock,
+            cache_ttl=config.cache.jwks_ttl_seconds,
+            min_refresh_interval=config.cache.jwks_min_refresh_seconds,
+        )
+        arm = ArmClient(session, endpoint=az.arm_endpoint or cloud.arm_endpoint, clock=clock)
+        yield JoinDeps(
+            clock=clock,
+            challenges=challenges,
+            tokens=tokens,
+            attested=AttestedVerifier(
+                cloud=cloud,
+                trust=trust,
+                aia=aia,
+                chain_cache=MemoryCache("chains", clock=clock),
+                clock=clock,
+                skew=az.clock_skew_seconds,
+            ),
+            access_tokens=TokenVerifier(
+                jwks,
+                cloud=cloud,
+                clock=clock,
+                leeway=az.token_leeway_seconds,
+                allowed_tenants=az.allowed_tenants,
+            ),
+            binder=VmBinder(
+                arm,
+                enabled=az.vm_binding,
+                clock=clock,
+                vm_cache_ttl=config.cache.vm_ttl_seconds,
+                negative_ttl=config.cache.negative_ttl_seconds,
+            ),
+            replay=replay_store,
+            auth=auth,
+        )
+    finally:
+        await auth.aclose()
+        await session.close()
+        await replay_store.aclose()

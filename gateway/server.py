@@ -1,0 +1,252 @@
+"""Listeners, TLS and the process lifecycle (aiohttp's runner/site split, uvicorn's shutdown).
+
+``GatewayServer`` owns one app: ``start()`` builds dependencies (unless given), sets up
+an ``AppRunner`` and one ``SockSite`` per listener; ``stop()`` drains: readiness turns
+unready, sites stop accepting, in-flight joins finish within ``shutdown_timeout_seconds``,
+then resources close in reverse order. ``run(config)`` is the ``serve`` command:
+signal handlers only set flags; the main task does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.audit import Auditor
+from gateway.clock import Clock, SystemClock
+from gateway.config import Config, ConfigError, split_hostport
+from gateway.http.app import make_app
+from gateway.http.keys import RuntimeState
+from gateway.join.deps import TokenHolder, production_deps
+from gateway.join.pipeline import JoinDeps
+from gateway.metrics import Metrics
+from gateway.tlsutil import server_ssl_context
+
+__all__ = ["GatewayServer", "bind_socket", "run"]
+
+log = logging.getLogger(__name__)
+
+
+def bind_socket(address: str, *, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:
+    host, port = split_hostport(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass(frozen=True)
+class BoundListener:
+    address: str
+    port: int
+    proxy_protocol: bool
+
+
+class GatewayServer:
+    """Parameters:
+
+    * config — the frozen config.
+    * deps — injected dependencies; ``None`` builds the production ones from config.
+    * clock — injected; defaults to the system clock.
+    * sockets — pre-bound listening sockets (a supervisor's), one per listener.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        deps: JoinDeps | None = None,
+        clock: Clock | None = None,
+        sockets: list[socket.socket] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self._deps = deps
+        self._clock = clock or SystemClock()
+        self._sockets = sockets
+        self._metrics = metrics or Metrics()
+        self.state = RuntimeState()
+        self._stack = AsyncExitStack()
+        self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self.listeners: list[BoundListener] = []
+        self.metrics_port: int | None = None
+
+    @property
+    def deps(self) -> JoinDeps:
+        assert self._deps is not None, "start() first"
+        return self._deps
+
+    def url(self, index: int = 0) -> str:
+        listener = self.listeners[index]
+        host, _ = split_hostport(listener.address)
+        host = f"[{host}]" if ":" in host else host
+        return f"https://{host}:{listener.port}"
+
+    def server_ssl_context(self) -> ssl.SSLContext:
+        tls = self.config.tls
+        ctx = server_ssl_context(self.config.path(tls.cert_file), self.config.path(tls.key_file))
+        if tls.session_tickets:
+            ctx.options &= ~ssl.OP_NO_TICKET
+        return ctx
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
+        if self._deps is None:
+            self._deps = await self._stack.enter_async_context(
+                production_deps(self.config, clock=self._clock)
+            )
+        app = make_app(
+            self.config,
+            self._deps,
+            metrics=self._metrics,
+            state=self.state,
+            auditor=Auditor(clock=self._clock),
+        )
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=self.config.shutdown_timeout_seconds,
+            handle_signals=False,
+        )
+        await runner.setup()
+        self._runner = runner
+        self._stack.push_async_callback(runner.cleanup)
+        ctx = self.server_ssl_context()
+        for i, listener in enumerate(self.config.listeners):
+            sock = (
+                self._sockets[i]
+                if self._sockets is not None
+                else bind_socket(listener.address, reuse_port=self.config.workers > 1)
+            )
+            site = web.SockSite(runner, sock, ssl_context=ctx)
+            await site.start()
+            self.listeners.append(
+                BoundListener(listener.address, sock.getsockname()[1], listener.proxy_protocol)
+            )
+        if self.config.metrics.listen:
+            await self._start_metrics_listener(app)
+        self.state.checks["started"] = True
+        log.info("gateway listening on %s", ", ".join(self.url(i) for i in range(len(self.listeners))))
+
+    async def _start_metrics_listener(self, main_app: web.Application) -> None:
+        metrics = self._metrics
+
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(
+                body=metrics.exposition(),
+                headers={"Content-Type": "text/plain; version=0.0.4"},
+            )
+
+        mapp = web.Application()
+        mapp.router.add_get("/metrics", handler)
+        runner = web.AppRunner(mapp, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._metrics_runner = runner
+        self._stack.push_async_callback(runner.cleanup)
+        host, port = split_hostport(self.config.metrics.listen)
+        ctx = None
+        if self.config.metrics.client_ca_file:
+            ctx = self.server_ssl_context()
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=str(self.config.path(self.config.metrics.client_ca_file)))
+        site = web.TCPSite(runner, host, port, ssl_context=ctx)
+        await site.start()
+        server = site._server  # noqa: SLF001 - aiohttp exposes no public bound-port accessor
+        if server is not None and server.sockets:  # type: ignore[union-attr]
+            self.metrics_port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def reload_tokens(self) -> bool:
+        tokens = self.deps.tokens
+        if not isinstance(tokens, TokenHolder):
+            return False
+        try:
+            tokens.reload()
+        except (ConfigError, OSError, ValueError) as exc:
+            log.error("token reload failed, keeping the previous tokens: %s", exc)
+            return False
+        log.info("tokens reloaded from %s", ", ".join(str(p) for p in tokens.paths))
+        return True
+
+    async def stop(self) -> None:
+        """Drain and close: unready first, then stop accepting, finish in-flight, clean up."""
+        self.state.draining = True
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> GatewayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        urls = [self.url(i) for i in range(len(self.listeners))]
+        return f"<GatewayServer {urls} draining={self.state.draining}>"
+
+
+async def _serve(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_stop() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second signal: exiting now")
+            raise SystemExit(1)
+        stop.set()
+
+    reload_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
+
+    server = GatewayServer(config)
+    try:
+        await server.start()
+    except (OSError, ConfigError, ValueError) as exc:
+        log.error("startup failed: %s", exc)
+        return 3
+    try:
+        while not stop.is_set():
+            waiter = asyncio.ensure_future(reload_requested.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (waiter, stopper):
+                t.cancel()
+            if reload_requested.is_set():
+                reload_requested.clear()
+                server.reload_tokens()
+    finally:
+        log.info("draining (up to %ss)", config.shutdown_timeout_seconds)
+        await server.stop()
+    return 0
+
+
+def run(config: Config) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay runnable without
+        return asyncio.run(_serve(config))
+    return int(uvloop.run(_serve(config)))
+

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Config, ConfigError, config_keys, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_empty_config_is_all_defaults() -> None:
+    assert parse_config("") == Config()
+    cfg = Config()
+    assert cfg.limits.max_body_bytes == 65536
+    assert cfg.challenge.ttl_seconds == 60
+    assert cfg.azure.vm_binding is True
+    assert cfg.azure.aia.allow_private_destinations is False
+    assert cfg.cloud.metadata_domain == "metadata.azure.com"
+
+
+def test_example_config_loads_and_resolves_paths_relative_to_it() -> None:
+    cfg = load_config(REPO / "config" / "gateway.yaml")
+    assert cfg.base_dir == str((REPO / "config").resolve())
+    assert cfg.path("token.yaml") == REPO / "config" / "token.yaml"
+    assert cfg.path("/abs") == Path("/abs")
+
+
+def test_config_keys_lists_every_dotted_key() -> None:
+    keys = config_keys()
+    assert "azure.aia.allow_private_destinations" in keys
+    assert "limits.max_in_flight" in keys
+    assert "base_dir" not in keys
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "what"),
+    [
+        ("azure:\n  clod: public\n", "g.yaml:2", "unknown key 'azure.clod'"),
+        ("workers: 2\nworkers: 3\n", "g.yaml:2", "duplicate key"),
+        ("workers: two\n", "g.yaml:1", "workers must be a int"),
+        ("workers: true\n", "g.yaml:1", "workers must be a int"),
+        ("azure:\n  vm_binding: 1\n", "g.yaml:2", "must be a bool"),
+        ("listeners: {}\n", "g.yaml:1", "must be a list"),
+        ("listeners:\n  - addr: x\n", "g.yaml:2", "unknown key 'listeners[0].addr'"),
+        ("cache:\n  backend: memcached\n", "g.yaml:2", "must be one of"),
+        ("azure:\n  cloud: mars\n", "g.yaml", "azure.cloud must be one of"),
+        ("proxy:\n  trusted_cidrs: [10.0.0.0/33]\n", "g.yaml", "is not a CIDR"),
+        ("listeners:\n  - address: nohost\n", "g.yaml", "is not host:port"),
+        ("upstream:\n  url: http://auth:3025\n", "g.yaml", "must be https://"),
+        ("challenge:\n  ttl_seconds: 1\n", "g.yaml", "ttl_seconds"),
+        ("- a\n- b\n", "g.yaml:1", "must be a mapping"),
+        ("a: [\n", "g.yaml", "invalid YAML"),
+    ],
+    ids=[
+        "an unknown key names its file and line",
+        "a duplicate key is an error",
+        "a string where an int belongs",
+        "a bool is not an int",
+        "an int is not a bool",
+        "a mapping where a list belongs",
+        "unknown keys inside list items are found",
+        "a backend outside the choices",
+        "an unknown cloud",
+        "a CIDR that does not parse",
+        "a listener without a port",
+        "a plain-HTTP upstream",
+        "a challenge lifetime out of range",
+        "a document that is not a mapping",
+        "YAML that does not parse",
+    ],
+)
+def test_bad_configs_name_file_and_line(text: str, where: str, what: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, source="g.yaml")
+    assert str(err.value).startswith(where)
+    assert what in str(err.value)
