@@ -68,8 +68,15 @@ class Auditor:
             "duration_ms": round(duration * 1000, 3),
             "steps_ms": {k: round(v * 1000, 3) for k, v in steps.items()},
         }
-        for key in ("token_name", "node_name", "tenant", "subscription", "resource_group",
-                    "vm_id", "resource_id"):
+        for key in (
+            "token_name",
+            "node_name",
+            "tenant",
+            "subscription",
+            "resource_group",
+            "vm_id",
+            "resource_id",
+        ):
             rec[key] = facts.get(key)
         self._log.info("%s", json.dumps(rec, separators=(",", ":"), sort_keys=True))
         return rec

@@ -106,7 +106,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _configure_keys(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["new", "rotate"], help="new: a fresh file; rotate: prepend a key")
+    p.add_argument(
+        "action", choices=["new", "rotate"], help="new: a fresh file; rotate: prepend a key"
+    )
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_challenge_keys)
 
@@ -156,11 +158,13 @@ async def _gateway_status(url: str, ca_file: Path | None) -> int:
     ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     timeout = aiohttp.ClientTimeout(total=10)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.get(url.rstrip("/") + "/readyz", ssl=ctx) as resp:
-                body = await resp.json(content_type=None)
-                print(f"gateway {url}: {json.dumps(body)}")
-                return 0 if resp.status == 200 else 1
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url.rstrip("/") + "/readyz", ssl=ctx) as resp,
+        ):
+            body = await resp.json(content_type=None)
+            print(f"gateway {url}: {json.dumps(body)}")
+            return 0 if resp.status == 200 else 1
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         print(f"gateway {url}: unreachable: {exc}", file=sys.stderr)
         return 1
@@ -184,10 +188,19 @@ COMMANDS: dict[str, tuple[str, Configure]] = {
     "serve": ("run the gateway", _configure_serve),
     "join": ("join this VM (the agent)", _delegate("gateway.agent.cli")),
     "auth": ("the reference auth service", _delegate("gateway.authservice.cli")),
-    "emulator": ("an Azure emulator for tests, demos and benchmarks", _delegate("gateway.emulator.cli")),
+    "emulator": (
+        "an Azure emulator for tests, demos and benchmarks",
+        _delegate("gateway.emulator.cli"),
+    ),
     "status": ("the auth service's CA pin and the gateway's health", _configure_status),
-    "demo": ("everything on loopback, then a fleet of emulated VMs joins", _delegate("gateway.demo")),
-    "inspect": ("verify a captured attested document and/or token, step by step", _delegate("gateway.inspect")),
+    "demo": (
+        "everything on loopback, then a fleet of emulated VMs joins",
+        _delegate("gateway.demo"),
+    ),
+    "inspect": (
+        "verify a captured attested document and/or token, step by step",
+        _delegate("gateway.inspect"),
+    ),
     "check-config": ("validate gateway.yaml, token files and keys", _configure_check),
     "challenge-keys": ("create or rotate the challenge keys file", _configure_keys),
 }

@@ -38,7 +38,7 @@ class SystemClock:
 
 
 class FixedClock:
-    """A clock for tests and ``inspect --at``: wall time is pinned, and moves only by ``advance``."""
+    """A clock for tests and ``inspect --at``: pinned; it moves only by ``advance``."""
 
     def __init__(self, at: datetime | float) -> None:
         self._t = at.timestamp() if isinstance(at, datetime) else float(at)

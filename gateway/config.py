@@ -191,10 +191,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
-    if node is None:
-        cfg = Config()
-    else:
-        cfg = _build(Config, node, source, "")
+    cfg = Config() if node is None else _build(Config, node, source, "")
     _validate(cfg, source)
     return cfg
 
@@ -224,7 +221,7 @@ def _build(cls: type[Any], node: yaml.Node, source: str, ctx: str) -> Any:
 
 
 def _scalar(node: yaml.Node) -> Any:
-    return yaml.SafeLoader(b"").construct_object(node)  # type: ignore[no-untyped-call]
+    return yaml.SafeLoader(b"").construct_object(node)
 
 
 def _convert(tp: Any, node: yaml.Node, source: str, name: str) -> Any:
@@ -327,4 +324,3 @@ def config_keys(cls: type[Any] = Config, prefix: str = "") -> Sequence[str]:
         else:
             out.append(name)
     return out
-

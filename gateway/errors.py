@@ -111,7 +111,9 @@ CODES: dict[Code, CodeInfo] = {
         403, False, "Challenge was not issued by this gateway (bad format, MAC or retired key)."
     ),
     Code.CHALLENGE_EXPIRED: CodeInfo(403, True, "Challenge is past its expiry: ask for a new one."),
-    Code.CHALLENGE_REUSED: CodeInfo(403, True, "Challenge was already redeemed: ask for a new one."),
+    Code.CHALLENGE_REUSED: CodeInfo(
+        403, True, "Challenge was already redeemed: ask for a new one."
+    ),
     Code.TOKEN_WRONG_METHOD: CodeInfo(403, False, "The named token's join_method is not azure."),
     Code.TOKEN_EXPIRED: CodeInfo(403, False, "The named token has expired."),
     Code.ROLE_NOT_ALLOWED: CodeInfo(403, False, "The token does not allow the requested role."),
@@ -139,9 +141,7 @@ CODES: dict[Code, CodeInfo] = {
     Code.ACCESS_TOKEN_INVALID: CodeInfo(
         403, False, "The access token's signature, algorithm or claims do not verify."
     ),
-    Code.ACCESS_TOKEN_EXPIRED: CodeInfo(
-        403, True, "The access token is expired or not yet valid."
-    ),
+    Code.ACCESS_TOKEN_EXPIRED: CodeInfo(403, True, "The access token is expired or not yet valid."),
     Code.ACCESS_TOKEN_KEY_UNKNOWN: CodeInfo(
         403, True, "The access token's signing key is not in the tenant's key set."
     ),
@@ -166,7 +166,9 @@ CODES: dict[Code, CodeInfo] = {
     Code.NOT_FOUND: CodeInfo(404, False, "No such endpoint."),
     Code.METHOD_NOT_ALLOWED: CodeInfo(405, False, "Method not allowed on this endpoint."),
     Code.BODY_TOO_LARGE: CodeInfo(413, False, "Body exceeds the size cap (64 KiB)."),
-    Code.RATE_LIMITED: CodeInfo(429, True, "Too many requests from this client; honour Retry-After."),
+    Code.RATE_LIMITED: CodeInfo(
+        429, True, "Too many requests from this client; honour Retry-After."
+    ),
     Code.OVERLOADED: CodeInfo(503, True, "The gateway is shedding load; honour Retry-After."),
     Code.SHUTTING_DOWN: CodeInfo(503, True, "This replica is draining; retry (another replica)."),
     Code.DEPENDENCY_UNAVAILABLE: CodeInfo(

@@ -145,7 +145,9 @@ class GatewayServer:
         if self.config.metrics.listen:
             await self._start_metrics_listener(app)
         self.state.checks["started"] = True
-        log.info("gateway listening on %s", ", ".join(self.url(i) for i in range(len(self.listeners))))
+        log.info(
+            "gateway listening on %s", ", ".join(self.url(i) for i in range(len(self.listeners)))
+        )
 
     async def _start_metrics_listener(self, main_app: web.Application) -> None:
         metrics = self._metrics
@@ -162,17 +164,16 @@ class GatewayServer:
         await runner.setup()
         self._metrics_runner = runner
         self._stack.push_async_callback(runner.cleanup)
-        host, port = split_hostport(self.config.metrics.listen)
         ctx = None
         if self.config.metrics.client_ca_file:
             ctx = self.server_ssl_context()
             ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=str(self.config.path(self.config.metrics.client_ca_file)))
-        site = web.TCPSite(runner, host, port, ssl_context=ctx)
-        await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp exposes no public bound-port accessor
-        if server is not None and server.sockets:  # type: ignore[union-attr]
-            self.metrics_port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            ctx.load_verify_locations(
+                cafile=str(self.config.path(self.config.metrics.client_ca_file))
+            )
+        sock = bind_socket(self.config.metrics.listen, reuse_port=self.config.workers > 1)
+        await web.SockSite(runner, sock, ssl_context=ctx).start()
+        self.metrics_port = sock.getsockname()[1]
 
     def reload_tokens(self) -> bool:
         tokens = self.deps.tokens
@@ -249,4 +250,3 @@ def run(config: Config) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay runnable without
         return asyncio.run(_serve(config))
     return int(uvloop.run(_serve(config)))
-

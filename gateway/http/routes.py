@@ -45,9 +45,7 @@ async def challenge(request: web.Request) -> web.Response:
     decode_challenge_request(await read_body(request))
     issued = request.app[DEPS].challenges.issue()
     request.app[METRICS].challenges.inc()
-    return web.json_response(
-        {"challenge": issued.value, "expires_at": issued.expires_at_rfc3339()}
-    )
+    return web.json_response({"challenge": issued.value, "expires_at": issued.expires_at_rfc3339()})
 
 
 @routes.post("/v1/join/azure")
@@ -102,7 +100,7 @@ async def readyz(request: web.Request) -> web.Response:
     checks["not_draining"] = not state.draining
     checks["challenge_keys"] = deps.challenges.key_count > 0
     checks["replay_store"] = await deps.replay.ping()
-    checks["upstream"] = deps.auth.available()
+    checks["upstream"] = await deps.auth.ready()
     ready = all(checks.values())
     return web.json_response(
         {"status": "ready" if ready else "unready", "checks": checks},

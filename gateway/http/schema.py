@@ -27,8 +27,15 @@ _MAX_DEPTH = 8
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,253}$")
 # RFC 1123 host label characters; node names are hostnames in Teleport.
 _NODE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
-_PRINCIPAL = re.compile(r"^[A-Za-z0-9*:.\[\]_-]{1,253}$")
-_ROLES = frozenset({"Node", "Proxy", "Kube", "App", "Db", "WindowsDesktop", "Discovery", "Instance"})
+# additional_principals: hostnames or IP addresses (v4, v6) — what Teleport puts in certs.
+_PRINCIPAL = re.compile(r"^[A-Za-z0-9:.-]{1,253}$")
+# dns_names end up as DNS SANs of the node's certificate: plain hostnames only.
+_DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_ROLES = frozenset(
+    {"Node", "Proxy", "Kube", "App", "Db", "WindowsDesktop", "Discovery", "Instance"}
+)
 
 _JOIN_FIELDS = frozenset(
     {"token_name", "challenge", "attested_data", "intermediates", "access_token", "host"}
@@ -67,7 +74,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return value
 
 
-def _fields(obj: Mapping[str, Any], allowed: frozenset[str], required: frozenset[str], where: str) -> None:
+def _fields(
+    obj: Mapping[str, Any], allowed: frozenset[str], required: frozenset[str], where: str
+) -> None:
     unknown = set(obj) - allowed
     if unknown:
         raise _bad(f"unknown field(s) in {where}: {', '.join(sorted(unknown))[:200]}")
@@ -85,7 +94,9 @@ def _str(obj: Mapping[str, Any], key: str, *, max_len: int, min_len: int = 1) ->
     return value
 
 
-def _str_list(obj: Mapping[str, Any], key: str, *, max_items: int, pattern: re.Pattern[str]) -> tuple[str, ...]:
+def _str_list(
+    obj: Mapping[str, Any], key: str, *, max_items: int, pattern: re.Pattern[str]
+) -> tuple[str, ...]:
     value = obj.get(key, [])
     if not isinstance(value, list):
         raise _bad(f"{key} must be a list")
@@ -118,7 +129,12 @@ def decode_join_request(raw: bytes, *, client_address: str) -> JoinRequest:
     attested = obj["attested_data"]
     if not isinstance(attested, dict):
         raise _bad("attested_data must be an object")
-    _fields(attested, frozenset({"encoding", "signature"}), frozenset({"encoding", "signature"}), "attested_data")
+    _fields(
+        attested,
+        frozenset({"encoding", "signature"}),
+        frozenset({"encoding", "signature"}),
+        "attested_data",
+    )
     if attested["encoding"] != "pkcs7":
         raise _bad("attested_data.encoding must be 'pkcs7'")
     signature = _str(attested, "signature", max_len=32768)
@@ -160,8 +176,10 @@ def decode_join_request(raw: bytes, *, client_address: str) -> JoinRequest:
             role=role,
             public_ssh_key=ssh_key,
             public_tls_key=tls_key,
-            additional_principals=_str_list(host, "additional_principals", max_items=32, pattern=_PRINCIPAL),
-            dns_names=_str_list(host, "dns_names", max_items=32, pattern=_PRINCIPAL),
+            additional_principals=_str_list(
+                host, "additional_principals", max_items=32, pattern=_PRINCIPAL
+            ),
+            dns_names=_str_list(host, "dns_names", max_items=32, pattern=_DNS_NAME),
         ),
         client_address=client_address,
     )

@@ -19,8 +19,7 @@ from gateway.azure.aia import DEFAULT_AIA_PREFIXES, AiaFetcher
 from gateway.azure.arm import ArmClient
 from gateway.azure.attested import AttestedVerifier
 from gateway.azure.certs import TrustStore
-from gateway.azure.jwks import JwksClient
-from gateway.azure.token import TokenVerifier
+from gateway.azure.jwks import JwksClient, TokenVerifier
 from gateway.cache import MemoryCache
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
@@ -83,9 +82,7 @@ async def production_deps(
         extra_pem_files=[config.path(p) for p in az.extra_ca_files],
         include_bundled=az.bundled_roots,
     )
-    connector = aiohttp.TCPConnector(
-        ssl=outbound_ssl_context(config), limit=256, ttl_dns_cache=300
-    )
+    connector = aiohttp.TCPConnector(ssl=outbound_ssl_context(config), limit=256, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, trust_env=False)
     upstream = config.upstream
     auth = AuthClient(

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.azure.attested import AttestedDocument, AttestedVerifier
-from gateway.azure.token import TokenClaims, TokenVerifier
+from gateway.azure.jwks import TokenVerifier
+from gateway.azure.token import TokenClaims
 from gateway.clock import Clock
 from gateway.errors import Code, GatewayError, JoinRejected
 from gateway.join.binding import VmBinder, VmIdentity
@@ -150,9 +151,7 @@ async def verify_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> Joi
 
     # 4. The attested document and the access token are independent: check both at once.
     doc, claims = await _evidence(req, deps, trace)
-    trace.facts.update(
-        tenant=claims.tid, vm_id=doc.vm_id, subscription=doc.subscription_id or ""
-    )
+    trace.facts.update(tenant=claims.tid, vm_id=doc.vm_id, subscription=doc.subscription_id or "")
 
     # 5. Bind them: the token's VM is the document's VM (ARM, unless turned off).
     with trace.step("binding"):
@@ -167,9 +166,7 @@ async def verify_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> Joi
             bearer=req.access_token,
         )
 
-    trace.facts.update(
-        resource_id=identity.resource_id, resource_group=identity.resource_group
-    )
+    trace.facts.update(resource_id=identity.resource_id, resource_group=identity.resource_group)
 
     # 6. Allow rules: only signed evidence and ARM feed them, never the request body.
     with trace.step("rules"):
@@ -215,7 +212,7 @@ async def _evidence(
         async with asyncio.TaskGroup() as tg:
             doc_task = tg.create_task(document())
             token_task = tg.create_task(access_token())
-            tasks += [doc_task, token_task]  # type: ignore[list-item]
+            tasks += [doc_task, token_task]
     except BaseExceptionGroup as group:
         raise _first_error(group, tasks) from None
     return doc_task.result(), token_task.result()

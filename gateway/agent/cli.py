@@ -1,0 +1,121 @@
+"""``join-gateway join``: the agent's command line.
+
+Only glue: parse flags, build :class:`AgentSettings` from the node config plus overrides, run
+:func:`run_join`. Exit codes: 0 joined, 1 the join failed (the error code is printed), 2 the
+config or a flag is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.agent.errors import AgentError, ConfigError, JoinFailed
+from gateway.agent.nodeconfig import AgentSettings, load_node_config
+from gateway.agent.runner import run_join
+
+__all__ = ["add_arguments", "build_settings", "run"]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``join`` subcommand's flags to ``parser``."""
+    parser.add_argument("--config", required=True, type=Path, help="node config (YAML)")
+    parser.add_argument("--imds-url", help="IMDS base URL (default http://169.254.169.254)")
+    parser.add_argument("--ca-file", type=Path, help="extra CA certificates for the gateway's TLS")
+    parser.add_argument("--data-dir", type=Path, help="where keys and certificates are kept")
+    parser.add_argument("--local-addr", help="source IP for outgoing connections")
+    parser.add_argument("--max-attempts", type=int, help="attempts before giving up")
+    parser.add_argument("--total-timeout", type=float, help="seconds before giving up")
+    parser.add_argument("--node-name", help="node name (default: teleport.nodename or hostname)")
+    parser.add_argument(
+        "--principal",
+        action="append",
+        default=[],
+        dest="principals",
+        help="additional principal (repeatable)",
+    )
+    parser.add_argument(
+        "--dns-name", action="append", default=[], dest="dns_names", help="DNS name (repeatable)"
+    )
+    parser.add_argument(
+        "--aia-allow-prefix",
+        action="append",
+        default=[],
+        dest="aia_prefixes",
+        help="also fetch intermediates from URLs under this prefix (repeatable)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help="progress is logged at INFO (never tokens or keys)",
+    )
+    parser.add_argument(
+        "--no-intermediates",
+        action="store_true",
+        help="do not collect the attested document's intermediates",
+    )
+
+
+def build_settings(args: argparse.Namespace) -> AgentSettings:
+    """The node config with the command line's overrides applied."""
+    settings = load_node_config(args.config)
+    overrides: dict[str, Any] = {}
+    if args.imds_url:
+        overrides["imds_url"] = args.imds_url
+    if args.ca_file is not None:
+        overrides["ca_file"] = args.ca_file
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    if args.local_addr:
+        overrides["local_addr"] = args.local_addr
+    if args.max_attempts is not None:
+        overrides["max_attempts"] = args.max_attempts
+    if args.total_timeout is not None:
+        overrides["total_timeout"] = args.total_timeout
+    if args.node_name:
+        overrides["node_name"] = args.node_name
+    if args.principals:
+        overrides["additional_principals"] = tuple(args.principals)
+    if args.dns_names:
+        overrides["dns_names"] = tuple(args.dns_names)
+    if args.aia_prefixes:
+        overrides["aia_allowed_prefixes"] = settings.aia_allowed_prefixes + tuple(args.aia_prefixes)
+    if args.no_intermediates:
+        overrides["collect_intermediates"] = False
+    return dataclasses.replace(settings, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the join; the process exit code."""
+    try:
+        settings = build_settings(args)
+    except ConfigError as exc:
+        print(f"join-gateway join: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        outcome = asyncio.run(run_join(settings))
+    except ConfigError as exc:
+        print(f"join-gateway join: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except JoinFailed as exc:
+        print(f"join failed: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except AgentError as exc:
+        print(f"join failed: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"joined: host_id={outcome.host_id} attempts={outcome.attempts} "
+        f"data_dir={settings.data_dir}"
+    )
+    return EXIT_OK

@@ -1,0 +1,205 @@
+"""Client for the gateway's wire protocol v1 (DESIGN §2): challenge, then join.
+
+Reused as is by the demo and the join-storm benchmark, which pass their own session and URL.
+Every failure becomes a :class:`JoinError` carrying the gateway's stable ``code`` (or one of
+ours for transport failures) and whether a fresh attempt can cure it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from gateway.agent.backoff import parse_retry_after
+from gateway.agent.errors import AgentCode, JoinError
+from gateway.agent.transport import read_capped
+from gateway.clock import Clock, SystemClock
+
+__all__ = [
+    "CHALLENGE_PATH",
+    "JOIN_PATH",
+    "GatewayClient",
+    "HostParams",
+    "build_join_body",
+]
+
+log = logging.getLogger(__name__)
+
+CHALLENGE_PATH = "/v1/join/azure/challenge"
+JOIN_PATH = "/v1/join/azure"
+MAX_RESPONSE = 1024 * 1024  # certificates for one node are a few KiB
+_CHALLENGE_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+@dataclass(frozen=True)
+class HostParams:
+    """The ``host`` block of the join request: what the node asks to be certified as."""
+
+    node_name: str
+    role: str
+    public_ssh_key: str
+    public_tls_key: str
+    additional_principals: tuple[str, ...] = ()
+    dns_names: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node_name": self.node_name,
+            "role": self.role,
+            "public_ssh_key": self.public_ssh_key,
+            "public_tls_key": self.public_tls_key,
+            "additional_principals": list(self.additional_principals),
+            "dns_names": list(self.dns_names),
+        }
+
+
+def build_join_body(
+    *,
+    token_name: str,
+    challenge: str,
+    attested_data: dict[str, Any],
+    access_token: str,
+    host: HostParams,
+    intermediates: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The DESIGN §2 join body. ``intermediates`` (base64 DER) is left out when empty."""
+    body: dict[str, Any] = {
+        "token_name": token_name,
+        "challenge": challenge,
+        "attested_data": attested_data,
+        "access_token": access_token,
+        "host": host.to_json(),
+    }
+    if intermediates:
+        body["intermediates"] = list(intermediates)
+    return body
+
+
+class GatewayClient:
+    """The gateway's two endpoints over one session; reusable by the demo and benchmarks.
+
+    Parameters:
+        session: HTTP session (its connector decides source address and default TLS trust).
+        base_url: ``https://host:port`` of the gateway (or its load balancer).
+        ssl_context: TLS context per request; ``None`` uses the session's connector default.
+        timeout: seconds per request.
+        clock: for ``Retry-After`` given as an HTTP-date.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 30.0,
+        clock: Clock | None = None,
+    ) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._clock: Clock = clock or SystemClock()
+
+    def __repr__(self) -> str:
+        return f"GatewayClient(base_url={self._base!r})"
+
+    async def challenge(self) -> str:
+        """A fresh challenge (the IMDS nonce for this attempt)."""
+        body = await self._post(CHALLENGE_PATH, {})
+        challenge = body.get("challenge")
+        if (
+            not isinstance(challenge, str)
+            or not 0 < len(challenge) <= 32
+            or not set(challenge) <= _CHALLENGE_ALPHABET
+        ):
+            raise JoinError(
+                200,
+                AgentCode.BAD_RESPONSE,
+                "challenge response lacks a valid challenge",
+                transient=False,
+            )
+        return challenge
+
+    async def join(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Submit the join; the ``200`` body (``host_id``, ``certs``, ``join``)."""
+        return await self._post(JOIN_PATH, body)
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        url = self._base + path
+        try:
+            async with self._session.post(
+                url,
+                json=payload,
+                timeout=self._timeout,
+                ssl=self._ssl,
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                retry_after = parse_retry_after(
+                    resp.headers.get("Retry-After"), now=self._clock.now()
+                )
+                raw = await read_capped(resp, MAX_RESPONSE)
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+            # A certificate we do not trust is not going to fix itself on retry.
+            raise JoinError(
+                0,
+                AgentCode.TLS_VERIFY_FAILED,
+                f"TLS to {self._base} failed: {exc}",
+                transient=False,
+            ) from exc
+        except TimeoutError as exc:
+            raise JoinError(
+                0,
+                AgentCode.TIMEOUT,
+                f"{path}: no answer within {self._timeout.total}s",
+                transient=True,
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise JoinError(
+                0,
+                AgentCode.CONNECTION_FAILED,
+                f"{path}: cannot connect to {self._base}: {exc.os_error}",
+                transient=True,
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise JoinError(
+                0,
+                AgentCode.CONNECTION_FAILED,
+                f"{path}: {type(exc).__name__}: {exc}",
+                transient=True,
+            ) from exc
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if status == 200:
+            if not isinstance(body, dict):
+                raise JoinError(
+                    status,
+                    AgentCode.BAD_RESPONSE,
+                    f"{path}: 200 without a JSON object",
+                    transient=False,
+                )
+            return body
+        code, message = _error_fields(body, status)
+        log.debug("%s answered %s %s", path, status, code)
+        raise JoinError(status, code, message, retry_after)
+
+
+def _error_fields(body: object, status: int) -> tuple[str, str]:
+    """``{"error": {"code", "message"}}`` → (code, message).
+
+    A proxy's HTML error page has no code: it becomes ``http_<status>``.
+    """
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("code"), str) and err["code"]:
+            msg = err.get("message")
+            return err["code"][:100], (msg if isinstance(msg, str) else "")[:500]
+    return f"http_{status}", f"HTTP {status} without an error body"

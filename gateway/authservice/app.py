@@ -1,0 +1,296 @@
+"""The reference auth service's HTTP app (``POST /v1/register``, ``GET /healthz``).
+
+It listens only over mTLS: the server context requires a client certificate signed by
+the gateway client CA, so anyone else is refused during the handshake, before HTTP.
+``make_auth_app`` is the app factory; ``AuthService`` runs it in-process (tests, demo,
+``join-gateway auth serve``) with ``async with``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Self
+
+from aiohttp import web
+
+from gateway.authservice.authority import (
+    DEFAULT_CERT_TTL,
+    AuthPaths,
+    HostAuthority,
+    ensure_authorities,
+    init_auth_dir,
+)
+from gateway.authservice.store import RegistrationRecord, RegistrationStore
+from gateway.authservice.wire import (
+    AuthServiceError,
+    ErrorCode,
+    decode_registration,
+    request_digest,
+)
+from gateway.clock import Clock, SystemClock
+from gateway.tlsutil import server_ssl_context
+
+__all__ = [
+    "AUTH_SETTINGS_KEY",
+    "AUTH_STATE_KEY",
+    "AuthService",
+    "AuthSettings",
+    "AuthState",
+    "make_auth_app",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    cert_ttl: timedelta = DEFAULT_CERT_TTL
+    max_body: int = MAX_BODY
+
+
+@dataclass(frozen=True)
+class AuthState:
+    """What the handlers need; one per app, built before startup and never swapped."""
+
+    authority: HostAuthority
+    store: RegistrationStore
+    clock: Clock
+
+
+AUTH_STATE_KEY = web.AppKey("auth_state", AuthState)
+AUTH_SETTINGS_KEY = web.AppKey("auth_settings", AuthSettings)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure as ``{"error": {"code", "message"}}``; never a bare 500 page."""
+    try:
+        return await handler(request)
+    except AuthServiceError as exc:
+        return _error(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return _error(404, ErrorCode.NOT_FOUND, "no such endpoint")
+        if exc.status == 405:
+            return _error(405, ErrorCode.METHOD_NOT_ALLOWED, "method not allowed")
+        if exc.status == 413:
+            return _error(413, ErrorCode.BODY_TOO_LARGE, "body exceeds the size cap")
+        raise
+    except Exception:
+        log.exception("auth service: unexpected error on %s %s", request.method, request.path)
+        return _error(500, ErrorCode.INTERNAL_ERROR, "internal error")
+
+
+def _peer_subject(request: web.Request) -> str:
+    """The calling gateway's certificate subject CN (for the record)."""
+    transport = request.transport
+    peer: Any = transport.get_extra_info("peercert") if transport is not None else None
+    if not peer:
+        return ""
+    for rdn in peer.get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return ""
+
+
+async def _register(request: web.Request) -> web.Response:
+    state = request.app[AUTH_STATE_KEY]
+    settings = request.app[AUTH_SETTINGS_KEY]
+    if request.content_type != "application/json":
+        raise AuthServiceError(
+            415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json"
+        )
+    raw = await request.read()
+    reg = decode_registration(raw)
+    digest = request_digest(reg)
+    gateway = _peer_subject(request)
+
+    def create() -> RegistrationRecord:
+        now = state.clock.now()
+        host_id = str(uuid.uuid4())
+        result = state.authority.issue(
+            host_id=host_id, host=reg.host, now=now, ttl=settings.cert_ttl
+        )
+        return RegistrationRecord(
+            host_id=host_id,
+            idempotency_key=reg.idempotency_key,
+            request_digest=digest,
+            registered_at=now,
+            gateway=gateway,
+            registration=reg,
+            result=result,
+        )
+
+    record, created = await state.store.register(reg, digest=digest, create=create)
+    if created:
+        log.info(
+            "registered host %s node=%s role=%s vm=%s via %s",
+            record.host_id,
+            reg.host.node_name,
+            reg.role,
+            reg.join.vm_id,
+            gateway or "?",
+        )
+    return web.json_response(
+        {"host_id": record.host_id, "certs": record.result.to_json()},
+        headers={"Idempotent-Replay": "false" if created else "true"},
+    )
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def make_auth_app(
+    *,
+    authority: HostAuthority,
+    store: RegistrationStore,
+    clock: Clock | None = None,
+    settings: AuthSettings | None = None,
+) -> web.Application:
+    """The auth service app. The store's records are loaded in a cleanup context."""
+    settings = settings or AuthSettings()
+    app = web.Application(middlewares=[_errors_middleware], client_max_size=settings.max_body)
+    app[AUTH_STATE_KEY] = AuthState(authority=authority, store=store, clock=clock or SystemClock())
+    app[AUTH_SETTINGS_KEY] = settings
+
+    async def load_store(app: web.Application) -> AsyncIterator[None]:
+        await app[AUTH_STATE_KEY].store.load()
+        yield
+
+    app.cleanup_ctx.append(load_store)
+    app.router.add_post("/v1/register", _register)
+    app.router.add_get("/healthz", _healthz)
+    return app
+
+
+class AuthService:
+    """The reference auth service, running in this process on one mTLS listener.
+
+    Parameters:
+
+    * data_dir — CA keys and registration records; missing CAs are created.
+    * host, port — where to listen (``port=0`` picks a free port; see ``url``).
+    * tls_cert, tls_key, client_ca — the server certificate and the CA whose client
+      certificates are accepted; by default those ``init_auth_dir`` makes in ``data_dir``.
+    * clock — for certificate validity and record times.
+    * settings — certificate lifetime and body cap.
+    * shutdown_timeout — seconds to drain requests when closing.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: str | os.PathLike[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        client_ca: str | os.PathLike[str] | None = None,
+        clock: Clock | None = None,
+        settings: AuthSettings | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        self._data_dir = Path(data_dir)
+        self._host = host
+        self._port = port
+        self._tls_cert = tls_cert
+        self._tls_key = tls_key
+        self._client_ca = client_ca
+        self._clock = clock or SystemClock()
+        self._settings = settings or AuthSettings()
+        self._shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+        self._authority: HostAuthority | None = None
+        self._store: RegistrationStore | None = None
+        self._url: str | None = None
+        self.paths: AuthPaths | None = None
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("AuthService already started")
+        if None in (self._tls_cert, self._tls_key, self._client_ca):
+            paths = await asyncio.to_thread(init_auth_dir, self._data_dir, clock=self._clock)
+        else:
+            paths = await asyncio.to_thread(ensure_authorities, self._data_dir, clock=self._clock)
+        self.paths = paths
+        tls_cert = self._tls_cert or paths.server_cert
+        tls_key = self._tls_key or paths.server_key
+        client_ca = self._client_ca or paths.client_ca_cert
+        self._authority = await asyncio.to_thread(HostAuthority.load, paths)
+        self._store = RegistrationStore(paths.registrations_dir)
+        ssl_ctx = server_ssl_context(
+            tls_cert, tls_key, client_ca_file=client_ca, require_client_cert=True
+        )
+        app = make_auth_app(
+            authority=self._authority,
+            store=self._store,
+            clock=self._clock,
+            settings=self._settings,
+        )
+        runner = web.AppRunner(app, shutdown_timeout=self._shutdown_timeout, access_log=None)
+        try:
+            await runner.setup()  # loads the records: fails on an unreadable one
+            site = web.TCPSite(runner, self._host, self._port, ssl_context=ssl_ctx)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        port = runner.addresses[0][1]
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self._url = f"https://{host}:{port}"
+        log.info("auth service listening on %s (CA pin %s)", self._url, self.ca_pin())
+
+    async def aclose(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("AuthService not started")
+        return self._url
+
+    @property
+    def authority(self) -> HostAuthority:
+        if self._authority is None:
+            raise RuntimeError("AuthService not started")
+        return self._authority
+
+    def ca_pin(self) -> str:
+        """``sha256:<hex>`` of the host CA's SubjectPublicKeyInfo."""
+        return self.authority.ca_pin()
+
+    def records(self) -> list[RegistrationRecord]:
+        """Every registration, oldest first (loaded from disk at start, plus new ones)."""
+        if self._store is None:
+            raise RuntimeError("AuthService not started")
+        return self._store.records()
+
+    def __repr__(self) -> str:
+        return f"<AuthService url={self._url} data_dir={self._data_dir}>"

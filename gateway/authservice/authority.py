@@ -1,0 +1,360 @@
+"""The auth service's certificate authorities and its data directory.
+
+Two CAs certify a joining node, as Teleport's auth service does:
+
+* the **host CA** (X.509, ECDSA P-256 or RSA) signs a certificate for the node's public TLS
+  key: subject ``CN=<host_id>, O=<role>`` (Teleport's host identity), SANs for the host ID,
+  the node name and every name or IP the node asked for, usable for server and client auth
+  (nodes both serve and dial inside the cluster);
+* the **SSH CA** (Ed25519) signs an OpenSSH *host* certificate for the node's SSH key, with
+  principals host ID, node name, additional principals and DNS names.
+
+Two more CAs exist only for the mTLS hop from the gateways: a *cluster internal CA* that
+signs the auth service's own server certificate, and a *gateway client CA* that signs the
+gateways' client certificates — the auth service trusts that CA and nothing else.
+
+``init_auth_dir`` creates whatever is missing (idempotently) and returns the paths; private
+keys are written 0600, atomically.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from gateway.clock import Clock, SystemClock
+from gateway.join.forward import HostParams, RegisterResult
+from gateway.tlsutil import (
+    CaMaterial,
+    CertifiablePublicKey,
+    KeyType,
+    atomic_write,
+    generate_ca,
+    issue_cert,
+    load_ca,
+    sign_public_key,
+    spki_pin,
+    write_pem_files,
+)
+
+__all__ = [
+    "DEFAULT_CERT_TTL",
+    "AuthPaths",
+    "HostAuthority",
+    "ca_pin_for_data_dir",
+    "ensure_authorities",
+    "init_auth_dir",
+    "is_dns_name",
+]
+
+log = logging.getLogger(__name__)
+
+# A day: long enough that a node outlives a restart of its cluster, short enough that a
+# stolen identity dies quickly. Configurable (``--cert-ttl``).
+DEFAULT_CERT_TTL = timedelta(hours=24)
+# Issued certificates start a little in the past to absorb clock skew between machines.
+_BACKDATE = timedelta(minutes=5)
+
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"^{_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
+
+
+def is_dns_name(value: str) -> bool:
+    """A hostname an X.509 dNSName may carry (LDH labels, no wildcard)."""
+    return len(value) <= 253 and bool(_DNS_NAME.match(value))
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class AuthPaths:
+    """Where everything lives under the auth service's ``--data-dir``."""
+
+    data_dir: Path
+    host_ca_cert: Path
+    host_ca_key: Path
+    ssh_ca_key: Path
+    ssh_ca_pub: Path
+    internal_ca_cert: Path
+    internal_ca_key: Path
+    server_cert: Path
+    server_key: Path
+    client_ca_cert: Path
+    client_ca_key: Path
+    gateway_client_cert: Path
+    gateway_client_key: Path
+    registrations_dir: Path
+
+    @property
+    def cluster_ca(self) -> Path:
+        """The CA gateways trust for the auth service's certificate (``upstream.ca_file``)."""
+        return self.internal_ca_cert
+
+    @property
+    def gateway_client_ca(self) -> Path:
+        """The CA whose client certificates the auth service accepts."""
+        return self.client_ca_cert
+
+    @classmethod
+    def for_dir(cls, data_dir: str | os.PathLike[str]) -> AuthPaths:
+        d = Path(data_dir)
+        ca = d / "ca"
+        tls = d / "tls"
+        return cls(
+            data_dir=d,
+            host_ca_cert=ca / "host-ca.pem",
+            host_ca_key=ca / "host-ca-key.pem",
+            ssh_ca_key=ca / "ssh-ca-key",
+            ssh_ca_pub=ca / "ssh-ca.pub",
+            internal_ca_cert=ca / "internal-ca.pem",
+            internal_ca_key=ca / "internal-ca-key.pem",
+            client_ca_cert=ca / "gateway-client-ca.pem",
+            client_ca_key=ca / "gateway-client-ca-key.pem",
+            server_cert=tls / "auth-server.pem",
+            server_key=tls / "auth-server-key.pem",
+            gateway_client_cert=tls / "gateway-client.pem",
+            gateway_client_key=tls / "gateway-client-key.pem",
+            registrations_dir=d / "registrations",
+        )
+
+
+def _ensure_ca(
+    cert: Path, key: Path, common_name: str, key_type: KeyType, clock: Clock
+) -> CaMaterial:
+    if cert.exists() and key.exists():
+        return load_ca(cert, key)
+    ca = generate_ca(common_name, key_type=key_type, organization="join-gateway", clock=clock)
+    write_pem_files(ca, cert.parent, cert.name.removesuffix(".pem"))
+    log.info("created %s at %s", common_name, cert)
+    return ca
+
+
+def _ensure_ssh_ca(paths: AuthPaths) -> None:
+    if paths.ssh_ca_key.exists() and paths.ssh_ca_pub.exists():
+        return
+    key = ed25519.Ed25519PrivateKey.generate()
+    atomic_write(
+        paths.ssh_ca_key,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+        mode=0o600,
+    )
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    atomic_write(paths.ssh_ca_pub, pub + b" join-gateway-ssh-host-ca\n")
+    log.info("created SSH host CA at %s", paths.ssh_ca_key)
+
+
+def ensure_authorities(
+    data_dir: str | os.PathLike[str],
+    *,
+    host_ca_key_type: KeyType = "ecdsa-p256",
+    clock: Clock | None = None,
+) -> AuthPaths:
+    """Create the host CA and the SSH CA under ``data_dir`` if they are missing."""
+    paths = AuthPaths.for_dir(data_dir)
+    paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths.registrations_dir.mkdir(exist_ok=True, mode=0o700)
+    _ensure_ca(
+        paths.host_ca_cert,
+        paths.host_ca_key,
+        "join-gateway host CA",
+        host_ca_key_type,
+        clock or SystemClock(),
+    )
+    _ensure_ssh_ca(paths)
+    return paths
+
+
+def ca_pin_for_data_dir(data_dir: str | os.PathLike[str]) -> str:
+    """The host CA's pin (``sha256:<hex>`` of its SPKI) from an auth data dir, for
+    ``join-gateway status``. Reads only the certificate; creates nothing."""
+    paths = AuthPaths.for_dir(data_dir)
+    return spki_pin(x509.load_pem_x509_certificate(paths.host_ca_cert.read_bytes()))
+
+
+def init_auth_dir(
+    data_dir: str | os.PathLike[str],
+    *,
+    gateway_hosts: Iterable[str] = ("127.0.0.1", "localhost"),
+    host_ca_key_type: KeyType = "ecdsa-p256",
+    clock: Clock | None = None,
+) -> AuthPaths:
+    """Create (idempotently) everything the auth service and its gateways need.
+
+    ``gateway_hosts`` are the names and IPs by which gateways reach the auth service: they
+    become the SANs of its server certificate. Existing files are kept; only missing ones
+    are made, so re-running never invalidates certificates already handed out.
+    """
+    clock = clock or SystemClock()
+    paths = ensure_authorities(data_dir, host_ca_key_type=host_ca_key_type, clock=clock)
+    internal = _ensure_ca(
+        paths.internal_ca_cert,
+        paths.internal_ca_key,
+        "join-gateway cluster internal CA",
+        "ecdsa-p256",
+        clock,
+    )
+    client_ca = _ensure_ca(
+        paths.client_ca_cert,
+        paths.client_ca_key,
+        "join-gateway gateway client CA",
+        "ecdsa-p256",
+        clock,
+    )
+    if not (paths.server_cert.exists() and paths.server_key.exists()):
+        names = list(gateway_hosts)
+        server = issue_cert(
+            internal,
+            common_name="join-gateway auth service",
+            dns_names=[n for n in names if not _is_ip(n)],
+            ip_addresses=[n for n in names if _is_ip(n)],
+            server=True,
+            clock=clock,
+        )
+        write_pem_files(server, paths.server_cert.parent, "auth-server")
+    if not (paths.gateway_client_cert.exists() and paths.gateway_client_key.exists()):
+        client = issue_cert(
+            client_ca, common_name="join-gateway", server=False, client=True, clock=clock
+        )
+        write_pem_files(client, paths.gateway_client_cert.parent, "gateway-client")
+    return paths
+
+
+class HostAuthority:
+    """Signs nodes' certificates with the host CA and the SSH CA (pure, no I/O after load)."""
+
+    def __init__(self, *, host_ca: CaMaterial, ssh_ca: ed25519.Ed25519PrivateKey) -> None:
+        self._host_ca = host_ca
+        self._ssh_ca = ssh_ca
+        self._host_ca_pem = host_ca.cert_pem().decode("ascii")
+        self._ssh_ca_line = (
+            ssh_ca.public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode("ascii")
+        )
+
+    @classmethod
+    def load(cls, paths: AuthPaths) -> HostAuthority:
+        host_ca = load_ca(paths.host_ca_cert, paths.host_ca_key)
+        ssh_key = serialization.load_ssh_private_key(paths.ssh_ca_key.read_bytes(), None)
+        if not isinstance(ssh_key, ed25519.Ed25519PrivateKey):
+            raise ValueError(f"{paths.ssh_ca_key}: SSH CA key must be Ed25519")
+        return cls(host_ca=host_ca, ssh_ca=ssh_key)
+
+    @property
+    def host_ca_cert(self) -> x509.Certificate:
+        return self._host_ca.cert
+
+    @property
+    def ssh_ca_public_key(self) -> str:
+        """The SSH CA's ``ssh-ed25519 AAAA...`` line (for ``@cert-authority`` entries)."""
+        return self._ssh_ca_line
+
+    def ca_pin(self) -> str:
+        return spki_pin(self._host_ca.cert)
+
+    def issue(
+        self, *, host_id: str, host: HostParams, now: datetime, ttl: timedelta
+    ) -> RegisterResult:
+        """Certify ``host``'s keys; ``host`` must already be validated (keys parse)."""
+        tls_key = serialization.load_pem_public_key(host.public_tls_key.encode("ascii"))
+        if not isinstance(
+            tls_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+        ):
+            raise ValueError("unsupported TLS key type")
+        ssh_key = serialization.load_ssh_public_key(host.public_ssh_key.encode("ascii"))
+        if not isinstance(
+            ssh_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+        ):
+            raise ValueError("unsupported SSH key type")
+        principals = _dedup([host_id, host.node_name, *host.additional_principals, *host.dns_names])
+        not_before = now - _BACKDATE
+        not_after = now + ttl
+        tls_cert = self._tls_cert(
+            tls_key,
+            host_id=host_id,
+            role=host.role,
+            principals=principals,
+            not_before=not_before,
+            not_after=not_after,
+        )
+        ssh_cert = (
+            serialization.SSHCertificateBuilder()
+            .public_key(ssh_key)
+            .serial(secrets.randbits(64))
+            .type(serialization.SSHCertificateType.HOST)
+            .key_id(f"{host_id} {host.node_name}".encode())
+            .valid_principals([p.encode() for p in principals])
+            .valid_after(int(not_before.timestamp()))
+            .valid_before(int(not_after.timestamp()))
+            .sign(self._ssh_ca)
+        )
+        return RegisterResult(
+            host_id=host_id,
+            ssh_cert=ssh_cert.public_bytes().decode("ascii"),
+            tls_cert=tls_cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            tls_ca_certs=(self._host_ca_pem,),
+            ssh_ca_keys=(self._ssh_ca_line,),
+        )
+
+    def _tls_cert(
+        self,
+        public_key: CertifiablePublicKey,
+        *,
+        host_id: str,
+        role: str,
+        principals: list[str],
+        not_before: datetime,
+        not_after: datetime,
+    ) -> x509.Certificate:
+        # Only names an X.509 SAN can carry: IP literals as iPAddress, hostnames as dNSName.
+        # A principal like "web_1" stays SSH-only.
+        ips = [p for p in principals if _is_ip(p)]
+        dns = [p for p in principals if not _is_ip(p) and is_dns_name(p)]
+        return sign_public_key(
+            self._host_ca,
+            public_key,
+            common_name=host_id,
+            organization=role,
+            dns_names=dns,
+            ip_addresses=ips,
+            server=True,
+            client=True,
+            not_before=not_before,
+            not_after=not_after,
+        )
+
+    def __repr__(self) -> str:
+        return f"<HostAuthority pin={self.ca_pin()}>"
+
+
+def _dedup(values: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out: list[str] = []
+    for v in values:
+        if v not in seen:
+            seen.add(v)
+            out.append(v)
+    return out

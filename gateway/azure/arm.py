@@ -1,0 +1,429 @@
+"""Azure Resource Manager client: the few Compute reads VM binding needs.
+
+ARM is where join storms hurt (DESIGN §5): reads are a token bucket per subscription and
+principal (250 burst, +25/s) and Compute's list calls have their own budget; a ``429``
+carries ``Retry-After`` and every answer the ``x-ms-ratelimit-remaining-*`` headers
+(https://learn.microsoft.com/azure/azure-resource-manager/management/request-limits-and-
+throttling, https://learn.microsoft.com/troubleshoot/azure/virtual-machines/windows/
+troubleshooting-throttling-errors). So this client:
+
+* spends from an injected per-subscription ``ArmBudget`` before each request (the default
+  spends nothing; the real bucket plugs in without touching this class);
+* records the last rate-limit headers it saw (for metrics) and tells the budget;
+* after a ``429`` refuses further reads for that subscription until ``Retry-After`` has
+  passed, instead of provoking more ``429`` s;
+* bounds concurrency, sets a timeout on every call, follows ``nextLink`` only on its own
+  endpoint (the bearer token must never travel to another host).
+
+The bearer token is the joining VM's own access token (passed per call), never stored or
+logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+from gateway.azure.resource_id import ResourceId, parse_resource_id
+from gateway.azure.token import normalize_guid
+from gateway.clock import Clock
+from gateway.errors import Code, JoinRejected, Overloaded
+
+__all__ = ["ArmBudget", "ArmClient", "NoBudget", "VmRecord"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_BODY = 8 * 1024 * 1024  # a page of 1000 VM models is a few MiB
+_MAX_PAGES = 200
+_DEFAULT_RETRY_AFTER = 5.0
+_MAX_RETRY_AFTER = 300.0
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """One VM as ARM describes it. ``vm_id`` is ``properties.vmId``, lowercased."""
+
+    resource_id: str  # as ARM returned it
+    name: str
+    vm_id: str
+    resource_group: str
+    subscription: str  # lowercase GUID
+    scale_set: str | None = None
+    instance_id: str | None = None
+
+
+class ArmBudget(Protocol):
+    """Per-subscription read budget. ``acquire`` waits for or refuses a read (raising
+    ``Overloaded(AZURE_BUDGET_EXHAUSTED)``); ``observe`` is told what ARM said."""
+
+    async def acquire(self, subscription: str) -> None: ...
+
+    def observe(
+        self, subscription: str, *, remaining_reads: int | None, retry_after: float | None
+    ) -> None: ...
+
+
+class NoBudget:
+    """The default budget: never refuses. The token bucket replaces it (DESIGN §5)."""
+
+    async def acquire(self, subscription: str) -> None:
+        return None
+
+    def observe(
+        self, subscription: str, *, remaining_reads: int | None, retry_after: float | None
+    ) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "NoBudget()"
+
+
+def _parse_retry_after(value: str | None, now: float) -> float | None:
+    """``Retry-After`` is delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - now
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
+
+
+def _parse_remaining_resource(value: str | None) -> dict[str, int]:
+    # "Microsoft.Compute/GetVM3Min;239,Microsoft.Compute/GetVM30Min;1199"
+    out: dict[str, int] = {}
+    for item in (value or "").split(","):
+        name, sep, count = item.strip().rpartition(";")
+        if sep and name:
+            try:
+                out[name] = int(count)
+            except ValueError:
+                continue
+    return out
+
+
+class ArmClient:
+    """Parameters:
+
+    * session — the shared ``aiohttp.ClientSession`` (owned by the caller).
+    * endpoint — the cloud's ARM endpoint (``https://management.azure.com``) or the
+      emulator's.
+    * clock — injected; ``Retry-After`` holds use it.
+    * api_version — Compute API version for every call.
+    * timeout — total seconds per HTTP request.
+    * max_concurrency — in-flight ARM requests from this process.
+    * budget — per-subscription read budget (default ``NoBudget``).
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        endpoint: str,
+        clock: Clock,
+        api_version: str = "2024-07-01",
+        timeout: float = 10.0,
+        max_concurrency: int = 16,
+        budget: ArmBudget | None = None,
+    ) -> None:
+        endpoint = endpoint.rstrip("/")
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"ARM endpoint {endpoint!r} is not an http(s) URL")
+        self._session = session
+        self._endpoint = endpoint
+        self._origin = (parts.scheme, parts.hostname.lower(), parts.port)
+        self._path_prefix = parts.path
+        self._clock = clock
+        self._api_version = api_version
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self._budget: ArmBudget = budget or NoBudget()
+        self._blocked_until: dict[str, float] = {}
+        self.calls: Counter[str] = Counter()
+        # Last rate-limit headers seen, for metrics.
+        self.remaining_subscription_reads: int | None = None
+        self.remaining_resource: dict[str, int] = {}
+        self.last_retry_after: float | None = None
+
+    # -- public -------------------------------------------------------------------------
+
+    async def get_vm(self, rid: ResourceId, *, bearer: str) -> VmRecord | None:
+        """The VM ``rid`` names, or None when ARM says 404."""
+        if not rid.is_vm:
+            raise ValueError("get_vm needs a virtualMachines resource ID")
+        url = self._url(
+            rid.subscription,
+            rid.resource_group,
+            "virtualMachines",
+            rid.name,
+        )
+        body = await self._get(url, "get_vm", rid.subscription, bearer)
+        return None if body is None else self._point_record(body, rid, "get_vm")
+
+    async def list_vms(
+        self, subscription: str, resource_group: str, *, bearer: str
+    ) -> list[VmRecord]:
+        """Every VM in a resource group (all pages). A missing group is an empty list."""
+        url = self._url(subscription, resource_group, "virtualMachines")
+        return await self._list(url, "list_vms", subscription, bearer)
+
+    async def get_vmss_vm(self, rid: ResourceId, *, bearer: str) -> VmRecord | None:
+        """One scale set instance (``…/virtualMachineScaleSets/<ss>/virtualMachines/<i>``)."""
+        if not rid.is_scale_set_vm:
+            raise ValueError("get_vmss_vm needs a scale set VM resource ID")
+        url = self._url(
+            rid.subscription,
+            rid.resource_group,
+            "virtualMachineScaleSets",
+            rid.name,
+            "virtualMachines",
+            rid.child_names[0],
+        )
+        body = await self._get(url, "get_vmss_vm", rid.subscription, bearer)
+        return None if body is None else self._point_record(body, rid, "get_vmss_vm")
+
+    async def list_vmss_vms(
+        self, subscription: str, resource_group: str, scale_set: str, *, bearer: str
+    ) -> list[VmRecord]:
+        """Every instance of a scale set (all pages). A missing scale set is an empty list."""
+        url = self._url(
+            subscription, resource_group, "virtualMachineScaleSets", scale_set, "virtualMachines"
+        )
+        return await self._list(url, "list_vmss_vms", subscription, bearer)
+
+    def __repr__(self) -> str:
+        return (
+            f"<ArmClient {self._endpoint} calls={dict(self.calls)} "
+            f"remaining_reads={self.remaining_subscription_reads} "
+            f"blocked={len(self._blocked_until)}>"
+        )
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _url(self, subscription: str, resource_group: str, *path: str) -> str:
+        sub = normalize_guid(subscription)
+        if sub is None:
+            raise ValueError("subscription is not a GUID")
+        segs = [
+            "subscriptions",
+            sub,
+            "resourceGroups",
+            resource_group,
+            "providers",
+            "Microsoft.Compute",
+            *path,
+        ]
+        for seg in segs:
+            if not seg or seg in (".", ".."):
+                raise ValueError("empty or dot path segment")
+        quoted = "/".join(quote(seg, safe="") for seg in segs)
+        return f"{self._endpoint}/{quoted}?api-version={quote(self._api_version, safe='')}"
+
+    def _on_endpoint(self, url: str) -> bool:
+        try:
+            parts = urlsplit(url)
+            origin = (parts.scheme, (parts.hostname or "").lower(), parts.port)
+        except ValueError:
+            return False
+        return (
+            origin == self._origin
+            and not parts.username
+            and not parts.password
+            and parts.path.startswith(self._path_prefix + "/")
+        )
+
+    async def _list(self, url: str, kind: str, subscription: str, bearer: str) -> list[VmRecord]:
+        records: list[VmRecord] = []
+        next_url: str | None = url
+        pages = 0
+        while next_url is not None:
+            pages += 1
+            if pages > _MAX_PAGES:
+                raise Overloaded(
+                    Code.DEPENDENCY_UNAVAILABLE,
+                    retry_after=_DEFAULT_RETRY_AFTER,
+                    detail=f"ARM {kind}: more than {_MAX_PAGES} pages",
+                )
+            body = await self._get(next_url, kind, subscription, bearer)
+            if body is None:
+                return records
+            value = body.get("value")
+            if not isinstance(value, list):
+                raise self._bad_answer(kind, "list has no 'value' array")
+            for item in value:
+                record = self._record(item, strict=False) if isinstance(item, dict) else None
+                if record is not None:
+                    records.append(record)
+            link = body.get("nextLink")
+            if link is None or link == "":
+                next_url = None
+            elif isinstance(link, str) and self._on_endpoint(link):
+                next_url = link
+            else:
+                # Following it would send the bearer token to another host.
+                raise self._bad_answer(kind, f"nextLink {str(link)[:200]!r} is off the endpoint")
+        return records
+
+    def _bad_answer(self, kind: str, why: str) -> Overloaded:
+        return Overloaded(
+            Code.DEPENDENCY_UNAVAILABLE,
+            retry_after=_DEFAULT_RETRY_AFTER,
+            detail=f"ARM {kind}: {why}",
+        )
+
+    def _point_record(self, body: Mapping[str, Any], rid: ResourceId, kind: str) -> VmRecord:
+        record = self._record(body, strict=True)
+        # ARM answers for the resource we asked about; anything else is not to be trusted.
+        if record is None or parse_resource_id(record.resource_id).key != rid.key:
+            raise self._bad_answer(kind, "answer names another resource")
+        return record
+
+    def _record(self, item: Mapping[str, Any], *, strict: bool) -> VmRecord | None:
+        """A ``VmRecord`` from an ARM VM model; malformed ones are skipped in lists
+        (logged) and are a dependency failure for point reads."""
+        try:
+            raw_id = item.get("id")
+            name = item.get("name")
+            props = item.get("properties")
+            vm_id = normalize_guid(props.get("vmId")) if isinstance(props, Mapping) else None
+            if not isinstance(raw_id, str) or not isinstance(name, str) or vm_id is None:
+                raise ValueError("VM model lacks id, name or a GUID properties.vmId")
+            rid = parse_resource_id(raw_id)
+            if not (rid.is_vm or rid.is_scale_set_vm):
+                raise ValueError("id names neither a VM nor a scale set VM")
+        except (ValueError, JoinRejected) as exc:
+            if strict:
+                raise self._bad_answer("VM model", str(exc)) from exc
+            logger.warning("skipping a malformed VM model from ARM: %s", exc)
+            return None
+        return VmRecord(
+            resource_id=raw_id,
+            name=name,
+            vm_id=vm_id,
+            resource_group=rid.resource_group,
+            subscription=rid.subscription,
+            scale_set=rid.scale_set,
+            instance_id=rid.instance_id,
+        )
+
+    def _read_limits(self, subscription: str, resp: aiohttp.ClientResponse) -> float | None:
+        reads = resp.headers.get("x-ms-ratelimit-remaining-subscription-reads")
+        remaining: int | None = None
+        if reads is not None:
+            try:
+                remaining = int(reads)
+            except ValueError:
+                remaining = None
+            self.remaining_subscription_reads = remaining
+        resource = resp.headers.get("x-ms-ratelimit-remaining-resource")
+        if resource is not None:
+            self.remaining_resource = _parse_remaining_resource(resource)
+        retry_after = _parse_retry_after(resp.headers.get("Retry-After"), self._clock.time())
+        if retry_after is not None:
+            self.last_retry_after = retry_after
+        self._budget.observe(subscription, remaining_reads=remaining, retry_after=retry_after)
+        return retry_after
+
+    async def _get(
+        self, url: str, kind: str, subscription: str, bearer: str
+    ) -> dict[str, Any] | None:
+        """One GET: the JSON object, or None on 404. Everything else raises ours."""
+        subscription = subscription.lower()
+        now = self._clock.monotonic()
+        blocked = self._blocked_until.get(subscription)
+        if blocked is not None:
+            if blocked > now:
+                raise Overloaded(
+                    Code.AZURE_BUDGET_EXHAUSTED,
+                    retry_after=blocked - now,
+                    detail=f"ARM asked us to wait for subscription {subscription}",
+                )
+            del self._blocked_until[subscription]
+        await self._budget.acquire(subscription)
+        async with self._sem:
+            self.calls[kind] += 1
+            try:
+                async with self._session.get(
+                    url,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                    headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json"},
+                ) as resp:
+                    retry_after = self._read_limits(subscription, resp)
+                    status = resp.status
+                    if status == 200:
+                        body = await _read_capped(resp, _MAX_BODY)
+                    else:
+                        body = b""
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise Overloaded(
+                    Code.DEPENDENCY_UNAVAILABLE,
+                    retry_after=_DEFAULT_RETRY_AFTER,
+                    detail=f"ARM {kind}: {type(exc).__name__}",
+                ) from exc
+        if status == 200:
+            try:
+                value = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise self._bad_answer(kind, "body is not JSON") from exc
+            if not isinstance(value, dict):
+                raise self._bad_answer(kind, "body is not a JSON object")
+            return value
+        if status == 404:
+            return None
+        if status in (401, 403):
+            raise JoinRejected(
+                Code.VM_BINDING_FAILED,
+                f"ARM {kind} answered {status}: the identity lacks "
+                "Microsoft.Compute/virtualMachines/read on the VM's scope",
+            )
+        if status == 429:
+            wait = retry_after if retry_after is not None else _DEFAULT_RETRY_AFTER
+            self._blocked_until[subscription] = self._clock.monotonic() + wait
+            logger.warning(
+                "ARM throttled %s for subscription %s: wait %.1fs", kind, subscription, wait
+            )
+            raise Overloaded(
+                Code.AZURE_BUDGET_EXHAUSTED,
+                retry_after=wait,
+                detail=f"ARM {kind} answered 429 for subscription {subscription}",
+            )
+        raise Overloaded(
+            Code.DEPENDENCY_UNAVAILABLE,
+            retry_after=retry_after if retry_after is not None else _DEFAULT_RETRY_AFTER,
+            detail=f"ARM {kind} answered HTTP {status}",
+        )
+
+
+class _TooLarge(aiohttp.ClientPayloadError):
+    pass
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise _TooLarge(f"body of {resp.content_length} bytes exceeds {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

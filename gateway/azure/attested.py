@@ -1,0 +1,612 @@
+"""Verification of the IMDS attested document (DESIGN.md §3, step 4, first bullet).
+
+Pure step functions (sync, over bytes and dataclasses) do every check and raise the
+typed error for it; :class:`AttestedVerifier` is the async shell that runs them in order
+and adds the only I/O there is: fetching a missing intermediate over AIA. ``inspect``
+runs the very same steps through :meth:`AttestedVerifier.inspect`, which records each
+step instead of stopping at the first failure where later steps still make sense.
+
+Order (cheap first): base64 → CMS parse → one signer → digest algorithm → RSA
+signature → signer name → chain (cached per signer) → content (JSON, GUIDs, window,
+nonce).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway.azure.aia import AiaFetcher
+from gateway.azure.certs import (
+    TrustStore,
+    VerifiedChain,
+    ca_issuers_urls,
+    fingerprint,
+    is_self_signed,
+    verify_chain,
+)
+from gateway.azure.cms import SignedDataView, SignerInfoView, parse_signed_data
+from gateway.cache import MemoryCache
+from gateway.clock import Clock
+from gateway.cloud import CloudProfile
+from gateway.errors import BadRequest, Code, GatewayError, JoinRejected
+
+__all__ = [
+    "AttestedContent",
+    "AttestedDocument",
+    "AttestedVerifier",
+    "CheckResult",
+    "Inspection",
+    "check_content",
+    "check_digest_algorithm",
+    "check_nonce",
+    "check_signature",
+    "check_signer_name",
+    "check_single_signer",
+    "check_window",
+    "decode_signature",
+    "find_signer_certificate",
+    "parse_azure_time",
+    "parse_content",
+]
+
+logger = logging.getLogger(__name__)
+
+OID_SHA256 = "2.16.840.1.101.3.4.2.1"
+OID_SHA256_WITH_RSA = "1.2.840.113549.1.1.11"
+OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
+
+# Azure puts sha256WithRSAEncryption in SignerInfo.digestAlgorithm where RFC 5652 wants a
+# plain digest OID; both mean SHA-256. Teleport handles the same quirk:
+# https://github.com/gravitational/teleport/blob/master/lib/join/azurejoin/azure.go
+# (fixAzureSigningAlgorithm), and the real documents in ../shared/azure-real/ show it.
+_SHA256_DIGEST_OIDS = frozenset({OID_SHA256, OID_SHA256_WITH_RSA})
+_RSA_SIGNATURE_OIDS = frozenset({OID_RSA_ENCRYPTION, OID_SHA256_WITH_RSA})
+
+# Azure's timeStamp format, e.g. "07/28/26 13:24:00 -0000" (two-digit year, UTC offset).
+# https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service#attested-data
+_AZURE_TIME = re.compile(r"^\d{2}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} [+-]\d{4}$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# Some captures wrap the base64 in PEM-style armour without spaces or newlines (the real
+# fixture negative-taskcluster-wrong-subject-synthetic.json); accept exactly that shape.
+_ARMOUR = re.compile(
+    r"^-----BEGIN ?PKCS7-----(?P<body>[A-Za-z0-9+/]*)-----END ?PKCS7-----(?P<pad>=*)$"
+)
+
+
+@dataclass(frozen=True)
+class AttestedDocument:
+    """What a verified document proves. ``signer_fingerprint`` is SHA-256 of the leaf DER."""
+
+    nonce: str
+    vm_id: str
+    subscription_id: str | None
+    sku: str | None
+    created_on: datetime
+    expires_on: datetime
+    signer_cn: str
+    signer_fingerprint: bytes
+    chain_subjects: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AttestedContent:
+    """The signed JSON, typed. ``subscription_id`` is None in old api-versions' documents."""
+
+    nonce: str
+    vm_id: str
+    subscription_id: str | None
+    sku: str | None
+    created_on: datetime
+    expires_on: datetime
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def decode_signature(signature_b64: str) -> bytes:
+    """Strict base64 (``validate=True``) → DER. Bad input → ``ATTESTED_MALFORMED``."""
+    text = signature_b64.strip()
+    armoured = _ARMOUR.match(text)
+    if armoured:
+        text = armoured["body"] + armoured["pad"]
+    try:
+        der = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(Code.ATTESTED_MALFORMED, detail=f"signature is not base64: {exc}") from exc
+    if not der:
+        raise BadRequest(Code.ATTESTED_MALFORMED, detail="signature is empty")
+    return der
+
+
+def check_single_signer(view: SignedDataView) -> SignerInfoView:
+    if len(view.signer_infos) != 1:
+        raise JoinRejected(
+            Code.ATTESTED_SIGNER_INVALID,
+            detail=f"expected exactly one SignerInfo, found {len(view.signer_infos)}",
+        )
+    return view.signer_infos[0]
+
+
+def find_signer_certificate(view: SignedDataView, signer: SignerInfoView) -> x509.Certificate:
+    """The embedded certificate the SignerInfo names by issuer+serial (never "the first")."""
+    if signer.issuer_der is None or signer.serial is None:
+        raise JoinRejected(
+            Code.ATTESTED_SIGNER_INVALID, detail="signer is not identified by issuer+serial"
+        )
+    matches = [
+        cert
+        for cert, issuer in zip(view.certificates, view.certificate_issuers, strict=True)
+        if cert.serial_number == signer.serial and issuer == signer.issuer_der
+    ]
+    if not matches:
+        raise JoinRejected(
+            Code.ATTESTED_SIGNER_INVALID, detail="no embedded certificate matches the SignerInfo"
+        )
+    if len({fingerprint(c) for c in matches}) != 1:
+        raise JoinRejected(
+            Code.ATTESTED_SIGNER_INVALID, detail="several certificates match the SignerInfo"
+        )
+    return matches[0]
+
+
+def check_digest_algorithm(signer: SignerInfoView) -> None:
+    if signer.digest_algorithm not in _SHA256_DIGEST_OIDS:
+        raise JoinRejected(
+            Code.ATTESTED_DIGEST_UNSUPPORTED,
+            detail=f"digest algorithm {signer.digest_algorithm} is not SHA-256",
+        )
+
+
+def check_signature(view: SignedDataView, signer: SignerInfoView, cert: x509.Certificate) -> None:
+    """RSA PKCS#1 v1.5 / SHA-256 over the content, or over the signed attributes (RFC 5652 §5.4)."""
+    if signer.signature_algorithm not in _RSA_SIGNATURE_OIDS:
+        raise JoinRejected(
+            Code.ATTESTED_SIGNATURE_INVALID,
+            detail=f"signature algorithm {signer.signature_algorithm} is not RSA",
+        )
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise JoinRejected(
+            Code.ATTESTED_SIGNATURE_INVALID, detail=f"signer key unusable: {exc}"
+        ) from exc
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise JoinRejected(Code.ATTESTED_SIGNATURE_INVALID, detail="signer key is not RSA")
+    content_digest = hashlib.sha256(view.content).digest()
+    attrs = signer.signed_attrs
+    if attrs is None:
+        signed_digest = content_digest
+    else:
+        if attrs.message_digest is None or not hmac.compare_digest(
+            attrs.message_digest, content_digest
+        ):
+            raise JoinRejected(
+                Code.ATTESTED_SIGNATURE_INVALID, detail="messageDigest does not match the content"
+            )
+        if attrs.content_type != view.content_type:
+            raise JoinRejected(
+                Code.ATTESTED_SIGNATURE_INVALID,
+                detail="contentType attribute does not match the content type",
+            )
+        signed_digest = hashlib.sha256(attrs.der).digest()
+    try:
+        key.verify(signer.signature, signed_digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+    except (InvalidSignature, ValueError) as exc:
+        raise JoinRejected(
+            Code.ATTESTED_SIGNATURE_INVALID, detail="RSA signature does not verify"
+        ) from exc
+
+
+def check_signer_name(cert: x509.Certificate, cloud: CloudProfile) -> str:
+    """CN and at least one DNS SAN under the cloud's metadata domain; returns the CN."""
+    try:
+        cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        sans = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound as exc:
+        raise JoinRejected(Code.ATTESTED_SIGNER_INVALID, detail="signer has no SAN") from exc
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise JoinRejected(Code.ATTESTED_SIGNER_INVALID, detail=f"signer name: {exc}") from exc
+    if len(cns) != 1 or not isinstance(cns[0].value, str):
+        raise JoinRejected(Code.ATTESTED_SIGNER_INVALID, detail="signer needs exactly one CN")
+    cn = cns[0].value
+    if not cloud.signer_name_ok(cn):
+        raise JoinRejected(
+            Code.ATTESTED_SIGNER_INVALID,
+            detail=f"signer CN {cn!r} is not under {cloud.metadata_domain}",
+        )
+    if not any(cloud.signer_name_ok(san) for san in sans):
+        raise JoinRejected(
+            Code.ATTESTED_SIGNER_INVALID,
+            detail=f"no signer SAN is under {cloud.metadata_domain}",
+        )
+    return cn.lower().rstrip(".")
+
+
+def parse_azure_time(value: object) -> datetime:
+    """``MM/DD/YY HH:MM:SS -0000`` → aware datetime. Anything else → CONTENT_INVALID."""
+    if not isinstance(value, str) or not _AZURE_TIME.match(value):
+        raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail=f"bad timestamp {value!r}")
+    try:
+        return datetime.strptime(value, "%m/%d/%y %H:%M:%S %z").astimezone(UTC)
+    except ValueError as exc:
+        raise JoinRejected(
+            Code.ATTESTED_CONTENT_INVALID, detail=f"bad timestamp {value!r}"
+        ) from exc
+
+
+def _guid(value: object, name: str) -> str:
+    if not isinstance(value, str) or not _GUID.match(value):
+        raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail=f"{name} is not a GUID")
+    return value
+
+
+def parse_content(content: bytes, *, require_subscription: bool = True) -> AttestedContent:
+    """The signed JSON. Not JSON → ``ATTESTED_MALFORMED`` (400); JSON without the fields →
+    ``ATTESTED_CONTENT_INVALID`` (403)."""
+    try:
+        doc: Any = json.loads(content.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BadRequest(Code.ATTESTED_MALFORMED, detail=f"content is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail="content is not a JSON object")
+    nonce = doc.get("nonce")
+    if not isinstance(nonce, str):
+        raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail="nonce missing")
+    vm_id = _guid(doc.get("vmId"), "vmId")
+    sub_raw = doc.get("subscriptionId")
+    subscription_id: str | None
+    if sub_raw is None and not require_subscription:
+        subscription_id = None
+    else:
+        subscription_id = _guid(sub_raw, "subscriptionId")
+    sku = doc.get("sku")
+    if sku is not None and not isinstance(sku, str):
+        raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail="sku is not a string")
+    stamp = doc.get("timeStamp")
+    if not isinstance(stamp, dict):
+        raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail="timeStamp missing")
+    created = parse_azure_time(stamp.get("createdOn"))
+    expires = parse_azure_time(stamp.get("expiresOn"))
+    if expires < created:
+        raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail="expiresOn before createdOn")
+    return AttestedContent(
+        nonce=nonce,
+        vm_id=vm_id,
+        subscription_id=subscription_id,
+        sku=sku,
+        created_on=created,
+        expires_on=expires,
+    )
+
+
+def check_window(content: AttestedContent, now: datetime, skew: float) -> None:
+    slack = timedelta(seconds=skew)
+    if not content.created_on - slack <= now <= content.expires_on + slack:
+        raise JoinRejected(
+            Code.ATTESTED_EXPIRED,
+            detail=f"now {now.isoformat()} outside {content.created_on.isoformat()}"
+            f"..{content.expires_on.isoformat()}",
+        )
+
+
+def check_nonce(content: AttestedContent, expected: str) -> None:
+    if not hmac.compare_digest(content.nonce.encode("utf-8"), expected.encode("utf-8")):
+        raise JoinRejected(Code.NONCE_MISMATCH, detail="document nonce is not the challenge")
+
+
+def check_content(
+    content_bytes: bytes,
+    *,
+    now: datetime,
+    skew: float,
+    expected_nonce: str | None,
+    require_subscription: bool,
+) -> AttestedContent:
+    """Parse, window, nonce (``expected_nonce=None`` skips the nonce: inspect only)."""
+    content = parse_content(content_bytes, require_subscription=require_subscription)
+    check_window(content, now, skew)
+    if expected_nonce is not None:
+        check_nonce(content, expected_nonce)
+    return content
+
+
+# ----------------------------------------------------------------------- inspection
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: Literal["ok", "failed", "skipped"]
+    detail: str
+    code: Code | None = None
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Every step's outcome, for ``inspect``. ``error`` is the first failure (the verdict);
+    ``content`` is shown even when unverified, ``document`` only when everything passed."""
+
+    checks: tuple[CheckResult, ...]
+    error: GatewayError | None
+    document: AttestedDocument | None
+    content: AttestedContent | None
+    signer_cn: str | None
+    chain: VerifiedChain | None
+
+
+_CRYPTO_STEPS = ("signer", "digest", "signature", "signer_name", "chain")
+
+
+@dataclass
+class _Recorder:
+    """Mutable while the steps run; frozen into an :class:`Inspection` at the end."""
+
+    checks: list[CheckResult] = field(default_factory=list)
+    error: GatewayError | None = None
+    content: AttestedContent | None = None
+    signer_cn: str | None = None
+    chain: VerifiedChain | None = None
+
+    def ok(self, name: str, detail: str) -> None:
+        self.checks.append(CheckResult(name, "ok", detail))
+
+    def skip(self, name: str, detail: str) -> None:
+        self.checks.append(CheckResult(name, "skipped", detail))
+
+    def fail(self, name: str, exc: GatewayError) -> None:
+        self.checks.append(CheckResult(name, "failed", exc.detail, exc.code))
+        if self.error is None:
+            self.error = exc
+
+    def freeze(self, document: AttestedDocument | None = None) -> Inspection:
+        return Inspection(
+            checks=tuple(self.checks),
+            error=self.error,
+            document=document,
+            content=self.content,
+            signer_cn=self.signer_cn,
+            chain=self.chain,
+        )
+
+
+# --------------------------------------------------------------------------- shell
+
+
+class AttestedVerifier:
+    """Parameters:
+
+    * cloud — sets the signer's metadata domain.
+    * trust — pinned roots and known intermediates (never the system store).
+    * aia — fetches a missing intermediate from the leaf's caIssuers URL (None: offline).
+    * chain_cache — verified chains by signer fingerprint, kept until the chain expires,
+      so a steady stream of joins costs one RSA verify each, not a chain build.
+    * clock — time for the chain's validity and the document's window.
+    * skew — seconds of slack on createdOn/expiresOn.
+    * require_subscription — reject documents without subscriptionId (old api-versions).
+    """
+
+    def __init__(
+        self,
+        *,
+        cloud: CloudProfile,
+        trust: TrustStore,
+        aia: AiaFetcher | None,
+        chain_cache: MemoryCache[bytes, VerifiedChain] | None,
+        clock: Clock,
+        skew: float = 60.0,
+        require_subscription: bool = True,
+    ) -> None:
+        self._cloud = cloud
+        self._trust = trust
+        self._aia = aia
+        self._chain_cache = chain_cache
+        self._clock = clock
+        self._skew = skew
+        self._require_subscription = require_subscription
+        self.chain_builds = 0  # chains built (not served from the cache): for tests and metrics
+
+    async def verify(
+        self,
+        signature_b64: str,
+        *,
+        intermediates: Sequence[bytes] = (),
+        expected_nonce: str | None,
+    ) -> AttestedDocument:
+        """Every check, in order; the first failure raises. ``expected_nonce`` is required
+        by the join pipeline (None only makes sense for inspect)."""
+        der = decode_signature(signature_b64)
+        view = parse_signed_data(der)
+        signer = check_single_signer(view)
+        cert = find_signer_certificate(view, signer)
+        check_digest_algorithm(signer)
+        check_signature(view, signer, cert)
+        cn = check_signer_name(cert, self._cloud)
+        chain = await self.chain_for(cert, cn, intermediates)
+        content = check_content(
+            view.content,
+            now=self._clock.now(),
+            skew=self._skew,
+            expected_nonce=expected_nonce,
+            require_subscription=self._require_subscription,
+        )
+        return _document(content, cn, cert, chain)
+
+    async def inspect(
+        self,
+        signature_b64: str,
+        *,
+        intermediates: Sequence[bytes] = (),
+        expected_nonce: str | None,
+    ) -> Inspection:
+        """Run the same steps as :meth:`verify`, recording each. The crypto steps stop at
+        the first failure (later ones need their result); the content steps run whenever
+        the envelope parsed, so an operator sees the vmId/nonce/window of a bad document."""
+        out = _Recorder()
+        try:
+            der = decode_signature(signature_b64)
+            out.ok("base64", f"{len(der)} bytes")
+            view = parse_signed_data(der)
+            out.ok(
+                "cms",
+                f"SignedData, {len(view.certificates)} certificate(s), "
+                f"{len(view.signer_infos)} signer(s), content {len(view.content)} bytes",
+            )
+        except GatewayError as exc:
+            out.fail("base64" if not out.checks else "cms", exc)
+            return out.freeze()
+        cert: x509.Certificate | None = None
+        step = "signer"
+        try:
+            signer = check_single_signer(view)
+            cert = find_signer_certificate(view, signer)
+            out.ok(step, f"{cert.subject.rfc4514_string()} (serial {cert.serial_number:x})")
+            step = "digest"
+            check_digest_algorithm(signer)
+            out.ok(step, f"{signer.digest_algorithm} means SHA-256")
+            step = "signature"
+            check_signature(view, signer, cert)
+            attrs = "signed attributes" if signer.signed_attrs else "content (no signed attributes)"
+            out.ok(step, f"RSA PKCS#1 v1.5 over {attrs}")
+            step = "signer_name"
+            cn = check_signer_name(cert, self._cloud)
+            out.signer_cn = cn
+            out.ok(step, f"CN {cn} under {self._cloud.metadata_domain}")
+            step = "chain"
+            chain = await self.chain_for(cert, cn, intermediates)
+            out.chain = chain
+            out.ok(step, " > ".join(chain.subjects))
+        except GatewayError as exc:
+            out.fail(step, exc)
+            for later in _CRYPTO_STEPS[_CRYPTO_STEPS.index(step) + 1 :]:
+                out.skip(later, f"not run: {step} failed")
+        now = self._clock.now()
+        content: AttestedContent | None = None
+        try:
+            content = parse_content(view.content, require_subscription=self._require_subscription)
+            out.content = content
+            out.ok(
+                "content",
+                f"vmId {content.vm_id}, subscriptionId {content.subscription_id}",
+            )
+        except GatewayError as exc:
+            out.fail("content", exc)
+        if content is not None:
+            try:
+                check_window(content, now, self._skew)
+                out.ok(
+                    "window",
+                    f"{now.isoformat()} within createdOn..expiresOn (±{self._skew:g}s)",
+                )
+            except GatewayError as exc:
+                out.fail("window", exc)
+            if expected_nonce is None:
+                out.skip("nonce", f"no expected nonce given (document has {content.nonce!r})")
+            else:
+                try:
+                    check_nonce(content, expected_nonce)
+                    out.ok("nonce", "matches")
+                except GatewayError as exc:
+                    out.fail("nonce", exc)
+        if (
+            out.error is None
+            and content is not None
+            and cert is not None
+            and out.chain is not None
+            and out.signer_cn is not None
+        ):
+            return out.freeze(_document(content, out.signer_cn, cert, out.chain))
+        return out.freeze()
+
+    async def chain_for(
+        self, leaf: x509.Certificate, dns_name: str, request_intermediates: Sequence[bytes] = ()
+    ) -> VerifiedChain:
+        """The verified chain for this signer, from the cache or built now."""
+        if self._chain_cache is None:
+            return await self._build(leaf, dns_name, request_intermediates)
+
+        async def load() -> tuple[VerifiedChain, float]:
+            chain = await self._build(leaf, dns_name, request_intermediates)
+            return chain, (chain.not_after - self._clock.now()).total_seconds()
+
+        # Keyed by the leaf *and* the name: the cached fact is "this leaf chains for this name".
+        return await self._chain_cache.get_or_load(fingerprint(leaf) + dns_name.encode(), load)
+
+    async def _build(
+        self, leaf: x509.Certificate, dns_name: str, request_intermediates: Sequence[bytes]
+    ) -> VerifiedChain:
+        self.chain_builds += 1
+        at = self._clock.now()
+        candidates = _load_untrusted(request_intermediates) + list(self._trust.intermediates)
+        logger.debug("building chain for signer %s at %s", dns_name, at.isoformat())
+        try:
+            return verify_chain(
+                self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at
+            )
+        except JoinRejected:
+            if self._aia is None:
+                raise
+        # Last resort: the issuers published at the AIA URLs, two levels deep at most
+        # (leaf → issuing CA → cross-signed CA is the deepest Azure has used).
+        frontier = [leaf]
+        for _ in range(2):
+            fetched: list[x509.Certificate] = []
+            for cert in frontier:
+                for url in ca_issuers_urls(cert):
+                    fetched.extend(await self._aia.fetch(url))
+            if not fetched:
+                break
+            candidates.extend(fetched)
+            try:
+                return verify_chain(
+                    self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at
+                )
+            except JoinRejected:
+                frontier = [c for c in fetched if not is_self_signed(c)]
+        return verify_chain(self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at)
+
+
+def _load_untrusted(ders: Sequence[bytes]) -> list[x509.Certificate]:
+    """Request-supplied intermediates: candidates for path building, never trust. A blob
+    that does not parse is dropped (it could only have helped the requester)."""
+    certs: list[x509.Certificate] = []
+    for der in ders:
+        try:
+            certs.append(x509.load_der_x509_certificate(der))
+        except ValueError:
+            logger.info("dropping an unparseable request intermediate (%s bytes)", len(der))
+    return certs
+
+
+def _document(
+    content: AttestedContent, cn: str, cert: x509.Certificate, chain: VerifiedChain
+) -> AttestedDocument:
+    return AttestedDocument(
+        nonce=content.nonce,
+        vm_id=content.vm_id,
+        subscription_id=content.subscription_id,
+        sku=content.sku,
+        created_on=content.created_on,
+        expires_on=content.expires_on,
+        signer_cn=cn,
+        signer_fingerprint=hashlib.sha256(cert.public_bytes(Encoding.DER)).digest(),
+        chain_subjects=chain.subjects,
+    )

@@ -1,0 +1,158 @@
+"""Azure Resource Manager resource IDs: parse strictly, classify, compare case-insensitively.
+
+The access token names the joining resource by ID (``xms_az_rid`` / ``xms_mirid``), and
+that ID decides which subscription and resource group the allow rules see, and which ARM
+URL the binding reads. So the parser refuses anything that is not plainly
+``/subscriptions/<guid>/resourceGroups/<rg>/providers/<ns>/<type>/<name>[/<type>/<name>]…``:
+no ``..``, no empty segments, no characters that would change a URL's meaning.
+
+ARM itself is case-insensitive in segment names and spells them inconsistently (tokens
+carry ``resourcegroups``, API responses ``resourceGroups``, ``virtualMachines`` vs
+``virtualmachines``): https://learn.microsoft.com/azure/azure-resource-manager/management/
+resource-name-rules ("resource names are case-insensitive"). Comparisons use ``key``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gateway.azure.token import normalize_guid
+from gateway.errors import Code, JoinRejected
+
+__all__ = [
+    "ResourceId",
+    "parse_resource_id",
+    "parse_vm_resource_id",
+]
+
+_MAX_ID_CHARS = 2048
+# Segments are resource names: ARM allows letters (Unicode), digits, '-', '_', '.', '(', ')'.
+# Refuse whatever could reshape a URL or a log line instead of listing every legal char.
+_BAD_SEGMENT = re.compile(r"[\s/\\?#%&=+:;@\"'<>`|*\x00-\x1f\x7f]")
+
+_COMPUTE = "microsoft.compute"
+_VM = "virtualmachines"
+_VMSS = "virtualmachinescalesets"
+_MI = "microsoft.managedidentity"
+_UAI = "userassignedidentities"
+
+
+@dataclass(frozen=True)
+class ResourceId:
+    """A parsed resource ID. Fields keep ARM's spelling; ``key`` is the comparison form.
+
+    ``types``/``names`` pair up: ``types[0]`` is the top-level type (``virtualMachines``)
+    and ``name`` its name; nested resources (a scale set's ``virtualMachines/<instance>``)
+    continue in ``types[1:]`` and ``child_names``.
+    """
+
+    raw: str
+    subscription: str  # lowercase GUID
+    resource_group: str
+    provider: str
+    types: tuple[str, ...]
+    name: str
+    child_names: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Canonical lowercase form, for cache keys and equality across spellings."""
+        parts = [
+            "subscriptions",
+            self.subscription,
+            "resourcegroups",
+            self.resource_group,
+            "providers",
+            self.provider,
+        ]
+        for typ, name in zip(self.types, (self.name, *self.child_names), strict=True):
+            parts += [typ, name]
+        return "/" + "/".join(p.lower() for p in parts)
+
+    def _shape(self) -> tuple[str, tuple[str, ...]]:
+        return self.provider.lower(), tuple(t.lower() for t in self.types)
+
+    @property
+    def is_vm(self) -> bool:
+        return self._shape() == (_COMPUTE, (_VM,))
+
+    @property
+    def is_scale_set(self) -> bool:
+        return self._shape() == (_COMPUTE, (_VMSS,))
+
+    @property
+    def is_scale_set_vm(self) -> bool:
+        return self._shape() == (_COMPUTE, (_VMSS, _VM))
+
+    @property
+    def is_user_assigned_identity(self) -> bool:
+        return self._shape() == (_MI, (_UAI,))
+
+    @property
+    def names_vm_or_scale_set(self) -> bool:
+        return self.is_vm or self.is_scale_set or self.is_scale_set_vm
+
+    @property
+    def scale_set(self) -> str | None:
+        """The scale set's name for a scale set or one of its VMs, else None."""
+        return self.name if self.is_scale_set or self.is_scale_set_vm else None
+
+    @property
+    def instance_id(self) -> str | None:
+        return self.child_names[0] if self.is_scale_set_vm else None
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+def _unsupported(raw: str, why: str) -> JoinRejected:
+    # The ID is attacker-influenced only through a signed token, but keep the detail short.
+    return JoinRejected(Code.IDENTITY_UNSUPPORTED, f"resource ID {raw[:300]!r}: {why}")
+
+
+def parse_resource_id(raw: str) -> ResourceId:
+    """Parse any provider resource ID (strictly); raise ``JoinRejected(IDENTITY_UNSUPPORTED)``."""
+    if not isinstance(raw, str) or not raw or len(raw) > _MAX_ID_CHARS:
+        raise _unsupported(str(raw), "empty or too long")
+    if not raw.startswith("/"):
+        raise _unsupported(raw, "does not start with '/'")
+    segments = raw[1:].split("/")
+    for seg in segments:
+        if not seg:
+            raise _unsupported(raw, "empty segment")
+        if seg in (".", ".."):
+            raise _unsupported(raw, "dot segment")
+        if _BAD_SEGMENT.search(seg):
+            raise _unsupported(raw, "forbidden character")
+    if len(segments) < 8 or len(segments) % 2 != 0:
+        raise _unsupported(raw, "not a provider resource ID")
+    if (
+        segments[0].lower() != "subscriptions"
+        or segments[2].lower() != "resourcegroups"
+        or segments[4].lower() != "providers"
+    ):
+        raise _unsupported(raw, "not /subscriptions/…/resourceGroups/…/providers/…")
+    subscription = normalize_guid(segments[1])
+    if subscription is None:
+        raise _unsupported(raw, "subscription is not a GUID")
+    rest = segments[6:]
+    types = tuple(rest[0::2])
+    names = tuple(rest[1::2])
+    return ResourceId(
+        raw=raw,
+        subscription=subscription,
+        resource_group=segments[3],
+        provider=segments[5],
+        types=types,
+        name=names[0],
+        child_names=names[1:],
+    )
+
+
+def parse_vm_resource_id(raw: str) -> ResourceId:
+    """Parse an ID that must name a VM, a scale set or a scale set's VM."""
+    rid = parse_resource_id(raw)
+    if not rid.names_vm_or_scale_set:
+        raise _unsupported(raw, "names neither a VM nor a scale set")
+    return rid

@@ -1,0 +1,315 @@
+"""Managed-identity access tokens: peek, parse the tenant's key set, verify.
+
+The token IMDS hands a VM is an Entra ID v1 JWT for the cloud's Resource Manager audience.
+It is the half of the evidence that names *which* Azure resource is asking (``xms_az_rid``
+/ ``xms_mirid``), so everything here is strict: RS256 only, the key from the tenant's
+JWKS, the issuer and audience of the configured cloud, and the validity window checked
+against the injected clock (PyJWT reads the system clock, so its time checks are off and
+ours are on).
+
+Everything in this module is pure and synchronous: the async JWKS fetching lives in
+``gateway.azure.jwks``. Tokens are live credentials: nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
+
+from gateway.cloud import CloudProfile
+from gateway.errors import BadRequest, Code, JoinRejected
+
+__all__ = [
+    "GUID_RE",
+    "MIN_RSA_BITS",
+    "TokenClaims",
+    "TokenHeaderView",
+    "normalize_guid",
+    "parse_jwks",
+    "peek_token",
+    "verify_access_token",
+]
+
+logger = logging.getLogger(__name__)
+
+GUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+# Entra signs with RSA-2048; anything weaker in a key set is dropped, not trusted.
+MIN_RSA_BITS = 2048
+# A JWT from IMDS is a few KiB; the request body cap bounds it anyway, this bounds peeking.
+_MAX_JWT_CHARS = 16 * 1024
+_B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
+
+
+def normalize_guid(value: object) -> str | None:
+    """The lowercase GUID, or None when ``value`` is not a GUID string."""
+    if isinstance(value, str) and GUID_RE.fullmatch(value):
+        return value.lower()
+    return None
+
+
+@dataclass(frozen=True)
+class TokenHeaderView:
+    """What may be read from a token before its signature is checked: enough to find the key.
+
+    ``tid`` is already validated as a GUID (and lowercased), because it goes into the
+    OIDC discovery URL.
+    """
+
+    kid: str
+    alg: str
+    tid: str
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    """The verified claims of a managed-identity access token (v1)."""
+
+    tid: str  # lowercase GUID
+    oid: str
+    sub: str
+    appid: str | None
+    iss: str
+    aud: str
+    iat: float
+    nbf: float
+    exp: float
+    # system-assigned identity: the VM / scale set; user-assigned: the identity resource
+    xms_mirid: str | None
+    # user-assigned identity: the Azure resource (VM / scale set) that asked for the token
+    xms_az_rid: str | None
+
+
+def _b64url_json(part: str, what: str) -> dict[str, Any]:
+    if not _B64URL_RE.fullmatch(part):
+        raise BadRequest(Code.ACCESS_TOKEN_MALFORMED, detail=f"JWT {what} is not base64url")
+    try:
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        value = json.loads(raw.decode("utf-8"))
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(
+            Code.ACCESS_TOKEN_MALFORMED, detail=f"JWT {what} is not base64url JSON"
+        ) from exc
+    if not isinstance(value, dict):
+        raise BadRequest(Code.ACCESS_TOKEN_MALFORMED, detail=f"JWT {what} is not a JSON object")
+    return value
+
+
+def _split(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not isinstance(token, str) or not token or len(token) > _MAX_JWT_CHARS:
+        raise BadRequest(Code.ACCESS_TOKEN_MALFORMED, detail="JWT is empty or too long")
+    parts = token.split(".")
+    # The signature part may be empty (an unsecured "alg": "none" JWS is well-formed); it
+    # is then refused for its algorithm, with a 403, like any other algorithm but RS256.
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise BadRequest(Code.ACCESS_TOKEN_MALFORMED, detail="JWT does not have three parts")
+    header = _b64url_json(parts[0], "header")
+    payload = _b64url_json(parts[1], "payload")
+    if not _B64URL_RE.fullmatch(parts[2]):
+        raise BadRequest(Code.ACCESS_TOKEN_MALFORMED, detail="JWT signature is not base64url")
+    return header, payload
+
+
+def peek_token(token: str) -> TokenHeaderView:
+    """Read ``kid``, ``alg`` and ``tid`` without verifying anything.
+
+    Raises ``BadRequest(ACCESS_TOKEN_MALFORMED)`` when the token is not a JWT at all, and
+    ``JoinRejected(ACCESS_TOKEN_INVALID)`` when it is one but lacks a usable ``kid`` or its
+    ``tid`` is not a GUID (a ``tid`` like ``../x`` must never reach a URL).
+    """
+    header, payload = _split(token)
+    alg = header.get("alg")
+    kid = header.get("kid")
+    if not isinstance(alg, str):
+        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, "JWT header has no alg")
+    if not isinstance(kid, str) or not kid or len(kid) > 256:
+        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, "JWT header has no usable kid")
+    tid = normalize_guid(payload.get("tid"))
+    if tid is None:
+        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, "token tid is missing or not a GUID")
+    return TokenHeaderView(kid=kid, alg=alg, tid=tid)
+
+
+def _b64url_uint(value: object) -> int:
+    if not isinstance(value, str) or not value or not _B64URL_RE.fullmatch(value):
+        raise ValueError("not a base64url integer")
+    return int.from_bytes(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)), "big")
+
+
+def parse_jwks(doc: Mapping[str, Any]) -> dict[str, RSAPublicKey]:
+    """The RSA signing keys of a JWKS document, by ``kid``.
+
+    Keys that are not RSA, are marked for another use than ``sig``, name another algorithm
+    than RS256, are shorter than 2048 bits or do not parse are dropped (and logged by kid):
+    a token naming one of them then fails as an unknown key. The first key wins a
+    duplicate ``kid``.
+    """
+    keys = doc.get("keys") if isinstance(doc, Mapping) else None
+    if not isinstance(keys, list):
+        raise ValueError("JWKS document has no 'keys' list")
+    out: dict[str, RSAPublicKey] = {}
+    for jwk in keys:
+        if not isinstance(jwk, Mapping):
+            continue
+        kid = jwk.get("kid")
+        if not isinstance(kid, str) or not kid:
+            continue
+        if jwk.get("kty") != "RSA" or jwk.get("use", "sig") != "sig":
+            logger.debug("JWKS key %s dropped: kty=%s use=%s", kid, jwk.get("kty"), jwk.get("use"))
+            continue
+        if jwk.get("alg", "RS256") != "RS256":
+            logger.debug("JWKS key %s dropped: alg=%s", kid, jwk.get("alg"))
+            continue
+        if kid in out:
+            logger.warning("JWKS has a duplicate kid %s; keeping the first", kid)
+            continue
+        try:
+            key = RSAPublicNumbers(
+                _b64url_uint(jwk.get("e")), _b64url_uint(jwk.get("n"))
+            ).public_key()
+        except (ValueError, binascii.Error) as exc:
+            logger.warning("JWKS key %s dropped: %s", kid, exc)
+            continue
+        if key.key_size < MIN_RSA_BITS:
+            logger.warning("JWKS key %s dropped: %d bits", kid, key.key_size)
+            continue
+        out[kid] = key
+    return out
+
+
+def _audience_ok(aud: str, expected: str) -> bool:
+    # IMDS returns aud exactly as the resource was requested: an agent asking for
+    # resource=https://management.azure.com/ gets the trailing slash, one asking for
+    # https://management.azure.com gets none, and both name the same ARM resource
+    # (https://learn.microsoft.com/entra/identity/managed-identities-azure-resources/
+    # how-to-use-vm-token). Accept exactly those two spellings, nothing looser.
+    base = expected.rstrip("/")
+    return aud in (base, base + "/")
+
+
+def _number(payload: Mapping[str, Any], name: str) -> float:
+    value = payload.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise JoinRejected(
+            Code.ACCESS_TOKEN_INVALID, f"token claim {name} is missing or not a number"
+        )
+    return float(value)
+
+
+def _opt_str(payload: Mapping[str, Any], name: str) -> str | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    return _req_str(payload, name)
+
+
+def _req_str(payload: Mapping[str, Any], name: str) -> str:
+    value = payload.get(name)
+    if not isinstance(value, str) or not value:
+        raise JoinRejected(
+            Code.ACCESS_TOKEN_INVALID, f"token claim {name} is missing or not a string"
+        )
+    return value
+
+
+def verify_access_token(
+    token: str,
+    *,
+    keys: Mapping[str, RSAPublicKey],
+    cloud: CloudProfile,
+    now: float,
+    leeway: float = 60.0,
+    allowed_tenants: Collection[str] = (),
+) -> TokenClaims:
+    """Verify a managed-identity token against ``keys`` and return its claims.
+
+    Order: shape, algorithm (RS256 only, from the header and pinned again in
+    ``jwt.decode``), key, signature, then claims. The validity window is checked against
+    ``now`` with ``leeway``; ``iat`` may be old (IMDS caches tokens up to 24 h) but not in
+    the future.
+    """
+    view = peek_token(token)
+    if view.alg != "RS256":
+        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, f"token alg {view.alg!r} is not RS256")
+    key = keys.get(view.kid)
+    if key is None:
+        raise JoinRejected(
+            Code.ACCESS_TOKEN_KEY_UNKNOWN, f"no key {view.kid!r} in the tenant's JWKS"
+        )
+    try:
+        payload: dict[str, Any] = jwt.decode(
+            token,
+            key=key,
+            algorithms=["RS256"],
+            options={
+                "verify_signature": True,
+                # Time, issuer and audience are checked below, against our clock, with codes.
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_iss": False,
+                "require": ["exp", "iat", "nbf", "iss", "aud", "tid"],
+            },
+        )
+    except jwt.InvalidSignatureError as exc:
+        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, "token signature does not verify") from exc
+    except jwt.MissingRequiredClaimError as exc:
+        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, f"token lacks a claim: {exc}") from exc
+    except jwt.PyJWTError as exc:
+        raise JoinRejected(
+            Code.ACCESS_TOKEN_INVALID, f"token does not verify: {type(exc).__name__}"
+        ) from exc
+
+    tid = normalize_guid(payload.get("tid"))
+    if tid is None:  # cannot differ from the peeked one, but never trust a second parse blindly
+        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, "token tid is not a GUID")
+    iss = _req_str(payload, "iss")
+    # Entra writes the tid in lowercase in both places; compare the issuer for the tid as
+    # written and as normalised, so a tenant GUID in upper case cannot slip past either.
+    if iss not in (cloud.issuer_for(payload["tid"]), cloud.issuer_for(tid)):
+        raise JoinRejected(
+            Code.ACCESS_TOKEN_ISSUER_INVALID, f"iss {iss!r} is not {cloud.issuer_for(tid)!r}"
+        )
+    aud = payload.get("aud")
+    if not isinstance(aud, str) or not _audience_ok(aud, cloud.arm_audience):
+        raise JoinRejected(
+            Code.ACCESS_TOKEN_AUDIENCE_INVALID, f"aud {aud!r} is not {cloud.arm_audience!r}"
+        )
+    exp = _number(payload, "exp")
+    nbf = _number(payload, "nbf")
+    iat = _number(payload, "iat")
+    if now > exp + leeway:
+        raise JoinRejected(Code.ACCESS_TOKEN_EXPIRED, f"token expired at {exp:.0f}, now {now:.0f}")
+    if nbf > now + leeway:
+        raise JoinRejected(
+            Code.ACCESS_TOKEN_EXPIRED, f"token not valid before {nbf:.0f}, now {now:.0f}"
+        )
+    if iat > now + leeway:
+        raise JoinRejected(Code.ACCESS_TOKEN_EXPIRED, f"token issued in the future ({iat:.0f})")
+    if allowed_tenants and tid not in {t.lower() for t in allowed_tenants}:
+        raise JoinRejected(Code.TENANT_NOT_ALLOWED, f"tenant {tid} is not an allowed tenant")
+
+    return TokenClaims(
+        tid=tid,
+        oid=_req_str(payload, "oid"),
+        sub=_req_str(payload, "sub"),
+        appid=_opt_str(payload, "appid"),
+        iss=iss,
+        aud=aud,
+        iat=iat,
+        nbf=nbf,
+        exp=exp,
+        xms_mirid=_opt_str(payload, "xms_mirid"),
+        xms_az_rid=_opt_str(payload, "xms_az_rid"),
+    )

@@ -1,0 +1,395 @@
+"""Token files (the seed's ``kind: token`` / ``version: v2`` format) and the allow rules.
+
+Operators already write these files for Teleport, so the loader accepts them unchanged,
+and is strict about everything else: an unknown key, a rule that would match too much, or
+a malformed GUID is a ``ConfigError`` naming the file and line, at load time, rather than
+a silent hole at join time. Tokens whose ``join_method`` is not ``azure`` are loaded too,
+so that a join naming one is told ``token_wrong_method`` instead of ``unknown_token``.
+
+Matching (DESIGN §3 step 6): a rule matches when its ``tenant`` (if set) equals the
+token's ``tid``, its ``subscription`` (if set) equals the VM's subscription (GUIDs compared
+case-insensitively), and ``resource_groups`` is empty or contains the VM's group (names
+compared case-insensitively: ARM returns them in varying case). The first match wins.
+Callers pass only values from signed evidence or ARM, never from the request body.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from gateway.azure.token import normalize_guid
+from gateway.errors import Code, JoinRejected, UnknownToken
+
+__all__ = [
+    "JOIN_ROLES",
+    "AllowRule",
+    "ConfigError",
+    "ProvisionToken",
+    "TokenRegistry",
+    "check_token",
+    "load_token_files",
+    "match_allow_rules",
+]
+
+logger = logging.getLogger(__name__)
+
+# Teleport's system roles a provisioning token may grant, as Teleport spells them.
+JOIN_ROLES: tuple[str, ...] = (
+    "Node",
+    "Proxy",
+    "Kube",
+    "App",
+    "Db",
+    "WindowsDesktop",
+    "Discovery",
+    "Bot",
+    "Instance",
+    "MDM",
+    "Okta",
+)
+_ROLE_BY_LOWER = {r.lower(): r for r in JOIN_ROLES}
+
+_TOP_KEYS = frozenset({"kind", "version", "metadata", "spec"})
+_METADATA_KEYS = frozenset({"name", "description", "labels", "expires", "namespace", "revision"})
+# Teleport's token spec: the keys other join methods use are accepted (and ignored), so a
+# file shared with Teleport loads; anything else is a typo worth failing on.
+_SPEC_KEYS = frozenset(
+    {
+        "roles",
+        "join_method",
+        "azure",
+        "bot_name",
+        "suggested_labels",
+        "suggested_agent_matcher_labels",
+        "allow",
+        "aws_iid_ttl",
+        "gcp",
+        "github",
+        "gitlab",
+        "circleci",
+        "kubernetes",
+        "spacelift",
+        "tpm",
+        "terraform_cloud",
+        "bitbucket",
+        "oracle",
+        "azure_devops",
+        "bound_keypair",
+    }
+)
+_AZURE_KEYS = frozenset({"allow"})
+_RULE_KEYS = frozenset({"subscription", "resource_groups", "tenant"})
+_JOIN_METHOD_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_NAME_MAX = 256
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+
+
+class ConfigError(Exception):
+    """A configuration file is wrong; the message starts with ``file:line:``."""
+
+    def __init__(self, path: Path | str, line: int | None, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.reason = message
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """One ``spec.azure.allow`` entry. GUIDs are stored lowercase."""
+
+    subscription: str | None = None
+    resource_groups: tuple[str, ...] = ()
+    tenant: str | None = None
+
+    def matches(self, *, tenant: str, subscription: str, resource_group: str) -> bool:
+        if self.tenant is not None and self.tenant != tenant.lower():
+            return False
+        if self.subscription is not None and self.subscription != subscription.lower():
+            return False
+        if self.resource_groups:
+            group = resource_group.casefold()
+            return any(g.casefold() == group for g in self.resource_groups)
+        return True
+
+
+@dataclass(frozen=True)
+class ProvisionToken:
+    name: str
+    roles: tuple[str, ...]
+    join_method: str
+    allow: tuple[AllowRule, ...] = ()
+    expires: datetime | None = None  # aware, UTC
+    source: str = ""  # "file:line", for the audit log and error messages
+
+
+class TokenRegistry:
+    """Tokens by name, as loaded from the token files (an immutable snapshot: a reload
+    builds a new registry and swaps it in)."""
+
+    def __init__(self, tokens: Mapping[str, ProvisionToken]) -> None:
+        self._tokens = dict(tokens)
+
+    def get(self, name: str) -> ProvisionToken:
+        token = self._tokens.get(name)
+        if token is None:
+            raise UnknownToken(f"no token named {name[:100]!r}")
+        return token
+
+    def names(self) -> list[str]:
+        return sorted(self._tokens)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tokens
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __iter__(self) -> Iterator[ProvisionToken]:
+        return iter(self._tokens.values())
+
+    def __repr__(self) -> str:
+        return f"<TokenRegistry {len(self._tokens)} tokens>"
+
+
+# -- loading ----------------------------------------------------------------------------
+
+
+class _Doc:
+    """Walks one YAML document's node tree, raising ``ConfigError`` with file:line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self, node: Node, message: str) -> ConfigError:
+        return ConfigError(self.path, node.start_mark.line + 1, message)
+
+    def mapping(self, node: Node, where: str, allowed: frozenset[str]) -> dict[str, Node]:
+        if not isinstance(node, MappingNode):
+            raise self.error(node, f"{where} must be a mapping")
+        out: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag != _STR_TAG:
+                raise self.error(key_node, f"{where}: keys must be strings")
+            key = str(key_node.value)
+            if key in out:
+                raise self.error(key_node, f"{where}: duplicate key {key!r}")
+            if key not in allowed:
+                raise self.error(
+                    key_node,
+                    f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})",
+                )
+            out[key] = value_node
+        return out
+
+    def string(self, node: Node, where: str) -> str:
+        if not isinstance(node, ScalarNode) or node.tag != _STR_TAG:
+            raise self.error(node, f"{where} must be a string")
+        value = str(node.value)
+        if not value.strip():
+            raise self.error(node, f"{where} must not be empty")
+        return value
+
+    def strings(self, node: Node, where: str) -> tuple[str, ...]:
+        if not isinstance(node, SequenceNode):
+            raise self.error(node, f"{where} must be a list")
+        return tuple(self.string(item, f"{where}[{i}]") for i, item in enumerate(node.value))
+
+    def guid(self, node: Node, where: str) -> str:
+        value = normalize_guid(self.string(node, where))
+        if value is None:
+            raise self.error(node, f"{where} must be a GUID")
+        return value
+
+    def timestamp(self, node: Node, where: str) -> datetime:
+        if isinstance(node, ScalarNode) and node.tag == _TIMESTAMP_TAG:
+            loader = yaml.SafeLoader("")
+            try:
+                value = loader.construct_object(node, deep=True)
+            finally:
+                loader.dispose()
+        else:
+            text = self.string(node, where)
+            try:
+                value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise self.error(node, f"{where} must be an RFC 3339 timestamp") from None
+        if isinstance(value, date) and not isinstance(value, datetime):
+            value = datetime(value.year, value.month, value.day)
+        if not isinstance(value, datetime):
+            raise self.error(node, f"{where} must be an RFC 3339 timestamp")
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _parse_rule(doc: _Doc, node: Node, where: str) -> AllowRule:
+    fields = doc.mapping(node, where, _RULE_KEYS)
+    subscription = (
+        doc.guid(fields["subscription"], f"{where}.subscription")
+        if "subscription" in fields
+        else None
+    )
+    tenant = doc.guid(fields["tenant"], f"{where}.tenant") if "tenant" in fields else None
+    groups: tuple[str, ...] = ()
+    if "resource_groups" in fields:
+        groups = doc.strings(fields["resource_groups"], f"{where}.resource_groups")
+    if subscription is None and tenant is None:
+        # A rule with neither would admit every VM of every tenant that can reach us.
+        raise doc.error(node, f"{where}: a rule must set subscription or tenant")
+    return AllowRule(subscription=subscription, resource_groups=groups, tenant=tenant)
+
+
+def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
+    top = doc.mapping(node, "token", _TOP_KEYS)
+    for key in ("kind", "version", "metadata", "spec"):
+        if key not in top:
+            raise doc.error(node, f"token: missing {key!r}")
+    kind = doc.string(top["kind"], "kind")
+    if kind != "token":
+        raise doc.error(top["kind"], f"kind must be 'token', not {kind!r}")
+    version = doc.string(top["version"], "version")
+    if version != "v2":
+        raise doc.error(top["version"], f"version must be 'v2', not {version!r}")
+
+    meta = doc.mapping(top["metadata"], "metadata", _METADATA_KEYS)
+    if "name" not in meta:
+        raise doc.error(top["metadata"], "metadata: missing 'name'")
+    name = doc.string(meta["name"], "metadata.name")
+    if len(name) > _NAME_MAX:
+        raise doc.error(meta["name"], f"metadata.name is longer than {_NAME_MAX} characters")
+    expires = doc.timestamp(meta["expires"], "metadata.expires") if "expires" in meta else None
+
+    spec = doc.mapping(top["spec"], "spec", _SPEC_KEYS)
+    if "roles" not in spec:
+        raise doc.error(top["spec"], "spec: missing 'roles'")
+    roles_node = spec["roles"]
+    if not isinstance(roles_node, SequenceNode) or not roles_node.value:
+        raise doc.error(roles_node, "spec.roles must be a non-empty list")
+    roles: list[str] = []
+    for i, item in enumerate(roles_node.value):
+        raw = doc.string(item, f"spec.roles[{i}]")
+        role = _ROLE_BY_LOWER.get(raw.lower())
+        if role is None:
+            raise doc.error(
+                item, f"spec.roles[{i}]: unknown role {raw!r} (one of {', '.join(JOIN_ROLES)})"
+            )
+        if role not in roles:
+            roles.append(role)
+
+    # Teleport's default join method for a v2 token is "token".
+    join_method = "token"
+    if "join_method" in spec:
+        join_method = doc.string(spec["join_method"], "spec.join_method")
+        if not _JOIN_METHOD_RE.fullmatch(join_method):
+            raise doc.error(spec["join_method"], f"spec.join_method {join_method!r} is malformed")
+
+    allow: tuple[AllowRule, ...] = ()
+    allow_where: Node = spec.get("azure", top["spec"])
+    if "azure" in spec:
+        azure = doc.mapping(spec["azure"], "spec.azure", _AZURE_KEYS)
+        if "allow" not in azure:
+            raise doc.error(spec["azure"], "spec.azure: missing 'allow'")
+        rules_node = allow_where = azure["allow"]
+        if not isinstance(rules_node, SequenceNode):
+            raise doc.error(rules_node, "spec.azure.allow must be a list")
+        allow = tuple(
+            _parse_rule(doc, item, f"spec.azure.allow[{i}]")
+            for i, item in enumerate(rules_node.value)
+        )
+    if join_method == "azure" and not allow:
+        raise doc.error(allow_where, "an azure token needs at least one spec.azure.allow rule")
+    return ProvisionToken(
+        name=name,
+        roles=tuple(roles),
+        join_method=join_method,
+        allow=allow,
+        expires=expires,
+        source=f"{doc.path}:{node.start_mark.line + 1}",
+    )
+
+
+def _load_file(path: Path) -> list[ProvisionToken]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, None, f"cannot read token file: {exc}") from exc
+    doc = _Doc(path)
+    tokens: list[ProvisionToken] = []
+    try:
+        for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
+            if node is None:
+                continue
+            # An empty document between two '---' composes to a null scalar.
+            if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+                continue
+            tokens.append(_parse_token(doc, node))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(path, line, f"not valid YAML: {exc.problem or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, None, f"not valid YAML: {exc}") from exc
+    return tokens
+
+
+def load_token_files(paths: Sequence[Path]) -> TokenRegistry:
+    """Load every token of every file; any problem is a ``ConfigError`` with file:line."""
+    tokens: dict[str, ProvisionToken] = {}
+    for path in paths:
+        for token in _load_file(Path(path)):
+            first = tokens.get(token.name)
+            if first is not None:
+                file, _, line = token.source.rpartition(":")
+                raise ConfigError(
+                    file,
+                    int(line),
+                    f"duplicate token name {token.name!r} (first defined at {first.source})",
+                )
+            tokens[token.name] = token
+    logger.info("loaded %d tokens from %d files", len(tokens), len(paths))
+    return TokenRegistry(tokens)
+
+
+# -- checks at join time ------------------------------------------------------------------
+
+
+def check_token(token: ProvisionToken, *, role: str, now: datetime) -> None:
+    """DESIGN §3 step 3: the token is for azure, unexpired, and grants ``role``."""
+    if token.join_method != "azure":
+        raise JoinRejected(
+            Code.TOKEN_WRONG_METHOD,
+            f"token {token.name!r} has join_method {token.join_method!r}, not azure",
+        )
+    if token.expires is not None and now >= token.expires:
+        raise JoinRejected(
+            Code.TOKEN_EXPIRED, f"token {token.name!r} expired at {token.expires.isoformat()}"
+        )
+    canonical = _ROLE_BY_LOWER.get(role.lower()) if isinstance(role, str) else None
+    if canonical is None or canonical not in token.roles:
+        raise JoinRejected(
+            Code.ROLE_NOT_ALLOWED, f"token {token.name!r} does not grant role {role[:50]!r}"
+        )
+
+
+def match_allow_rules(
+    token: ProvisionToken, *, tenant: str, subscription: str, resource_group: str
+) -> AllowRule:
+    """The first rule of ``token`` that admits this VM; ``JoinRejected(NOT_ALLOWED)`` if none."""
+    for rule in token.allow:
+        if rule.matches(tenant=tenant, subscription=subscription, resource_group=resource_group):
+            return rule
+    raise JoinRejected(
+        Code.NOT_ALLOWED,
+        f"no allow rule of token {token.name!r} matches tenant {tenant}, "
+        f"subscription {subscription}, resource group {resource_group!r}",
+    )

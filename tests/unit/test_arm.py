@@ -1,0 +1,345 @@
+"""The ARM client against a fake Resource Manager (aiohttp on 127.0.0.1, port 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.azure.arm import ArmClient, VmRecord
+from gateway.azure.resource_id import parse_resource_id
+from gateway.clock import FixedClock
+from gateway.errors import Code, GatewayError, JoinRejected, Overloaded
+from tests.unit.arm_fake import (
+    NOW,
+    SUB,
+    SUB2,
+    FakeArm,
+    start_fake_arm,
+    vm_id,
+    vm_model,
+    vmss_vm_model,
+)
+
+BEARER = "eyJ.fake.bearer"
+
+
+@pytest.fixture
+async def arm() -> AsyncIterator[FakeArm]:
+    async for fake in start_fake_arm():
+        yield fake
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def client(
+    session: aiohttp.ClientSession, arm: FakeArm, clock: FixedClock | None = None, **kw: Any
+) -> ArmClient:
+    kw.setdefault("timeout", 0.5)
+    return ArmClient(session, endpoint=arm.base, clock=clock or FixedClock(NOW), **kw)
+
+
+VM1 = parse_resource_id(
+    f"/subscriptions/{SUB}/resourcegroups/group1/providers/Microsoft.Compute/virtualMachines/web-1"
+)
+
+
+async def test_get_vm_returns_the_record_and_sends_the_bearer(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    arm.vms["group1"] = [vm_model("group1", "web-1", 1)]
+    c = client(session, arm)
+    record = await c.get_vm(VM1, bearer=BEARER)
+    assert record == VmRecord(
+        resource_id=f"/subscriptions/{SUB}/resourceGroups/GROUP1/providers/Microsoft.Compute/virtualMachines/web-1",
+        name="web-1",
+        vm_id=vm_id(1).lower(),
+        resource_group="GROUP1",
+        subscription=SUB,
+    )
+    assert arm.auth == [f"Bearer {BEARER}"]
+    assert arm.requests == [
+        f"/subscriptions/{SUB}/resourceGroups/group1/providers/Microsoft.Compute/virtualMachines/web-1?api-version=2024-07-01"
+    ]
+    assert c.calls == {"get_vm": 1}
+    assert c.remaining_subscription_reads == 249
+    assert c.remaining_resource == {
+        "Microsoft.Compute/GetVM3Min": 239,
+        "Microsoft.Compute/GetVM30Min": 1199,
+    }
+
+
+async def test_get_vm_of_a_missing_vm_is_none(session: aiohttp.ClientSession, arm: FakeArm) -> None:
+    arm.vms["group1"] = []
+    assert await client(session, arm).get_vm(VM1, bearer=BEARER) is None
+
+
+async def test_list_vms_follows_next_link_across_pages(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    arm.vms["group1"] = [vm_model("group1", f"web-{i}", i) for i in range(5)]
+    c = client(session, arm)
+    records = await c.list_vms(SUB, "group1", bearer=BEARER)
+    assert [r.name for r in records] == [f"web-{i}" for i in range(5)]
+    assert c.calls == {"list_vms": 3}
+    assert all(a == f"Bearer {BEARER}" for a in arm.auth)
+
+
+async def test_list_vms_skips_malformed_models(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    bad_id = dict(vm_model("group1", "bad", 9), id="/not/an/arm/id")
+    no_vm_id = {"id": vm_model("group1", "x", 8)["id"], "name": "x", "properties": {}}
+    arm.vms["group1"] = [vm_model("group1", "ok", 1), bad_id, no_vm_id]
+    arm.page_size = 10
+    records = await client(session, arm).list_vms(SUB, "group1", bearer=BEARER)
+    assert [r.name for r in records] == ["ok"]
+
+
+async def test_list_vms_of_a_missing_group_is_empty(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    assert await client(session, arm).list_vms(SUB, "nope", bearer=BEARER) == []
+
+
+async def test_list_vmss_vms_pages_and_names_instances(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    arm.vmss["pool"] = [vmss_vm_model("group1", "pool", i) for i in range(3)]
+    c = client(session, arm)
+    records = await c.list_vmss_vms(SUB, "group1", "pool", bearer=BEARER)
+    assert [(r.scale_set, r.instance_id, r.name) for r in records] == [
+        ("pool", "0", "pool_0"),
+        ("pool", "1", "pool_1"),
+        ("pool", "2", "pool_2"),
+    ]
+    assert c.calls == {"list_vmss_vms": 2}
+    one = await c.get_vmss_vm(parse_resource_id(records[1].resource_id), bearer=BEARER)
+    assert one == records[1]
+
+
+NEXT_LINKS = [
+    ("a nextLink to another host", "https://evil.example/subscriptions/x?$skiptoken=2"),
+    ("a nextLink to another port", "PORT+1"),
+    ("a nextLink over another scheme", "SCHEME"),
+    ("a nextLink with credentials", "CREDS"),
+    ("a nextLink that is not a string", 42),
+]
+
+
+@pytest.mark.parametrize("link", [n[1] for n in NEXT_LINKS], ids=[n[0] for n in NEXT_LINKS])
+async def test_a_next_link_off_the_endpoint_is_refused(
+    session: aiohttp.ClientSession, arm: FakeArm, link: Any
+) -> None:
+    host, port = arm.base.rsplit(":", 1)
+    arm.next_link = (
+        {
+            "PORT+1": f"{host}:{int(port) + 1}/subscriptions/{SUB}/x",
+            "SCHEME": arm.base.replace("http://", "https://") + f"/subscriptions/{SUB}/x",
+            "CREDS": arm.base.replace("http://", "http://u:p@") + f"/subscriptions/{SUB}/x",
+        }.get(link, link)
+        if isinstance(link, str)
+        else link
+    )
+    arm.vms["group1"] = [vm_model("group1", f"web-{i}", i) for i in range(5)]
+    c = client(session, arm)
+    with pytest.raises(Overloaded) as info:
+        await c.list_vms(SUB, "group1", bearer=BEARER)
+    assert info.value.code == Code.DEPENDENCY_UNAVAILABLE
+    assert c.calls == {"list_vms": 1}, "the bearer token never followed the link"
+
+
+HTTP_DATE_IN_20S = email.utils.formatdate(NOW + 20, usegmt=True)
+
+STATUS_CASES: list[tuple[str, int | None, dict[str, str], bytes | None, Code, float | None]] = [
+    (
+        "a 429 with Retry-After seconds is a spent budget",
+        429,
+        {"Retry-After": "7"},
+        None,
+        Code.AZURE_BUDGET_EXHAUSTED,
+        7.0,
+    ),
+    (
+        "a 429 with an HTTP-date Retry-After is a spent budget",
+        429,
+        {"Retry-After": HTTP_DATE_IN_20S},
+        None,
+        Code.AZURE_BUDGET_EXHAUSTED,
+        20.0,
+    ),
+    ("a 429 without Retry-After waits a default", 429, {}, None, Code.AZURE_BUDGET_EXHAUSTED, 5.0),
+    ("a 500 is a dependency failure", 500, {}, None, Code.DEPENDENCY_UNAVAILABLE, 5.0),
+    (
+        "a 503 with Retry-After keeps it",
+        503,
+        {"Retry-After": "3"},
+        None,
+        Code.DEPENDENCY_UNAVAILABLE,
+        3.0,
+    ),
+    ("a 400 is a dependency failure", 400, {}, None, Code.DEPENDENCY_UNAVAILABLE, 5.0),
+    ("a 403 means the identity may not read VMs", 403, {}, None, Code.VM_BINDING_FAILED, None),
+    ("a 401 means the identity may not read VMs", 401, {}, None, Code.VM_BINDING_FAILED, None),
+    (
+        "a 200 that is not JSON is a dependency failure",
+        None,
+        {},
+        b"<html>",
+        Code.DEPENDENCY_UNAVAILABLE,
+        5.0,
+    ),
+    (
+        "a 200 that is a JSON list is a dependency failure",
+        None,
+        {},
+        b"[]",
+        Code.DEPENDENCY_UNAVAILABLE,
+        5.0,
+    ),
+    (
+        "a VM model without vmId is a dependency failure",
+        None,
+        {},
+        b'{"id": "x", "name": "web-1"}',
+        Code.DEPENDENCY_UNAVAILABLE,
+        5.0,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "expected", "retry_after"),
+    [s[1:] for s in STATUS_CASES],
+    ids=[s[0] for s in STATUS_CASES],
+)
+async def test_arm_errors_become_our_codes(
+    session: aiohttp.ClientSession,
+    arm: FakeArm,
+    status: int | None,
+    headers: dict[str, str],
+    body: bytes | None,
+    expected: Code,
+    retry_after: float | None,
+) -> None:
+    arm.status, arm.status_headers, arm.body = status, headers, body
+    with pytest.raises(GatewayError) as info:
+        await client(session, arm).get_vm(VM1, bearer=BEARER)
+    assert info.value.code == expected
+    if retry_after is None:
+        assert isinstance(info.value, JoinRejected)
+        assert "Microsoft.Compute/virtualMachines/read" in (info.value.detail or "")
+    else:
+        assert info.value.retry_after == pytest.approx(retry_after, abs=1.0)
+
+
+async def test_a_timeout_is_a_dependency_failure(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    arm.delay = 1.0
+    with pytest.raises(Overloaded) as info:
+        await client(session, arm, timeout=0.2).get_vm(VM1, bearer=BEARER)
+    assert info.value.code == Code.DEPENDENCY_UNAVAILABLE
+
+
+async def test_after_a_429_the_subscription_is_left_alone_until_retry_after(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    arm.vms["group1"] = [vm_model("group1", "web-1", 1)]
+    arm.status, arm.status_headers = 429, {"Retry-After": "10"}
+    clock = FixedClock(NOW)
+    c = client(session, arm, clock)
+    with pytest.raises(Overloaded):
+        await c.get_vm(VM1, bearer=BEARER)
+    assert c.last_retry_after == 10.0
+    arm.status = None
+    clock.advance(9)
+    with pytest.raises(Overloaded) as info:
+        await c.get_vm(VM1, bearer=BEARER)
+    assert info.value.code == Code.AZURE_BUDGET_EXHAUSTED
+    assert info.value.retry_after == pytest.approx(1.0)
+    # Other subscriptions are not held back.
+    other = parse_resource_id(VM1.raw.replace(SUB, SUB2))
+    assert await c.get_vm(other, bearer=BEARER) is None
+    assert c.calls == {"get_vm": 2}
+    clock.advance(1)
+    assert await c.get_vm(VM1, bearer=BEARER) is not None
+    assert c.calls == {"get_vm": 3}
+
+
+class RecordingBudget:
+    def __init__(self, refuse: bool = False) -> None:
+        self.acquired: list[str] = []
+        self.observed: list[tuple[str, int | None, float | None]] = []
+        self.refuse = refuse
+
+    async def acquire(self, subscription: str) -> None:
+        self.acquired.append(subscription)
+        if self.refuse:
+            raise Overloaded(Code.AZURE_BUDGET_EXHAUSTED, retry_after=2.0)
+
+    def observe(
+        self, subscription: str, *, remaining_reads: int | None, retry_after: float | None
+    ) -> None:
+        self.observed.append((subscription, remaining_reads, retry_after))
+
+
+async def test_every_page_is_spent_from_the_budget(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    arm.vms["group1"] = [vm_model("group1", f"web-{i}", i) for i in range(5)]
+    budget = RecordingBudget()
+    await client(session, arm, budget=budget).list_vms(SUB.upper(), "group1", bearer=BEARER)
+    assert budget.acquired == [SUB] * 3
+    assert [o[1] for o in budget.observed] == [249, 248, 247]
+
+
+async def test_a_refusing_budget_makes_no_call(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    c = client(session, arm, budget=RecordingBudget(refuse=True))
+    with pytest.raises(Overloaded) as info:
+        await c.get_vm(VM1, bearer=BEARER)
+    assert info.value.code == Code.AZURE_BUDGET_EXHAUSTED
+    assert arm.requests == [] and c.calls == {}
+
+
+async def test_concurrency_is_bounded(session: aiohttp.ClientSession, arm: FakeArm) -> None:
+    arm.vms["group1"] = [vm_model("group1", "web-1", 1)]
+    arm.delay = 0.05
+    c = client(session, arm, max_concurrency=3)
+    await asyncio.gather(*(c.get_vm(VM1, bearer=BEARER) for _ in range(12)))
+    assert arm.max_in_flight == 3
+    assert c.calls == {"get_vm": 12}
+
+
+async def test_the_bearer_token_never_reaches_logs_or_errors(
+    session: aiohttp.ClientSession, arm: FakeArm, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    arm.vms["group1"] = [vm_model("group1", "web-1", 1), {"id": "bad", "name": "bad"}]
+    arm.page_size = 10
+    c = client(session, arm)
+    await c.list_vms(SUB, "group1", bearer=BEARER)
+    errors: list[GatewayError] = []
+    for status in (429, 403, 500):
+        arm.status = status
+        other = parse_resource_id(VM1.raw.replace(SUB, f"{status:08d}-0000-0000-0000-000000000000"))
+        with pytest.raises(GatewayError) as info:
+            await c.get_vm(other, bearer=BEARER)
+        errors.append(info.value)
+    assert caplog.records, "the malformed model and the 429 are logged"
+    for record in caplog.records:
+        assert BEARER not in record.getMessage()
+    for err in errors:
+        assert BEARER not in str(err) and BEARER not in (err.detail or "")
+    assert BEARER not in repr(c)

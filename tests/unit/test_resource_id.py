@@ -1,0 +1,153 @@
+"""Resource ID parsing: what names a VM or scale set, and what is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.azure.resource_id import parse_resource_id, parse_vm_resource_id
+from gateway.errors import Code, JoinRejected
+
+SUB = "11111111-1111-1111-1111-111111111111"
+BASE = f"/subscriptions/{SUB}/resourceGroups/Group1/providers"
+
+# (id, raw, kind, resource_group, name, scale_set, instance)
+ACCEPTED: list[tuple[str, str, str, str, str, str | None, str | None]] = [
+    (
+        "a VM as ARM spells it",
+        f"{BASE}/Microsoft.Compute/virtualMachines/web-1",
+        "vm",
+        "Group1",
+        "web-1",
+        None,
+        None,
+    ),
+    (
+        "a VM as a token spells it (lowercase resourcegroups)",
+        f"/subscriptions/{SUB}/resourcegroups/group1/providers/Microsoft.Compute/virtualMachines/web-1",
+        "vm",
+        "group1",
+        "web-1",
+        None,
+        None,
+    ),
+    (
+        "a VM with every segment in upper case",
+        f"/SUBSCRIPTIONS/{SUB.upper()}/RESOURCEGROUPS/G/PROVIDERS/MICROSOFT.COMPUTE/VIRTUALMACHINES/VM",
+        "vm",
+        "G",
+        "VM",
+        None,
+        None,
+    ),
+    (
+        "a scale set",
+        f"{BASE}/Microsoft.Compute/virtualMachineScaleSets/pool",
+        "scale_set",
+        "Group1",
+        "pool",
+        "pool",
+        None,
+    ),
+    (
+        "a scale set VM",
+        f"{BASE}/Microsoft.Compute/virtualMachineScaleSets/pool/virtualMachines/7",
+        "scale_set_vm",
+        "Group1",
+        "pool",
+        "pool",
+        "7",
+    ),
+    (
+        "a resource group name with dots and parentheses",
+        f"/subscriptions/{SUB}/resourceGroups/rg.prod(eu)/providers/Microsoft.Compute/virtualMachines/a",
+        "vm",
+        "rg.prod(eu)",
+        "a",
+        None,
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "group", "name", "scale_set", "instance"),
+    [a[1:] for a in ACCEPTED],
+    ids=[a[0] for a in ACCEPTED],
+)
+def test_vm_resource_ids_parse(
+    raw: str, kind: str, group: str, name: str, scale_set: str | None, instance: str | None
+) -> None:
+    rid = parse_vm_resource_id(raw)
+    assert rid.subscription == SUB
+    assert rid.resource_group == group
+    assert rid.name == name
+    assert rid.scale_set == scale_set
+    assert rid.instance_id == instance
+    assert (rid.is_vm, rid.is_scale_set, rid.is_scale_set_vm) == (
+        kind == "vm",
+        kind == "scale_set",
+        kind == "scale_set_vm",
+    )
+    assert str(rid) == raw
+
+
+def test_key_is_the_same_across_spellings() -> None:
+    a = parse_resource_id(f"{BASE}/Microsoft.Compute/virtualMachines/web-1")
+    b = parse_resource_id(
+        f"/subscriptions/{SUB.upper()}/resourcegroups/GROUP1/providers/microsoft.compute/virtualmachines/WEB-1"
+    )
+    assert a.key == b.key
+    assert a.key == (
+        f"/subscriptions/{SUB}/resourcegroups/group1/providers/"
+        "microsoft.compute/virtualmachines/web-1"
+    )
+
+
+def test_a_user_assigned_identity_parses_but_is_not_a_vm() -> None:
+    raw = f"{BASE}/Microsoft.ManagedIdentity/userAssignedIdentities/joiner"
+    rid = parse_resource_id(raw)
+    assert rid.is_user_assigned_identity
+    assert not rid.names_vm_or_scale_set
+    with pytest.raises(JoinRejected) as info:
+        parse_vm_resource_id(raw)
+    assert info.value.code == Code.IDENTITY_UNSUPPORTED
+
+
+REFUSED: list[tuple[str, str]] = [
+    ("an empty string", ""),
+    (
+        "a relative ID",
+        f"subscriptions/{SUB}/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/a",
+    ),
+    (
+        "a subscription that is not a GUID",
+        "/subscriptions/prod/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/a",
+    ),
+    ("a dot-dot segment", f"{BASE}/Microsoft.Compute/virtualMachines/../virtualMachines/a"),
+    ("a single-dot segment", f"{BASE}/Microsoft.Compute/virtualMachines/."),
+    ("an empty segment", f"{BASE}/Microsoft.Compute//virtualMachines/a"),
+    ("a trailing slash", f"{BASE}/Microsoft.Compute/virtualMachines/a/"),
+    ("a query string", f"{BASE}/Microsoft.Compute/virtualMachines/a?x=1"),
+    ("a percent-encoded slash", f"{BASE}/Microsoft.Compute/virtualMachines/a%2Fb"),
+    ("a backslash", f"{BASE}/Microsoft.Compute/virtualMachines/a\\b"),
+    ("a newline", f"{BASE}/Microsoft.Compute/virtualMachines/a\nb"),
+    ("a resource group ID", f"/subscriptions/{SUB}/resourceGroups/g"),
+    ("a subscription ID", f"/subscriptions/{SUB}"),
+    ("a type without a name", f"{BASE}/Microsoft.Compute/virtualMachines"),
+    (
+        "resourceGroups misspelt",
+        f"/subscriptions/{SUB}/resourceGroup/g/providers/Microsoft.Compute/virtualMachines/a",
+    ),
+    ("a storage account", f"{BASE}/Microsoft.Storage/storageAccounts/data"),
+    ("a VM extension", f"{BASE}/Microsoft.Compute/virtualMachines/a/extensions/x"),
+    ("a classic VM", f"{BASE}/Microsoft.ClassicCompute/virtualMachines/a"),
+    ("an app service", f"{BASE}/Microsoft.Web/sites/app"),
+    ("an ID longer than 2 KiB", f"{BASE}/Microsoft.Compute/virtualMachines/{'a' * 2100}"),
+]
+
+
+@pytest.mark.parametrize("raw", [r[1] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_other_ids_are_unsupported(raw: str) -> None:
+    with pytest.raises(JoinRejected) as info:
+        parse_vm_resource_id(raw)
+    assert info.value.code == Code.IDENTITY_UNSUPPORTED
