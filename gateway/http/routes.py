@@ -58,7 +58,11 @@ async def join(request: web.Request) -> web.Response:
     outcome, code, detail, host_id = "error", Code.INTERNAL_ERROR.value, None, None
     metrics.in_flight.inc()
     try:
-        req = decode_join_request(await read_body(request), client_address=address)
+        req = decode_join_request(
+            await read_body(request),
+            client_address=address,
+            max_bytes=app[CONFIG].limits.max_body_bytes,
+        )
         trace.facts.update(token_name=req.token_name, node_name=req.host.node_name)
         result = await admit_join(req, app[DEPS], trace)
         outcome, code, host_id = "joined", "", result.result.host_id

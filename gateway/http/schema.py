@@ -17,7 +17,7 @@ from typing import Any
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_public_key, load_ssh_public_key
 
-from gateway.errors import BadRequest, Code
+from gateway.errors import BadRequest, Code, PayloadTooLarge
 from gateway.join.forward import HostParams
 from gateway.join.pipeline import JoinRequest
 
@@ -116,7 +116,9 @@ def decode_challenge_request(raw: bytes) -> None:
             raise _bad("the challenge request takes no fields")
 
 
-def decode_join_request(raw: bytes, *, client_address: str) -> JoinRequest:
+def decode_join_request(raw: bytes, *, client_address: str, max_bytes: int = 65536) -> JoinRequest:
+    if len(raw) > max_bytes:  # the HTTP layer caps too; this keeps the decoder safe alone
+        raise PayloadTooLarge(f"body of {len(raw)} bytes > {max_bytes}")
     obj = parse_json_object(raw)
     _fields(obj, _JOIN_FIELDS, _JOIN_REQUIRED, "body")
 

@@ -1,0 +1,491 @@
+"""End-to-end joins: emulator, auth service and gateway on loopback, over real TLS.
+
+One table of join cases runs twice: through ``admit_join()`` with the gateway's own
+production dependencies, and over HTTPS against the running gateway. Each case asserts
+the status and the error code; the successful ones also check what the auth service
+recorded. The real agent then joins VMs of every kind and is refused where it must be.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from gateway.agent import JoinFailed, run_join
+from gateway.agent.keys import load_or_create_keys
+from gateway.devstack import DevStack, agent_settings, dev_stack
+from gateway.emulator import EmulatedVm
+from gateway.errors import GatewayError
+from gateway.http.schema import decode_join_request
+from gateway.join.pipeline import JoinTrace, admit_join
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+S1 = "11111111-1111-1111-1111-111111111111"  # allowed: any resource group
+S2 = "33333333-3333-3333-3333-333333333333"  # allowed: group1, group2
+S3 = "55555555-5555-5555-5555-555555555555"  # not allowed
+S4 = "66666666-6666-6666-6666-666666666666"  # only through the tenant rule
+T_RULE = "44444444-4444-4444-4444-444444444444"
+
+TOKENS = f"""
+kind: token
+version: v2
+metadata:
+  name: azure-token
+spec:
+  roles: [Node]
+  join_method: azure
+  azure:
+    allow:
+      - subscription: {S1}
+      - subscription: {S2}
+        resource_groups: ["group1", "Group2"]
+      - tenant: {T_RULE}
+---
+kind: token
+version: v2
+metadata:
+  name: static-token
+spec:
+  roles: [Node]
+  join_method: token
+---
+kind: token
+version: v2
+metadata:
+  name: expired-token
+  expires: "2020-01-01T00:00:00Z"
+spec:
+  roles: [Node]
+  join_method: azure
+  azure:
+    allow:
+      - subscription: {S1}
+"""
+
+
+@dataclass
+class Fleet:
+    user_vm: EmulatedVm
+    system_vm: EmulatedVm
+    neighbour_vm: EmulatedVm  # same resource group as user_vm
+    ss_user: EmulatedVm
+    ss_system: EmulatedVm
+    group1_vm: EmulatedVm
+    group2_case_vm: EmulatedVm
+    group3_vm: EmulatedVm
+    other_sub_vm: EmulatedVm
+    tenant_rule_vm: EmulatedVm
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevStack]:
+    async with dev_stack(tmp_path_factory.mktemp("e2e"), tokens_yaml=TOKENS) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def fleet(stack: DevStack) -> Fleet:
+    emu = stack.emulator
+    t1 = emu.add_tenant()
+    t2 = emu.add_tenant(T_RULE)
+
+    def vm(sub: str, rg: str, name: str, identity: str = "user", tenant: str = t1) -> EmulatedVm:
+        return emu.add_vm(
+            subscription=sub, resource_group=rg, name=name, tenant=tenant, identity=identity
+        )
+
+    ss = emu.add_scale_set(
+        subscription=S1,
+        resource_group="rg-ss",
+        name="pool",
+        tenant=t1,
+        capacity=3,
+        identity="user",
+    )
+    ss_sys = emu.add_scale_set(
+        subscription=S1,
+        resource_group="rg-ss2",
+        name="pool2",
+        tenant=t1,
+        capacity=2,
+        identity="system",
+    )
+    return Fleet(
+        user_vm=vm(S1, "rg-a", "user-vm"),
+        system_vm=vm(S1, "rg-a", "system-vm", identity="system"),
+        neighbour_vm=vm(S1, "rg-a", "neighbour-vm"),
+        ss_user=ss[1],
+        ss_system=ss_sys[0],
+        group1_vm=vm(S2, "group1", "g1-vm"),
+        group2_case_vm=vm(S2, "GROUP2", "g2-vm"),
+        group3_vm=vm(S2, "group3", "g3-vm"),
+        other_sub_vm=vm(S3, "rg-x", "s3-vm"),
+        tenant_rule_vm=vm(S4, "anything", "t2-vm", tenant=t2),
+    )
+
+
+# --- building requests ------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    stack: DevStack
+    fleet: Fleet
+    keys_dir: Path
+
+    def challenge(self) -> str:
+        return self.stack.gateway.deps.challenges.issue().value
+
+    def body(
+        self,
+        vm: EmulatedVm,
+        challenge: str,
+        *,
+        doc_vm: EmulatedVm | None = None,
+        nonce: str | None = None,
+        token_name: str = "azure-token",
+        role: str = "Node",
+    ) -> dict[str, Any]:
+        emu = self.stack.emulator
+        keys = load_or_create_keys(self.keys_dir)
+        return {
+            "token_name": token_name,
+            "challenge": challenge,
+            "attested_data": emu.attested_document_for(
+                doc_vm or vm, nonce=challenge if nonce is None else nonce
+            ),
+            "intermediates": [base64.b64encode(_pem_to_der(emu.intermediate_pem)).decode()],
+            "access_token": emu.token_for(vm),
+            "host": {
+                "node_name": vm.name,
+                "role": role,
+                "public_ssh_key": keys.public_ssh_key,
+                "public_tls_key": keys.public_tls_key,
+                "additional_principals": ["10.0.0.4"],
+                "dns_names": [f"{vm.name.replace('_', '-')}.internal"],
+            },
+        }
+
+
+def _pem_to_der(pem: bytes) -> bytes:
+    lines = [ln for ln in pem.decode().splitlines() if ln and not ln.startswith("-----")]
+    return base64.b64decode("".join(lines))
+
+
+Builder = Callable[[Ctx], Awaitable[bytes]]
+
+
+def ok_for(pick: Callable[[Fleet], EmulatedVm]) -> Builder:
+    async def build(ctx: Ctx) -> bytes:
+        return json.dumps(ctx.body(pick(ctx.fleet), ctx.challenge())).encode()
+
+    return build
+
+
+def body_with(**kwargs: Any) -> Builder:
+    vm_pick = kwargs.pop("vm", lambda f: f.user_vm)
+    doc_pick = kwargs.pop("doc_vm", None)
+
+    async def build(ctx: Ctx) -> bytes:
+        doc = doc_pick(ctx.fleet) if doc_pick else None
+        return json.dumps(
+            ctx.body(vm_pick(ctx.fleet), ctx.challenge(), doc_vm=doc, **kwargs)
+        ).encode()
+
+    return build
+
+
+def mutated(mutate: Callable[[dict[str, Any]], object]) -> Builder:
+    async def build(ctx: Ctx) -> bytes:
+        body = ctx.body(ctx.fleet.user_vm, ctx.challenge())
+        result = mutate(body)
+        if isinstance(result, bytes):
+            return result
+        return json.dumps(body).encode()
+
+    return build
+
+
+def _set(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    def mutate(body: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = body
+        for p in parents:
+            node = node[p]
+        node[last] = value
+
+    return mutate
+
+
+async def replayed(ctx: Ctx) -> bytes:
+    body = json.dumps(ctx.body(ctx.fleet.user_vm, ctx.challenge())).encode()
+    req = decode_join_request(body, client_address="127.0.0.1")
+    await admit_join(req, ctx.stack.gateway.deps, JoinTrace())  # first redemption succeeds
+    return body
+
+
+CASES: list[tuple[str, Builder, int, str | None]] = [
+    ("a VM with a user-assigned identity joins", ok_for(lambda f: f.user_vm), 200, None),
+    ("a VM with a system-assigned identity joins", ok_for(lambda f: f.system_vm), 200, None),
+    (
+        "a scale-set instance with a user-assigned identity joins",
+        ok_for(lambda f: f.ss_user),
+        200,
+        None,
+    ),
+    (
+        "a scale-set instance with a system-assigned identity joins",
+        ok_for(lambda f: f.ss_system),
+        200,
+        None,
+    ),
+    ("a VM in an allowed resource group joins", ok_for(lambda f: f.group1_vm), 200, None),
+    ("resource groups compare case-insensitively", ok_for(lambda f: f.group2_case_vm), 200, None),
+    (
+        "a tenant rule admits any subscription of the tenant",
+        ok_for(lambda f: f.tenant_rule_vm),
+        200,
+        None,
+    ),
+    (
+        "a resource group outside the rule is refused",
+        ok_for(lambda f: f.group3_vm),
+        403,
+        "not_allowed",
+    ),
+    (
+        "a subscription no rule names is refused",
+        ok_for(lambda f: f.other_sub_vm),
+        403,
+        "not_allowed",
+    ),
+    (
+        "another VM's document with this VM's token is refused",
+        body_with(doc_vm=lambda f: f.neighbour_vm),
+        403,
+        "vm_binding_failed",
+    ),
+    (
+        "a document from another subscription is refused",
+        body_with(doc_vm=lambda f: f.other_sub_vm),
+        403,
+        "subscription_mismatch",
+    ),
+    (
+        "a document for another nonce is refused",
+        body_with(nonce="another-nonce"),
+        403,
+        "nonce_mismatch",
+    ),
+    ("a replayed challenge is refused", replayed, 403, "challenge_reused"),
+    ("an unknown token name is 404", body_with(token_name="no-such-token"), 404, "unknown_token"),
+    (
+        "a token of another join method is refused",
+        body_with(token_name="static-token"),
+        403,
+        "token_wrong_method",
+    ),
+    ("an expired token is refused", body_with(token_name="expired-token"), 403, "token_expired"),
+    ("a role the token does not allow is refused", body_with(role="Kube"), 403, "role_not_allowed"),
+    (
+        "a made-up challenge is refused",
+        mutated(_set("challenge", "A" * 32)),
+        403,
+        "challenge_invalid",
+    ),
+    (
+        "a signature that is not base64 is malformed",
+        mutated(_set("attested_data.signature", "%%%not-base64%%%")),
+        400,
+        "attested_malformed",
+    ),
+    (
+        "base64 that is not CMS is malformed",
+        mutated(_set("attested_data.signature", base64.b64encode(b"hello").decode())),
+        400,
+        "attested_malformed",
+    ),
+    (
+        "an access token that is not a JWT is malformed",
+        mutated(_set("access_token", "not-a-jwt")),
+        400,
+        "access_token_malformed",
+    ),
+    ("an unknown field is refused", mutated(_set("extra", 1)), 400, "invalid_request"),
+    ("a wrong type is refused", mutated(_set("host.dns_names", "x")), 400, "invalid_request"),
+    (
+        "a bad SSH public key is refused",
+        mutated(_set("host.public_ssh_key", "ssh-rsa AAAA")),
+        400,
+        "invalid_request",
+    ),
+    ("a body that is not JSON is refused", mutated(lambda b: b"{not json"), 400, "malformed_body"),
+    ("a body over 64 KiB is refused", mutated(lambda b: b" " * 70000), 413, "body_too_large"),
+]
+IDS = [c[0] for c in CASES]
+PARAMS = [c[1:] for c in CASES]
+
+
+@pytest.fixture
+def ctx(stack: DevStack, fleet: Fleet, tmp_path: Path) -> Ctx:
+    return Ctx(stack, fleet, tmp_path / "keys")
+
+
+@pytest.mark.parametrize(("build", "status", "code"), PARAMS, ids=IDS)
+async def test_admit_join_table(ctx: Ctx, build: Builder, status: int, code: str | None) -> None:
+    raw = await build(ctx)
+    try:
+        req = decode_join_request(raw, client_address="127.0.0.1")
+        outcome = await admit_join(req, ctx.stack.gateway.deps, JoinTrace())
+    except GatewayError as err:
+        assert (err.status, err.code.value) == (status, code), err.detail
+        return
+    assert (status, code) == (200, None)
+    records = {r.host_id: r for r in ctx.stack.auth.records()}
+    record = records[outcome.result.host_id]
+    assert record.registration.join.vm_id == outcome.attrs.vm_id
+    assert record.idempotency_key == req.challenge
+
+
+@pytest.mark.parametrize(("build", "status", "code"), PARAMS, ids=IDS)
+async def test_https_join_table(ctx: Ctx, build: Builder, status: int, code: str | None) -> None:
+    raw = await build(ctx)
+    ssl_ctx = ssl.create_default_context(cafile=str(ctx.stack.gateway_ca_file))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            ctx.stack.gateway_url + "/v1/join/azure",
+            data=raw,
+            headers={"Content-Type": "application/json"},
+            ssl=ssl_ctx,
+        ) as resp,
+    ):
+        body = await resp.json()
+    assert resp.status == status, body
+    if code is None:
+        assert set(body) == {"host_id", "certs", "join"}
+        records = {r.host_id: r for r in ctx.stack.auth.records()}
+        record = records[body["host_id"]]
+        assert record.registration.join.vm_id == body["join"]["vm_id"]
+        assert record.registration.client_address == "127.0.0.1"
+    else:
+        assert body == {"error": {"code": code, "message": body["error"]["message"]}}
+        if status == 403:
+            # A 403 says no more than the code's summary: the reason is in the audit log.
+            from gateway.errors import CODES, Code
+
+            assert body["error"]["message"] == CODES[Code(code)].summary
+
+
+# --- the real agent ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pick",
+    [lambda f: f.user_vm, lambda f: f.system_vm, lambda f: f.ss_user, lambda f: f.tenant_rule_vm],
+    ids=[
+        "the agent joins a VM with a user-assigned identity",
+        "the agent joins a VM with a system-assigned identity",
+        "the agent joins a scale-set instance",
+        "the agent joins through a tenant rule",
+    ],
+)
+async def test_agent_joins_and_certificates_verify(
+    stack: DevStack, fleet: Fleet, tmp_path: Path, pick: Callable[[Fleet], EmulatedVm]
+) -> None:
+    vm = pick(fleet)
+    pin = stack.auth.ca_pin()
+    settings = agent_settings(stack, vm, data_dir=tmp_path / "node", ca_pins=(pin,))
+    outcome = await run_join(settings)
+    assert outcome.join.vm_id == vm.vm_id
+    node = tmp_path / "node"
+    for name in ("host_id", "tls.crt", "tls_ca.crt", "ssh.crt", "ssh_ca.pub"):
+        assert (node / name).stat().st_mode & 0o777 == 0o600
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(node / "tls_ca.crt"), str(node / "tls.crt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stderr
+    listing = subprocess.run(
+        ["ssh-keygen", "-L", "-f", str(node / "ssh.crt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "host certificate" in listing.stdout and outcome.host_id in listing.stdout
+
+
+async def test_agent_is_refused_with_the_code(
+    stack: DevStack, fleet: Fleet, tmp_path: Path
+) -> None:
+    settings = agent_settings(stack, fleet.other_sub_vm, data_dir=tmp_path / "node")
+    with pytest.raises(JoinFailed) as err:
+        await run_join(settings)
+    assert err.value.code == "not_allowed"
+    assert not (tmp_path / "node" / "tls.crt").exists()
+
+
+async def test_agent_refuses_a_cluster_ca_that_does_not_match_its_pin(
+    stack: DevStack, fleet: Fleet, tmp_path: Path
+) -> None:
+    settings = agent_settings(
+        stack, fleet.user_vm, data_dir=tmp_path / "node", ca_pins=("sha256:" + "0" * 64,)
+    )
+    with pytest.raises(JoinFailed) as err:
+        await run_join(settings)
+    assert err.value.code == "ca_pin_mismatch"
+    assert not (tmp_path / "node" / "tls.crt").exists()
+
+
+async def test_every_decision_is_audited_without_secrets(
+    stack: DevStack, fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="gateway.audit")
+    ctx = Ctx(stack, fleet, tmp_path / "keys")
+    good = ctx.body(fleet.user_vm, ctx.challenge())
+    bad = ctx.body(fleet.group3_vm, ctx.challenge())
+    ssl_ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
+    async with aiohttp.ClientSession() as session:
+        for body in (good, bad):
+            async with session.post(
+                stack.gateway_url + "/v1/join/azure", json=body, ssl=ssl_ctx
+            ) as r:
+                await r.read()
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.audit"]
+    assert [r["outcome"] for r in records[-2:]] == ["joined", "rejected"]
+    refused = records[-1]
+    assert refused["code"] == "not_allowed"
+    assert refused["resource_group"].lower() == "group3"
+    assert refused["vm_id"] == fleet.group3_vm.vm_id
+    assert refused["detail"]  # the full reason, which the 403 body does not carry
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for secret in (good["access_token"], bad["access_token"], good["attested_data"]["signature"]):
+        assert secret not in text
+
+
+async def test_readiness_and_health(stack: DevStack) -> None:
+    ssl_ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(stack.gateway_url + "/healthz", ssl=ssl_ctx) as r:
+            assert r.status == 200
+        async with session.get(stack.gateway_url + "/readyz", ssl=ssl_ctx) as r:
+            body = await r.json()
+            assert r.status == 200, body
+            assert body["checks"]["upstream"] is True
+        async with session.get(stack.gateway_url + "/nope", ssl=ssl_ctx) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        async with session.get(stack.gateway_url + "/v1/join/azure", ssl=ssl_ctx) as r:
+            assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
