@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 from cryptography import x509
@@ -129,7 +130,8 @@ def _fleet(stack: DevStack, n: int) -> DemoFleet:
         identity="system",
     )
     rest = n - ss
-    layout = [  # (subscription, resource group, identity, share of the rest)
+    layout: list[tuple[str, str, Literal["user", "system"], float]] = [
+        # (subscription, resource group, identity, share of the rest)
         (S_OPEN, "rg-web", "user", 0.35),
         (S_OPEN, "rg-db", "system", 0.25),
         (S_GROUPS, "group1", "user", 0.2),
@@ -201,9 +203,8 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
     async with dev_stack(workdir, tokens_yaml=TOKENS, latency=latency) as stack:
         fleet = _fleet(stack, args.vms)
         print(f"gateway  {stack.gateway_url}   auth service {stack.auth.url}")
-        print(
-            f"emulator {stack.emulator.https_url} (Entra, ARM)  {stack.emulator.http_url} (IMDS, AIA)"
-        )
+        emu = stack.emulator
+        print(f"emulator {emu.https_url} (Entra, ARM)  {emu.http_url} (IMDS, AIA)")
         print(
             f"fleet    {len(fleet.joiners)} VMs to join, {len(fleet.refused) + 2} to refuse; "
             f"{args.concurrency} agents at a time\n"
