@@ -74,9 +74,7 @@ V = TypeVar("V")
 REDIS_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError)
 
 
-def redis_client(
-    url: str, *, max_connections: int = 32, timeout: float = 0.5
-) -> aioredis.Redis:
+def redis_client(url: str, *, max_connections: int = 32, timeout: float = 0.5) -> aioredis.Redis:
     """A client on a bounded blocking pool that fails fast when Redis is down.
 
     Parameters:

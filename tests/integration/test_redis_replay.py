@@ -1,0 +1,189 @@
+"""RedisReplayStore against a real redis-server: single use across replicas, expiry, and
+failing closed (``replay_store_unavailable``) while Redis is down, then recovering."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.errors import Code, Overloaded
+from gateway.join.replay import RedisReplayStore
+from gateway.redis_tier import redis_client
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    c = redis_client(server.url, max_connections=4, timeout=0.5)
+    try:
+        yield c
+    finally:
+        await c.aclose()
+
+
+async def test_a_challenge_redeems_once(client: aioredis.Redis) -> None:
+    store = RedisReplayStore(client)
+    assert await store.redeem("chal-1", 30) is True
+    assert await store.redeem("chal-1", 30) is False
+    assert await store.redeem("chal-2", 30) is True
+    # The key carries the challenge's TTL, so the store never outgrows live challenges.
+    assert 29_000 < await client.pttl("jg:replay:chal-1") <= 30_000
+
+
+async def test_a_redemption_expires_with_its_ttl(client: aioredis.Redis) -> None:
+    store = RedisReplayStore(client)
+    assert await store.redeem("short", 1.0) is True
+    assert await store.redeem("short", 1.0) is False
+    await asyncio.sleep(1.2)  # functional check of Redis expiry (PX), not of our clock
+    assert await store.redeem("short", 1.0) is True
+
+
+async def test_ttl_below_a_second_is_raised_to_one(client: aioredis.Redis) -> None:
+    store = RedisReplayStore(client)
+    assert await store.redeem("tiny", 0.001) is True
+    assert 900 < await client.pttl("jg:replay:tiny") <= 1000
+
+
+async def test_released_challenge_can_be_redeemed_again(client: aioredis.Redis) -> None:
+    store = RedisReplayStore(client)
+    assert await store.redeem("rel", 30) is True
+    await store.release("rel")
+    assert await store.redeem("rel", 30) is True
+
+
+async def test_two_replicas_sharing_redis_see_each_others_redemptions(
+    server: RedisServer,
+) -> None:
+    a_client = redis_client(server.url)
+    b_client = redis_client(server.url)
+    try:
+        a, b = RedisReplayStore(a_client), RedisReplayStore(b_client)
+        assert await a.redeem("shared", 30) is True
+        assert await b.redeem("shared", 30) is False
+        assert await b.redeem("other", 30) is True
+        assert await a.redeem("other", 30) is False
+        # A race between replicas for one challenge has exactly one winner.
+        results = await asyncio.gather(
+            *(s.redeem(f"race-{i}", 30) for i in range(50) for s in (a, b))
+        )
+        assert results.count(True) == 50
+    finally:
+        await a_client.aclose()
+        await b_client.aclose()
+
+
+async def test_key_prefixes_separate_deployments(client: aioredis.Redis) -> None:
+    blue = RedisReplayStore(client, key_prefix="blue:")
+    green = RedisReplayStore(client, key_prefix="green:")
+    assert await blue.redeem("c", 30) is True
+    assert await green.redeem("c", 30) is True
+    assert await blue.redeem("c", 30) is False
+
+
+async def test_ping_is_true_while_redis_is_up(client: aioredis.Redis) -> None:
+    assert await RedisReplayStore(client).ping() is True
+
+
+async def test_redis_down_fails_closed_quickly_then_recovers_on_the_same_port(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    store = RedisReplayStore(client, op_timeout=0.5)
+    assert await store.redeem("before", 30) is True
+
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as info:
+        await store.redeem("during", 30)
+    assert time.monotonic() - started < 2.0
+    assert info.value.code == Code.REPLAY_STORE_UNAVAILABLE
+    assert info.value.retry_after == 2
+    assert info.value.status == 503
+
+    started = time.monotonic()
+    assert await store.ping() is False
+    assert time.monotonic() - started < 2.0
+    await store.release("before")  # best effort: must not raise while Redis is down
+    assert store.failures == 2
+
+    server.start()  # same port; the client and its pool are not touched
+    # Persistence is off, so the restarted Redis is empty: "during" was never recorded.
+    assert await store.redeem("during", 30) is True
+    assert await store.redeem("during", 30) is False
+    assert await store.ping() is True
+
+
+async def test_a_restart_between_calls_is_healed_without_a_failed_call(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    # The pool holds a connection the old server closed; it must reconnect, not fail.
+    store = RedisReplayStore(client)
+    assert await store.redeem("a", 30) is True
+    server.restart()
+    assert await store.redeem("b", 30) is True
+    assert store.failures == 0
+
+
+async def test_a_black_holed_redis_is_bounded_by_the_op_timeout(
+    tmp_path: Path,
+) -> None:
+    # A server that accepts connections but never answers: the op timeout, not the
+    # socket's, bounds the wait.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)
+        writer.close()
+
+    srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    c = redis_client(f"redis://127.0.0.1:{port}/0", timeout=5.0)
+    try:
+        store = RedisReplayStore(c, op_timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as info:
+            await store.redeem("x", 30)
+        assert info.value.code == Code.REPLAY_STORE_UNAVAILABLE
+        assert await store.ping() is False
+        assert time.monotonic() - started < 1.5
+    finally:
+        await c.aclose()
+        srv.close()
+        await srv.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({"max_connections": 0}, "max_connections", id="an empty pool is refused"),
+        pytest.param({"timeout": 0}, "timeout", id="a zero timeout is refused"),
+    ],
+)
+def test_client_factory_validates_its_bounds(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        redis_client("redis://127.0.0.1:1/0", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_client_factory_builds_a_bounded_blocking_pool_without_retries() -> None:
+    c = redis_client("redis://127.0.0.1:1/0", max_connections=7, timeout=0.25)
+    try:
+        pool = c.connection_pool
+        assert isinstance(pool, aioredis.BlockingConnectionPool)
+        assert pool.max_connections == 7
+        assert pool.timeout == 0.25
+        assert pool.connection_kwargs["socket_timeout"] == 0.25
+        assert pool.connection_kwargs["socket_connect_timeout"] == 0.25
+        conn = pool.make_connection()
+        assert conn.retry.get_retries() == 0
+    finally:
+        await c.aclose()
