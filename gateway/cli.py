@@ -59,13 +59,20 @@ def _load(args: argparse.Namespace) -> object:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.config import Config
-    from gateway.server import run
 
     cfg = _load(args)
     if not isinstance(cfg, Config):
         return 3
     _setup_logging(args.log_level or cfg.log_level)
-    return run(cfg)
+    metrics_dir = None
+    if cfg.workers > 1:
+        from gateway.supervisor import prepare_multiprocess_metrics
+
+        # Before anything imports prometheus_client: it picks its value class at import.
+        metrics_dir = prepare_multiprocess_metrics()
+    from gateway.server import run
+
+    return run(cfg, metrics_dir=metrics_dir)
 
 
 def _configure_check(p: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "ChallengeConfig",
     "Config",
     "ConfigError",
+    "dump_config",
     "LimitsConfig",
     "ListenerConfig",
     "MetricsConfig",
@@ -155,6 +156,8 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     workers: int = 1
     shutdown_timeout_seconds: float = 30.0
+    # On SIGTERM: unready at once, keep serving this long (balancers notice), then drain.
+    drain_delay_seconds: float = 0.0
     log_level: str = "INFO"
     # Where relative paths in this file are resolved from (set by load_config).
     base_dir: str = "."
@@ -308,6 +311,23 @@ def split_hostport(value: str, *, default_port: int | None = None) -> tuple[str,
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{value!r} is not host:port")
     return host, int(port)
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML that ``parse_config`` reads back to an equal object."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if f.name != "base_dir"
+            }
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return str(yaml.safe_dump(plain(config), sort_keys=False))
 
 
 def config_keys(cls: type[Any] = Config, prefix: str = "") -> Sequence[str]:

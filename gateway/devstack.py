@@ -58,10 +58,11 @@ def agent_settings(
     stack: DevStack, vm: EmulatedVm, *, token_name: str = DEFAULT_TOKEN, **overrides: object
 ) -> AgentSettings:
     """Settings an agent on this emulated VM would read from its node config."""
+    gateway_url = overrides.pop("gateway_url", None)
     base = AgentSettings(
         token_name=token_name,
         client_id=vm.client_id,
-        gateway_url=stack.gateway_url,
+        gateway_url=str(gateway_url) if gateway_url else stack.gateway_url,
         imds_url=vm.imds_url,
         data_dir=stack.workdir / "vms" / vm.name,
         ca_file=stack.gateway_ca_file,
@@ -88,7 +89,10 @@ async def dev_stack(
     emulator: AzureEmulator | None = None,
     config_overrides: dict[str, object] | None = None,
     extra_ca_files: Sequence[Path] = (),
+    start_gateway: bool = True,
 ) -> AsyncIterator[DevStack]:
+    """Parameters: ``start_gateway=False`` prepares everything (files, config) but leaves
+    the gateway to the caller — e.g. a ``join-gateway serve`` subprocess with workers."""
     workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at set-up
     async with AsyncExitStack() as stack:
         emu = emulator
@@ -151,7 +155,9 @@ async def dev_stack(
         )
         if config_overrides:
             config = dataclasses.replace(config, **config_overrides)  # type: ignore[arg-type]
-        gateway = await stack.enter_async_context(GatewayServer(config, clock=clock))
+        gateway = GatewayServer(config, clock=clock)
+        if start_gateway:
+            await stack.enter_async_context(gateway)
         yield DevStack(
             workdir=workdir,
             emulator=emu,

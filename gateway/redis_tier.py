@@ -15,8 +15,9 @@ Two rules shape it:
   correctness dependency and fails closed, see ``gateway.join.replay``.)
 * **A dead Redis fails fast.** :func:`redis_client` builds the client on a bounded
   *blocking* pool (a burst waits at most ``timeout`` for a connection instead of opening
-  thousands of sockets), with connect and socket timeouts and no retries; every call is
-  also wrapped in ``asyncio.timeout(op_timeout)``.
+  thousands of sockets), with connect and socket timeouts and at most one immediate
+  retry on a broken connection; every call is also wrapped in
+  ``asyncio.timeout(op_timeout)``.
 
 Why redis.asyncio directly and not aiocache's ``RedisCache`` (read in aiocache 0.12.3):
 
@@ -49,6 +50,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import redis.asyncio as aioredis
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.cache import Loader, MemoryCache
@@ -83,10 +87,12 @@ def redis_client(url: str, *, max_connections: int = 32, timeout: float = 0.5) -
     * max_connections — the pool bound; callers beyond it wait for a free connection.
     * timeout — seconds to wait for a pooled connection, to connect, and for a reply.
 
-    No retries: the connection default (``Retry(NoBackoff(), 0)``) is kept, because a
-    retry against a dead server only doubles the time to an answer. Stale connections
-    after a Redis restart are still healed: the pool checks each connection it hands out
-    and reconnects one the server has closed.
+    Retries are minimal: one immediate retry, on connection errors only. That one is
+    needed because after a Redis restart the pool still holds sockets the old server
+    closed, and redis-py's hand-out check does not notice them: without the retry the
+    first command after every restart fails. Timeouts are never retried (against a dead
+    or stalled server a retry only doubles the wait), and a refused connect is answered
+    by the kernel at once, so a dead Redis still fails in milliseconds.
     """
     if max_connections < 1:
         raise ValueError(f"max_connections must be >= 1, got {max_connections}")
@@ -99,6 +105,7 @@ def redis_client(url: str, *, max_connections: int = 32, timeout: float = 0.5) -
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         health_check_interval=0,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
     return aioredis.Redis.from_pool(pool)
 

@@ -16,6 +16,7 @@ import socket
 import ssl
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -27,6 +28,7 @@ from gateway.http.keys import RuntimeState
 from gateway.join.deps import TokenHolder, production_deps
 from gateway.join.pipeline import JoinDeps
 from gateway.metrics import Metrics
+from gateway.supervisor import supervise
 from gateway.tlsutil import server_ssl_context
 
 __all__ = ["GatewayServer", "bind_socket", "run"]
@@ -70,12 +72,14 @@ class GatewayServer:
         deps: JoinDeps | None = None,
         clock: Clock | None = None,
         sockets: list[socket.socket] | None = None,
+        metrics_socket: socket.socket | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self._deps = deps
         self._clock = clock or SystemClock()
         self._sockets = sockets
+        self._metrics_socket = metrics_socket
         self._metrics = metrics or Metrics()
         self.state = RuntimeState()
         self._stack = AsyncExitStack()
@@ -132,11 +136,7 @@ class GatewayServer:
         self._stack.push_async_callback(runner.cleanup)
         ctx = self.server_ssl_context()
         for i, listener in enumerate(self.config.listeners):
-            sock = (
-                self._sockets[i]
-                if self._sockets is not None
-                else bind_socket(listener.address, reuse_port=self.config.workers > 1)
-            )
+            sock = self._sockets[i] if self._sockets is not None else bind_socket(listener.address)
             site = web.SockSite(runner, sock, ssl_context=ctx)
             await site.start()
             self.listeners.append(
@@ -171,7 +171,7 @@ class GatewayServer:
             ctx.load_verify_locations(
                 cafile=str(self.config.path(self.config.metrics.client_ca_file))
             )
-        sock = bind_socket(self.config.metrics.listen, reuse_port=self.config.workers > 1)
+        sock = self._metrics_socket or bind_socket(self.config.metrics.listen)
         await web.SockSite(runner, sock, ssl_context=ctx).start()
         self.metrics_port = sock.getsockname()[1]
 
@@ -204,7 +204,18 @@ class GatewayServer:
         return f"<GatewayServer {urls} draining={self.state.draining}>"
 
 
-async def _serve(config: Config) -> int:
+def bind_all(config: Config) -> tuple[list[socket.socket], socket.socket | None]:
+    """Every listening socket of a config, bound once (by the supervisor, before forking)."""
+    listeners = [bind_socket(lst.address, reuse_port=True) for lst in config.listeners]
+    metrics = bind_socket(config.metrics.listen, reuse_port=True) if config.metrics.listen else None
+    return listeners, metrics
+
+
+async def _serve(
+    config: Config,
+    sockets: list[socket.socket] | None = None,
+    metrics_socket: socket.socket | None = None,
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -222,7 +233,7 @@ async def _serve(config: Config) -> int:
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
 
-    server = GatewayServer(config)
+    server = GatewayServer(config, sockets=sockets, metrics_socket=metrics_socket)
     try:
         await server.start()
     except (OSError, ConfigError, ValueError) as exc:
@@ -239,14 +250,45 @@ async def _serve(config: Config) -> int:
                 reload_requested.clear()
                 server.reload_tokens()
     finally:
+        # Unready first, so load balancers stop sending before the listeners close.
+        server.state.draining = True
+        if config.drain_delay_seconds > 0:
+            log.info("unready; still serving for %ss", config.drain_delay_seconds)
+            await asyncio.sleep(config.drain_delay_seconds)
         log.info("draining (up to %ss)", config.shutdown_timeout_seconds)
         await server.stop()
     return 0
 
 
-def run(config: Config) -> int:
+def _run_loop(
+    config: Config, sockets: list[socket.socket] | None, msock: socket.socket | None
+) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay runnable without
-        return asyncio.run(_serve(config))
-    return int(uvloop.run(_serve(config)))
+        return asyncio.run(_serve(config, sockets, msock))
+    return int(uvloop.run(_serve(config, sockets, msock)))
+
+
+def run(config: Config, *, metrics_dir: Path | None = None) -> int:
+    """The ``serve`` command: one process, or a supervisor and ``config.workers`` workers."""
+    if config.workers == 1:
+        return _run_loop(config, None, None)
+    try:
+        listeners, msock = bind_all(config)
+    except OSError as exc:
+        log.error("startup failed: cannot bind: %s", exc)
+        return 3
+    sockets = listeners + ([msock] if msock else [])
+
+    def worker_main(socks: list[socket.socket]) -> int:
+        n = len(config.listeners)
+        return _run_loop(config, socks[:n], socks[n] if len(socks) > n else None)
+
+    return supervise(
+        workers=config.workers,
+        sockets=sockets,
+        worker_main=worker_main,
+        shutdown_timeout=config.shutdown_timeout_seconds + config.drain_delay_seconds,
+        metrics_dir=metrics_dir,
+    )

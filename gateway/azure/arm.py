@@ -7,8 +7,9 @@ carries ``Retry-After`` and every answer the ``x-ms-ratelimit-remaining-*`` head
 throttling, https://learn.microsoft.com/troubleshoot/azure/virtual-machines/windows/
 troubleshooting-throttling-errors). So this client:
 
-* spends from an injected per-subscription ``ArmBudget`` before each request (the default
-  spends nothing; the real bucket plugs in without touching this class);
+* spends from an injected per-subscription ``ArmBudget`` before each request, every page
+  of a list included (``gateway.azure.budget.SubscriptionBudget`` in production; the
+  default ``NoBudget`` spends nothing);
 * records the last rate-limit headers it saw (for metrics) and tells the budget;
 * after a ``429`` refuses further reads for that subscription until ``Retry-After`` has
   passed, instead of provoking more ``429`` s;
@@ -28,7 +29,7 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -38,7 +39,7 @@ from gateway.azure.token import normalize_guid
 from gateway.clock import Clock
 from gateway.errors import Code, JoinRejected, Overloaded
 
-__all__ = ["ArmBudget", "ArmClient", "NoBudget", "VmRecord"]
+__all__ = ["ArmBudget", "ArmClient", "ArmReadKind", "NoBudget", "VmRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,25 +62,44 @@ class VmRecord:
     instance_id: str | None = None
 
 
-class ArmBudget(Protocol):
-    """Per-subscription read budget. ``acquire`` waits for or refuses a read (raising
-    ``Overloaded(AZURE_BUDGET_EXHAUSTED)``); ``observe`` is told what ARM said."""
+# "list": a page of a list call, which also spends from Compute's list budget.
+ArmReadKind = Literal["read", "list"]
 
-    async def acquire(self, subscription: str) -> None: ...
+
+class ArmBudget(Protocol):
+    """Per-subscription read budget (``gateway.azure.budget.SubscriptionBudget``).
+
+    ``acquire`` waits for or refuses one request (raising
+    ``Overloaded(AZURE_BUDGET_EXHAUSTED)``); ``observe`` is told what ARM said:
+    ``remaining_reads`` from ``x-ms-ratelimit-remaining-subscription-reads``,
+    ``remaining_lists`` (list pages only) the smallest count in
+    ``x-ms-ratelimit-remaining-resource``, and ``retry_after`` when ARM sent one."""
+
+    async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None: ...
 
     def observe(
-        self, subscription: str, *, remaining_reads: int | None, retry_after: float | None
+        self,
+        subscription: str,
+        *,
+        remaining_reads: int | None,
+        retry_after: float | None,
+        remaining_lists: int | None = None,
     ) -> None: ...
 
 
 class NoBudget:
-    """The default budget: never refuses. The token bucket replaces it (DESIGN §5)."""
+    """A budget that never refuses (``--mode naive`` and unit tests of the client)."""
 
-    async def acquire(self, subscription: str) -> None:
+    async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None:
         return None
 
     def observe(
-        self, subscription: str, *, remaining_reads: int | None, retry_after: float | None
+        self,
+        subscription: str,
+        *,
+        remaining_reads: int | None,
+        retry_after: float | None,
+        remaining_lists: int | None = None,
     ) -> None:
         return None
 
@@ -323,7 +343,9 @@ class ArmClient:
             instance_id=rid.instance_id,
         )
 
-    def _read_limits(self, subscription: str, resp: aiohttp.ClientResponse) -> float | None:
+    def _read_limits(
+        self, subscription: str, resp: aiohttp.ClientResponse, *, is_list: bool
+    ) -> float | None:
         reads = resp.headers.get("x-ms-ratelimit-remaining-subscription-reads")
         remaining: int | None = None
         if reads is not None:
@@ -333,12 +355,20 @@ class ArmClient:
                 remaining = None
             self.remaining_subscription_reads = remaining
         resource = resp.headers.get("x-ms-ratelimit-remaining-resource")
+        remaining_lists: int | None = None
         if resource is not None:
             self.remaining_resource = _parse_remaining_resource(resource)
+            if is_list and self.remaining_resource:
+                remaining_lists = min(self.remaining_resource.values())
         retry_after = _parse_retry_after(resp.headers.get("Retry-After"), self._clock.time())
         if retry_after is not None:
             self.last_retry_after = retry_after
-        self._budget.observe(subscription, remaining_reads=remaining, retry_after=retry_after)
+        self._budget.observe(
+            subscription,
+            remaining_reads=remaining,
+            retry_after=retry_after,
+            remaining_lists=remaining_lists,
+        )
         return retry_after
 
     async def _get(
@@ -356,7 +386,8 @@ class ArmClient:
                     detail=f"ARM asked us to wait for subscription {subscription}",
                 )
             del self._blocked_until[subscription]
-        await self._budget.acquire(subscription)
+        is_list = kind.startswith("list")
+        await self._budget.acquire(subscription, kind="list" if is_list else "read")
         async with self._sem:
             self.calls[kind] += 1
             try:
@@ -366,7 +397,7 @@ class ArmClient:
                     allow_redirects=False,
                     headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json"},
                 ) as resp:
-                    retry_after = self._read_limits(subscription, resp)
+                    retry_after = self._read_limits(subscription, resp, is_list=is_list)
                     status = resp.status
                     if status == 200:
                         body = await _read_capped(resp, _MAX_BODY)

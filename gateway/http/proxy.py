@@ -122,9 +122,7 @@ def _bad(detail: str) -> BadRequest:
 
 def _header_lines(headers: Headers, name: str) -> list[str]:
     """Every line of header ``name`` (case-insensitive), in order."""
-    pairs: Iterable[tuple[str, str]] = (
-        headers.items() if isinstance(headers, Mapping) else headers
-    )
+    pairs: Iterable[tuple[str, str]] = headers.items() if isinstance(headers, Mapping) else headers
     lname = name.lower()
     return [value for key, value in pairs if key.lower() == lname]
 

@@ -26,12 +26,14 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.azure.token import normalize_guid
+from gateway.config import ConfigError
 from gateway.errors import Code, JoinRejected, UnknownToken
 
 __all__ = [
     "JOIN_ROLES",
     "AllowRule",
     "ConfigError",
+    "TokenFileError",
     "ProvisionToken",
     "TokenRegistry",
     "check_token",
@@ -94,8 +96,11 @@ _STR_TAG = "tag:yaml.org,2002:str"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 
 
-class ConfigError(Exception):
-    """A configuration file is wrong; the message starts with ``file:line:``."""
+class TokenFileError(ConfigError):
+    """A token file is wrong; the message starts with ``file:line:``.
+
+    A ``gateway.config.ConfigError``, so everything that handles a bad config (startup,
+    ``check-config``, the SIGHUP reload that keeps the old tokens) handles it too."""
 
     def __init__(self, path: Path | str, line: int | None, message: str) -> None:
         self.path = str(path)
@@ -173,7 +178,7 @@ class _Doc:
         self.path = path
 
     def error(self, node: Node, message: str) -> ConfigError:
-        return ConfigError(self.path, node.start_mark.line + 1, message)
+        return TokenFileError(self.path, node.start_mark.line + 1, message)
 
     def mapping(self, node: Node, where: str, allowed: frozenset[str]) -> dict[str, Node]:
         if not isinstance(node, MappingNode):
@@ -322,7 +327,7 @@ def _load_file(path: Path) -> list[ProvisionToken]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(path, None, f"cannot read token file: {exc}") from exc
+        raise TokenFileError(path, None, f"cannot read token file: {exc}") from exc
     doc = _Doc(path)
     tokens: list[ProvisionToken] = []
     try:
@@ -336,9 +341,9 @@ def _load_file(path: Path) -> list[ProvisionToken]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise ConfigError(path, line, f"not valid YAML: {exc.problem or exc}") from exc
+        raise TokenFileError(path, line, f"not valid YAML: {exc.problem or exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(path, None, f"not valid YAML: {exc}") from exc
+        raise TokenFileError(path, None, f"not valid YAML: {exc}") from exc
     return tokens
 
 
@@ -350,7 +355,7 @@ def load_token_files(paths: Sequence[Path]) -> TokenRegistry:
             first = tokens.get(token.name)
             if first is not None:
                 file, _, line = token.source.rpartition(":")
-                raise ConfigError(
+                raise TokenFileError(
                     file,
                     int(line),
                     f"duplicate token name {token.name!r} (first defined at {first.source})",

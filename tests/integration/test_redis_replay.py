@@ -6,14 +6,31 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.backoff import NoBackoff
 
+from gateway.agent import (
+    GatewayClient,
+    HostParams,
+    ImdsClient,
+    build_join_body,
+    load_or_create_keys,
+    make_session,
+    make_ssl_context,
+)
+from gateway.agent.errors import JoinError
+from gateway.devstack import dev_stack
 from gateway.errors import Code, Overloaded
+from gateway.join.deps import production_deps
 from gateway.join.replay import RedisReplayStore
 from gateway.redis_tier import redis_client
+from gateway.server import GatewayServer
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -163,18 +180,20 @@ async def test_a_black_holed_redis_is_bounded_by_the_op_timeout(
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("max_connections", "timeout", "message"),
     [
-        pytest.param({"max_connections": 0}, "max_connections", id="an empty pool is refused"),
-        pytest.param({"timeout": 0}, "timeout", id="a zero timeout is refused"),
+        pytest.param(0, 0.5, "max_connections", id="an empty pool is refused"),
+        pytest.param(4, 0.0, "timeout", id="a zero timeout is refused"),
     ],
 )
-def test_client_factory_validates_its_bounds(kwargs: dict[str, float], message: str) -> None:
+def test_client_factory_validates_its_bounds(
+    max_connections: int, timeout: float, message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
-        redis_client("redis://127.0.0.1:1/0", **kwargs)  # type: ignore[arg-type]
+        redis_client("redis://127.0.0.1:1/0", max_connections=max_connections, timeout=timeout)
 
 
-async def test_client_factory_builds_a_bounded_blocking_pool_without_retries() -> None:
+async def test_client_factory_builds_a_bounded_blocking_pool_with_minimal_retry() -> None:
     c = redis_client("redis://127.0.0.1:1/0", max_connections=7, timeout=0.25)
     try:
         pool = c.connection_pool
@@ -183,7 +202,87 @@ async def test_client_factory_builds_a_bounded_blocking_pool_without_retries() -
         assert pool.timeout == 0.25
         assert pool.connection_kwargs["socket_timeout"] == 0.25
         assert pool.connection_kwargs["socket_connect_timeout"] == 0.25
-        conn = pool.make_connection()
-        assert conn.retry.get_retries() == 0
+        conn = pool.make_connection()  # type: ignore[no-untyped-call]
+        # One immediate retry, for a connection the server closed, and nothing else.
+        assert conn.retry.get_retries() == 1
+        assert isinstance(conn.retry._backoff, NoBackoff)
+        assert redis.exceptions.TimeoutError not in conn.retry._supported_errors
     finally:
         await c.aclose()
+
+
+TOKENS_YAML = """kind: token
+version: v2
+metadata: {name: azure-token}
+spec:
+  roles: [Node]
+  join_method: azure
+  azure:
+    allow:
+      - subscription: 11111111-1111-1111-1111-111111111111
+"""
+
+
+async def test_two_gateway_replicas_sharing_redis_refuse_a_replayed_join(
+    tmp_path: Path, server: RedisServer
+) -> None:
+    """End to end: a join body accepted by replica A is ``challenge_reused`` on replica B;
+    with Redis down a fresh join is ``replay_store_unavailable`` (503, Retry-After)."""
+    async with AsyncExitStack() as stack:
+        st = await stack.enter_async_context(
+            dev_stack(tmp_path / "stack", tokens_yaml=TOKENS_YAML, start_gateway=False)
+        )
+        urls = []
+        for _ in range(2):  # two replicas: same config and keys file, own Redis client
+            client = redis_client(server.url)
+            stack.push_async_callback(client.aclose)
+            deps = await stack.enter_async_context(
+                production_deps(st.config, replay=RedisReplayStore(client))
+            )
+            gw = await stack.enter_async_context(GatewayServer(st.config, deps=deps))
+            urls.append(gw.url())
+
+        tenant = st.emulator.add_tenant()
+        vm = st.emulator.add_vm(
+            subscription="11111111-1111-1111-1111-111111111111",
+            resource_group="rg1",
+            name="vm1",
+            tenant=tenant,
+            identity="user",
+        )
+        ssl_context = make_ssl_context(st.gateway_ca_file)
+        session = await stack.enter_async_context(make_session(ssl_context=ssl_context))
+        a, b = (GatewayClient(session, base_url=u, ssl_context=ssl_context) for u in urls)
+        imds = ImdsClient(session, base_url=vm.imds_url)
+        keys = load_or_create_keys(tmp_path / "vm1")
+
+        async def join_body(gateway: GatewayClient) -> dict[str, Any]:
+            challenge = await gateway.challenge()
+            return build_join_body(
+                token_name="azure-token",
+                challenge=challenge,
+                attested_data=await imds.attested_document(challenge),
+                access_token=await imds.access_token(client_id=vm.client_id),
+                host=HostParams(
+                    node_name="vm1",
+                    role="Node",
+                    public_ssh_key=keys.public_ssh_key,
+                    public_tls_key=keys.public_tls_key,
+                ),
+            )
+
+        body = await join_body(a)
+        assert "host_id" in await a.join(body)
+        with pytest.raises(JoinError) as reused:
+            await b.join(body)
+        assert (reused.value.status, reused.value.code) == (403, Code.CHALLENGE_REUSED)
+
+        fresh = await join_body(b)
+        server.stop()
+        with pytest.raises(JoinError) as down:
+            await b.join(fresh)
+        assert (down.value.status, down.value.code) == (503, Code.REPLAY_STORE_UNAVAILABLE)
+        assert down.value.retry_after == 2
+
+        server.start()  # same port: the replicas recover without a restart
+        assert "host_id" in await b.join(fresh)

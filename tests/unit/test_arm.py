@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.azure.arm import ArmClient, VmRecord
+from gateway.azure.arm import ArmClient, ArmReadKind, VmRecord
 from gateway.azure.resource_id import parse_resource_id
 from gateway.clock import FixedClock
 from gateway.errors import Code, GatewayError, JoinRejected, Overloaded
@@ -280,17 +280,26 @@ class RecordingBudget:
     def __init__(self, refuse: bool = False) -> None:
         self.acquired: list[str] = []
         self.observed: list[tuple[str, int | None, float | None]] = []
+        self.kinds: list[ArmReadKind] = []
+        self.lists_left: list[int | None] = []
         self.refuse = refuse
 
-    async def acquire(self, subscription: str) -> None:
+    async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None:
         self.acquired.append(subscription)
+        self.kinds.append(kind)
         if self.refuse:
             raise Overloaded(Code.AZURE_BUDGET_EXHAUSTED, retry_after=2.0)
 
     def observe(
-        self, subscription: str, *, remaining_reads: int | None, retry_after: float | None
+        self,
+        subscription: str,
+        *,
+        remaining_reads: int | None,
+        retry_after: float | None,
+        remaining_lists: int | None = None,
     ) -> None:
         self.observed.append((subscription, remaining_reads, retry_after))
+        self.lists_left.append(remaining_lists)
 
 
 async def test_every_page_is_spent_from_the_budget(
@@ -300,7 +309,16 @@ async def test_every_page_is_spent_from_the_budget(
     budget = RecordingBudget()
     await client(session, arm, budget=budget).list_vms(SUB.upper(), "group1", bearer=BEARER)
     assert budget.acquired == [SUB] * 3
+    assert budget.kinds == ["list"] * 3, "every page spends from the list budget"
     assert [o[1] for o in budget.observed] == [249, 248, 247]
+    assert budget.lists_left == [239] * 3, "the smallest x-ms-ratelimit-remaining-resource"
+
+
+async def test_a_point_get_spends_a_read_only(session: aiohttp.ClientSession, arm: FakeArm) -> None:
+    arm.vms["group1"] = [vm_model("group1", "web-1", 1)]
+    budget = RecordingBudget()
+    await client(session, arm, budget=budget).get_vm(VM1, bearer=BEARER)
+    assert budget.kinds == ["read"] and budget.lists_left == [None]
 
 
 async def test_a_refusing_budget_makes_no_call(

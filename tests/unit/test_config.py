@@ -75,3 +75,21 @@ def test_bad_configs_name_file_and_line(text: str, where: str, what: str) -> Non
         parse_config(text, source="g.yaml")
     assert str(err.value).startswith(where)
     assert what in str(err.value)
+
+
+def test_dump_config_round_trips() -> None:
+    from gateway.config import (
+        AiaConfig,
+        AzureConfig,
+        ListenerConfig,
+        ProxyConfig,
+        dump_config,
+    )
+
+    cfg = Config(
+        listeners=(ListenerConfig("127.0.0.1:8443", proxy_protocol=True),),
+        proxy=ProxyConfig(trusted_cidrs=("10.0.0.0/8",)),
+        azure=AzureConfig(cloud="china", aia=AiaConfig(extra_allowed_prefixes=("http://x/",))),
+        workers=3,
+    )
+    assert parse_config(dump_config(cfg)) == cfg
