@@ -29,7 +29,6 @@ __all__ = [
     "ChallengeConfig",
     "Config",
     "ConfigError",
-    "dump_config",
     "LimitsConfig",
     "ListenerConfig",
     "MetricsConfig",
@@ -37,6 +36,7 @@ __all__ = [
     "TlsConfig",
     "TokensConfig",
     "UpstreamConfig",
+    "dump_config",
     "load_config",
     "parse_config",
 ]

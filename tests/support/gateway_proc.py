@@ -45,9 +45,9 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
 
-async def wait_ready(url: str, ssl_ctx: ssl.SSLContext, timeout: float = 30.0) -> None:
+async def wait_ready(url: str, ssl_ctx: ssl.SSLContext, within: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     async with aiohttp.ClientSession() as session:
         while True:
             try:
@@ -57,7 +57,7 @@ async def wait_ready(url: str, ssl_ctx: ssl.SSLContext, timeout: float = 30.0) -
             except (aiohttp.ClientError, OSError):
                 pass
             if loop.time() > deadline:
-                raise TimeoutError(f"gateway at {url} not ready after {timeout}s")
+                raise TimeoutError(f"gateway at {url} not ready after {within}s")
             await asyncio.sleep(0.1)
 
 
