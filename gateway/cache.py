@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 
 from gateway.clock import Clock, SystemClock
 
-__all__ = ["CacheStats", "Loader", "MemoryCache"]
+__all__ = ["CacheStats", "Loader", "MemoryCache", "NullCache"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -46,8 +46,17 @@ class MemoryCache(Generic[K, V]):
     * clock — injected; expiries use ``clock.monotonic()``.
     """
 
-    def __init__(self, name: str, *, max_entries: int = 100_000, clock: Clock | None = None):
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_entries: int = 100_000,
+        clock: Clock | None = None,
+        observer: Callable[[str], None] | None = None,
+    ):
         self.name = name
+        # Told "hit", "miss" or "coalesced" on every get_or_load (metrics).
+        self._observe = observer or _ignore
         self._max = max_entries
         self._clock = clock or SystemClock()
         self._data: dict[K, tuple[float, V]] = {}
@@ -89,13 +98,16 @@ class MemoryCache(Generic[K, V]):
         value = self.get(key)
         if value is not None:
             self.stats.hits += 1
+            self._observe("hit")
             return value
         pending = self._inflight.get(key)
         if pending is not None:
             self.stats.coalesced += 1
+            self._observe("coalesced")
             # shield: one waiter being cancelled must not cancel the shared load.
             return await asyncio.shield(pending)
         self.stats.misses += 1
+        self._observe("miss")
         fut: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
@@ -121,3 +133,27 @@ class MemoryCache(Generic[K, V]):
             f"<MemoryCache {self.name} entries={len(self._data)} inflight={len(self._inflight)} "
             f"hits={self.stats.hits} misses={self.stats.misses} coalesced={self.stats.coalesced}>"
         )
+
+
+def _ignore(result: str) -> None:
+    return None
+
+
+class NullCache(MemoryCache[K, V]):
+    """A cache that keeps nothing and coalesces nothing: every lookup runs its loader.
+
+    The benchmark's ``naive`` baseline (``cache.enabled: false``): per-join discovery,
+    JWKS, chain building and ARM calls, the way a gateway without caches behaves.
+    """
+
+    def get(self, key: K) -> V | None:
+        return None
+
+    def set(self, key: K, value: V, ttl: float) -> None:
+        return None
+
+    async def get_or_load(self, key: K, loader: Loader[V]) -> V:
+        self.stats.misses += 1
+        self._observe("miss")
+        value, _ttl = await loader()
+        return value

@@ -125,6 +125,8 @@ class UpstreamConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
+    # false: no caching and no coalescing at all — only the benchmark's naive baseline.
+    enabled: bool = True
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     jwks_ttl_seconds: float = 86400.0

@@ -3,29 +3,36 @@
 Metrics live on a :class:`Metrics` object built per app with its own registry (no
 module-level singletons, so tests and several apps in one process never collide).
 With several workers, prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``)
-makes the same objects write to shared files and ``/metrics`` aggregates them.
+makes the same objects write to shared files and ``/metrics`` aggregates them; every
+gauge declares how it aggregates across workers.
+
+Outbound calls (Entra ID, AIA, ARM, the auth service) are measured in one place: an
+aiohttp ``TraceConfig`` on the clients' sessions (:meth:`Metrics.trace_config`), which
+sees every request's target, status and duration without the clients knowing.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
-)
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
 
 from gateway import __version__
 
-__all__ = ["Metrics"]
+__all__ = ["CIRCUIT_STATES", "Metrics", "TargetMap"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+# (host-or-URL prefix, target label); first match wins. Built by production_deps.
+TargetMap = Sequence[tuple[str, str]]
 
 
 class Metrics:
@@ -46,7 +53,8 @@ class Metrics:
         )
         self.step_latency = Histogram(
             "join_gateway_join_step_duration_seconds",
-            "Time spent in each verification step.",
+            "Time spent in each verification step (challenge, token, document, access_token, "
+            "binding, rules, redeem, upstream).",
             ["step"],
             buckets=_STEP_BUCKETS,
             registry=r,
@@ -60,10 +68,136 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
-        self.build = Info("join_gateway_build", "Build information.", registry=r)
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-            # Info is not supported in multiprocess mode.
-            self.build.info({"version": __version__})
+        self.queue_depth = Gauge(
+            "join_gateway_admission_queue_depth",
+            "Joins waiting for an admission slot.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.shed = Counter(
+            "join_gateway_shed_total",
+            "Requests refused with 429/503 before any verification, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_events = Counter(
+            "join_gateway_cache_requests_total",
+            "Cache lookups by cache and result (hit, miss, coalesced).",
+            ["cache", "result"],
+            registry=r,
+        )
+        self.outbound = Counter(
+            "join_gateway_outbound_requests_total",
+            "Outbound HTTP requests by target (entra, aia, arm, auth) and status "
+            "(HTTP status, or 'error' when no answer came).",
+            ["target", "status"],
+            registry=r,
+        )
+        self.outbound_latency = Histogram(
+            "join_gateway_outbound_request_duration_seconds",
+            "Outbound HTTP request duration by target.",
+            ["target"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.arm_remaining = Gauge(
+            "join_gateway_arm_ratelimit_remaining",
+            "The last x-ms-ratelimit-remaining-* value ARM sent (kind: subscription_reads, "
+            "resource).",
+            ["kind"],
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.arm_throttled = Counter(
+            "join_gateway_arm_throttled_total", "ARM answers with status 429.", registry=r
+        )
+        self.circuit_state = Gauge(
+            "join_gateway_upstream_circuit_state",
+            "The auth-service circuit breaker: 0 closed, 1 half-open, 2 open.",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.key_refreshes = Counter(
+            "join_gateway_signing_key_refreshes_total",
+            "JWKS fetches made because a token named a key we did not have (key rotations seen).",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "join_gateway_build_info",
+            "Build information (always 1).",
+            ["version"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+        self.build_info.labels(version=__version__).set(1)
+
+    # --- hooks handed to the clients -------------------------------------------------------
+
+    def cache_observer(self, name: str) -> Callable[[str], None]:
+        counters = {
+            result: self.cache_events.labels(cache=name, result=result)
+            for result in ("hit", "miss", "coalesced")
+        }
+        return lambda result: counters[result].inc()
+
+    def trace_config(self, targets: TargetMap) -> aiohttp.TraceConfig:
+        """Count and time every request of a session, labelled by target."""
+
+        def target_of(url: str) -> str:
+            for prefix, label in targets:
+                if url.startswith(prefix):
+                    return label
+            return urlsplit(url).hostname or "other"
+
+        async def on_start(
+            session: aiohttp.ClientSession,
+            ctx: SimpleNamespace,
+            params: aiohttp.TraceRequestStartParams,
+        ) -> None:
+            ctx.started = time.perf_counter()
+            ctx.target = target_of(str(params.url))
+
+        async def on_end(
+            session: aiohttp.ClientSession,
+            ctx: SimpleNamespace,
+            params: aiohttp.TraceRequestEndParams,
+        ) -> None:
+            status = params.response.status
+            self.outbound.labels(target=ctx.target, status=str(status)).inc()
+            self.outbound_latency.labels(target=ctx.target).observe(
+                time.perf_counter() - ctx.started
+            )
+            if ctx.target == "arm":
+                if status == 429:
+                    self.arm_throttled.inc()
+                headers = params.response.headers
+                for header, kind in (
+                    ("x-ms-ratelimit-remaining-subscription-reads", "subscription_reads"),
+                    ("x-ms-ratelimit-remaining-resource", "resource"),
+                ):
+                    value = headers.get(header)
+                    remaining = _last_number(value) if value else None
+                    if remaining is not None:
+                        self.arm_remaining.labels(kind=kind).set(remaining)
+
+        async def on_error(
+            session: aiohttp.ClientSession,
+            ctx: SimpleNamespace,
+            params: aiohttp.TraceRequestExceptionParams,
+        ) -> None:
+            self.outbound.labels(target=ctx.target, status="error").inc()
+            self.outbound_latency.labels(target=ctx.target).observe(
+                time.perf_counter() - ctx.started
+            )
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_start.append(on_start)
+        trace.on_request_end.append(on_end)
+        trace.on_request_exception.append(on_error)
+        return trace
+
+    def set_circuit_state(self, state: str) -> None:
+        self.circuit_state.set(CIRCUIT_STATES.get(state, 0))
 
     def exposition(self) -> bytes:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
@@ -71,3 +205,15 @@ class Metrics:
             prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _last_number(value: str) -> float | None:
+    """ARM's remaining-resource header is ``Policy;N[,Policy;N]``: the smallest N counts."""
+    numbers: list[float] = []
+    for part in value.split(","):
+        tail = part.rsplit(";", 1)[-1].strip()
+        try:
+            numbers.append(float(tail))
+        except ValueError:
+            continue
+    return min(numbers) if numbers else None

@@ -116,7 +116,7 @@ class GatewayServer:
     async def _start(self) -> None:
         if self._deps is None:
             self._deps = await self._stack.enter_async_context(
-                production_deps(self.config, clock=self._clock)
+                production_deps(self.config, clock=self._clock, metrics=self._metrics)
             )
         app = make_app(
             self.config,

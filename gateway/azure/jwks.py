@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -107,6 +107,7 @@ class JwksClient:
         min_refresh_interval: float = 300.0,
         timeout: float = 5.0,
         cache: MemoryCache[str, KeySet] | None = None,
+        on_refresh: Callable[[], None] | None = None,
     ) -> None:
         authority = (authority_host or cloud.authority_host).rstrip("/")
         parts = urlsplit(authority)
@@ -127,6 +128,7 @@ class JwksClient:
         self._failures: dict[str, _Failure] = {}
         self._seq = 0
         self.fetches: Counter[str] = Counter()
+        self._on_refresh = on_refresh  # a key rotation seen (metrics)
 
     # -- public -------------------------------------------------------------------------
 
@@ -151,6 +153,8 @@ class JwksClient:
             keyset = current  # someone refreshed while we looked
         elif keyset.seq <= seq_at_start and started - keyset.fetched_at >= self._min_refresh:
             logger.info("unknown kid %s for tenant %s: refreshing its keys", kid, tenant)
+            if self._on_refresh is not None:
+                self._on_refresh()
             self._cache.delete(tenant)
             keyset = await self._keys(tenant)
         key = keyset.keys.get(kid)

@@ -73,6 +73,7 @@ async def join(request: web.Request) -> web.Response:
         raise
     finally:
         metrics.in_flight.dec()
+        metrics.set_circuit_state(app[DEPS].auth.breaker.state.value)
         elapsed = time.perf_counter() - start
         metrics.joins.labels(outcome=outcome, code=code).inc()
         metrics.join_latency.observe(elapsed)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -20,7 +21,7 @@ from gateway.azure.arm import ArmClient
 from gateway.azure.attested import AttestedVerifier
 from gateway.azure.certs import TrustStore
 from gateway.azure.jwks import JwksClient, TokenVerifier
-from gateway.cache import MemoryCache
+from gateway.cache import MemoryCache, NullCache
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.join.binding import VmBinder
@@ -29,6 +30,7 @@ from gateway.join.forward import AuthClient
 from gateway.join.pipeline import JoinDeps
 from gateway.join.replay import MemoryReplayStore, ReplayStore
 from gateway.join.rules import TokenRegistry, load_token_files
+from gateway.metrics import Metrics
 from gateway.tlsutil import client_ssl_context
 
 __all__ = ["TokenHolder", "load_tokens", "outbound_ssl_context", "production_deps"]
@@ -65,13 +67,39 @@ def outbound_ssl_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
+def _caches(
+    config: Config, clock: Clock, metrics: Metrics
+) -> Callable[[str], MemoryCache[Any, Any]]:
+    """A named cache factory: in-process TTL caches with single flight, or with
+    ``cache.enabled: false`` (the benchmark's naive baseline) caches that keep nothing."""
+
+    def make(name: str) -> MemoryCache[Any, Any]:
+        cls = MemoryCache if config.cache.enabled else NullCache
+        return cls(name, clock=clock, observer=metrics.cache_observer(name))
+
+    return make
+
+
 @asynccontextmanager
 async def production_deps(
-    config: Config, *, clock: Clock | None = None, replay: ReplayStore | None = None
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    replay: ReplayStore | None = None,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[JoinDeps]:
     clock = clock or SystemClock()
+    metrics = metrics or Metrics()
+    cache = _caches(config, clock, metrics)
     az = config.azure
     cloud = config.cloud
+    authority = (az.authority_host or cloud.authority_host).rstrip("/")
+    arm_endpoint = (az.arm_endpoint or cloud.arm_endpoint).rstrip("/")
+    aia_prefixes = (*DEFAULT_AIA_PREFIXES, *az.aia.extra_allowed_prefixes)
+    trace = metrics.trace_config(
+        [(authority, "entra"), (arm_endpoint, "arm"), (config.upstream.url, "auth")]
+        + [(prefix, "aia") for prefix in aia_prefixes]
+    )
     challenges = ChallengeCodec(
         load_keys_file(config.path(config.challenge.keys_file)),
         ttl=config.challenge.ttl_seconds,
@@ -83,18 +111,25 @@ async def production_deps(
         include_bundled=az.bundled_roots,
     )
     connector = aiohttp.TCPConnector(ssl=outbound_ssl_context(config), limit=256, ttl_dns_cache=300)
-    session = aiohttp.ClientSession(connector=connector, trust_env=False)
+    session = aiohttp.ClientSession(connector=connector, trust_env=False, trace_configs=[trace])
     upstream = config.upstream
+    upstream_ssl = client_ssl_context(
+        ca_file=config.path(upstream.ca_file) if upstream.ca_file else None,
+        cert_file=config.path(upstream.client_cert_file) if upstream.client_cert_file else None,
+        key_file=config.path(upstream.client_key_file) if upstream.client_key_file else None,
+    )
+    auth_session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=upstream.max_connections, ssl=upstream_ssl),
+        trust_env=False,
+        trace_configs=[trace],
+    )
     auth = AuthClient(
         url=upstream.url,
-        ssl_context=client_ssl_context(
-            ca_file=config.path(upstream.ca_file) if upstream.ca_file else None,
-            cert_file=config.path(upstream.client_cert_file) if upstream.client_cert_file else None,
-            key_file=config.path(upstream.client_key_file) if upstream.client_key_file else None,
-        ),
+        ssl_context=upstream_ssl,
         clock=clock,
         timeout=upstream.timeout_seconds,
         max_connections=upstream.max_connections,
+        session=auth_session,
     )
     replay_store: ReplayStore = replay or MemoryReplayStore(clock=clock)
     try:
@@ -102,22 +137,24 @@ async def production_deps(
         if az.aia.enabled:
             aia = AiaFetcher(
                 session,
-                allowed_prefixes=(*DEFAULT_AIA_PREFIXES, *az.aia.extra_allowed_prefixes),
+                allowed_prefixes=aia_prefixes,
                 max_bytes=az.aia.max_bytes,
                 timeout=az.aia.timeout_seconds,
                 allow_private=az.aia.allow_private_destinations,
-                cache=MemoryCache("aia", clock=clock),
+                cache=cache("aia"),
                 clock=clock,
             )
         jwks = JwksClient(
             session,
             cloud=cloud,
-            authority_host=az.authority_host or None,
+            authority_host=authority,
             clock=clock,
             cache_ttl=config.cache.jwks_ttl_seconds,
             min_refresh_interval=config.cache.jwks_min_refresh_seconds,
+            cache=cache("jwks"),
+            on_refresh=metrics.key_refreshes.inc,
         )
-        arm = ArmClient(session, endpoint=az.arm_endpoint or cloud.arm_endpoint, clock=clock)
+        arm = ArmClient(session, endpoint=arm_endpoint, clock=clock)
         yield JoinDeps(
             clock=clock,
             challenges=challenges,
@@ -126,7 +163,7 @@ async def production_deps(
                 cloud=cloud,
                 trust=trust,
                 aia=aia,
-                chain_cache=MemoryCache("chains", clock=clock),
+                chain_cache=cache("chains"),
                 clock=clock,
                 skew=az.clock_skew_seconds,
             ),
@@ -149,5 +186,6 @@ async def production_deps(
         )
     finally:
         await auth.aclose()
+        await auth_session.close()
         await session.close()
         await replay_store.aclose()

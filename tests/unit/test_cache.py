@@ -88,3 +88,19 @@ def test_max_entries_bounds_memory() -> None:
         cache.set(i, i, ttl=60)
     assert len(cache) <= 100
     assert cache.get(999) == 999
+
+
+async def test_null_cache_runs_the_loader_every_time() -> None:
+    from gateway.cache import NullCache
+
+    cache: NullCache[str, int] = NullCache("naive")
+    calls = 0
+
+    async def loader() -> tuple[int, float]:
+        nonlocal calls
+        calls += 1
+        return calls, 60.0
+
+    assert [await cache.get_or_load("k", loader) for _ in range(3)] == [1, 2, 3]
+    cache.set("k", 9, 60)
+    assert cache.get("k") is None
