@@ -105,6 +105,8 @@ class AzureConfig:
     outbound_ca_file: str = ""
     clock_skew_seconds: float = 60.0
     token_leeway_seconds: float = 60.0
+    # Per-request limit for Entra ID and Resource Manager calls.
+    request_timeout_seconds: float = 5.0
     aia: AiaConfig = AiaConfig()
 
 
@@ -121,6 +123,9 @@ class UpstreamConfig:
     ca_file: str = ""
     timeout_seconds: float = 10.0
     max_connections: int = 64
+    # Consecutive failures that open the circuit, and how long it stays open.
+    breaker_failures: int = 5
+    breaker_reset_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ This module is not part of the product's serving path (``serve`` never imports i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +90,7 @@ async def dev_stack(
     config_overrides: dict[str, object] | None = None,
     extra_ca_files: Sequence[Path] = (),
     start_gateway: bool = True,
+    adjust: Callable[[Config], Config] | None = None,
 ) -> AsyncIterator[DevStack]:
     """Parameters: ``start_gateway=False`` prepares everything (files, config) but leaves
     the gateway to the caller — e.g. a ``join-gateway serve`` subprocess with workers."""
@@ -155,6 +156,8 @@ async def dev_stack(
         )
         if config_overrides:
             config = dataclasses.replace(config, **config_overrides)  # type: ignore[arg-type]
+        if adjust is not None:
+            config = adjust(config)
         gateway = GatewayServer(config, clock=clock)
         if start_gateway:
             await stack.enter_async_context(gateway)

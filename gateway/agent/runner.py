@@ -226,6 +226,11 @@ async def _both(a: Coroutine[Any, Any, T], b: Coroutine[Any, Any, U]) -> tuple[T
     return ta.result(), tb.result()
 
 
+# The gateway's codes for "verified, but the auth service failed": it released the
+# challenge, so the same request may be sent again.
+UPSTREAM_CODES = frozenset({"upstream_failed", "upstream_unavailable"})
+
+
 class _Joiner:
     """The state one join carries across attempts (the cached intermediates)."""
 
@@ -243,8 +248,16 @@ class _Joiner:
         self._imds = imds
         self._collector = collector
         self._intermediates: tuple[str, ...] | None = None
+        # A join the gateway verified but could not forward: resent as it is (same
+        # challenge = same idempotency key at the auth service) while the challenge lives,
+        # so a registration whose answer was lost is not made twice.
+        self._pending: dict[str, Any] | None = None
 
     async def attempt(self) -> dict[str, Any]:
+        if self._pending is not None:
+            body, self._pending = self._pending, None
+            log.info("resending the verified join (same challenge) after an upstream failure")
+            return await self._submit(body)
         challenge = await self._gateway.challenge()
         document, token = await _both(
             self._imds.attested_document(challenge),
@@ -270,7 +283,15 @@ class _Joiner:
                 dns_names=self._s.dns_names,
             ),
         )
-        return await self._gateway.join(body)
+        return await self._submit(body)
+
+    async def _submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._gateway.join(body)
+        except JoinError as exc:
+            if exc.code in UPSTREAM_CODES:
+                self._pending = body
+            raise
 
 
 async def run_join(

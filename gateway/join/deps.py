@@ -26,7 +26,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.join.binding import VmBinder
 from gateway.join.challenge import ChallengeCodec, load_keys_file
-from gateway.join.forward import AuthClient
+from gateway.join.forward import AuthClient, CircuitBreaker
 from gateway.join.pipeline import JoinDeps
 from gateway.join.replay import MemoryReplayStore, ReplayStore
 from gateway.join.rules import TokenRegistry, load_token_files
@@ -130,6 +130,11 @@ async def production_deps(
         timeout=upstream.timeout_seconds,
         max_connections=upstream.max_connections,
         session=auth_session,
+        breaker=CircuitBreaker(
+            failure_threshold=upstream.breaker_failures,
+            reset_timeout=upstream.breaker_reset_seconds,
+            clock=clock,
+        ),
     )
     replay_store: ReplayStore = replay or MemoryReplayStore(clock=clock)
     try:
@@ -151,10 +156,13 @@ async def production_deps(
             clock=clock,
             cache_ttl=config.cache.jwks_ttl_seconds,
             min_refresh_interval=config.cache.jwks_min_refresh_seconds,
+            timeout=az.request_timeout_seconds,
             cache=cache("jwks"),
             on_refresh=metrics.key_refreshes.inc,
         )
-        arm = ArmClient(session, endpoint=arm_endpoint, clock=clock)
+        arm = ArmClient(
+            session, endpoint=arm_endpoint, clock=clock, timeout=az.request_timeout_seconds
+        )
         yield JoinDeps(
             clock=clock,
             challenges=challenges,

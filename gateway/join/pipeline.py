@@ -256,14 +256,22 @@ async def admit_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> Join
             raise JoinRejected(Code.CHALLENGE_REUSED, "challenge already redeemed")
 
     with trace.step("upstream"):
-        result = await deps.auth.register(
-            Registration(
-                idempotency_key=req.challenge,
-                token_name=attrs.token_name,
-                role=attrs.role,
-                client_address=req.client_address,
-                join=attrs.join_block(),
-                host=req.host,
+        try:
+            result = await deps.auth.register(
+                Registration(
+                    idempotency_key=req.challenge,
+                    token_name=attrs.token_name,
+                    role=attrs.role,
+                    client_address=req.client_address,
+                    join=attrs.join_block(),
+                    host=req.host,
+                )
             )
-        )
+        except GatewayError as err:
+            if err.retryable:
+                # Verified, but not forwarded (or the answer was lost): let the agent send
+                # this very request again, so the auth service sees the same idempotency
+                # key instead of a second registration under a new challenge.
+                await deps.replay.release(req.challenge)
+            raise
     return JoinOutcome(attrs=attrs, result=result)
