@@ -281,21 +281,21 @@ async def read_proxy_header(sock: socket.socket) -> ProxyInfo:
         await _wait_readable(loop, sock)
         try:
             peeked = sock.recv(_PEEK - len(buf), socket.MSG_PEEK)
+            if not peeked:
+                raise ProxyProtocolError("connection closed before the header ended")
+            info, consumed = parse_proxy_header(buf + peeked)
+            if info is not None:
+                need = consumed - len(buf)
+                got = sock.recv(need)  # peeked already, so all `need` bytes are there
+                if len(got) != need:
+                    raise ProxyProtocolError("the kernel returned fewer bytes than it peeked")
+                return info
+            # Incomplete: everything peeked is header, so consume it (no busy readiness).
+            buf += sock.recv(len(peeked))
         except (BlockingIOError, InterruptedError):
             continue
         except OSError as exc:
             raise ProxyProtocolError(f"reading the header failed: {exc}") from exc
-        if not peeked:
-            raise ProxyProtocolError("connection closed before the header ended")
-        info, consumed = parse_proxy_header(buf + peeked)
-        if info is not None:
-            need = consumed - len(buf)
-            got = sock.recv(need)  # peeked already, so all `need` bytes are there
-            if len(got) != need:
-                raise ProxyProtocolError("the kernel returned fewer bytes than it peeked")
-            return info
-        # Incomplete: everything peeked is header, so consume it (no busy readiness).
-        buf += sock.recv(len(peeked))
 
 
 class ProxyProtocolListener:

@@ -313,11 +313,18 @@ class TieredCache(Generic[V]):
     first replica's load serve the others.
 
     ``shared=None`` is the memory-only cache (``cache.backend: memory``) behind the same
-    interface. ``get``/``set``/``delete`` act on the memory tier only (sync, like
-    ``MemoryCache``); ``invalidate`` drops a key from both tiers, for forced refreshes
-    (a JWKS refetch on an unknown ``kid`` must not be answered by the same stale set
-    from Redis).
+    interface. ``get``/``set`` act on the memory tier only (sync, like ``MemoryCache``).
+
+    ``delete`` is how callers force a refresh (``JwksClient`` on an unknown ``kid``,
+    ``VmBinder`` on an unknown ``vmId``: ``get`` → ``delete`` → ``get_or_load``). It stays
+    sync, like ``MemoryCache.delete``, and it also marks the key so that its next load
+    skips the shared tier's read: otherwise the refresh would be answered by the same
+    stale value from Redis. The fresh result then overwrites Redis for every replica.
+    ``invalidate`` additionally deletes the Redis copy at once.
     """
+
+    # Bound on keys marked for refresh and never loaded again (hostile churn).
+    _MAX_REFRESH_MARKS = 10_000
 
     def __init__(
         self,
@@ -328,6 +335,7 @@ class TieredCache(Generic[V]):
         self.memory = memory
         self.shared = shared
         self._codec = codec
+        self._refresh: set[str] = set()
 
     @property
     def name(self) -> str:
@@ -341,9 +349,13 @@ class TieredCache(Generic[V]):
 
     def delete(self, key: str) -> None:
         self.memory.delete(key)
+        if self.shared is not None:
+            if len(self._refresh) >= self._MAX_REFRESH_MARKS:
+                self._refresh.clear()
+            self._refresh.add(key)
 
     async def invalidate(self, key: str) -> None:
-        self.memory.delete(key)
+        self.delete(key)
         if self.shared is not None:
             await self.shared.delete(key)
 
@@ -353,7 +365,9 @@ class TieredCache(Generic[V]):
             return await self.memory.get_or_load(key, loader)
 
         async def through_shared() -> tuple[V, float]:
-            entry = await shared.get_entry(key)
+            refreshing = key in self._refresh
+            self._refresh.discard(key)
+            entry = None if refreshing else await shared.get_entry(key)
             if entry is not None:
                 try:
                     return self._codec.decode(entry.value), entry.ttl

@@ -25,9 +25,11 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import Config, ConfigError, split_hostport
 from gateway.http.app import make_app
 from gateway.http.keys import RuntimeState
+from gateway.http.proxy import TrustedProxies
 from gateway.join.deps import TokenHolder, production_deps
 from gateway.join.pipeline import JoinDeps
 from gateway.metrics import Metrics
+from gateway.proxyproto import serve_proxy_protocol
 from gateway.supervisor import supervise
 from gateway.tlsutil import server_ssl_context
 
@@ -137,8 +139,19 @@ class GatewayServer:
         ctx = self.server_ssl_context()
         for i, listener in enumerate(self.config.listeners):
             sock = self._sockets[i] if self._sockets is not None else bind_socket(listener.address)
-            site = web.SockSite(runner, sock, ssl_context=ctx)
-            await site.start()
+            if listener.proxy_protocol:
+                # Our own accept loop reads the PROXY header, then hands the socket to
+                # the runner's server; closed before runner.cleanup() (LIFO) drains.
+                assert runner.server is not None
+                pp = await serve_proxy_protocol(
+                    sock,
+                    handler_factory=runner.server,
+                    ssl_context=ctx,
+                    trusted=TrustedProxies(self.config.proxy.trusted_cidrs),
+                )
+                self._stack.push_async_callback(pp.aclose)
+            else:
+                await web.SockSite(runner, sock, ssl_context=ctx).start()
             self.listeners.append(
                 BoundListener(listener.address, sock.getsockname()[1], listener.proxy_protocol)
             )

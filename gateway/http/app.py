@@ -6,8 +6,17 @@ from aiohttp import web
 
 from gateway.audit import Auditor
 from gateway.config import Config
-from gateway.http.keys import AUDITOR, CONFIG, DEPS, METRICS, STATE, RuntimeState
+from gateway.http.keys import (
+    AUDITOR,
+    CONFIG,
+    DEPS,
+    METRICS,
+    STATE,
+    TRUSTED_PROXIES,
+    RuntimeState,
+)
 from gateway.http.middleware import error_middleware
+from gateway.http.proxy import TrustedProxies
 from gateway.http.routes import routes
 from gateway.join.pipeline import JoinDeps
 from gateway.metrics import Metrics
@@ -35,5 +44,6 @@ def make_app(
     app[METRICS] = metrics or Metrics()
     app[STATE] = state or RuntimeState()
     app[AUDITOR] = auditor or Auditor(clock=deps.clock)
+    app[TRUSTED_PROXIES] = TrustedProxies(config.proxy.trusted_cidrs)
     app.add_routes(routes)
     return app

@@ -8,10 +8,11 @@ from aiohttp import web
 
 from gateway.audit import Auditor
 from gateway.config import Config
+from gateway.http.proxy import TrustedProxies
 from gateway.join.pipeline import JoinDeps
 from gateway.metrics import Metrics
 
-__all__ = ["AUDITOR", "CONFIG", "DEPS", "METRICS", "STATE", "RuntimeState"]
+__all__ = ["AUDITOR", "CONFIG", "DEPS", "METRICS", "STATE", "TRUSTED_PROXIES", "RuntimeState"]
 
 
 @dataclass
@@ -27,3 +28,4 @@ DEPS = web.AppKey("deps", JoinDeps)
 METRICS = web.AppKey("metrics", Metrics)
 AUDITOR = web.AppKey("auditor", Auditor)
 STATE = web.AppKey("state", RuntimeState)
+TRUSTED_PROXIES = web.AppKey("trusted_proxies", TrustedProxies)

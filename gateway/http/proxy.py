@@ -48,6 +48,7 @@ __all__ = [
     "client_address_for",
     "effective_client_address",
     "parse_ip",
+    "transport_peer",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -282,7 +283,10 @@ def effective_client_address(peer_ip: str, headers: Headers, trusted: TrustedPro
     return str(last_known)  # every hop trusted: the left-most one
 
 
-def _transport_peer(request: web.Request) -> str:
+def transport_peer(request: web.Request) -> str:
+    """The connection's peer before any header is believed: the PROXY-protocol source
+    when the listener got one, else the TCP peer (what to log when the headers are bad).
+    """
     transport = request.transport
     if transport is not None:
         proxied = proxied_peer(transport)
@@ -297,4 +301,4 @@ def _transport_peer(request: web.Request) -> str:
 def client_address_for(request: web.Request, trusted: TrustedProxies) -> str:
     """The client address of ``request``: PROXY-protocol source, else the TCP peer, then
     the forwarding headers if that peer is trusted."""
-    return effective_client_address(_transport_peer(request), request.headers, trusted)
+    return effective_client_address(transport_peer(request), request.headers, trusted)

@@ -8,8 +8,9 @@ import time
 from aiohttp import web
 
 from gateway.errors import Code, GatewayError, PayloadTooLarge
-from gateway.http.keys import AUDITOR, CONFIG, DEPS, METRICS, STATE
+from gateway.http.keys import AUDITOR, CONFIG, DEPS, METRICS, STATE, TRUSTED_PROXIES
 from gateway.http.middleware import REQUEST_ID
+from gateway.http.proxy import client_address_for, transport_peer
 from gateway.http.schema import decode_challenge_request, decode_join_request
 from gateway.join.pipeline import JoinTrace, admit_join
 
@@ -20,11 +21,9 @@ routes = web.RouteTableDef()
 
 
 def client_address(request: web.Request) -> str:
-    """The peer's address. (Trusted-proxy headers are honoured by the proxy middleware.)"""
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return request.remote or "unknown"
+    """The client: PROXY-protocol source or TCP peer, then Forwarded/X-Forwarded-For if
+    that peer is a trusted proxy (DESIGN §6). Raises BadRequest(invalid_forwarded_header)."""
+    return client_address_for(request, request.app[TRUSTED_PROXIES])
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -54,10 +53,11 @@ async def join(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     start = time.perf_counter()
     trace = JoinTrace()
-    address = client_address(request)
+    address = transport_peer(request)  # audited as-is if the forwarding headers are bad
     outcome, code, detail, host_id = "error", Code.INTERNAL_ERROR.value, None, None
     metrics.in_flight.inc()
     try:
+        address = client_address(request)
         req = decode_join_request(
             await read_body(request),
             client_address=address,

@@ -28,9 +28,10 @@ from gateway.join.binding import VmBinder
 from gateway.join.challenge import ChallengeCodec, load_keys_file
 from gateway.join.forward import AuthClient, CircuitBreaker
 from gateway.join.pipeline import JoinDeps
-from gateway.join.replay import MemoryReplayStore, ReplayStore
+from gateway.join.replay import MemoryReplayStore, RedisReplayStore, ReplayStore
 from gateway.join.rules import TokenRegistry, load_token_files
 from gateway.metrics import Metrics
+from gateway.redis_tier import redis_client
 from gateway.tlsutil import client_ssl_context
 
 __all__ = ["TokenHolder", "load_tokens", "outbound_ssl_context", "production_deps"]
@@ -136,7 +137,16 @@ async def production_deps(
             clock=clock,
         ),
     )
-    replay_store: ReplayStore = replay or MemoryReplayStore(clock=clock)
+    # One Redis client per process (bounded blocking pool, fail-fast timeouts), shared by
+    # the replay store and the cache tiers; closed last, after everything using it.
+    redis = redis_client(config.cache.redis_url) if config.cache.backend == "redis" else None
+    replay_store: ReplayStore
+    if replay is not None:
+        replay_store = replay
+    elif redis is not None:
+        replay_store = RedisReplayStore(redis)
+    else:
+        replay_store = MemoryReplayStore(clock=clock)
     try:
         aia = None
         if az.aia.enabled:
@@ -197,3 +207,5 @@ async def production_deps(
         await auth_session.close()
         await session.close()
         await replay_store.aclose()
+        if redis is not None:
+            await redis.aclose()

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from gateway.agent import AgentSettings, JoinFailed, make_ssl_context, run_join
+from gateway.agent import AgentSettings, make_ssl_context, run_join
 from gateway.agent.keys import load_or_create_keys
 from gateway.authservice import AuthService
 from gateway.clock import FixedClock
@@ -217,7 +217,10 @@ async def test_a_signing_key_rotation_in_the_middle_of_a_storm(stack: DevStack) 
     jwks_before = stack.emulator.counters.get("entra.jwks", 0)
     stack.emulator.rotate_signing_key(tenant)
     await asyncio.gather(
-        *(run_join(patient(stack, vm), ssl_context=ctx, sleep=virtual_sleep(stack)) for vm in vms[10:])
+        *(
+            run_join(patient(stack, vm), ssl_context=ctx, sleep=virtual_sleep(stack))
+            for vm in vms[10:]
+        )
     )
     # 30 joins with a new kid arriving at once: one refresh, not thirty.
     assert stack.emulator.counters.get("entra.jwks", 0) - jwks_before == 1
@@ -264,13 +267,13 @@ async def test_auth_service_down_opens_the_circuit_and_joins_recover_when_it_ret
     assert set(codes) == {"upstream_unavailable"}
     assert stack.gateway.deps.auth.breaker.state.value == "open"
     # Open: answers come without touching the network (no new outbound auth attempts).
-    metrics = stack.gateway._metrics  # noqa: SLF001 - the process's own counters
+    metrics = stack.gateway._metrics
     errors = metrics.outbound.labels(target="auth", status="error")
-    before = errors._value.get()  # noqa: SLF001
+    before = errors._value.get()
     for vm in vms[1:4]:
         status, body, _ = await post_join(stack, vm, tmp_path)
         assert (status, body["error"]["code"]) == (503, "upstream_unavailable")
-    assert errors._value.get() == before  # noqa: SLF001
+    assert errors._value.get() == before
 
     revived = AuthService(
         data_dir=paths.data_dir,
@@ -285,7 +288,10 @@ async def test_auth_service_down_opens_the_circuit_and_joins_recover_when_it_ret
         gateway_clock(stack).advance(6)  # the circuit half-opens; one probe closes it
         ctx = make_ssl_context(stack.gateway_ca_file)
         await asyncio.gather(
-            *(run_join(patient(stack, vm), ssl_context=ctx, sleep=virtual_sleep(stack)) for vm in vms[1:])
+            *(
+                run_join(patient(stack, vm), ssl_context=ctx, sleep=virtual_sleep(stack))
+                for vm in vms[1:]
+            )
         )
         assert stack.gateway.deps.auth.breaker.state.value == "closed"
         assert_exactly_once(stack, vms)

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
 
+from gateway.errors import BadRequest
 from gateway.http.proxy import TrustedProxies, client_address_for
 from gateway.proxyproto import (
     V2_SIGNATURE,
@@ -344,3 +346,57 @@ def test_aclose_stops_accepting(pki: Pki) -> None:
                 await gw.connect()
 
     run(asyncio.new_event_loop, go())
+
+
+DIRECT: list[tuple[str, list[str], dict[str, str], str]] = [
+    (
+        "a direct peer inside the trusted CIDRs may name the client",
+        ["127.0.0.1/32"],
+        {"X-Forwarded-For": "203.0.113.5, 127.0.0.1"},
+        "203.0.113.5",
+    ),
+    (
+        "a direct peer outside the trusted CIDRs cannot name the client",
+        ["10.0.0.0/8"],
+        {"X-Forwarded-For": "203.0.113.5", "Forwarded": "for=203.0.113.6"},
+        "127.0.0.1",
+    ),
+    (
+        "a trusted direct peer's malformed header is invalid_forwarded_header",
+        ["127.0.0.1/32"],
+        {"X-Forwarded-For": "not-an-address"},
+        "invalid_forwarded_header",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "headers", "expected"), [c[1:] for c in DIRECT], ids=[c[0] for c in DIRECT]
+)
+async def test_client_address_for_a_direct_connection(
+    cidrs: list[str], headers: dict[str, str], expected: str
+) -> None:
+    """Without a PROXY listener the TCP peer is the starting point."""
+    trusted = TrustedProxies(cidrs)
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            return web.Response(text=client_address_for(request, trusted))
+        except BadRequest as err:
+            return web.Response(text=err.code.value, status=err.status)
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/", headers=headers) as resp,
+        ):
+            assert await resp.text() == expected
+    finally:
+        await runner.cleanup()

@@ -93,6 +93,7 @@ class RedisServer:
         raise RuntimeError(f"could not start redis-server: {last}")
 
     def _spawn(self, port: int) -> None:
+        self._workdir.mkdir(parents=True, exist_ok=True)
         log_file = self._workdir / f"redis-{port}.log"
         args = [
             self._binary,

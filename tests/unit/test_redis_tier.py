@@ -46,6 +46,7 @@ def vm_from_obj(obj: Any) -> VmRecord:
 
 VM_CODEC: JsonCodec[VmRecord] = JsonCodec(asdict, vm_from_obj)
 VM = VmRecord("0b5a7d1e-1111-4222-8333-944445555666", "/subscriptions/s/rg/vm1", ("a", "b"))
+VM_NEW = VmRecord("7c0ffee0-1111-4222-8333-944445555666", "/subscriptions/s/rg/vm1", ())
 
 
 def make_cert(cn: str) -> x509.Certificate:
@@ -221,6 +222,33 @@ async def test_invalidate_drops_both_tiers(client: aioredis.Redis) -> None:
     # A forced refresh must reach the loader, not the stale shared copy.
     await b.get_or_load("vm1", loader)
     assert loader.calls == 2
+
+
+async def test_a_forced_refresh_skips_the_stale_shared_copy_and_replaces_it(
+    client: aioredis.Redis,
+) -> None:
+    # The JwksClient/VmBinder refresh: get → delete → get_or_load, all on one replica.
+    clock = FixedClock(0)
+    a, b = replica(client, clock), replica(client, clock)
+    stale, fresh = CountingLoader(VM), CountingLoader(VM_NEW)
+    assert await a.get_or_load("vm1", stale) == VM
+    assert await b.get_or_load("vm1", stale) == VM  # b holds the shared copy too
+    a.delete("vm1")
+    assert await a.get_or_load("vm1", fresh) == VM_NEW
+    assert (stale.calls, fresh.calls) == (1, 1)
+    # The fresh value replaced Redis: once b's memory copy lapses, b reads it from there.
+    b.memory.clear()
+    assert await b.get_or_load("vm1", stale) == VM_NEW
+    assert stale.calls == 1
+    # Only the load right after a delete skips Redis.
+    a.memory.clear()
+    assert await a.get_or_load("vm1", stale) == VM_NEW and stale.calls == 1
+    # A refresh on b loads too, and its result is what Redis holds next.
+    b.delete("vm1")
+    assert await b.get_or_load("vm1", stale) == VM
+    assert stale.calls == 2
+    stored = await client.get("jg:cache:v1:vm:vm1")
+    assert isinstance(stored, bytes) and VM_CODEC.decode(stored) == VM
 
 
 async def test_cache_kinds_do_not_share_keys(client: aioredis.Redis) -> None:

@@ -1,0 +1,51 @@
+"""cache.backend: redis makes the gateway redeem challenges in Redis (after deps wiring)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.agent import run_join
+from gateway.config import CacheConfig
+from gateway.devstack import agent_settings, dev_stack
+from gateway.join.replay import RedisReplayStore
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+TOKENS_YAML = """kind: token
+version: v2
+metadata: {name: azure-token}
+spec:
+  roles: [Node]
+  join_method: azure
+  azure:
+    allow:
+      - subscription: 11111111-1111-1111-1111-111111111111
+"""
+
+
+async def test_the_redis_backend_records_redemptions_in_redis(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as srv:
+        async with dev_stack(
+            tmp_path / "stack",
+            tokens_yaml=TOKENS_YAML,
+            config_overrides={"cache": CacheConfig(backend="redis", redis_url=srv.url)},
+        ) as st:
+            assert isinstance(st.gateway.deps.replay, RedisReplayStore)
+            tenant = st.emulator.add_tenant()
+            vm = st.emulator.add_vm(
+                subscription="11111111-1111-1111-1111-111111111111",
+                resource_group="rg1",
+                name="vm1",
+                tenant=tenant,
+                identity="user",
+            )
+            assert (await run_join(agent_settings(st, vm))).host_id
+            client = aioredis.Redis.from_url(srv.url)
+            try:
+                assert len(await client.keys("jg:replay:*")) == 1
+            finally:
+                await client.aclose()
