@@ -244,18 +244,22 @@ def _load_der_certificate(data: bytes) -> list[x509.Certificate]:
 
 def _parse_certificates(body: bytes) -> tuple[x509.Certificate, ...]:
     """DER certificate, PEM certificate(s), or PKCS#7 certs-only (DER or PEM)."""
+    # Whitespace is stripped only to recognise PEM: DER is binary, and a certificate whose
+    # last byte happens to be 0x09-0x0d or 0x20 (about 1 in 40) must not lose it.
     stripped = body.strip()
     loaders: list[Callable[[bytes], list[x509.Certificate]]]
     if stripped.startswith(b"-----BEGIN"):
+        data = stripped
         if b"PKCS7" in stripped[:40]:
             loaders = [pkcs7.load_pem_pkcs7_certificates]
         else:
             loaders = [x509.load_pem_x509_certificates]
     else:
+        data = body
         loaders = [_load_der_certificate, pkcs7.load_der_pkcs7_certificates]
     for loader in loaders:
         try:
-            certs = loader(stripped)
+            certs = loader(data)
         except ValueError:
             continue
         if certs:

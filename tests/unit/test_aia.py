@@ -350,3 +350,37 @@ async def test_verifier_fails_closed_when_aia_is_refused(
         await verifier.verify(forge(leaf), expected_nonce="nonce-0123456789")
     assert info.value.code == Code.ATTESTED_CHAIN_UNTRUSTED
     assert server.requested == []
+
+
+def test_a_der_certificate_ending_in_a_whitespace_byte_is_parsed_whole() -> None:
+    """DER is binary: a signature whose last byte is 0x0a/0x20/... must not be stripped
+    (this once refused about 1 in 40 intermediates as 'not a certificate')."""
+    import datetime as _dt
+
+    from cryptography import x509 as _x509
+    from cryptography.hazmat.primitives import hashes as _hashes
+    from cryptography.hazmat.primitives.asymmetric import ec as _ec
+    from cryptography.hazmat.primitives.serialization import Encoding as _Encoding
+
+    from gateway.azure.aia import _parse_certificates
+
+    key = _ec.generate_private_key(_ec.SECP256R1())
+    name = _x509.Name([_x509.NameAttribute(_x509.NameOID.COMMON_NAME, "ws")])
+    now = _dt.datetime.now(_dt.UTC)
+    for serial in range(1, 2000):
+        cert = (
+            _x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now)
+            .not_valid_after(now + _dt.timedelta(days=1))
+            .sign(key, _hashes.SHA256())
+        )
+        der = cert.public_bytes(_Encoding.DER)
+        if der[-1:] in (b"\n", b" ", b"\t", b"\r", b"\x0b", b"\x0c"):
+            break
+    else:
+        raise AssertionError("no certificate ending in a whitespace byte was generated")
+    assert _parse_certificates(der) == (cert,)
