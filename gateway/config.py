@@ -24,6 +24,7 @@ from gateway.cloud import CLOUDS, CloudProfile, cloud_by_name
 
 __all__ = [
     "AiaConfig",
+    "ArmBudgetConfig",
     "AzureConfig",
     "CacheConfig",
     "ChallengeConfig",
@@ -90,6 +91,20 @@ class AiaConfig:
 
 
 @dataclass(frozen=True)
+class ArmBudgetConfig:
+    """Our own spending limit for Resource Manager reads, per subscription: Azure's
+    published limits (250 burst, +25/s; 300 list calls a minute) less a safety margin,
+    so the gateway never provokes a 429."""
+
+    burst: float = 250.0
+    refill_per_second: float = 25.0
+    list_per_minute: int = 300
+    safety_margin: float = 0.1
+    # A join waits this long for a token before it gets 503 + Retry-After.
+    max_wait_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
 class AzureConfig:
     cloud: str = "public"
     # Extra PEM files: self-signed certs become pinned roots, others intermediates.
@@ -108,6 +123,7 @@ class AzureConfig:
     # Per-request limit for Entra ID and Resource Manager calls.
     request_timeout_seconds: float = 5.0
     aia: AiaConfig = AiaConfig()
+    arm_budget: ArmBudgetConfig = ArmBudgetConfig()
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,11 @@ class CacheConfig:
     jwks_min_refresh_seconds: float = 300.0
     vm_ttl_seconds: float = 300.0
     negative_ttl_seconds: float = 30.0
+    # A resource group is listed once (not read VM by VM) when this many of its VMs miss
+    # within list_window_seconds; its vmId map is reread at most every map_refresh_seconds.
+    list_threshold: int = 3
+    list_window_seconds: float = 5.0
+    map_refresh_seconds: float = 30.0
 
 
 @dataclass(frozen=True)

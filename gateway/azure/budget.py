@@ -109,10 +109,9 @@ class SubscriptionBudget:
         keep = 1.0 - safety_margin
         self._read_capacity = max(1.0, burst * keep)
         self._read_rate = refill_per_s * keep
-        self._read_margin = burst * safety_margin
         self._list_capacity = max(1.0, list_per_minute * keep)
         self._list_rate = list_per_minute * keep / 60.0
-        self._list_margin = list_per_minute * safety_margin
+        self._keep = keep
         self._max_wait = max_wait
         self._clock = clock
         self._sleep: Sleep = sleep or asyncio.sleep
@@ -156,17 +155,17 @@ class SubscriptionBudget:
         retry_after: float | None,
         remaining_lists: int | None = None,
     ) -> None:
-        """What ARM said: lower our estimates to its counts (less the margin); a
-        ``Retry-After`` closes the subscription until then."""
+        """What ARM said: lower our estimates to its counts less the margin (``count *
+        (1 - safety_margin)``); a ``Retry-After`` closes the subscription until then."""
         now = self._clock.monotonic()
         sub = self._state(subscription, now)
         if remaining_reads is not None:
-            ceiling = remaining_reads - self._read_margin
+            ceiling = remaining_reads * self._keep
             if ceiling < sub.reads.tokens:
                 sub.reads.tokens = ceiling
                 self.stats.lowered += 1
         if remaining_lists is not None:
-            ceiling = remaining_lists - self._list_margin
+            ceiling = remaining_lists * self._keep
             if ceiling < sub.lists.tokens:
                 sub.lists.tokens = ceiling
                 self.stats.lowered += 1

@@ -6,7 +6,9 @@ from aiohttp import web
 
 from gateway.audit import Auditor
 from gateway.config import Config
+from gateway.http.admission import AdmissionController
 from gateway.http.keys import (
+    ADMISSION,
     AUDITOR,
     CONFIG,
     DEPS,
@@ -45,5 +47,12 @@ def make_app(
     app[STATE] = state or RuntimeState()
     app[AUDITOR] = auditor or Auditor(clock=deps.clock)
     app[TRUSTED_PROXIES] = TrustedProxies(config.proxy.trusted_cidrs)
+    limits = config.limits
+    app[ADMISSION] = AdmissionController(
+        max_in_flight=limits.max_in_flight,
+        max_queue=limits.max_queue,
+        queue_timeout=limits.queue_timeout_seconds,
+        retry_after=limits.retry_after_seconds,
+    )
     app.add_routes(routes)
     return app

@@ -8,11 +8,21 @@ from aiohttp import web
 
 from gateway.audit import Auditor
 from gateway.config import Config
+from gateway.http.admission import AdmissionController
 from gateway.http.proxy import TrustedProxies
 from gateway.join.pipeline import JoinDeps
 from gateway.metrics import Metrics
 
-__all__ = ["AUDITOR", "CONFIG", "DEPS", "METRICS", "STATE", "TRUSTED_PROXIES", "RuntimeState"]
+__all__ = [
+    "ADMISSION",
+    "AUDITOR",
+    "CONFIG",
+    "DEPS",
+    "METRICS",
+    "STATE",
+    "TRUSTED_PROXIES",
+    "RuntimeState",
+]
 
 
 @dataclass
@@ -29,3 +39,4 @@ METRICS = web.AppKey("metrics", Metrics)
 AUDITOR = web.AppKey("auditor", Auditor)
 STATE = web.AppKey("state", RuntimeState)
 TRUSTED_PROXIES = web.AppKey("trusted_proxies", TrustedProxies)
+ADMISSION = web.AppKey("admission", AdmissionController)

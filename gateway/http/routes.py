@@ -7,8 +7,8 @@ import time
 
 from aiohttp import web
 
-from gateway.errors import Code, GatewayError, PayloadTooLarge
-from gateway.http.keys import AUDITOR, CONFIG, DEPS, METRICS, STATE, TRUSTED_PROXIES
+from gateway.errors import Code, GatewayError, Overloaded, PayloadTooLarge
+from gateway.http.keys import ADMISSION, AUDITOR, CONFIG, DEPS, METRICS, STATE, TRUSTED_PROXIES
 from gateway.http.middleware import REQUEST_ID
 from gateway.http.proxy import client_address_for, transport_peer
 from gateway.http.schema import decode_challenge_request, decode_join_request
@@ -64,7 +64,19 @@ async def join(request: web.Request) -> web.Response:
             max_bytes=app[CONFIG].limits.max_body_bytes,
         )
         trace.facts.update(token_name=req.token_name, node_name=req.host.node_name)
-        result = await admit_join(req, app[DEPS], trace)
+        admission = app[ADMISSION]
+        try:
+            # Bounded joins in flight and a short queue; beyond them 503 at once, so the
+            # joins admitted stay fast instead of all of them timing out (DESIGN §5).
+            async with admission.slot():
+                metrics.queue_depth.set(admission.queued)
+                result = await admit_join(req, app[DEPS], trace)
+        except Overloaded as err:
+            if err.code is Code.OVERLOADED:
+                metrics.shed.labels(reason="admission").inc()
+            raise
+        finally:
+            metrics.queue_depth.set(admission.queued)
         outcome, code, host_id = "joined", "", result.result.host_id
         return web.json_response(result.to_json())
     except GatewayError as err:

@@ -85,7 +85,9 @@ class VmIdentity:
 
 @dataclass(frozen=True)
 class VmCacheEntry:
-    """A cached VM lookup; ``seq`` orders loads so a caller can tell "read for me"."""
+    """A cached VM lookup. ``seq`` numbers loads in the order they *finished*, so a caller
+    that noted ``VmBinder._seq`` on arrival can tell "read during my call" (seq above it,
+    its own load or one it joined) from "read before I came"."""
 
     record: VmRecord | None  # None: ARM said 404
     loaded_at: float
@@ -304,7 +306,10 @@ class VmBinder:
         started = self._clock.monotonic()
         gkey = _group_key(rid)
         group = self._groups.get(gkey)
-        if group is None and self._vms.get(rid.key) is None and self._wants_listing(gkey, rid):
+        if group is None and (
+            gkey in self._listing  # a listing under way answers this join too
+            or (self._vms.get(rid.key) is None and self._wants_listing(gkey, rid))
+        ):
             group = await self._listing_or_none(arm, rid, gkey, bearer, seq_at_start)
         if group is not None:
             return await self._bind_in_group(arm, rid, vm_id, bearer, group, seq_at_start, started)
@@ -341,9 +346,14 @@ class VmBinder:
         try:
             return await self._load_group(arm, rid, gkey, bearer, seq_at_start, refresh=False)
         except JoinRejected as exc:
-            self.stats.list_fallbacks += 1
-            self._unlistable[gkey] = self._clock.monotonic() + self._negative_ttl
-            logger.info("cannot list resource group %s (%s): point GETs instead", gkey, exc.code)
+            if gkey not in self._unlistable:  # the listing's waiters all land here
+                self.stats.list_fallbacks += 1
+                while len(self._unlistable) >= _MAX_TRACKED_GROUPS:
+                    del self._unlistable[next(iter(self._unlistable))]
+                self._unlistable[gkey] = self._clock.monotonic() + self._negative_ttl
+                logger.info(
+                    "cannot list resource group %s (%s): point GETs instead", gkey, exc.code
+                )
             return None
 
     async def _load_group(
@@ -361,8 +371,6 @@ class VmBinder:
         async def load() -> tuple[GroupMapEntry, float]:
             nonlocal ran
             ran = True
-            self._seq += 1
-            seq = self._seq
             self.stats.rg_lists += 1
             if refresh:
                 self.stats.refreshes += 1
@@ -371,6 +379,8 @@ class VmBinder:
                 records = await arm.list_vms(rid.subscription, rid.resource_group, bearer=bearer)
             finally:
                 self._listing.discard(gkey)
+            self._seq += 1
+            seq = self._seq
             by_vm_id: dict[str, VmRecord] = {}
             by_key: dict[str, VmRecord] = {}
             for r in records:
@@ -457,10 +467,10 @@ class VmBinder:
         async def load() -> tuple[VmCacheEntry, float]:
             nonlocal ran
             ran = True
-            self._seq += 1
-            seq = self._seq
             self.stats.point_gets += 1
             record = await arm.get_vm(rid, bearer=bearer)
+            self._seq += 1
+            seq = self._seq
             entry = VmCacheEntry(record, self._clock.monotonic(), seq)
             return entry, (self._vm_ttl if record is not None else self._negative_ttl)
 
@@ -497,14 +507,14 @@ class VmBinder:
         async def load() -> tuple[ScaleSetCacheEntry, float]:
             nonlocal ran
             ran = True
-            self._seq += 1
-            seq = self._seq
             self.stats.set_lists += 1
             if refresh:
                 self.stats.refreshes += 1
             records = await arm.list_vmss_vms(
                 ss.subscription, ss.resource_group, ss.name, bearer=bearer
             )
+            self._seq += 1
+            seq = self._seq
             by_vm_id = {r.vm_id: r for r in records}
             ttl = self._vm_ttl if by_vm_id else self._negative_ttl
             return ScaleSetCacheEntry(by_vm_id, self._clock.monotonic(), seq), ttl

@@ -17,8 +17,9 @@ from typing import Any
 import aiohttp
 
 from gateway.azure.aia import DEFAULT_AIA_PREFIXES, AiaFetcher
-from gateway.azure.arm import ArmClient
+from gateway.azure.arm import ArmBudget, ArmClient, NoBudget
 from gateway.azure.attested import AttestedVerifier
+from gateway.azure.budget import SubscriptionBudget
 from gateway.azure.certs import TrustStore
 from gateway.azure.jwks import JwksClient, TokenVerifier
 from gateway.cache import MemoryCache, NullCache
@@ -170,8 +171,25 @@ async def production_deps(
             cache=cache("jwks"),
             on_refresh=metrics.key_refreshes.inc,
         )
+        # The naive baseline (caches off) spends without a budget, as a gateway without
+        # one would; otherwise every ARM request is paid for from our own bucket first.
+        budget: ArmBudget = NoBudget()
+        if config.cache.enabled:
+            b = az.arm_budget
+            budget = SubscriptionBudget(
+                burst=b.burst,
+                refill_per_s=b.refill_per_second,
+                list_per_minute=b.list_per_minute,
+                safety_margin=b.safety_margin,
+                max_wait=b.max_wait_seconds,
+                clock=clock,
+            )
         arm = ArmClient(
-            session, endpoint=arm_endpoint, clock=clock, timeout=az.request_timeout_seconds
+            session,
+            endpoint=arm_endpoint,
+            clock=clock,
+            timeout=az.request_timeout_seconds,
+            budget=budget,
         )
         yield JoinDeps(
             clock=clock,
@@ -198,6 +216,13 @@ async def production_deps(
                 clock=clock,
                 vm_cache_ttl=config.cache.vm_ttl_seconds,
                 negative_ttl=config.cache.negative_ttl_seconds,
+                refresh_interval=config.cache.map_refresh_seconds,
+                list_window=config.cache.list_window_seconds,
+                # Without caches a listing would be redone per join: naive mode reads VMs.
+                list_threshold=config.cache.list_threshold if config.cache.enabled else 10**9,
+                vm_cache=cache("vms"),
+                set_cache=cache("scale_set_maps"),
+                group_cache=cache("resource_group_maps"),
             ),
             replay=replay_store,
             auth=auth,

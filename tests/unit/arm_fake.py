@@ -60,6 +60,7 @@ class FakeArm:
         self.in_flight = 0
         self.max_in_flight = 0
         self.reads_left = 250
+        self.list_status: int | None = None  # answer only the VM list calls with this
 
     def _headers(self) -> dict[str, str]:
         self.reads_left -= 1
@@ -116,6 +117,9 @@ class FakeArm:
         early = await self._enter(request)
         if early is not None:
             return early
+        if self.list_status is not None:
+            headers = {**self._headers(), **self.status_headers}
+            return web.json_response({}, status=self.list_status, headers=headers)
         rg = request.match_info["rg"].lower()
         if rg not in self.vms:
             return web.json_response({"error": {"code": "ResourceGroupNotFound"}}, status=404)
