@@ -19,6 +19,7 @@ from enum import StrEnum
 __all__ = [
     "CODES",
     "BadRequest",
+    "BodyTimeout",
     "Code",
     "CodeInfo",
     "GatewayError",
@@ -68,6 +69,8 @@ class Code(StrEnum):
     NOT_FOUND = "not_found"
     # 405
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    # 408
+    BODY_TIMEOUT = "body_timeout"
     # 413
     BODY_TOO_LARGE = "body_too_large"
     # 429 / 503 (retryable, with Retry-After)
@@ -165,6 +168,9 @@ CODES: dict[Code, CodeInfo] = {
     Code.UNKNOWN_TOKEN: CodeInfo(404, False, "No token of that name."),
     Code.NOT_FOUND: CodeInfo(404, False, "No such endpoint."),
     Code.METHOD_NOT_ALLOWED: CodeInfo(405, False, "Method not allowed on this endpoint."),
+    Code.BODY_TIMEOUT: CodeInfo(
+        408, True, "The body did not arrive within the read timeout (slow or stalled client)."
+    ),
     Code.BODY_TOO_LARGE: CodeInfo(413, False, "Body exceeds the size cap (64 KiB)."),
     Code.RATE_LIMITED: CodeInfo(
         429, True, "Too many requests from this client; honour Retry-After."
@@ -244,6 +250,11 @@ class NotFound(GatewayError):
     def __init__(self, code: Code = Code.NOT_FOUND, detail: str | None = None):
         _ensure_status(code, (404, 405))
         super().__init__(code, None, detail=detail)
+
+
+class BodyTimeout(GatewayError):
+    def __init__(self, detail: str | None = None):
+        super().__init__(Code.BODY_TIMEOUT, None, detail=detail)
 
 
 class PayloadTooLarge(GatewayError):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from aiohttp import web
 
-from gateway.errors import Code, GatewayError, Overloaded, PayloadTooLarge
+from gateway.errors import BodyTimeout, Code, GatewayError, Overloaded, PayloadTooLarge
 from gateway.http.keys import ADMISSION, AUDITOR, CONFIG, DEPS, METRICS, STATE, TRUSTED_PROXIES
 from gateway.http.middleware import REQUEST_ID
 from gateway.http.proxy import client_address_for, transport_peer
@@ -33,10 +34,14 @@ async def read_body(request: web.Request) -> bytes:
     ctype = request.headers.get("Content-Type", "application/json")
     if request.can_read_body and not ctype.lower().startswith("application/json"):
         raise GatewayError(Code.UNSUPPORTED_MEDIA_TYPE)
+    limit = request.app[CONFIG].limits.body_read_timeout_seconds
     try:
-        return await request.read()  # client_max_size caps chunked bodies too
+        async with asyncio.timeout(limit):
+            return await request.read()  # client_max_size caps chunked bodies too
     except web.HTTPRequestEntityTooLarge as exc:
         raise PayloadTooLarge(f"body > {cap}") from exc
+    except TimeoutError as exc:
+        raise BodyTimeout(f"body not received within {limit}s") from exc
 
 
 @routes.post("/v1/join/azure/challenge")

@@ -110,3 +110,7 @@ async def gateway_process(
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        from tests.conftest import find_secrets
+
+        leaks = find_secrets(gp.log())
+        assert not leaks, f"secrets in the gateway process's log: {leaks[:3]}"

@@ -1,0 +1,666 @@
+"""The join storm: N emulated VMs join through a real gateway at once.
+
+    python benchmarks/join_storm.py --vms N [--arrival burst|ramp:SECONDS] [--workers W]
+        [--mode tuned|naive] [--baseline-vms M | --no-baseline] --out DIR
+
+Starts the Azure emulator, the reference auth service and the gateway (``join-gateway
+serve`` with W workers) as separate processes, then N emulated VMs — 5 subscriptions, 20
+resource groups, half of them in uniform scale sets of 200-1,000 instances, user- and
+system-assigned identities — join through the agent's protocol code (``GatewayClient``,
+``ImdsClient``, ``build_join_body``): challenge, IMDS document and token, join; 429/503
+are retried after ``Retry-After`` as the agent does. One key pair serves every VM: key
+generation is the VM's cost, not the gateway's.
+
+``--mode tuned`` (the default) also runs the naive baseline in the same invocation: a
+fresh emulator/auth service/gateway with ``cache.enabled: false`` (no caches, no
+coalescing, no ARM budget: per-join discovery, JWKS and ARM calls, as Teleport does) on a
+smaller fleet of the same shape (``--baseline-vms``, default min(N, 1000)). And it
+measures the floor (``floor.py``): the CPU per join no implementation can skip.
+
+Writes DIR/results.json and DIR/storm.png, prints a table. Exits non-zero only when the
+harness itself failed (a process did not start, a VM list was empty), never because a
+target was missed: the figures are the product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import ssl
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as ``python benchmarks/join_storm.py``
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp
+
+from benchmarks.floor import Floor, measure_floor
+from benchmarks.plot import JoinRecord, Sample, Series, percentile, plot_storm
+from benchmarks.stack import (
+    TOKEN_NAME,
+    EmulatorInfo,
+    FleetPlan,
+    Proc,
+    StackError,
+    VmSpec,
+    fleet_plan,
+    free_port,
+    gateway_config,
+    make_gateway_files,
+    process_cpu_seconds,
+    start_auth,
+    start_emulator,
+    start_gateway,
+    tokens_yaml,
+)
+from gateway.agent import (
+    AgentError,
+    Backoff,
+    GatewayClient,
+    HostParams,
+    ImdsClient,
+    JoinError,
+    NodeKeys,
+    build_join_body,
+    load_or_create_keys,
+    make_ssl_context,
+)
+
+__all__ = ["PhaseResult", "main", "parse_args"]
+
+log = logging.getLogger("join_storm")
+
+REQUIRED_KEYS = (
+    "vms",
+    "mode",
+    "succeeded",
+    "failed",
+    "wall_s",
+    "joins_per_s",
+    "latency_ms",
+    "arm_calls",
+    "arm_calls_per_join",
+    "entra_aia_fetches_per_join",
+    "emulator_429s",
+    "gateway_cpu_s_per_join",
+    "floor_cpu_s_per_join",
+    "cpu_vs_floor",
+)
+
+TARGETS = {
+    "failed": 0,
+    "emulator_429s": 0,
+    "arm_calls_per_join": 0.05,
+    "entra_aia_fetches_per_join": 0.001,
+    "cpu_vs_floor": 2.0,
+}
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """``burst``: everyone at once (bounded by the client's concurrency); ``ramp``:
+    arrivals spread evenly over ``seconds``."""
+
+    kind: str
+    seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Arrival:
+        if text == "burst":
+            return cls("burst")
+        kind, _, secs = text.partition(":")
+        if kind == "ramp":
+            try:
+                seconds = float(secs)
+            except ValueError:
+                seconds = -1.0
+            if seconds > 0:
+                return cls("ramp", seconds)
+        raise argparse.ArgumentTypeError("--arrival is burst or ramp:SECONDS (SECONDS > 0)")
+
+    def __str__(self) -> str:
+        return "burst" if self.kind == "burst" else f"ramp:{self.seconds:g}"
+
+
+@dataclass
+class StormOutcome:
+    records: list[JoinRecord]
+    samples: list[Sample]
+    codes: Counter[str] = field(default_factory=Counter)
+
+
+def arm_call_count(counters: dict[str, int]) -> tuple[int, int]:
+    """(ARM requests, ARM 429s) from the emulator's counters.
+
+    Every ARM request counts once as ``arm.<kind>``; outcomes are counted again as
+    ``arm.<status>`` (and ``arm.fault``), which are not calls of their own.
+    """
+    calls = sum(
+        v
+        for k, v in counters.items()
+        if k.startswith("arm.") and not k[4:].isdigit() and k != "arm.fault"
+    )
+    return calls, counters.get("arm.429", 0)
+
+
+async def _join_one(
+    vm: VmSpec,
+    *,
+    gateway_url: str,
+    gw_ssl: ssl.SSLContext,
+    imds_session: aiohttp.ClientSession,
+    keys: NodeKeys,
+    max_attempts: int,
+) -> tuple[str, int]:
+    """One VM's join the agent's way; (outcome code or "ok", retries)."""
+    backoff = Backoff(base=0.5, cap=5.0)
+    imds = ImdsClient(imds_session, base_url=vm.imds_url)
+    host = HostParams(
+        node_name=vm.name,
+        role="Node",
+        public_ssh_key=keys.public_ssh_key,
+        public_tls_key=keys.public_tls_key,
+    )
+    # Its own connection to the gateway, as a VM has: one TLS handshake per join.
+    connector = aiohttp.TCPConnector(ssl=gw_ssl, limit=1)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+        gateway = GatewayClient(session, base_url=gateway_url, ssl_context=gw_ssl, timeout=60.0)
+        for attempt in range(1, max_attempts + 1):
+            try:
+                challenge = await gateway.challenge()
+                doc = await imds.attested_document(challenge)
+                token = await imds.access_token(client_id=vm.client_id)
+                await gateway.join(
+                    build_join_body(
+                        token_name=TOKEN_NAME,
+                        challenge=challenge,
+                        attested_data=doc,
+                        access_token=token,
+                        host=host,
+                    )
+                )
+                return "ok", attempt - 1
+            except JoinError as exc:
+                if not exc.retryable or attempt == max_attempts:
+                    return exc.code, attempt - 1
+                delay = exc.retry_after if exc.retry_after is not None else backoff.delay(attempt)
+                await asyncio.sleep(min(max(delay, 0.05), 30.0))
+            except AgentError as exc:  # IMDS: the emulator, not the gateway
+                return f"imds:{exc.code}", attempt - 1
+    return "exhausted", max_attempts - 1
+
+
+async def run_storm(
+    vms: Sequence[VmSpec],
+    *,
+    gateway_url: str,
+    gateway_ca: Path,
+    emulator_http: str,
+    keys: NodeKeys,
+    arrival: Arrival,
+    concurrency: int,
+    max_attempts: int = 8,
+) -> StormOutcome:
+    """All of ``vms`` join; per-join times and the emulator's counters every 0.5 s."""
+    loop = asyncio.get_running_loop()
+    gw_ssl = make_ssl_context(gateway_ca)
+    sem = asyncio.Semaphore(concurrency)
+    records: list[JoinRecord] = []
+    samples: list[Sample] = []
+    codes: Counter[str] = Counter()
+    done = asyncio.Event()
+    imds_connector = aiohttp.TCPConnector(limit=concurrency + 8)
+    async with aiohttp.ClientSession(connector=imds_connector, trust_env=False) as imds_session:
+        t0 = loop.time()
+
+        async def poll() -> None:
+            url = emulator_http + "/_emulator/counters"
+            while True:
+                try:
+                    async with imds_session.get(url) as resp:
+                        counters = await resp.json()
+                    calls, throttled = arm_call_count(counters)
+                    samples.append(Sample(loop.time() - t0, len(records), calls, throttled))
+                    if len(samples) % 20 == 0:
+                        print(
+                            f"  {samples[-1].t:6.1f}s  {len(records)}/{len(vms)} done, "
+                            f"{calls} ARM calls",
+                            flush=True,
+                        )
+                except (aiohttp.ClientError, ValueError) as exc:
+                    log.warning("counters poll failed: %s", exc)
+                if done.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), 0.5)
+
+        async def one(i: int, vm: VmSpec) -> None:
+            if arrival.kind == "ramp":
+                await asyncio.sleep(max(0.0, t0 + i * arrival.seconds / len(vms) - loop.time()))
+            async with sem:
+                start = loop.time() - t0
+                try:
+                    code, retries = await _join_one(
+                        vm,
+                        gateway_url=gateway_url,
+                        gw_ssl=gw_ssl,
+                        imds_session=imds_session,
+                        keys=keys,
+                        max_attempts=max_attempts,
+                    )
+                except Exception as exc:
+                    log.exception("join of %s crashed", vm.name)
+                    code, retries = f"crash:{type(exc).__name__}", 0
+            codes[code] += 1
+            records.append(JoinRecord(start, loop.time() - t0, code == "ok", code, retries))
+
+        poller = asyncio.create_task(poll())
+        await asyncio.gather(*(one(i, vm) for i, vm in enumerate(vms)))
+        done.set()
+        await poller
+    return StormOutcome(records, samples, codes)
+
+
+# ------------------------------------------------------------------------------ phases
+
+
+@dataclass
+class PhaseResult:
+    mode: str
+    vms: int
+    workers: int
+    arrival: str
+    outcome: StormOutcome
+    counters: dict[str, int]
+    gateway_cpu_s: float
+    emulator_cpu_s: float
+    auth_cpu_s: float
+    client_cpu_s: float
+    fleet: FleetPlan
+    floor: Floor | None = None
+
+    def figures(self, floor: Floor) -> dict[str, Any]:
+        recs = self.outcome.records
+        ok = [r for r in recs if r.ok]
+        n = max(len(ok), 1)
+        wall = max((r.end for r in recs), default=0.0)
+        lat = [r.latency * 1000.0 for r in ok]
+        arm_calls, arm_429 = arm_call_count(self.counters)
+        entra = self.counters.get("entra.discovery", 0) + self.counters.get("entra.jwks", 0)
+        aia = self.counters.get("aia", 0)
+        cpu_per_join = self.gateway_cpu_s / n
+        return {
+            "vms": self.vms,
+            "mode": self.mode,
+            "workers": self.workers,
+            "arrival": self.arrival,
+            "succeeded": len(ok),
+            "failed": len(recs) - len(ok),
+            "failure_codes": {k: v for k, v in self.outcome.codes.items() if k != "ok"},
+            "retries": sum(r.retries for r in recs),
+            "wall_s": round(wall, 3),
+            "joins_per_s": round(len(ok) / wall, 2) if wall > 0 else 0.0,
+            "latency_ms": {
+                "p50": round(percentile(lat, 50), 1),
+                "p95": round(percentile(lat, 95), 1),
+                "p99": round(percentile(lat, 99), 1),
+                "max": round(max(lat, default=0.0), 1),
+            },
+            "arm_calls": arm_calls,
+            "arm_calls_per_join": round(arm_calls / n, 5),
+            "entra_fetches": entra,
+            "aia_fetches": aia,
+            "entra_aia_fetches_per_join": round((entra + aia) / n, 6),
+            "emulator_429s": arm_429,
+            "emulator_counters": dict(sorted(self.counters.items())),
+            "gateway_cpu_s": round(self.gateway_cpu_s, 3),
+            "gateway_cpu_s_per_join": round(cpu_per_join, 6),
+            "floor_cpu_s_per_join": round(floor.per_join_s, 6),
+            "cpu_vs_floor": round(cpu_per_join / floor.per_join_s, 2),
+            "other_cpu_s": {
+                "emulator": round(self.emulator_cpu_s, 2),
+                "auth_service": round(self.auth_cpu_s, 2),
+                "storm_client": round(self.client_cpu_s, 2),
+            },
+            "fleet": {
+                "subscriptions": len(self.fleet.subscriptions),
+                "resource_groups": self.fleet.resource_groups,
+                "scale_sets": list(self.fleet.scale_set_sizes),
+                "standalone_vms": self.fleet.standalone,
+                "identities": "user and system assigned, alternating by resource group/scale set",
+            },
+        }
+
+
+def _get_json(
+    url: str, ctx: ssl.SSLContext | None = None, headers: dict[str, str] | None = None
+) -> Any:
+    req = urllib.request.Request(url, headers=headers or {})  # noqa: S310 - loopback URLs we built
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:  # noqa: S310
+        return json.loads(resp.read())
+
+
+def _floor(info: EmulatorInfo, cert: Path, key: Path, ca: Path, samples: int) -> Floor:
+    vm = info.vms[0]
+    attested = _get_json(
+        f"{vm.imds_url}/metadata/attested/document?api-version=2021-02-01&nonce=floorprobe",
+        headers={"Metadata": "true"},
+    )
+    token_url = (
+        f"{vm.imds_url}/metadata/identity/oauth2/token?api-version=2018-02-01"
+        "&resource=https%3A%2F%2Fmanagement.azure.com%2F"
+    )
+    if vm.client_id:
+        token_url += f"&client_id={vm.client_id}"
+    token = str(_get_json(token_url, headers={"Metadata": "true"})["access_token"])
+    emu_ctx = ssl.create_default_context(cadata=info.tls_ca_pem)
+    jwks = _get_json(f"{info.https_url}/{info.tenants[0]}/discovery/v2.0/keys", emu_ctx)
+    return measure_floor(
+        cert_file=cert,
+        key_file=key,
+        ca_file=ca,
+        attested=attested,
+        token=token,
+        jwks=jwks,
+        samples=samples,
+    )
+
+
+def run_phase(
+    workdir: Path,
+    *,
+    mode: str,
+    vms: int,
+    workers: int,
+    arrival: Arrival,
+    concurrency: int,
+    keys: NodeKeys,
+    signing_threads: int,
+    measure_floor_samples: int = 0,
+    profile_gateway: Path | None = None,
+) -> PhaseResult:
+    """Fresh emulator, auth service and gateway; the storm; everything stopped again."""
+    plan = fleet_plan(vms)
+    procs: list[Proc] = []
+    try:
+        print(f"[{mode}] starting the emulator with {vms} VMs ...", flush=True)
+        emu, info = start_emulator(workdir, plan, signing_threads=signing_threads)
+        procs.append(emu)
+        if len(info.vms) != vms:
+            raise StackError(f"the emulator built {len(info.vms)} VMs, not {vms}")
+        auth, endpoint = start_auth(workdir)
+        procs.append(auth)
+        files = make_gateway_files(workdir, info)
+        token_file = workdir / "tokens" / "azure-token.yaml"
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(tokens_yaml(info.subscriptions), encoding="utf-8")
+        config = gateway_config(
+            files,
+            info,
+            endpoint,
+            token_file,
+            port=free_port(),
+            metrics_port=free_port(),
+            workers=workers,
+            naive=mode == "naive",
+        )
+        gw, url = start_gateway(
+            workdir, config, files.ca_file, "gateway", profile_to=profile_gateway
+        )
+        procs.append(gw)
+        print(
+            f"[{mode}] gateway up ({workers} workers); {vms} VMs join ({arrival}) ...", flush=True
+        )
+        cpu0 = (
+            process_cpu_seconds(gw.pid),
+            process_cpu_seconds(emu.pid),
+            process_cpu_seconds(auth.pid),
+            time.process_time(),
+        )
+        outcome = _run_async(
+            run_storm(
+                info.vms,
+                gateway_url=url,
+                gateway_ca=files.ca_file,
+                emulator_http=info.http_url,
+                keys=keys,
+                arrival=arrival,
+                concurrency=concurrency,
+            )
+        )
+        cpu1 = (
+            process_cpu_seconds(gw.pid),
+            process_cpu_seconds(emu.pid),
+            process_cpu_seconds(auth.pid),
+            time.process_time(),
+        )
+        counters = _get_json(info.http_url + "/_emulator/counters")
+        floor = None
+        if measure_floor_samples:
+            print(f"[{mode}] measuring the floor ...", flush=True)
+            floor = _floor(
+                info, files.cert_file, files.key_file, files.ca_file, measure_floor_samples
+            )
+        return PhaseResult(
+            mode=mode,
+            vms=vms,
+            workers=workers,
+            arrival=str(arrival),
+            outcome=outcome,
+            counters={str(k): int(v) for k, v in counters.items()},
+            gateway_cpu_s=cpu1[0] - cpu0[0],
+            emulator_cpu_s=cpu1[1] - cpu0[1],
+            auth_cpu_s=cpu1[2] - cpu0[2],
+            client_cpu_s=cpu1[3] - cpu0[3],
+            fleet=plan,
+            floor=floor,
+        )
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def _run_async(coro: Any) -> StormOutcome:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)  # type: ignore[no-any-return]
+    return uvloop.run(coro)  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _targets(fig: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, limit in TARGETS.items():
+        value = fig[key]
+        out[key] = {"value": value, "target": f"<= {limit}", "met": value <= limit}
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b else None
+
+
+def _print_table(main: dict[str, Any], baseline: dict[str, Any] | None) -> None:
+    rows: list[tuple[str, str | tuple[str, str]]] = [
+        ("VMs", "vms"),
+        ("succeeded", "succeeded"),
+        ("failed", "failed"),
+        ("retries", "retries"),
+        ("wall (s)", "wall_s"),
+        ("joins/s", "joins_per_s"),
+        ("latency p50 (ms)", ("latency_ms", "p50")),
+        ("latency p95 (ms)", ("latency_ms", "p95")),
+        ("latency p99 (ms)", ("latency_ms", "p99")),
+        ("ARM calls", "arm_calls"),
+        ("ARM calls / join", "arm_calls_per_join"),
+        ("Entra+AIA fetches / join", "entra_aia_fetches_per_join"),
+        ("emulator 429s", "emulator_429s"),
+        ("gateway CPU s / join", "gateway_cpu_s_per_join"),
+        ("floor CPU s / join", "floor_cpu_s_per_join"),
+        ("gateway CPU / floor", "cpu_vs_floor"),
+    ]
+
+    def get(fig: dict[str, Any], key: str | tuple[str, str]) -> Any:
+        return fig[key[0]][key[1]] if isinstance(key, tuple) else fig[key]
+
+    head = f"{'':28}{main['mode']:>14}"
+    if baseline:
+        head += f"{baseline['mode']:>14}"
+    print(head)
+    for label, key in rows:
+        line = f"{label:28}{get(main, key)!s:>14}"
+        if baseline:
+            line += f"{get(baseline, key)!s:>14}"
+        print(line)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--vms", type=int, required=True)
+    p.add_argument("--arrival", type=Arrival.parse, default=Arrival("burst"))
+    p.add_argument("--workers", type=int, default=2, help="gateway worker processes")
+    p.add_argument("--mode", choices=("tuned", "naive"), default="tuned")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--baseline-vms",
+        type=int,
+        default=None,
+        help="VMs for the naive baseline run with --mode tuned (default min(N, 1000))",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
+    p.add_argument("--concurrency", type=int, default=256, help="joins in flight at once")
+    p.add_argument("--signing-threads", type=int, default=2, help="the emulator's RSA signers")
+    p.add_argument("--floor-samples", type=int, default=300)
+    p.add_argument(
+        "--profile-gateway",
+        type=Path,
+        default=None,
+        metavar="FILE.pstats",
+        help="run the gateway under cProfile (needs --workers 1; inflates its CPU figures)",
+    )
+    args = p.parse_args(argv)
+    if args.profile_gateway is not None and args.workers != 1:
+        p.error("--profile-gateway needs --workers 1 (the profile covers one process)")
+    if args.vms < 1 or args.workers < 1 or args.concurrency < 1:
+        p.error("--vms, --workers and --concurrency must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gateway.agent").setLevel(logging.CRITICAL)  # retries are counted
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    keys = load_or_create_keys(out / "work" / "node-keys")
+    started = time.time()
+    try:
+        main_phase = run_phase(
+            out / "work" / args.mode,
+            mode=args.mode,
+            vms=args.vms,
+            workers=args.workers,
+            arrival=args.arrival,
+            concurrency=args.concurrency,
+            keys=keys,
+            signing_threads=args.signing_threads,
+            measure_floor_samples=args.floor_samples,
+            profile_gateway=args.profile_gateway,
+        )
+        baseline_phase = None
+        if args.mode == "tuned" and not args.no_baseline:
+            bvms = args.baseline_vms if args.baseline_vms is not None else min(args.vms, 1000)
+            if bvms > 0:
+                baseline_phase = run_phase(
+                    out / "work" / "naive",
+                    mode="naive",
+                    vms=bvms,
+                    workers=args.workers,
+                    arrival=args.arrival,
+                    concurrency=args.concurrency,
+                    keys=keys,
+                    signing_threads=args.signing_threads,
+                )
+    except StackError as exc:
+        print(f"join_storm: the harness failed: {exc}", file=sys.stderr)
+        return 1
+    floor = main_phase.floor
+    assert floor is not None
+    result = main_phase.figures(floor)
+    result["floor"] = floor.to_json()
+    result["targets"] = _targets(result)
+    baseline = baseline_phase.figures(floor) if baseline_phase else None
+    if baseline is not None:
+        result["baseline"] = baseline
+        result["ratios"] = {
+            "description": "naive / tuned",
+            "arm_calls_per_join": _ratio(
+                baseline["arm_calls_per_join"], result["arm_calls_per_join"]
+            ),
+            "entra_aia_fetches_per_join": _ratio(
+                baseline["entra_aia_fetches_per_join"], result["entra_aia_fetches_per_join"]
+            ),
+            "gateway_cpu_s_per_join": _ratio(
+                baseline["gateway_cpu_s_per_join"], result["gateway_cpu_s_per_join"]
+            ),
+            "latency_p99_ms": _ratio(baseline["latency_ms"]["p99"], result["latency_ms"]["p99"]),
+        }
+    result["command"] = "python benchmarks/join_storm.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    result["host"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "ssl": ssl.OPENSSL_VERSION,
+    }
+    result["harness_s"] = round(time.time() - started, 1)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    runs = [
+        Series(
+            f"{args.mode} ({args.vms} VMs)", main_phase.outcome.records, main_phase.outcome.samples
+        )
+    ]
+    if baseline_phase is not None:
+        runs.append(
+            Series(
+                f"naive ({baseline_phase.vms} VMs)",
+                baseline_phase.outcome.records,
+                baseline_phase.outcome.samples,
+            )
+        )
+    plot_storm(
+        out / "storm.png",
+        runs,
+        f"join storm: {args.vms} VMs, {args.arrival}, {args.workers} gateway workers",
+    )
+    _print_table(result, baseline)
+    if baseline is not None:
+        print(
+            "naive / tuned:",
+            json.dumps({k: v for k, v in result["ratios"].items() if k != "description"}),
+        )
+    print(f"results: {out / 'results.json'}  plot: {out / 'storm.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
