@@ -130,6 +130,25 @@ class Metrics:
             registry=r,
         )
         self.build_info.labels(version=__version__).set(1)
+        self._join_children: dict[tuple[str, str], Counter] = {}
+        self._step_children: dict[str, Histogram] = {}
+
+    # --- hot path: label children bound once, not looked up per join ----------------------
+
+    def join_decided(
+        self, outcome: str, code: str, seconds: float, steps: dict[str, float]
+    ) -> None:
+        key = (outcome, code)
+        child = self._join_children.get(key)
+        if child is None:
+            child = self._join_children[key] = self.joins.labels(outcome=outcome, code=code)
+        child.inc()
+        self.join_latency.observe(seconds)
+        for step, spent in steps.items():
+            hist = self._step_children.get(step)
+            if hist is None:
+                hist = self._step_children[step] = self.step_latency.labels(step=step)
+            hist.observe(spent)
 
     # --- hooks handed to the clients -------------------------------------------------------
 

@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 from cryptography import x509
@@ -30,7 +30,6 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.azure.aia import AiaFetcher
 from gateway.azure.certs import (
@@ -81,7 +80,7 @@ _RSA_SIGNATURE_OIDS = frozenset({OID_RSA_ENCRYPTION, OID_SHA256_WITH_RSA})
 
 # Azure's timeStamp format, e.g. "07/28/26 13:24:00 -0000" (two-digit year, UTC offset).
 # https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service#attested-data
-_AZURE_TIME = re.compile(r"^\d{2}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} [+-]\d{4}$")
+_AZURE_TIME = re.compile(r"^(\d{2})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # Some captures wrap the base64 in PEM-style armour without spaces or newlines (the real
 # fixture negative-taskcluster-wrong-subject-synthetic.json); accept exactly that shape.
@@ -243,10 +242,17 @@ def check_signer_name(cert: x509.Certificate, cloud: CloudProfile) -> str:
 
 def parse_azure_time(value: object) -> datetime:
     """``MM/DD/YY HH:MM:SS -0000`` → aware datetime. Anything else → CONTENT_INVALID."""
-    if not isinstance(value, str) or not _AZURE_TIME.match(value):
+    match = _AZURE_TIME.match(value) if isinstance(value, str) else None
+    if match is None:
         raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail=f"bad timestamp {value!r}")
+    mo, d, y, h, mi, s, sign, oh, om = match.groups()
+    # strptime's %y pivot (69-99 → 19xx), without strptime's cost on every join.
+    year = int(y) + (1900 if int(y) >= 69 else 2000)
+    offset = timedelta(hours=int(oh), minutes=int(om)) * (-1 if sign == "-" else 1)
     try:
-        return datetime.strptime(value, "%m/%d/%y %H:%M:%S %z").astimezone(UTC)
+        return datetime(
+            year, int(mo), int(d), int(h), int(mi), int(s), tzinfo=timezone(offset)
+        ).astimezone(UTC)
     except ValueError as exc:
         raise JoinRejected(
             Code.ATTESTED_CONTENT_INVALID, detail=f"bad timestamp {value!r}"
@@ -422,6 +428,9 @@ class AttestedVerifier:
         self._clock = clock
         self._skew = skew
         self._require_subscription = require_subscription
+        # Per signer certificate (Azure signs with a few leaves a year): its checked name
+        # and fingerprint, so a steady stream of joins does not redo them. Bounded.
+        self._signers: dict[x509.Certificate, tuple[str, bytes]] = {}
         self.chain_builds = 0  # chains built (not served from the cache): for tests and metrics
 
     async def verify(
@@ -439,7 +448,13 @@ class AttestedVerifier:
         cert = find_signer_certificate(view, signer)
         check_digest_algorithm(signer)
         check_signature(view, signer, cert)
-        cn = check_signer_name(cert, self._cloud)
+        known = self._signers.get(cert)
+        if known is None:
+            known = (check_signer_name(cert, self._cloud), fingerprint(cert))
+            if len(self._signers) >= 64:
+                self._signers.clear()
+            self._signers[cert] = known
+        cn, signer_fingerprint = known
         chain = await self.chain_for(cert, cn, intermediates)
         content = check_content(
             view.content,
@@ -448,7 +463,7 @@ class AttestedVerifier:
             expected_nonce=expected_nonce,
             require_subscription=self._require_subscription,
         )
-        return _document(content, cn, cert, chain)
+        return _document(content, cn, signer_fingerprint, chain)
 
     async def inspect(
         self,
@@ -533,7 +548,7 @@ class AttestedVerifier:
             and out.chain is not None
             and out.signer_cn is not None
         ):
-            return out.freeze(_document(content, out.signer_cn, cert, out.chain))
+            return out.freeze(_document(content, out.signer_cn, fingerprint(cert), out.chain))
         return out.freeze()
 
     async def chain_for(
@@ -597,7 +612,7 @@ def _load_untrusted(ders: Sequence[bytes]) -> list[x509.Certificate]:
 
 
 def _document(
-    content: AttestedContent, cn: str, cert: x509.Certificate, chain: VerifiedChain
+    content: AttestedContent, cn: str, signer_fingerprint: bytes, chain: VerifiedChain
 ) -> AttestedDocument:
     return AttestedDocument(
         nonce=content.nonce,
@@ -607,6 +622,6 @@ def _document(
         created_on=content.created_on,
         expires_on=content.expires_on,
         signer_cn=cn,
-        signer_fingerprint=hashlib.sha256(cert.public_bytes(Encoding.DER)).digest(),
+        signer_fingerprint=signer_fingerprint,
         chain_subjects=chain.subjects,
     )

@@ -92,10 +92,7 @@ async def join(request: web.Request) -> web.Response:
         metrics.in_flight.dec()
         metrics.set_circuit_state(app[DEPS].auth.breaker.state.value)
         elapsed = time.perf_counter() - start
-        metrics.joins.labels(outcome=outcome, code=code).inc()
-        metrics.join_latency.observe(elapsed)
-        for step, seconds in trace.steps.items():
-            metrics.step_latency.labels(step=step).observe(seconds)
+        metrics.join_decided(outcome, code, elapsed, trace.steps)
         app[AUDITOR].record(
             request_id=REQUEST_ID.get(),
             client_address=address,
