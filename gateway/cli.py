@@ -114,19 +114,40 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _configure_keys(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "action", choices=["new", "rotate"], help="new: a fresh file; rotate: prepend a key"
+        "action",
+        choices=["new", "add", "promote", "retire", "rotate"],
+        help="new: a fresh file; add: append a key that only verifies; promote: the last "
+        "key signs; retire: drop all but the signing key; rotate: prepend a signing key "
+        "at once (one replica only)",
     )
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_challenge_keys)
 
 
 def cmd_challenge_keys(args: argparse.Namespace) -> int:
-    from gateway.join.challenge import load_keys_file, write_new_keys_file
+    from gateway.join.challenge import (
+        load_keys_file,
+        promote_key,
+        retire_keys,
+        stage_key,
+        write_new_keys_file,
+    )
 
     if args.action == "new" and args.file.exists():
-        print(f"join-gateway: {args.file} exists; use 'rotate'", file=sys.stderr)
+        print(f"join-gateway: {args.file} exists; use add/promote/retire", file=sys.stderr)
         return 1
-    write_new_keys_file(args.file, keep_existing=args.action == "rotate")
+    try:
+        if args.action in ("new", "rotate"):
+            write_new_keys_file(args.file, keep_existing=args.action == "rotate")
+        elif args.action == "add":
+            stage_key(args.file)
+        elif args.action == "promote":
+            promote_key(args.file)
+        else:
+            retire_keys(args.file)
+    except (OSError, ValueError) as exc:
+        print(f"join-gateway: {exc}", file=sys.stderr)
+        return 1
     print(f"{args.file}: {len(load_keys_file(args.file))} key(s); the first one signs")
     return 0
 

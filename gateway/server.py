@@ -26,6 +26,7 @@ from gateway.config import Config, ConfigError, split_hostport
 from gateway.http.app import make_app
 from gateway.http.keys import RuntimeState
 from gateway.http.proxy import TrustedProxies
+from gateway.join.challenge import ChallengeCodec, load_keys_file
 from gateway.join.deps import TokenHolder, production_deps
 from gateway.join.pipeline import JoinDeps
 from gateway.metrics import Metrics
@@ -188,6 +189,11 @@ class GatewayServer:
         await web.SockSite(runner, sock, ssl_context=ctx).start()
         self.metrics_port = sock.getsockname()[1]
 
+    def reload(self) -> bool:
+        """SIGHUP: re-read the token files and the challenge keys file. Each part that
+        fails to load keeps its previous version (and says why); joins are not dropped."""
+        return self.reload_tokens() & self.reload_challenge_keys()
+
     def reload_tokens(self) -> bool:
         tokens = self.deps.tokens
         if not isinstance(tokens, TokenHolder):
@@ -198,6 +204,19 @@ class GatewayServer:
             log.error("token reload failed, keeping the previous tokens: %s", exc)
             return False
         log.info("tokens reloaded from %s", ", ".join(str(p) for p in tokens.paths))
+        return True
+
+    def reload_challenge_keys(self) -> bool:
+        deps = self.deps
+        path = self.config.path(self.config.challenge.keys_file)
+        try:
+            keys = load_keys_file(path)
+        except (OSError, ValueError) as exc:
+            log.error("challenge keys reload failed, keeping the previous keys: %s", exc)
+            return False
+        # One attribute swap: a join in flight keeps the codec it started with.
+        deps.challenges = ChallengeCodec(keys, ttl=deps.challenges.ttl, clock=deps.clock)
+        log.info("challenge keys reloaded: %d key(s)", len(keys))
         return True
 
     async def stop(self) -> None:
@@ -261,7 +280,7 @@ async def _serve(
                 t.cancel()
             if reload_requested.is_set():
                 reload_requested.clear()
-                server.reload_tokens()
+                server.reload()
     finally:
         # Unready first, so load balancers stop sending before the listeners close.
         server.state.draining = True

@@ -38,6 +38,10 @@ __all__ = [
     "IssuedChallenge",
     "generate_key",
     "load_keys_file",
+    "promote_key",
+    "retire_keys",
+    "stage_key",
+    "write_keys_file",
     "write_new_keys_file",
 ]
 
@@ -157,8 +161,32 @@ def load_keys_file(path: Path) -> list[bytes]:
 def write_new_keys_file(path: Path, *, keep_existing: bool = True) -> None:
     """Put a fresh key first (it signs from now on); keep the old ones to verify."""
     old = load_keys_file(path) if keep_existing and path.exists() else []
+    write_keys_file(path, [generate_key(), *old])
+
+
+def stage_key(path: Path) -> None:
+    """Rotation step 1: append a fresh key, which only *verifies* until promoted."""
+    write_keys_file(path, [*load_keys_file(path), generate_key()])
+
+
+def promote_key(path: Path) -> None:
+    """Rotation step 2: the last key moves to the top and signs from now on."""
+    keys = load_keys_file(path)
+    if len(keys) < 2:
+        raise ValueError(f"{path}: nothing to promote (one key)")
+    write_keys_file(path, [keys[-1], *keys[:-1]])
+
+
+def retire_keys(path: Path) -> int:
+    """Rotation step 3: keep only the signing key; returns how many were removed."""
+    keys = load_keys_file(path)
+    write_keys_file(path, keys[:1])
+    return len(keys) - 1
+
+
+def write_keys_file(path: Path, keys: Sequence[bytes]) -> None:
     lines = ["# join-gateway challenge keys: the first signs, all verify"]
-    lines += [base64.b64encode(k).decode("ascii") for k in [generate_key(), *old]]
+    lines += [base64.b64encode(k).decode("ascii") for k in keys]
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as f:

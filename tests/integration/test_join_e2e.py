@@ -489,3 +489,29 @@ async def test_readiness_and_health(stack: DevStack) -> None:
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
         async with session.get(stack.gateway_url + "/v1/join/azure", ssl=ssl_ctx) as r:
             assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_sighup_reload_picks_up_rotated_challenge_keys(stack: DevStack) -> None:
+    from gateway.join.challenge import promote_key, retire_keys, stage_key
+
+    server = stack.gateway
+    keys_file = server.config.path(server.config.challenge.keys_file)
+    original = keys_file.read_bytes()
+    try:
+        before = server.deps.challenges.issue().value
+        stage_key(keys_file)
+        promote_key(keys_file)
+        assert server.reload()
+        assert server.deps.challenges.key_count == 2
+        server.deps.challenges.verify(before)  # the old key still verifies
+        retire_keys(keys_file)
+        assert server.reload()
+        with pytest.raises(GatewayError) as err:
+            server.deps.challenges.verify(before)
+        assert err.value.code.value == "challenge_invalid"
+        keys_file.write_text("not base64!!\n")
+        assert not server.reload()  # a broken file keeps the current keys
+        assert server.deps.challenges.key_count == 1
+    finally:
+        keys_file.write_bytes(original)
+        server.reload()

@@ -152,3 +152,33 @@ async def test_replay_store_redeems_once_until_expiry() -> None:
     assert await store.redeem("c1", 60)  # past its expiry the challenge itself is expired
     await store.release("c2")
     assert await store.redeem("c2", 60)
+
+
+def test_staged_rotation_add_promote_retire(tmp_path: Path) -> None:
+    from gateway.join.challenge import promote_key, retire_keys, stage_key
+
+    clock = FixedClock(T0)
+    path = tmp_path / "keys"
+    write_new_keys_file(path, keep_existing=False)
+    (old,) = load_keys_file(path)
+    before = ChallengeCodec([old], ttl=60, clock=clock).issue().value
+
+    stage_key(path)  # the new key verifies everywhere before anyone signs with it
+    staged = load_keys_file(path)
+    assert staged[0] == old and len(staged) == 2
+    new = staged[1]
+
+    promote_key(path)
+    assert load_keys_file(path) == [new, old]
+    codec = ChallengeCodec(load_keys_file(path), ttl=60, clock=clock)
+    codec.verify(before)  # still good during the overlap
+    after = codec.issue().value
+    ChallengeCodec([new], ttl=60, clock=clock).verify(after)  # signed by the new key
+
+    assert retire_keys(path) == 1
+    with pytest.raises(JoinRejected) as err:
+        ChallengeCodec(load_keys_file(path), ttl=60, clock=clock).verify(before)
+    assert err.value.code == Code.CHALLENGE_INVALID
+
+    with pytest.raises(ValueError, match="nothing to promote"):
+        promote_key(path)

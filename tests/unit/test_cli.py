@@ -64,6 +64,12 @@ def test_challenge_keys_new_then_rotate(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["challenge-keys", "new", str(keys)]) == 1  # never overwrites
     assert main(["challenge-keys", "rotate", str(keys)]) == 0
     assert "2 key(s)" in capsys.readouterr().out
+    assert main(["challenge-keys", "add", str(keys)]) == 0
+    assert "3 key(s)" in capsys.readouterr().out
+    assert main(["challenge-keys", "promote", str(keys)]) == 0
+    assert main(["challenge-keys", "retire", str(keys)]) == 0
+    assert "1 key(s)" in capsys.readouterr().out.splitlines()[-1]
+    assert main(["challenge-keys", "promote", str(keys)]) == 1  # one key: nothing to promote
 
 
 def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
