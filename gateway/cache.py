@@ -128,6 +128,11 @@ class MemoryCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._data)
 
+    def __bool__(self) -> bool:
+        # A cache is a dependency, not a container: an empty one must not be falsy, or
+        # ``cache or MemoryCache(...)`` silently replaces the one a caller passed in.
+        return True
+
     def __repr__(self) -> str:
         return (
             f"<MemoryCache {self.name} entries={len(self._data)} inflight={len(self._inflight)} "

@@ -115,8 +115,8 @@ class AiaFetcher:
         self._timeout = timeout
         self._allow_private = allow_private
         self._clock = clock or SystemClock()
-        self._cache: MemoryCache[str, tuple[x509.Certificate, ...]] = cache or MemoryCache(
-            "aia", max_entries=1000, clock=self._clock
+        self._cache: MemoryCache[str, tuple[x509.Certificate, ...]] = (
+            cache if cache is not None else MemoryCache("aia", max_entries=1000, clock=self._clock)
         )
 
     def __repr__(self) -> str:

@@ -121,8 +121,8 @@ class JwksClient:
         self._cache_ttl = cache_ttl
         self._min_refresh = min_refresh_interval
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._cache: MemoryCache[str, KeySet] = cache or MemoryCache(
-            "jwks", max_entries=_MAX_LKG, clock=clock
+        self._cache: MemoryCache[str, KeySet] = (
+            cache if cache is not None else MemoryCache("jwks", max_entries=_MAX_LKG, clock=clock)
         )
         self._last_good: dict[str, KeySet] = {}
         self._failures: dict[str, _Failure] = {}

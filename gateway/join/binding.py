@@ -229,14 +229,16 @@ class VmBinder:
         self._list_threshold = list_threshold
         self._list_window = list_window
         self._group_ttl = vm_cache_ttl if group_map_ttl is None else group_map_ttl
-        self._vms: MemoryCache[str, VmCacheEntry] = vm_cache or MemoryCache(
-            "vm_records", clock=clock
+        self._vms: MemoryCache[str, VmCacheEntry] = (
+            vm_cache if vm_cache is not None else MemoryCache("vm_records", clock=clock)
         )
-        self._sets: MemoryCache[str, ScaleSetCacheEntry] = set_cache or MemoryCache(
-            "scale_set_maps", clock=clock
+        self._sets: MemoryCache[str, ScaleSetCacheEntry] = (
+            set_cache if set_cache is not None else MemoryCache("scale_set_maps", clock=clock)
         )
-        self._groups: MemoryCache[str, GroupMapEntry] = group_cache or MemoryCache(
-            "resource_group_maps", clock=clock
+        self._groups: MemoryCache[str, GroupMapEntry] = (
+            group_cache
+            if group_cache is not None
+            else MemoryCache("resource_group_maps", clock=clock)
         )
         # Resource group -> {VM key: monotonic time of its last cache miss}, oldest first.
         self._misses: dict[str, dict[str, float]] = {}

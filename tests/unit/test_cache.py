@@ -104,3 +104,30 @@ async def test_null_cache_runs_the_loader_every_time() -> None:
     assert [await cache.get_or_load("k", loader) for _ in range(3)] == [1, 2, 3]
     cache.set("k", 9, 60)
     assert cache.get("k") is None
+
+
+def test_an_empty_cache_is_still_truthy() -> None:
+    """``cache or default`` must keep a caller's empty cache (it once dropped NullCache
+    and every metrics observer)."""
+    from gateway.cache import NullCache
+
+    assert MemoryCache("empty") and NullCache("naive")
+
+
+async def test_the_jwks_client_uses_the_cache_it_is_given() -> None:
+    import aiohttp
+
+    from gateway.azure.jwks import JwksClient
+    from gateway.cache import NullCache
+    from gateway.cloud import CLOUDS
+
+    seen: list[str] = []
+    cache: NullCache[str, object] = NullCache("jwks", observer=seen.append)
+    async with aiohttp.ClientSession() as session:
+        client = JwksClient(
+            session,
+            cloud=CLOUDS["public"],
+            clock=FixedClock(0),
+            cache=cache,  # type: ignore[arg-type]
+        )
+        assert client._cache is cache
