@@ -16,17 +16,36 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from gateway.clock import Clock, SystemClock
 
-__all__ = ["CacheStats", "Loader", "MemoryCache", "NullCache"]
+__all__ = ["Cache", "CacheStats", "Loader", "MemoryCache", "NullCache"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+KC = TypeVar("KC", bound=Hashable, contravariant=True)
 
 # A loader returns the value and how many seconds it may be kept.
 Loader = Callable[[], Awaitable[tuple[V, float]]]
+
+
+class Cache(Protocol[KC, V]):
+    """What the clients need of a cache: ``MemoryCache`` (in-process) and
+    ``gateway.redis_tier.TieredCache`` (in-process in front of Redis) both are one."""
+
+    @property
+    def name(self) -> str: ...
+
+    def get(self, key: KC) -> V | None: ...
+
+    def set(self, key: KC, value: V, ttl: float) -> None: ...
+
+    def delete(self, key: KC) -> None: ...
+
+    async def get_or_load(self, key: KC, loader: Loader[V]) -> V: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass

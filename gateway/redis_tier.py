@@ -385,5 +385,8 @@ class TieredCache(Generic[V]):
     def __len__(self) -> int:
         return len(self.memory)
 
+    def __bool__(self) -> bool:
+        return True  # a dependency, not a container (see MemoryCache.__bool__)
+
     def __repr__(self) -> str:
         return f"<TieredCache memory={self.memory!r} shared={self.shared!r}>"

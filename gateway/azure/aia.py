@@ -38,7 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs7
 from yarl import URL
 
-from gateway.cache import MemoryCache
+from gateway.cache import Cache, MemoryCache
 from gateway.clock import Clock, SystemClock
 from gateway.errors import Code, Overloaded
 
@@ -106,7 +106,7 @@ class AiaFetcher:
         max_bytes: int = 64 * 1024,
         timeout: float = 5.0,
         allow_private: bool = False,
-        cache: MemoryCache[str, tuple[x509.Certificate, ...]] | None = None,
+        cache: Cache[str, tuple[x509.Certificate, ...]] | None = None,
         clock: Clock | None = None,
     ) -> None:
         self._session = session
@@ -115,7 +115,7 @@ class AiaFetcher:
         self._timeout = timeout
         self._allow_private = allow_private
         self._clock = clock or SystemClock()
-        self._cache: MemoryCache[str, tuple[x509.Certificate, ...]] = (
+        self._cache: Cache[str, tuple[x509.Certificate, ...]] = (
             cache if cache is not None else MemoryCache("aia", max_entries=1000, clock=self._clock)
         )
 

@@ -17,6 +17,7 @@ and blocks the event loop, has no single flight and no last-known-good. Here:
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections import Counter
@@ -26,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
 
 from gateway.azure.token import (
     TokenClaims,
@@ -35,12 +36,18 @@ from gateway.azure.token import (
     peek_token,
     verify_access_token,
 )
-from gateway.cache import MemoryCache
+from gateway.cache import Cache, MemoryCache
 from gateway.clock import Clock
 from gateway.cloud import CloudProfile
 from gateway.errors import Code, JoinRejected, Overloaded
 
-__all__ = ["JwksClient", "KeySet", "TokenVerifier"]
+__all__ = [
+    "JwksClient",
+    "KeySet",
+    "TokenVerifier",
+    "keyset_from_json",
+    "keyset_to_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,37 @@ class KeySet:
     # Order of the load that produced this set (``-1`` for a last-known-good fallback), so
     # a caller can tell "loaded after I started" without trusting clock resolution.
     seq: int = -1
+
+
+def _b64(n: int) -> str:
+    return base64.urlsafe_b64encode(n.to_bytes((n.bit_length() + 7) // 8, "big")).decode()
+
+
+def _int(s: str) -> int:
+    return int.from_bytes(base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)), "big")
+
+
+def keyset_to_json(keyset: KeySet) -> dict[str, Any]:
+    """A key set as JSON for the shared (Redis) tier: public numbers only."""
+    keys = {}
+    for kid, key in keyset.keys.items():
+        numbers = key.public_numbers()
+        keys[kid] = {"n": _b64(numbers.n), "e": _b64(numbers.e)}
+    return {"keys": keys, "known": keyset.known}
+
+
+def keyset_from_json(obj: Any) -> KeySet:
+    """The reverse — stamped as *old* (fetched at -inf, seq -1): a copy another replica
+    cached must never count as "fetched during this call", or it would suppress the
+    refresh an unknown ``kid`` needs."""
+    try:
+        keys = {
+            str(kid): RSAPublicNumbers(_int(k["e"]), _int(k["n"])).public_key()
+            for kid, k in obj["keys"].items()
+        }
+        return KeySet(keys, float("-inf"), known=bool(obj["known"]), seq=-1)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"not a cached key set: {exc}") from exc
 
 
 class _FetchError(Exception):
@@ -106,7 +144,7 @@ class JwksClient:
         cache_ttl: float = 24 * 3600,
         min_refresh_interval: float = 300.0,
         timeout: float = 5.0,
-        cache: MemoryCache[str, KeySet] | None = None,
+        cache: Cache[str, KeySet] | None = None,
         on_refresh: Callable[[], None] | None = None,
     ) -> None:
         authority = (authority_host or cloud.authority_host).rstrip("/")
@@ -121,7 +159,7 @@ class JwksClient:
         self._cache_ttl = cache_ttl
         self._min_refresh = min_refresh_interval
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._cache: MemoryCache[str, KeySet] = (
+        self._cache: Cache[str, KeySet] = (
             cache if cache is not None else MemoryCache("jwks", max_entries=_MAX_LKG, clock=clock)
         )
         self._last_good: dict[str, KeySet] = {}

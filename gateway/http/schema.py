@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key, load_ssh_public_key
 
 from gateway.errors import BadRequest, Code, PayloadTooLarge
@@ -24,6 +25,8 @@ from gateway.join.pipeline import JoinRequest
 __all__ = ["decode_challenge_request", "decode_join_request", "parse_json_object"]
 
 _MAX_DEPTH = 8
+# Patterns are applied with fullmatch: with match(), "$" also matches before a trailing
+# newline, so "web-1\n" passed and reached the auth service's certificates.
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,253}$")
 # RFC 1123 host label characters; node names are hostnames in Teleport.
 _NODE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
@@ -103,7 +106,7 @@ def _str_list(
     if len(value) > max_items:
         raise _bad(f"{key} has more than {max_items} items")
     for item in value:
-        if not isinstance(item, str) or not pattern.match(item):
+        if not isinstance(item, str) or not pattern.fullmatch(item):
             raise _bad(f"{key} items must be names or addresses")
     return tuple(value)
 
@@ -123,7 +126,7 @@ def decode_join_request(raw: bytes, *, client_address: str, max_bytes: int = 655
     _fields(obj, _JOIN_FIELDS, _JOIN_REQUIRED, "body")
 
     token_name = _str(obj, "token_name", max_len=254)
-    if not _TOKEN_NAME.match(token_name):
+    if not _TOKEN_NAME.fullmatch(token_name):
         raise _bad("token_name has characters a token name cannot have")
     challenge = _str(obj, "challenge", max_len=64)
     access_token = _str(obj, "access_token", max_len=16384)
@@ -158,7 +161,7 @@ def decode_join_request(raw: bytes, *, client_address: str, max_bytes: int = 655
         raise _bad("host must be an object")
     _fields(host, _HOST_FIELDS, _HOST_REQUIRED, "host")
     node_name = _str(host, "node_name", max_len=253)
-    if not _NODE_NAME.match(node_name):
+    if not _NODE_NAME.fullmatch(node_name):
         raise _bad("host.node_name must be a hostname")
     role = _str(host, "role", max_len=32)
     if role not in _ROLES:
@@ -188,12 +191,40 @@ def decode_join_request(raw: bytes, *, client_address: str, max_bytes: int = 655
 
 
 def _check_public_keys(ssh_key: str, tls_key: str) -> None:
-    """Reject keys the auth service could not certify, before any costly check runs."""
+    """Reject keys the auth service could not certify, before any costly check runs.
+
+    Mirrors the reference auth service's rules (one OpenSSH line; Ed25519, ECDSA on
+    P-256/384/521 or RSA >= 2048 bits): a key it refuses would otherwise pass every Azure
+    check, spend ARM budget and a challenge, and come back as a 502."""
+    if "\n" in ssh_key.strip() or "\r" in ssh_key:
+        raise _bad("host.public_ssh_key must be one OpenSSH public key line")
     try:
-        load_ssh_public_key(ssh_key.encode("ascii"))
+        ssh = load_ssh_public_key(ssh_key.strip().encode("ascii"))
     except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm) as exc:
         raise _bad("host.public_ssh_key is not a supported OpenSSH public key") from exc
+    if "-----BEGIN PUBLIC KEY-----" not in tls_key:
+        raise _bad("host.public_tls_key must be a PEM SubjectPublicKeyInfo")
     try:
-        load_pem_public_key(tls_key.encode("ascii"))
+        tls = load_pem_public_key(tls_key.encode("ascii"))
     except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm) as exc:
         raise _bad("host.public_tls_key is not a supported PEM public key") from exc
+    _check_strength(ssh, "host.public_ssh_key")
+    _check_strength(tls, "host.public_tls_key")
+
+
+_MIN_RSA_BITS = 2048
+_EC_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
+def _check_strength(key: object, where: str) -> None:
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < _MIN_RSA_BITS:
+            raise _bad(f"{where}: RSA keys must be at least {_MIN_RSA_BITS} bits")
+        return
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, _EC_CURVES):
+            raise _bad(f"{where}: EC keys must be on P-256, P-384 or P-521")
+        return
+    raise _bad(f"{where}: key type not supported (Ed25519, ECDSA or RSA)")

@@ -21,8 +21,8 @@ from gateway.azure.arm import ArmBudget, ArmClient, NoBudget
 from gateway.azure.attested import AttestedVerifier
 from gateway.azure.budget import SubscriptionBudget
 from gateway.azure.certs import TrustStore
-from gateway.azure.jwks import JwksClient, TokenVerifier
-from gateway.cache import MemoryCache, NullCache
+from gateway.azure.jwks import JwksClient, TokenVerifier, keyset_from_json, keyset_to_json
+from gateway.cache import Cache, MemoryCache, NullCache
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config
 from gateway.join.binding import VmBinder
@@ -32,7 +32,14 @@ from gateway.join.pipeline import JoinDeps
 from gateway.join.replay import MemoryReplayStore, RedisReplayStore, ReplayStore
 from gateway.join.rules import TokenRegistry, load_token_files
 from gateway.metrics import Metrics
-from gateway.redis_tier import redis_client
+from gateway.redis_tier import (
+    Codec,
+    DerCertificatesCodec,
+    JsonCodec,
+    SharedTier,
+    TieredCache,
+    redis_client,
+)
 from gateway.tlsutil import client_ssl_context
 
 __all__ = ["TokenHolder", "load_tokens", "outbound_ssl_context", "production_deps"]
@@ -148,6 +155,15 @@ async def production_deps(
         replay_store = RedisReplayStore(redis)
     else:
         replay_store = MemoryReplayStore(clock=clock)
+
+    def shared(name: str, codec: Codec[Any]) -> Cache[str, Any]:
+        """With Redis, a cache whose loads other replicas reuse (JWKS, AIA); else the
+        in-process one. VM maps stay per process: they are cheap to rebuild from one
+        listing, and their refresh logic depends on when *this* process loaded them."""
+        if redis is None or not config.cache.enabled:
+            return cache(name)
+        return TieredCache(cache(name), SharedTier(redis, name, clock=clock), codec)
+
     try:
         aia = None
         if az.aia.enabled:
@@ -157,7 +173,7 @@ async def production_deps(
                 max_bytes=az.aia.max_bytes,
                 timeout=az.aia.timeout_seconds,
                 allow_private=az.aia.allow_private_destinations,
-                cache=cache("aia"),
+                cache=shared("aia", DerCertificatesCodec()),
                 clock=clock,
             )
         jwks = JwksClient(
@@ -168,7 +184,7 @@ async def production_deps(
             cache_ttl=config.cache.jwks_ttl_seconds,
             min_refresh_interval=config.cache.jwks_min_refresh_seconds,
             timeout=az.request_timeout_seconds,
-            cache=cache("jwks"),
+            cache=shared("jwks", JsonCodec(keyset_to_json, keyset_from_json)),
             on_refresh=metrics.key_refreshes.inc,
         )
         # The naive baseline (caches off) spends without a budget, as a gateway without
