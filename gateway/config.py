@@ -170,6 +170,10 @@ class LimitsConfig:
     max_queue: int = 1024
     queue_timeout_seconds: float = 5.0
     retry_after_seconds: float = 2.0
+    # Per client address (after trusted-proxy headers), challenge and join requests per
+    # second; 0 = no limit (the default: VMs behind one NAT share an address).
+    per_client_rate: float = 0.0
+    per_client_burst: float = 20.0
 
 
 @dataclass(frozen=True)

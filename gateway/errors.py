@@ -76,7 +76,6 @@ class Code(StrEnum):
     # 429 / 503 (retryable, with Retry-After)
     RATE_LIMITED = "rate_limited"
     OVERLOADED = "overloaded"
-    SHUTTING_DOWN = "shutting_down"
     DEPENDENCY_UNAVAILABLE = "dependency_unavailable"
     AZURE_BUDGET_EXHAUSTED = "azure_budget_exhausted"
     REPLAY_STORE_UNAVAILABLE = "replay_store_unavailable"
@@ -176,7 +175,6 @@ CODES: dict[Code, CodeInfo] = {
         429, True, "Too many requests from this client; honour Retry-After."
     ),
     Code.OVERLOADED: CodeInfo(503, True, "The gateway is shedding load; honour Retry-After."),
-    Code.SHUTTING_DOWN: CodeInfo(503, True, "This replica is draining; retry (another replica)."),
     Code.DEPENDENCY_UNAVAILABLE: CodeInfo(
         503, True, "An Azure dependency (Entra ID, AIA, Resource Manager) failed; retry later."
     ),

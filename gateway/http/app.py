@@ -13,12 +13,14 @@ from gateway.http.keys import (
     CONFIG,
     DEPS,
     METRICS,
+    RATE_LIMITER,
     STATE,
     TRUSTED_PROXIES,
     RuntimeState,
 )
 from gateway.http.middleware import error_middleware
 from gateway.http.proxy import TrustedProxies
+from gateway.http.ratelimit import ClientRateLimiter
 from gateway.http.routes import routes
 from gateway.join.pipeline import JoinDeps
 from gateway.metrics import Metrics
@@ -48,6 +50,9 @@ def make_app(
     app[AUDITOR] = auditor or Auditor(clock=deps.clock)
     app[TRUSTED_PROXIES] = TrustedProxies(config.proxy.trusted_cidrs)
     limits = config.limits
+    app[RATE_LIMITER] = ClientRateLimiter(
+        rate=limits.per_client_rate, burst=limits.per_client_burst, clock=deps.clock
+    )
     app[ADMISSION] = AdmissionController(
         max_in_flight=limits.max_in_flight,
         max_queue=limits.max_queue,

@@ -10,6 +10,7 @@ from gateway.audit import Auditor
 from gateway.config import Config
 from gateway.http.admission import AdmissionController
 from gateway.http.proxy import TrustedProxies
+from gateway.http.ratelimit import ClientRateLimiter
 from gateway.join.pipeline import JoinDeps
 from gateway.metrics import Metrics
 
@@ -19,6 +20,7 @@ __all__ = [
     "CONFIG",
     "DEPS",
     "METRICS",
+    "RATE_LIMITER",
     "STATE",
     "TRUSTED_PROXIES",
     "RuntimeState",
@@ -40,3 +42,4 @@ AUDITOR = web.AppKey("auditor", Auditor)
 STATE = web.AppKey("state", RuntimeState)
 TRUSTED_PROXIES = web.AppKey("trusted_proxies", TrustedProxies)
 ADMISSION = web.AppKey("admission", AdmissionController)
+RATE_LIMITER = web.AppKey("rate_limiter", ClientRateLimiter)

@@ -9,7 +9,16 @@ import time
 from aiohttp import web
 
 from gateway.errors import BodyTimeout, Code, GatewayError, Overloaded, PayloadTooLarge
-from gateway.http.keys import ADMISSION, AUDITOR, CONFIG, DEPS, METRICS, STATE, TRUSTED_PROXIES
+from gateway.http.keys import (
+    ADMISSION,
+    AUDITOR,
+    CONFIG,
+    DEPS,
+    METRICS,
+    RATE_LIMITER,
+    STATE,
+    TRUSTED_PROXIES,
+)
 from gateway.http.middleware import REQUEST_ID
 from gateway.http.proxy import client_address_for, transport_peer
 from gateway.http.schema import decode_challenge_request, decode_join_request
@@ -25,6 +34,15 @@ def client_address(request: web.Request) -> str:
     """The client: PROXY-protocol source or TCP peer, then Forwarded/X-Forwarded-For if
     that peer is a trusted proxy (DESIGN §6). Raises BadRequest(invalid_forwarded_header)."""
     return client_address_for(request, request.app[TRUSTED_PROXIES])
+
+
+def limited(request: web.Request, address: str) -> None:
+    """The per-client rate limit (429 + Retry-After); counted as shed when it bites."""
+    try:
+        request.app[RATE_LIMITER].check(address)
+    except Overloaded:
+        request.app[METRICS].shed.labels(reason="rate_limit").inc()
+        raise
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -46,6 +64,7 @@ async def read_body(request: web.Request) -> bytes:
 
 @routes.post("/v1/join/azure/challenge")
 async def challenge(request: web.Request) -> web.Response:
+    limited(request, client_address(request))
     decode_challenge_request(await read_body(request))
     issued = request.app[DEPS].challenges.issue()
     request.app[METRICS].challenges.inc()
@@ -63,6 +82,7 @@ async def join(request: web.Request) -> web.Response:
     metrics.in_flight.inc()
     try:
         address = client_address(request)
+        limited(request, address)
         req = decode_join_request(
             await read_body(request),
             client_address=address,

@@ -125,3 +125,31 @@ async def test_connection_without_header_is_closed(stack: DevStack) -> None:
         got = b""
     writer.close()
     assert got == b""
+
+
+async def test_per_client_rate_limit_is_429_with_retry_after(tmp_path: Path) -> None:
+    import dataclasses as _dc
+
+    import aiohttp as _aiohttp
+
+    def limit(config):  # type: ignore[no-untyped-def]
+        return _dc.replace(
+            config, limits=_dc.replace(config.limits, per_client_rate=1.0, per_client_burst=2.0)
+        )
+
+    async with dev_stack(tmp_path / "stack", tokens_yaml=TOKENS, adjust=limit) as st:
+        ctx = ssl.create_default_context(cafile=str(st.gateway_ca_file))
+
+        async def challenge(source: str) -> tuple[int, dict[str, object], str | None]:
+            conn = _aiohttp.TCPConnector(local_addr=(source, 0))
+            async with (
+                _aiohttp.ClientSession(connector=conn) as s,
+                s.post(st.gateway_url + "/v1/join/azure/challenge", json={}, ssl=ctx) as r,
+            ):
+                return r.status, await r.json(), r.headers.get("Retry-After")
+
+        assert [(await challenge("127.0.0.7"))[0] for _ in range(2)] == [200, 200]
+        status, body, retry_after = await challenge("127.0.0.7")
+        assert (status, body["error"]["code"]) == (429, "rate_limited")  # type: ignore[index]
+        assert retry_after is not None and int(retry_after) >= 1
+        assert (await challenge("127.0.0.8"))[0] == 200  # the limit is per client
