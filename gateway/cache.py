@@ -8,7 +8,8 @@ misses for one key run the loader once, the other N-1 await its result.
 
 The in-process tier is our own rather than aiocache's ``SimpleMemoryCache`` because
 that one expires keys with ``loop.call_later`` timers (one per key, not driven by an
-injectable clock) and copies nothing we need; aiocache is used for the shared Redis tier.
+injectable clock). The shared Redis tier is ``gateway.redis_tier`` (redis.asyncio; why not
+aiocache's Redis backend is explained there).
 """
 
 from __future__ import annotations
