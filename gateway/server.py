@@ -24,6 +24,7 @@ from gateway.audit import Auditor
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, ConfigError, split_hostport
 from gateway.http.app import make_app
+from gateway.http.framing import handler_factory
 from gateway.http.keys import RuntimeState
 from gateway.http.proxy import TrustedProxies
 from gateway.join.challenge import ChallengeCodec, load_keys_file
@@ -138,21 +139,28 @@ class GatewayServer:
         self._runner = runner
         self._stack.push_async_callback(runner.cleanup)
         ctx = self.server_ssl_context()
+        assert runner.server is not None
+        # Our handler renders HTTP framing errors as JSON with a code; the runner's Server
+        # stays the connection manager, so runner.cleanup() still drains every connection.
+        factory = handler_factory(runner.server, access_log=None)
+        loop = asyncio.get_running_loop()
         for i, listener in enumerate(self.config.listeners):
             sock = self._sockets[i] if self._sockets is not None else bind_socket(listener.address)
             if listener.proxy_protocol:
                 # Our own accept loop reads the PROXY header, then hands the socket to
                 # the runner's server; closed before runner.cleanup() (LIFO) drains.
-                assert runner.server is not None
                 pp = await serve_proxy_protocol(
                     sock,
-                    handler_factory=runner.server,
+                    handler_factory=factory,
                     ssl_context=ctx,
                     trusted=TrustedProxies(self.config.proxy.trusted_cidrs),
                 )
                 self._stack.push_async_callback(pp.aclose)
             else:
-                await web.SockSite(runner, sock, ssl_context=ctx).start()
+                server = await loop.create_server(factory, sock=sock, ssl=ctx)
+                # Closed before runner.cleanup() (LIFO): stop accepting, then drain. Only
+                # close(): on 3.12+ wait_closed() would wait for the drain that follows.
+                self._stack.callback(server.close)
             self.listeners.append(
                 BoundListener(listener.address, sock.getsockname()[1], listener.proxy_protocol)
             )

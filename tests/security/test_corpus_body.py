@@ -567,15 +567,7 @@ async def test_bad_framing_is_refused_and_survived(harness: Harness, data: bytes
     await harness.assert_alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "framing errors are answered by aiohttp's RequestHandler.handle_error (text/plain, "
-        "echoing part of the request), not by error_middleware: needs a server.py change"
-    ),
-)
-@pytest.mark.parametrize("data", _BAD_FRAMING[:2])
+@pytest.mark.parametrize("data", _BAD_FRAMING)
 async def test_bad_framing_gets_our_error_shape(harness: Harness, data: bytes) -> None:
     _, body = await _raw(harness, data)
     assert _code(body) == "malformed_body"
