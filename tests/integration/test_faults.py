@@ -111,6 +111,10 @@ async def post_join(
     stack: DevStack, vm: EmulatedVm, tmp: Path, **kw: Any
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     """One raw join request (no agent retries), to look at a single answer."""
+    return await post_body(stack, join_body(stack, vm, tmp, **kw))
+
+
+def join_body(stack: DevStack, vm: EmulatedVm, tmp: Path, **kw: Any) -> dict[str, Any]:
     emu = stack.emulator
     challenge = stack.gateway.deps.challenges.issue().value
     keys = load_or_create_keys(tmp / vm.name)
@@ -127,6 +131,12 @@ async def post_join(
         },
         **kw,
     }
+    return body
+
+
+async def post_body(
+    stack: DevStack, body: dict[str, Any]
+) -> tuple[int, dict[str, Any], dict[str, str]]:
     ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
     async with (
         aiohttp.ClientSession() as s,
@@ -332,3 +342,56 @@ async def test_an_upstream_failure_after_verification_is_retried_with_the_same_c
     assert out.attempts == 2 and waits
     records = [r for r in stack.auth.records() if r.registration.join.vm_id == vms[0].vm_id]
     assert len(records) == 1
+
+
+async def test_a_slow_auth_service_times_out_opens_the_circuit_and_recovers(
+    tmp_path: Path,
+) -> None:
+    """The auth service answers, but only after the gateway's upstream timeout: joins get a
+    fast retryable 503 and the circuit opens. The requests that timed out still reach the
+    auth service late (their answers were lost): resending the *same* request, as the
+    agent does, registers each VM once."""
+    from urllib.parse import urlsplit
+
+    from gateway.server import GatewayServer
+    from tests.support.slow_proxy import slow_proxy, wait_delivered
+
+    clock = FixedClock(time.time())
+    async with dev_stack(
+        tmp_path / "base", tokens_yaml=TOKENS, clock=clock, adjust=tune, start_gateway=False
+    ) as base:
+        auth = urlsplit(base.auth.url)
+        async with slow_proxy(str(auth.hostname), int(auth.port or 443)) as proxy:
+            upstream = dataclasses.replace(
+                base.config.upstream,
+                url=f"https://127.0.0.1:{proxy.port}",
+                timeout_seconds=0.5,
+                breaker_failures=3,
+                breaker_reset_seconds=5.0,
+            )
+            config = dataclasses.replace(base.config, upstream=upstream)
+            async with GatewayServer(config, clock=clock) as gw:
+                stack = dataclasses.replace(base, gateway=gw)
+                vms = fleet(stack, 6)
+                await run_join(patient(stack, vms[0]))  # quick: joins
+                proxy.delay = 2.0  # every answer now comes after the 0.5 s timeout
+                bodies = [join_body(stack, vm, tmp_path) for vm in vms[1:5]]
+                for body in bodies[:3]:
+                    status, answer, headers = await post_body(stack, body)
+                    assert (status, answer["error"]["code"]) == (503, "upstream_unavailable")
+                    assert "Retry-After" in headers
+                assert gw.deps.auth.breaker.state.value == "open"
+                before = proxy.connections
+                status, answer, _ = await post_body(stack, bodies[3])
+                assert (status, answer["error"]["code"]) == (503, "upstream_unavailable")
+                assert proxy.connections == before  # open: not even a connection upstream
+
+                proxy.delay = 0.0
+                await wait_delivered(proxy)  # the timed-out requests land now
+                clock.advance(6)  # half-open: one probe, which now succeeds
+                for body in bodies:  # what the agent does: the same request again
+                    status, answer, _ = await post_body(stack, body)
+                    assert status == 200, answer
+                await run_join(patient(stack, vms[5]), sleep=virtual_sleep(stack))
+                assert gw.deps.auth.breaker.state.value == "closed"
+                assert_exactly_once(stack, vms)
