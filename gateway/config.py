@@ -166,6 +166,8 @@ class LimitsConfig:
     max_body_bytes: int = 65536
     # The whole body must arrive within this: a slow drip does not hold a slot forever.
     body_read_timeout_seconds: float = 10.0
+    # A new connection's first request headers must arrive within this (slowloris).
+    header_read_timeout_seconds: float = 10.0
     max_in_flight: int = 256
     max_queue: int = 1024
     queue_timeout_seconds: float = 5.0

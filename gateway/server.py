@@ -142,7 +142,11 @@ class GatewayServer:
         assert runner.server is not None
         # Our handler renders HTTP framing errors as JSON with a code; the runner's Server
         # stays the connection manager, so runner.cleanup() still drains every connection.
-        factory = handler_factory(runner.server, access_log=None)
+        factory = handler_factory(
+            runner.server,
+            access_log=None,
+            header_timeout=self.config.limits.header_read_timeout_seconds,
+        )
         loop = asyncio.get_running_loop()
         for i, listener in enumerate(self.config.listeners):
             sock = self._sockets[i] if self._sockets is not None else bind_socket(listener.address)

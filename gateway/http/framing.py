@@ -32,6 +32,43 @@ log = logging.getLogger(__name__)
 
 
 class JsonErrorRequestHandler(RequestHandler):
+    """Also a deadline for the first request's headers on a connection (slowloris): a
+    client that connects and trickles its headers is cut off after ``header_timeout``.
+    Later requests on a kept-alive connection are not timed this way — that would close a
+    balancer's idle upstream connections under it — aiohttp's keep-alive timeout governs
+    idle connections, and the body has its own read deadline (``read_body``)."""
+
+    def __init__(
+        self, manager: web.Server, *, header_timeout: float | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._header_timeout:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self._header_timeout, self._headers_too_slow, transport
+            )
+
+    def headers_arrived(self) -> None:
+        """Called by the first middleware: a request's headers were parsed."""
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self, transport: asyncio.BaseTransport) -> None:
+        self._header_timer = None
+        log.info(
+            "closing a connection whose first request headers took over %ss", self._header_timeout
+        )
+        transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.headers_arrived()
+        super().connection_lost(exc)
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -59,10 +96,14 @@ class JsonErrorRequestHandler(RequestHandler):
         return resp
 
 
-def handler_factory(manager: web.Server, **kwargs: Any) -> Callable[[], RequestHandler]:
+def handler_factory(
+    manager: web.Server, *, header_timeout: float | None = None, **kwargs: Any
+) -> Callable[[], RequestHandler]:
     """A protocol factory for ``loop.create_server`` (and the PROXY-protocol listener)."""
 
     def make() -> RequestHandler:
-        return JsonErrorRequestHandler(manager, loop=asyncio.get_running_loop(), **kwargs)
+        return JsonErrorRequestHandler(
+            manager, loop=asyncio.get_running_loop(), header_timeout=header_timeout, **kwargs
+        )
 
     return make

@@ -50,6 +50,10 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # The headers are here: the connection's first-request header deadline is met.
+    arrived = getattr(request.protocol, "headers_arrived", None)
+    if arrived is not None:
+        arrived()
     supplied = request.headers.get("X-Request-Id", "")
     request_id = supplied if _REQUEST_ID_OK.match(supplied) else uuid.uuid4().hex
     REQUEST_ID.set(request_id)  # each request runs in its own task: its own context

@@ -215,7 +215,10 @@ def client_ssl(ca_file: Path) -> ssl.SSLContext:
 def _short_body_timeout(config: Config) -> Config:
     """A body read deadline short enough for the slow-drip case to see it within its run."""
     return dataclasses.replace(
-        config, limits=dataclasses.replace(config.limits, body_read_timeout_seconds=2.0)
+        config,
+        limits=dataclasses.replace(
+            config.limits, body_read_timeout_seconds=2.0, header_read_timeout_seconds=2.0
+        ),
     )
 
 

@@ -610,14 +610,6 @@ async def test_slow_drip_body_is_cut_off(harness: Harness) -> None:
     assert cut_off, f"the gateway still waits for a body dripped over {SLOW_DRIP_SECONDS} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "the gateway has no header read timeout either: a client that trickles its request "
-        "headers (slowloris) holds the connection for as long as it likes"
-    ),
-)
 async def test_slow_drip_headers_are_cut_off(harness: Harness) -> None:
     """The request line, then one header byte every 0.25 s for SLOW_DRIP_SECONDS."""
     port = harness.stack.gateway.listeners[0].port
