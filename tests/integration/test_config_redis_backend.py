@@ -12,19 +12,11 @@ from gateway.config import CacheConfig
 from gateway.devstack import agent_settings, dev_stack
 from gateway.join.replay import RedisReplayStore
 from tests.support.redis_server import RedisServer
+from tests.support.tokens import azure_token_yaml
 
 pytestmark = pytest.mark.integration
 
-TOKENS_YAML = """kind: token
-version: v2
-metadata: {name: azure-token}
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: 11111111-1111-1111-1111-111111111111
-"""
+TOKENS_YAML = azure_token_yaml()
 
 
 async def test_the_redis_backend_records_redemptions_in_redis(tmp_path: Path) -> None:

@@ -30,19 +30,10 @@ from gateway.clock import FixedClock
 from gateway.config import Config
 from gateway.devstack import DevStack, agent_settings, dev_stack
 from gateway.emulator import EmulatedVm
+from tests.support.tokens import azure_token_yaml
 
 SUB = "11111111-1111-1111-1111-111111111111"
-TOKENS = f"""\
-kind: token
-version: v2
-metadata: {{name: azure-token}}
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: {SUB}
-"""
+TOKENS = azure_token_yaml(SUB)
 
 
 def tune(config: Config) -> Config:

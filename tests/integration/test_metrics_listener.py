@@ -13,18 +13,9 @@ from gateway.config import MetricsConfig
 from gateway.devstack import dev_stack
 from gateway.tlsutil import generate_ca, issue_cert, write_pem_files
 from tests.support.gateway_proc import free_port
+from tests.support.tokens import azure_token_yaml
 
-TOKENS = """\
-kind: token
-version: v2
-metadata: {name: azure-token}
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: 11111111-1111-1111-1111-111111111111
-"""
+TOKENS = azure_token_yaml()
 
 
 async def test_metrics_listener_requires_a_client_certificate_when_configured(

@@ -33,22 +33,13 @@ from gateway.tlsutil import issue_cert, load_ca, write_pem_files
 from tests.support.binaries import require_binary
 from tests.support.gateway_proc import GatewayProcess, free_port, gateway_process
 from tests.support.redis_server import RedisServer
+from tests.support.tokens import azure_token_yaml
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 REPO = Path(__file__).resolve().parents[2]
 SUB = "11111111-1111-1111-1111-111111111111"
-TOKENS = f"""\
-kind: token
-version: v2
-metadata: {{name: azure-token}}
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: {SUB}
-"""
+TOKENS = azure_token_yaml(SUB)
 N_VMS = 300
 
 

@@ -15,20 +15,11 @@ from gateway.config import MetricsConfig
 from gateway.devstack import agent_settings, dev_stack
 from tests.support.binaries import require_binary
 from tests.support.gateway_proc import free_port
+from tests.support.tokens import azure_token_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SUB = "11111111-1111-1111-1111-111111111111"
-TOKENS = f"""\
-kind: token
-version: v2
-metadata: {{name: azure-token}}
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: {SUB}
-"""
+TOKENS = azure_token_yaml(SUB)
 
 
 @pytest.mark.parametrize(

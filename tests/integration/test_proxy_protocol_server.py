@@ -14,17 +14,9 @@ import pytest
 from gateway.config import ListenerConfig, ProxyConfig
 from gateway.devstack import DevStack, dev_stack
 from gateway.tlsutil import client_ssl_context
+from tests.support.tokens import azure_token_yaml
 
-TOKENS = """kind: token
-version: v2
-metadata: {name: azure-token}
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: 11111111-1111-1111-1111-111111111111
-"""
+TOKENS = azure_token_yaml()
 
 
 @pytest.fixture

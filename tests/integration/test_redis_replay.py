@@ -32,6 +32,7 @@ from gateway.join.replay import RedisReplayStore
 from gateway.redis_tier import redis_client
 from gateway.server import GatewayServer
 from tests.support.redis_server import RedisServer
+from tests.support.tokens import azure_token_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -211,16 +212,7 @@ async def test_client_factory_builds_a_bounded_blocking_pool_with_minimal_retry(
         await c.aclose()
 
 
-TOKENS_YAML = """kind: token
-version: v2
-metadata: {name: azure-token}
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: 11111111-1111-1111-1111-111111111111
-"""
+TOKENS_YAML = azure_token_yaml()
 
 
 async def test_two_gateway_replicas_sharing_redis_refuse_a_replayed_join(

@@ -12,19 +12,10 @@ from gateway.devstack import agent_settings, dev_stack
 from gateway.server import GatewayServer
 from tests.support.binaries import require_binary
 from tests.support.redis_server import RedisServer
+from tests.support.tokens import azure_token_yaml
 
 SUB = "11111111-1111-1111-1111-111111111111"
-TOKENS = f"""\
-kind: token
-version: v2
-metadata: {{name: azure-token}}
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: {SUB}
-"""
+TOKENS = azure_token_yaml(SUB)
 
 
 async def test_a_second_replica_reuses_the_first_ones_jwks_and_intermediates(

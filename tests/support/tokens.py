@@ -1,0 +1,21 @@
+"""Token files for tests, in the seed's format (DESIGN §7)."""
+
+from __future__ import annotations
+
+SUBSCRIPTION = "11111111-1111-1111-1111-111111111111"
+
+
+def azure_token_yaml(subscription: str = SUBSCRIPTION, *, name: str = "azure-token") -> str:
+    """One azure token for the ``Node`` role allowing one whole subscription."""
+    return f"""\
+kind: token
+version: v2
+metadata:
+  name: {name}
+spec:
+  roles: [Node]
+  join_method: azure
+  azure:
+    allow:
+      - subscription: {subscription}
+"""
