@@ -22,8 +22,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
+from jwt.algorithms import RSAAlgorithm
 
 from gateway.cloud import CloudProfile
 from gateway.errors import BadRequest, Code, JoinRejected
@@ -49,6 +49,9 @@ MIN_RSA_BITS = 2048
 # A JWT from IMDS is a few KiB; the request body cap bounds it anyway, this bounds peeking.
 _MAX_JWT_CHARS = 16 * 1024
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
+# The only algorithm a token is ever verified with (RS256: RSASSA-PKCS1-v1_5, SHA-256).
+_RS256 = RSAAlgorithm(RSAAlgorithm.SHA256)
+_REQUIRED_CLAIMS = ("exp", "iat", "nbf", "iss", "aud", "tid")
 
 
 def normalize_guid(value: object) -> str | None:
@@ -127,6 +130,10 @@ def peek_token(token: str) -> TokenHeaderView:
     ``JoinRejected(ACCESS_TOKEN_INVALID)`` when it is one but lacks a usable ``kid`` or its
     ``tid`` is not a GUID (a ``tid`` like ``../x`` must never reach a URL).
     """
+    return _peek(token)[0]
+
+
+def _peek(token: str) -> tuple[TokenHeaderView, dict[str, Any]]:
     header, payload = _split(token)
     alg = header.get("alg")
     kid = header.get("kid")
@@ -137,7 +144,7 @@ def peek_token(token: str) -> TokenHeaderView:
     tid = normalize_guid(payload.get("tid"))
     if tid is None:
         raise JoinRejected(Code.ACCESS_TOKEN_INVALID, "token tid is missing or not a GUID")
-    return TokenHeaderView(kid=kid, alg=alg, tid=tid)
+    return TokenHeaderView(kid=kid, alg=alg, tid=tid), payload
 
 
 def _b64url_uint(value: object) -> int:
@@ -233,12 +240,18 @@ def verify_access_token(
 ) -> TokenClaims:
     """Verify a managed-identity token against ``keys`` and return its claims.
 
-    Order: shape, algorithm (RS256 only, from the header and pinned again in
-    ``jwt.decode``), key, signature, then claims. The validity window is checked against
-    ``now`` with ``leeway``; ``iat`` may be old (IMDS caches tokens up to 24 h) but not in
-    the future.
+    Order: shape, algorithm (RS256 only, from the header, and pinned again by verifying
+    with PyJWT's RS256 algorithm object and nothing else), key, signature, then claims. The
+    validity window is checked against ``now`` with ``leeway``; ``iat`` may be old (IMDS
+    caches tokens up to 24 h) but not in the future.
+
+    Why not ``jwt.decode``: it re-validates every character of every segment in a Python
+    generator — about a tenth of the gateway's CPU per join, measured — after ``_split``
+    has already validated and decoded the same segments with a regular expression. The
+    signature is checked over exactly those segments, so the claims read are the ones
+    signed.
     """
-    view = peek_token(token)
+    view, payload = _peek(token)
     if view.alg != "RS256":
         raise JoinRejected(Code.ACCESS_TOKEN_INVALID, f"token alg {view.alg!r} is not RS256")
     key = keys.get(view.kid)
@@ -246,30 +259,14 @@ def verify_access_token(
         raise JoinRejected(
             Code.ACCESS_TOKEN_KEY_UNKNOWN, f"no key {view.kid!r} in the tenant's JWKS"
         )
-    try:
-        payload: dict[str, Any] = jwt.decode(
-            token,
-            key=key,
-            algorithms=["RS256"],
-            options={
-                "verify_signature": True,
-                # Time, issuer and audience are checked below, against our clock, with codes.
-                "verify_exp": False,
-                "verify_nbf": False,
-                "verify_iat": False,
-                "verify_aud": False,
-                "verify_iss": False,
-                "require": ["exp", "iat", "nbf", "iss", "aud", "tid"],
-            },
-        )
-    except jwt.InvalidSignatureError as exc:
-        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, "token signature does not verify") from exc
-    except jwt.MissingRequiredClaimError as exc:
-        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, f"token lacks a claim: {exc}") from exc
-    except jwt.PyJWTError as exc:
-        raise JoinRejected(
-            Code.ACCESS_TOKEN_INVALID, f"token does not verify: {type(exc).__name__}"
-        ) from exc
+    signing_input, _, signature_b64 = token.rpartition(".")
+    signature = base64.urlsafe_b64decode(signature_b64 + "=" * (-len(signature_b64) % 4))
+    if not _RS256.verify(signing_input.encode("ascii"), key, signature):
+        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, "token signature does not verify")
+    missing = [name for name in _REQUIRED_CLAIMS if name not in payload]
+    if missing:
+        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, f"token lacks claim(s) {missing}")
+    # Time, issuer and audience are checked below, against our clock, each with its code.
 
     tid = normalize_guid(payload.get("tid"))
     if tid is None:  # cannot differ from the peeked one, but never trust a second parse blindly
