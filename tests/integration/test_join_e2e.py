@@ -28,6 +28,7 @@ from gateway.emulator import EmulatedVm
 from gateway.errors import GatewayError
 from gateway.http.schema import decode_join_request
 from gateway.join.pipeline import JoinTrace, admit_join
+from tests.support.tokens import refusal_tokens_yaml
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -52,26 +53,7 @@ spec:
         resource_groups: ["group1", "Group2"]
       - tenant: {T_RULE}
 ---
-kind: token
-version: v2
-metadata:
-  name: static-token
-spec:
-  roles: [Node]
-  join_method: token
----
-kind: token
-version: v2
-metadata:
-  name: expired-token
-  expires: "2020-01-01T00:00:00Z"
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: {S1}
-"""
+""" + refusal_tokens_yaml(S1)
 
 
 @dataclass

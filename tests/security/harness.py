@@ -35,6 +35,7 @@ from gateway.devstack import DevStack, dev_stack
 from gateway.emulator import AzureEmulator, EmulatedVm, Latency
 from gateway.emulator.pki import AttestationCas
 from tests.support.cms_forge import Issued, azure_content
+from tests.support.tokens import refusal_tokens_yaml
 
 __all__ = [
     "S1",
@@ -61,26 +62,7 @@ spec:
     allow:
       - subscription: {S1}
 ---
-kind: token
-version: v2
-metadata:
-  name: static-token
-spec:
-  roles: [Node]
-  join_method: token
----
-kind: token
-version: v2
-metadata:
-  name: expired-token
-  expires: "2020-01-01T00:00:00Z"
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: {S1}
-"""
+""" + refusal_tokens_yaml(S1)
 
 Body = dict[str, Any]
 # A case builds what is POSTed: a body dict (JSON-encoded by the harness) or raw bytes.

@@ -19,3 +19,29 @@ spec:
     allow:
       - subscription: {subscription}
 """
+
+
+def refusal_tokens_yaml(subscription: str = SUBSCRIPTION) -> str:
+    """Two tokens a join must be refused with: one of another join method
+    (``static-token``) and one past its expiry (``expired-token``)."""
+    return f"""\
+kind: token
+version: v2
+metadata:
+  name: static-token
+spec:
+  roles: [Node]
+  join_method: token
+---
+kind: token
+version: v2
+metadata:
+  name: expired-token
+  expires: "2020-01-01T00:00:00Z"
+spec:
+  roles: [Node]
+  join_method: azure
+  azure:
+    allow:
+      - subscription: {subscription}
+"""
