@@ -144,6 +144,12 @@ class StormOutcome:
     codes: Counter[str] = field(default_factory=Counter)
 
 
+def _significant(value: float, digits: int = 4) -> float:
+    """CPU seconds keep ``digits`` significant digits: a fixed number of decimal places
+    leaves a 0.0004 s floor with only three (0.1 % off, more than ratios may be)."""
+    return float(f"{value:.{digits}g}")
+
+
 def arm_call_count(counters: dict[str, int]) -> tuple[int, int]:
     """(ARM requests, ARM 429s) from the emulator's counters.
 
@@ -329,8 +335,8 @@ class PhaseResult:
             "emulator_429s": arm_429,
             "emulator_counters": dict(sorted(self.counters.items())),
             "gateway_cpu_s": round(self.gateway_cpu_s, 3),
-            "gateway_cpu_s_per_join": round(cpu_per_join, 6),
-            "floor_cpu_s_per_join": round(floor.per_join_s, 6),
+            "gateway_cpu_s_per_join": _significant(cpu_per_join),
+            "floor_cpu_s_per_join": _significant(floor.per_join_s),
             "cpu_vs_floor": round(cpu_per_join / floor.per_join_s, 2),
             "other_cpu_s": {
                 "emulator": round(self.emulator_cpu_s, 2),
