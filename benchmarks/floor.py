@@ -9,7 +9,7 @@ shrink. The gateway's CPU per join is reported as a multiple of this floor.
 Measured in the benchmark process, single-threaded, while the storm is not running, with
 per-thread CPU time (``time.thread_time``) around the server side's calls only. The
 inputs are real: the gateway's own certificate and key and TLS settings
-(``gateway.tlsutil.server_ssl_context``), a document and a token fresh from the emulator.
+(``gateway.core.tlsutil.server_ssl_context``), a document and a token fresh from the emulator.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from gateway.azure.attested import decode_signature, find_signer_certificate
 from gateway.azure.cms import parse_signed_data
-from gateway.tlsutil import client_ssl_context, server_ssl_context
+from gateway.core.tlsutil import client_ssl_context, server_ssl_context
 
 __all__ = [
     "Floor",

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from gateway.authservice import init_auth_dir
-from gateway.config import (
+from gateway.core.config import (
     AiaConfig,
     AzureConfig,
     CacheConfig,
@@ -42,8 +42,8 @@ from gateway.config import (
     UpstreamConfig,
     dump_config,
 )
+from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
 from gateway.join.challenge import write_new_keys_file
-from gateway.tlsutil import generate_ca, issue_cert, write_pem_files
 
 __all__ = [
     "EmulatorInfo",

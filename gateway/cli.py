@@ -45,7 +45,7 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> object:
-    from gateway.config import ConfigError, load_config
+    from gateway.core.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config)
@@ -58,7 +58,7 @@ def _load(args: argparse.Namespace) -> object:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.config import Config
+    from gateway.core.config import Config
 
     cfg = _load(args)
     if not isinstance(cfg, Config):
@@ -66,11 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level or cfg.log_level)
     metrics_dir = None
     if cfg.workers > 1:
-        from gateway.supervisor import prepare_multiprocess_metrics
+        from gateway.server.supervisor import prepare_multiprocess_metrics
 
         # Before anything imports prometheus_client: it picks its value class at import.
         metrics_dir = prepare_multiprocess_metrics()
-    from gateway.server import run
+    from gateway.server.serve import run
 
     return run(cfg, metrics_dir=metrics_dir)
 
@@ -81,7 +81,7 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from gateway.config import Config, ConfigError
+    from gateway.core.config import Config, ConfigError
     from gateway.join.challenge import load_keys_file
     from gateway.join.deps import load_tokens
 
@@ -218,16 +218,16 @@ COMMANDS: dict[str, tuple[str, Configure]] = {
     "auth": ("the reference auth service", _delegate("gateway.authservice.cli")),
     "emulator": (
         "an Azure emulator for tests, demos and benchmarks",
-        _delegate("gateway.emulator.cli"),
+        _delegate("gateway.dev.emulator.cli"),
     ),
     "status": ("the auth service's CA pin and the gateway's health", _configure_status),
     "demo": (
         "everything on loopback, then a fleet of emulated VMs joins",
-        _delegate("gateway.demo"),
+        _delegate("gateway.dev.demo"),
     ),
     "inspect": (
         "verify a captured attested document and/or token, step by step",
-        _delegate("gateway.inspect"),
+        _delegate("gateway.join.inspect"),
     ),
     "check-config": ("validate gateway.yaml, token files and keys", _configure_check),
     "challenge-keys": ("create or rotate the challenge keys file", _configure_keys),

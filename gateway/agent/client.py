@@ -18,7 +18,7 @@ import aiohttp
 from gateway.agent.backoff import parse_retry_after
 from gateway.agent.errors import AgentCode, JoinError
 from gateway.agent.transport import read_capped
-from gateway.clock import Clock, SystemClock
+from gateway.core.clock import Clock, SystemClock
 
 __all__ = [
     "CHALLENGE_PATH",

@@ -1,6 +1,6 @@
 """The agent's typed errors.
 
-The agent runs on the VM, so its errors are not the gateway's :class:`~gateway.errors.GatewayError`
+The agent runs on the VM, so its errors are not the gateway's :class:`~gateway.core.errors.GatewayError`
 (those are rendered into HTTP responses). Every failure the agent can report carries a stable
 ``code``: either one the gateway sent back (``not_allowed``, ``challenge_reused`` ...) or one of
 the agent's own :class:`AgentCode` values below. The CLI prints the code; tests assert it.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from gateway.errors import CODES, Code
+from gateway.core.errors import CODES, Code
 
 __all__ = [
     "RETRYABLE_GATEWAY_CODES",
@@ -43,7 +43,7 @@ class AgentCode(StrEnum):
 
 
 # A fresh attempt (new challenge, new document, new token) can cure these. The gateway's
-# codes table (gateway.errors.CODES, "whether an agent should retry") is consulted as well,
+# codes table (gateway.core.errors.CODES, "whether an agent should retry") is consulted as well,
 # so a code the table marks retryable (internal_error, shutting_down ...) is retried too.
 RETRYABLE_STATUSES: frozenset[int] = frozenset({429, 502, 503, 504})
 RETRYABLE_GATEWAY_CODES: frozenset[str] = frozenset(

@@ -1,7 +1,7 @@
 """Collecting the attested document's intermediate certificates, to help the gateway.
 
 Azure puts only the leaf in the attested document's CMS envelope (see
-../shared/azure-real/README.md); the gateway has to find the intermediate. The agent can fetch
+tests/data/azure-real/README.md); the gateway has to find the intermediate. The agent can fetch
 it from the leaf's AIA caIssuers URL and send it along (untrusted: it only helps path building,
 the gateway still chains to its pinned roots). Only URLs under allowed prefixes are fetched,
 with no redirects, a size cap and a timeout, so a hostile document cannot make the VM fetch

@@ -36,7 +36,7 @@ __all__ = [
 DEFAULT_IMDS_URL = "http://169.254.169.254"
 DEFAULT_DATA_DIR = Path("/var/lib/teleport")
 # Where Azure's metadata signer certificates point their AIA caIssuers URLs (see
-# ../shared/azure-real/README.md); anything else is not fetched.
+# tests/data/azure-real/README.md); anything else is not fetched.
 DEFAULT_AIA_PREFIXES: tuple[str, ...] = (
     "http://www.microsoft.com/pkiops/certs/",
     "http://caissuers.microsoft.com/pkiops/certs/",

@@ -40,7 +40,7 @@ from gateway.agent.intermediates import IntermediateCollector
 from gateway.agent.keys import NodeKeys, load_or_create_keys
 from gateway.agent.nodeconfig import AgentSettings
 from gateway.agent.transport import make_session, make_ssl_context
-from gateway.clock import Clock, SystemClock
+from gateway.core.clock import Clock, SystemClock
 
 __all__ = [
     "DATA_FILES",

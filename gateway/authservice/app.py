@@ -34,8 +34,8 @@ from gateway.authservice.wire import (
     decode_registration,
     request_digest,
 )
-from gateway.clock import Clock, SystemClock
-from gateway.tlsutil import server_ssl_context
+from gateway.core.clock import Clock, SystemClock
+from gateway.core.tlsutil import server_ssl_context
 
 __all__ = [
     "AUTH_SETTINGS_KEY",

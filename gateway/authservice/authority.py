@@ -33,9 +33,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.clock import Clock, SystemClock
-from gateway.join.forward import HostParams, RegisterResult
-from gateway.tlsutil import (
+from gateway.core.clock import Clock, SystemClock
+from gateway.core.tlsutil import (
     CaMaterial,
     CertifiablePublicKey,
     KeyType,
@@ -47,6 +46,7 @@ from gateway.tlsutil import (
     spki_pin,
     write_pem_files,
 )
+from gateway.join.forward import HostParams, RegisterResult
 
 __all__ = [
     "DEFAULT_CERT_TTL",

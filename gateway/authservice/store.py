@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.authservice.wire import AuthServiceError, ErrorCode
+from gateway.core.tlsutil import atomic_write
 from gateway.join.forward import HostParams, JoinBlock, RegisterResult, Registration
-from gateway.tlsutil import atomic_write
 
 __all__ = ["RegistrationRecord", "RegistrationStore"]
 

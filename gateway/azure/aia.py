@@ -38,9 +38,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs7
 from yarl import URL
 
-from gateway.cache import Cache, MemoryCache
-from gateway.clock import Clock, SystemClock
-from gateway.errors import Code, Overloaded
+from gateway.core.cache import Cache, MemoryCache
+from gateway.core.clock import Clock, SystemClock
+from gateway.core.errors import Code, Overloaded
 
 __all__ = ["DEFAULT_AIA_PREFIXES", "AiaFetcher", "AiaRefused"]
 

@@ -36,8 +36,8 @@ import aiohttp
 
 from gateway.azure.resource_id import ResourceId, parse_resource_id
 from gateway.azure.token import normalize_guid
-from gateway.clock import Clock
-from gateway.errors import Code, JoinRejected, Overloaded
+from gateway.core.clock import Clock
+from gateway.core.errors import Code, JoinRejected, Overloaded
 
 __all__ = ["ArmBudget", "ArmClient", "ArmReadKind", "NoBudget", "VmRecord"]
 

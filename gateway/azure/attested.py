@@ -41,10 +41,10 @@ from gateway.azure.certs import (
     verify_chain,
 )
 from gateway.azure.cms import SignedDataView, SignerInfoView, parse_signed_data
-from gateway.cache import MemoryCache
-from gateway.clock import Clock
-from gateway.cloud import CloudProfile
-from gateway.errors import BadRequest, Code, GatewayError, JoinRejected
+from gateway.core.cache import MemoryCache
+from gateway.core.clock import Clock
+from gateway.core.cloud import CloudProfile
+from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected
 
 __all__ = [
     "AttestedContent",
@@ -74,7 +74,7 @@ OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
 # Azure puts sha256WithRSAEncryption in SignerInfo.digestAlgorithm where RFC 5652 wants a
 # plain digest OID; both mean SHA-256. Teleport handles the same quirk:
 # https://github.com/gravitational/teleport/blob/master/lib/join/azurejoin/azure.go
-# (fixAzureSigningAlgorithm), and the real documents in ../shared/azure-real/ show it.
+# (fixAzureSigningAlgorithm), and the real documents in tests/data/azure-real/ show it.
 _SHA256_DIGEST_OIDS = frozenset({OID_SHA256, OID_SHA256_WITH_RSA})
 _RSA_SIGNATURE_OIDS = frozenset({OID_RSA_ENCRYPTION, OID_SHA256_WITH_RSA})
 

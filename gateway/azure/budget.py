@@ -33,8 +33,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.azure.arm import ArmReadKind
-from gateway.clock import Clock
-from gateway.errors import Code, Overloaded
+from gateway.core.clock import Clock
+from gateway.core.errors import Code, Overloaded
 
 __all__ = ["BudgetStats", "SubscriptionBudget"]
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from gateway.errors import Code, JoinRejected
+from gateway.core.errors import Code, JoinRejected
 
 __all__ = [
     "TrustStore",

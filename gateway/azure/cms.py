@@ -20,7 +20,7 @@ from asn1crypto import cms as a_cms
 from asn1crypto import core as a_core
 from cryptography import x509
 
-from gateway.errors import BadRequest, Code
+from gateway.core.errors import BadRequest, Code
 
 __all__ = [
     "OID_CONTENT_TYPE",

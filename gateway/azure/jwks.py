@@ -36,10 +36,10 @@ from gateway.azure.token import (
     peek_token,
     verify_access_token,
 )
-from gateway.cache import Cache, MemoryCache
-from gateway.clock import Clock
-from gateway.cloud import CloudProfile
-from gateway.errors import Code, JoinRejected, Overloaded
+from gateway.core.cache import Cache, MemoryCache
+from gateway.core.clock import Clock
+from gateway.core.cloud import CloudProfile
+from gateway.core.errors import Code, JoinRejected, Overloaded
 
 __all__ = [
     "JwksClient",

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from gateway.azure.token import normalize_guid
-from gateway.errors import Code, JoinRejected
+from gateway.core.errors import Code, JoinRejected
 
 __all__ = [
     "ResourceId",

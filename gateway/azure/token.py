@@ -25,8 +25,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
 from jwt.algorithms import RSAAlgorithm
 
-from gateway.cloud import CloudProfile
-from gateway.errors import BadRequest, Code, JoinRejected
+from gateway.core.cloud import CloudProfile
+from gateway.core.errors import BadRequest, Code, JoinRejected
 
 __all__ = [
     "GUID_RE",

@@ -23,7 +23,7 @@ import logging
 from collections import deque
 from types import TracebackType
 
-from gateway.errors import Code, Overloaded
+from gateway.core.errors import Code, Overloaded
 
 __all__ = ["AdmissionController", "AdmissionSlot"]
 

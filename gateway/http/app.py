@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.audit import Auditor
-from gateway.config import Config
+from gateway.core.audit import Auditor
+from gateway.core.config import Config
+from gateway.core.metrics import Metrics
 from gateway.http.admission import AdmissionController
 from gateway.http.keys import (
     ADMISSION,
@@ -23,7 +24,6 @@ from gateway.http.proxy import TrustedProxies
 from gateway.http.ratelimit import ClientRateLimiter
 from gateway.http.routes import routes
 from gateway.join.pipeline import JoinDeps
-from gateway.metrics import Metrics
 
 __all__ = ["make_app"]
 

@@ -23,7 +23,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from gateway.errors import Code, GatewayError
+from gateway.core.errors import Code, GatewayError
 from gateway.http.middleware import render_error
 
 __all__ = ["JsonErrorRequestHandler", "handler_factory"]

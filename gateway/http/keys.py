@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway.audit import Auditor
-from gateway.config import Config
+from gateway.core.audit import Auditor
+from gateway.core.config import Config
+from gateway.core.metrics import Metrics
 from gateway.http.admission import AdmissionController
 from gateway.http.proxy import TrustedProxies
 from gateway.http.ratelimit import ClientRateLimiter
 from gateway.join.pipeline import JoinDeps
-from gateway.metrics import Metrics
 
 __all__ = [
     "ADMISSION",

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from gateway.errors import Code, GatewayError, NotFound, PayloadTooLarge
+from gateway.core.errors import Code, GatewayError, NotFound, PayloadTooLarge
 
 __all__ = ["REQUEST_ID", "error_middleware", "render_error"]
 

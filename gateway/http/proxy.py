@@ -4,7 +4,7 @@ The client address feeds rate limits, audit records and the registration sent up
 so it must not be something a client can choose. Only a peer inside the configured
 trusted CIDRs may speak for the client, through ``Forwarded`` (RFC 7239) or
 ``X-Forwarded-For``; from anyone else those headers are ignored. A PROXY-protocol
-listener (``gateway.proxyproto``) supplies the peer for connections that came through
+listener (``gateway.http.proxyproto``) supplies the peer for connections that came through
 a TCP load balancer, and the headers are applied on top of that.
 
 Rules, decided once here so every caller agrees:
@@ -37,8 +37,8 @@ from typing import Final
 
 from aiohttp import web
 
-from gateway.errors import BadRequest, Code
-from gateway.proxyproto import proxied_peer
+from gateway.core.errors import BadRequest, Code
+from gateway.http.proxyproto import proxied_peer
 
 __all__ = [
     "MAX_HEADER_CHARS",

@@ -9,8 +9,8 @@ the injected clock, bounded in memory.
 
 from __future__ import annotations
 
-from gateway.clock import Clock
-from gateway.errors import Code, Overloaded
+from gateway.core.clock import Clock
+from gateway.core.errors import Code, Overloaded
 
 __all__ = ["ClientRateLimiter"]
 

@@ -8,7 +8,7 @@ import time
 
 from aiohttp import web
 
-from gateway.errors import BodyTimeout, Code, GatewayError, Overloaded, PayloadTooLarge
+from gateway.core.errors import BodyTimeout, Code, GatewayError, Overloaded, PayloadTooLarge
 from gateway.http.keys import (
     ADMISSION,
     AUDITOR,

@@ -18,7 +18,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key, load_ssh_public_key
 
-from gateway.errors import BadRequest, Code, PayloadTooLarge
+from gateway.core.errors import BadRequest, Code, PayloadTooLarge
 from gateway.join.forward import HostParams
 from gateway.join.pipeline import JoinRequest
 

@@ -47,9 +47,9 @@ from typing import Literal
 from gateway.azure.arm import ArmClient, VmRecord
 from gateway.azure.resource_id import ResourceId, parse_resource_id
 from gateway.azure.token import TokenClaims, normalize_guid
-from gateway.cache import MemoryCache
-from gateway.clock import Clock
-from gateway.errors import Code, JoinRejected, Overloaded
+from gateway.core.cache import MemoryCache
+from gateway.core.clock import Clock
+from gateway.core.errors import Code, JoinRejected, Overloaded
 
 __all__ = [
     "BindingStats",

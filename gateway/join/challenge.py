@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.clock import Clock
-from gateway.errors import Code, JoinRejected
+from gateway.core.clock import Clock
+from gateway.core.errors import Code, JoinRejected
 
 __all__ = [
     "CHALLENGE_LENGTH",

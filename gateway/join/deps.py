@@ -22,17 +22,11 @@ from gateway.azure.attested import AttestedVerifier
 from gateway.azure.budget import SubscriptionBudget
 from gateway.azure.certs import TrustStore
 from gateway.azure.jwks import JwksClient, TokenVerifier, keyset_from_json, keyset_to_json
-from gateway.cache import Cache, MemoryCache, NullCache
-from gateway.clock import Clock, SystemClock
-from gateway.config import Config
-from gateway.join.binding import VmBinder
-from gateway.join.challenge import ChallengeCodec, load_keys_file
-from gateway.join.forward import AuthClient, CircuitBreaker
-from gateway.join.pipeline import JoinDeps
-from gateway.join.replay import MemoryReplayStore, RedisReplayStore, ReplayStore
-from gateway.join.rules import TokenRegistry, load_token_files
-from gateway.metrics import Metrics
-from gateway.redis_tier import (
+from gateway.core.cache import Cache, MemoryCache, NullCache
+from gateway.core.clock import Clock, SystemClock
+from gateway.core.config import Config
+from gateway.core.metrics import Metrics
+from gateway.core.redis_tier import (
     Codec,
     DerCertificatesCodec,
     JsonCodec,
@@ -40,7 +34,13 @@ from gateway.redis_tier import (
     TieredCache,
     redis_client,
 )
-from gateway.tlsutil import client_ssl_context
+from gateway.core.tlsutil import client_ssl_context
+from gateway.join.binding import VmBinder
+from gateway.join.challenge import ChallengeCodec, load_keys_file
+from gateway.join.forward import AuthClient, CircuitBreaker
+from gateway.join.pipeline import JoinDeps
+from gateway.join.replay import MemoryReplayStore, RedisReplayStore, ReplayStore
+from gateway.join.rules import TokenRegistry, load_token_files
 
 __all__ = ["TokenHolder", "load_tokens", "outbound_ssl_context", "production_deps"]
 

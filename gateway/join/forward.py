@@ -13,7 +13,7 @@ registrations it opens, and for ``reset_timeout`` seconds every call fails at on
 costs microseconds per join, not a timeout each. Then one probe is let through
 (half-open); its outcome closes or re-opens the circuit.
 
-Every aiohttp exception is translated here into ``gateway.errors``; none escapes.
+Every aiohttp exception is translated here into ``gateway.core.errors``; none escapes.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any, Self
 
 import aiohttp
 
-from gateway.clock import Clock
-from gateway.errors import Code, GatewayError, Overloaded, UpstreamFailed
+from gateway.core.clock import Clock
+from gateway.core.errors import Code, GatewayError, Overloaded, UpstreamFailed
 
 __all__ = [
     "AuthClient",

@@ -21,8 +21,8 @@ from typing import Protocol
 from gateway.azure.attested import AttestedDocument, AttestedVerifier
 from gateway.azure.jwks import TokenVerifier
 from gateway.azure.token import TokenClaims
-from gateway.clock import Clock
-from gateway.errors import Code, GatewayError, JoinRejected
+from gateway.core.clock import Clock
+from gateway.core.errors import Code, GatewayError, JoinRejected
 from gateway.join.binding import VmBinder, VmIdentity
 from gateway.join.challenge import ChallengeCodec
 from gateway.join.forward import AuthClient, HostParams, JoinBlock, RegisterResult, Registration

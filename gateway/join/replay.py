@@ -6,7 +6,7 @@ store must be shared (Redis, ``SET key 1 NX PX ttl``); the in-memory store is co
 for one process only. A store that cannot answer raises ``Overloaded`` with
 ``replay_store_unavailable``: the single-use guarantee is never silently dropped.
 
-Unlike the cache tier (``gateway.redis_tier``), which degrades to in-process caching when
+Unlike the cache tier (``gateway.core.redis_tier``), which degrades to in-process caching when
 Redis is down, the replay store fails closed: answering "first use" without asking the
 shared store would let one challenge be redeemed once per replica.
 """
@@ -20,8 +20,8 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.clock import Clock
-from gateway.errors import Code, Overloaded
+from gateway.core.clock import Clock
+from gateway.core.errors import Code, Overloaded
 
 __all__ = ["MemoryReplayStore", "RedisReplayStore", "ReplayStore"]
 
@@ -85,7 +85,7 @@ class RedisReplayStore:
 
     Parameters:
 
-    * client — from ``gateway.redis_tier.redis_client`` (bounded blocking pool, no
+    * client — from ``gateway.core.redis_tier.redis_client`` (bounded blocking pool, no
       retries, socket timeouts); owned by the caller, who closes it.
     * key_prefix — namespace of the keys (``{prefix}{challenge}``).
     * op_timeout — hard bound on one call, on top of the client's socket timeouts, so a

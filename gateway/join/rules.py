@@ -26,8 +26,8 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.azure.token import normalize_guid
-from gateway.config import ConfigError
-from gateway.errors import Code, JoinRejected, UnknownToken
+from gateway.core.config import ConfigError
+from gateway.core.errors import Code, JoinRejected, UnknownToken
 
 __all__ = [
     "JOIN_ROLES",
@@ -99,7 +99,7 @@ _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 class TokenFileError(ConfigError):
     """A token file is wrong; the message starts with ``file:line:``.
 
-    A ``gateway.config.ConfigError``, so everything that handles a bad config (startup,
+    A ``gateway.core.config.ConfigError``, so everything that handles a bad config (startup,
     ``check-config``, the SIGHUP reload that keeps the old tokens) handles it too."""
 
     def __init__(self, path: Path | str, line: int | None, message: str) -> None:

@@ -37,16 +37,16 @@ from gateway.authservice import (
     init_auth_dir,
 )
 from gateway.authservice import cli as auth_cli
-from gateway.clock import SystemClock
-from gateway.errors import Code, Overloaded, UpstreamFailed
-from gateway.join.forward import AuthClient, HostParams, JoinBlock, Registration
-from gateway.tlsutil import (
+from gateway.core.clock import SystemClock
+from gateway.core.errors import Code, Overloaded, UpstreamFailed
+from gateway.core.tlsutil import (
     client_ssl_context,
     generate_ca,
     issue_cert,
     spki_pin,
     write_pem_files,
 )
+from gateway.join.forward import AuthClient, HostParams, JoinBlock, Registration
 
 pytestmark = pytest.mark.integration
 

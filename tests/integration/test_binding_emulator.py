@@ -24,10 +24,10 @@ from gateway.azure.arm import ArmClient
 from gateway.azure.budget import SubscriptionBudget
 from gateway.azure.jwks import JwksClient, TokenVerifier
 from gateway.azure.token import TokenClaims
-from gateway.clock import FixedClock
-from gateway.cloud import CLOUDS
-from gateway.emulator import ArmLimits, AzureEmulator, EmulatedVm, Latency
-from gateway.errors import Code, GatewayError, Overloaded
+from gateway.core.clock import FixedClock
+from gateway.core.cloud import CLOUDS
+from gateway.core.errors import Code, GatewayError, Overloaded
+from gateway.dev.emulator import ArmLimits, AzureEmulator, EmulatedVm, Latency
 from gateway.join.binding import VmBinder, VmIdentity
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)

@@ -8,8 +8,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.agent import run_join
-from gateway.config import CacheConfig
-from gateway.devstack import agent_settings, dev_stack
+from gateway.core.config import CacheConfig
+from gateway.dev.devstack import agent_settings, dev_stack
 from gateway.join.replay import RedisReplayStore
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import azure_token_yaml

@@ -1,6 +1,6 @@
 """The emulator's attested documents have the structure of Azure's, field by field.
 
-Real documents from ``/work/shared/azure-real/attested/`` are parsed next to one the
+Real documents from ``tests/data/azure-real/attested/`` are parsed next to one the
 emulator serves over IMDS, and every CMS field the verifier looks at is compared. The
 emulated signature and chain are then verified here, with cryptography directly (not with
 the gateway's verifier: the emulator must stand on its own).
@@ -26,12 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from gateway.clock import FixedClock
-from gateway.emulator import AzureEmulator, EmulatedVm, Latency
+from gateway.core.clock import FixedClock
+from gateway.dev.emulator import AzureEmulator, EmulatedVm, Latency
+from tests.support.data import REAL_ATTESTED
 
 pytestmark = pytest.mark.integration
 
-REAL = Path("/work/shared/azure-real/attested")
+REAL = REAL_ATTESTED
 NEWEST = REAL / "attested-taskcluster-2026-07-28.json"
 REAL_DOCS = [
     REAL / "attested-taskcluster-2026-07-28.json",

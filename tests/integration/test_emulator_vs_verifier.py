@@ -11,11 +11,11 @@ import pytest
 from gateway.azure.aia import DEFAULT_AIA_PREFIXES, AiaFetcher
 from gateway.azure.attested import AttestedVerifier
 from gateway.azure.certs import TrustStore
-from gateway.cache import MemoryCache
-from gateway.clock import SystemClock
-from gateway.cloud import CLOUDS
-from gateway.emulator import AzureEmulator, Latency
-from gateway.errors import Code, JoinRejected
+from gateway.core.cache import MemoryCache
+from gateway.core.clock import SystemClock
+from gateway.core.cloud import CLOUDS
+from gateway.core.errors import Code, JoinRejected
+from gateway.dev.emulator import AzureEmulator, Latency
 
 SUB = "11111111-1111-1111-1111-111111111111"
 

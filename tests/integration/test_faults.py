@@ -26,10 +26,10 @@ import pytest_asyncio
 from gateway.agent import AgentSettings, make_ssl_context, run_join
 from gateway.agent.keys import load_or_create_keys
 from gateway.authservice import AuthService
-from gateway.clock import FixedClock
-from gateway.config import Config
-from gateway.devstack import DevStack, agent_settings, dev_stack
-from gateway.emulator import EmulatedVm
+from gateway.core.clock import FixedClock
+from gateway.core.config import Config
+from gateway.dev.devstack import DevStack, agent_settings, dev_stack
+from gateway.dev.emulator import EmulatedVm
 from tests.support.tokens import azure_token_yaml
 
 SUB = "11111111-1111-1111-1111-111111111111"
@@ -344,7 +344,7 @@ async def test_a_slow_auth_service_times_out_opens_the_circuit_and_recovers(
     agent does, registers each VM once."""
     from urllib.parse import urlsplit
 
-    from gateway.server import GatewayServer
+    from gateway.server.serve import GatewayServer
     from tests.support.slow_proxy import slow_proxy, wait_delivered
 
     clock = FixedClock(time.time())

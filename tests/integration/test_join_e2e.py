@@ -23,9 +23,9 @@ import pytest_asyncio
 
 from gateway.agent import JoinFailed, run_join
 from gateway.agent.keys import load_or_create_keys
-from gateway.devstack import DevStack, agent_settings, dev_stack
-from gateway.emulator import EmulatedVm
-from gateway.errors import GatewayError
+from gateway.core.errors import GatewayError
+from gateway.dev.devstack import DevStack, agent_settings, dev_stack
+from gateway.dev.emulator import EmulatedVm
 from gateway.http.schema import decode_join_request
 from gateway.join.pipeline import JoinTrace, admit_join
 from tests.support.tokens import refusal_tokens_yaml
@@ -365,7 +365,7 @@ async def test_https_join_table(ctx: Ctx, build: Builder, status: int, code: str
         assert body == {"error": {"code": code, "message": body["error"]["message"]}}
         if status == 403:
             # A 403 says no more than the code's summary: the reason is in the audit log.
-            from gateway.errors import CODES, Code
+            from gateway.core.errors import CODES, Code
 
             assert body["error"]["message"] == CODES[Code(code)].summary
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.config import MetricsConfig
-from gateway.devstack import dev_stack
-from gateway.tlsutil import generate_ca, issue_cert, write_pem_files
+from gateway.core.config import MetricsConfig
+from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
+from gateway.dev.devstack import dev_stack
 from tests.support.gateway_proc import free_port
 from tests.support.tokens import azure_token_yaml
 

@@ -26,10 +26,10 @@ import pytest_asyncio
 
 from gateway.agent import JoinFailed, make_ssl_context, run_join
 from gateway.agent.keys import load_or_create_keys
-from gateway.config import CacheConfig, ProxyConfig
-from gateway.devstack import DevStack, agent_settings, dev_stack
-from gateway.emulator import EmulatedVm
-from gateway.tlsutil import issue_cert, load_ca, write_pem_files
+from gateway.core.config import CacheConfig, ProxyConfig
+from gateway.core.tlsutil import issue_cert, load_ca, write_pem_files
+from gateway.dev.devstack import DevStack, agent_settings, dev_stack
+from gateway.dev.emulator import EmulatedVm
 from tests.support.binaries import require_binary
 from tests.support.gateway_proc import GatewayProcess, free_port, gateway_process
 from tests.support.redis_server import RedisServer

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from gateway.agent import run_join
-from gateway.config import MetricsConfig
-from gateway.devstack import agent_settings, dev_stack
+from gateway.core.config import MetricsConfig
+from gateway.dev.devstack import agent_settings, dev_stack
 from tests.support.binaries import require_binary
 from tests.support.gateway_proc import free_port
 from tests.support.tokens import azure_token_yaml

@@ -23,20 +23,20 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from gateway.errors import BadRequest
-from gateway.http.proxy import TrustedProxies, client_address_for
-from gateway.proxyproto import (
-    V2_SIGNATURE,
-    ProxyProtocolListener,
-    proxied_peer,
-    serve_proxy_protocol,
-)
-from gateway.tlsutil import (
+from gateway.core.errors import BadRequest
+from gateway.core.tlsutil import (
     client_ssl_context,
     generate_ca,
     issue_cert,
     server_ssl_context,
     write_pem_files,
+)
+from gateway.http.proxy import TrustedProxies, client_address_for
+from gateway.http.proxyproto import (
+    V2_SIGNATURE,
+    ProxyProtocolListener,
+    proxied_peer,
+    serve_proxy_protocol,
 )
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]

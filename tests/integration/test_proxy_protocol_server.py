@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ListenerConfig, ProxyConfig
-from gateway.devstack import DevStack, dev_stack
-from gateway.tlsutil import client_ssl_context
+from gateway.core.config import ListenerConfig, ProxyConfig
+from gateway.core.tlsutil import client_ssl_context
+from gateway.dev.devstack import DevStack, dev_stack
 from tests.support.tokens import azure_token_yaml
 
 TOKENS = azure_token_yaml()

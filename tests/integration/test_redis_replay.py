@@ -25,12 +25,12 @@ from gateway.agent import (
     make_ssl_context,
 )
 from gateway.agent.errors import JoinError
-from gateway.devstack import dev_stack
-from gateway.errors import Code, Overloaded
+from gateway.core.errors import Code, Overloaded
+from gateway.core.redis_tier import redis_client
+from gateway.dev.devstack import dev_stack
 from gateway.join.deps import production_deps
 from gateway.join.replay import RedisReplayStore
-from gateway.redis_tier import redis_client
-from gateway.server import GatewayServer
+from gateway.server.serve import GatewayServer
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import azure_token_yaml
 

@@ -7,9 +7,9 @@ import dataclasses
 from pathlib import Path
 
 from gateway.agent import run_join
-from gateway.config import CacheConfig
-from gateway.devstack import agent_settings, dev_stack
-from gateway.server import GatewayServer
+from gateway.core.config import CacheConfig
+from gateway.dev.devstack import agent_settings, dev_stack
+from gateway.server.serve import GatewayServer
 from tests.support.binaries import require_binary
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import azure_token_yaml

@@ -16,8 +16,8 @@ import pytest_asyncio
 from prometheus_client.mmap_dict import MmapedDict
 
 from gateway.agent import JoinFailed, make_ssl_context, run_join
-from gateway.devstack import DevStack, agent_settings, dev_stack
-from gateway.emulator import EmulatedVm
+from gateway.dev.devstack import DevStack, agent_settings, dev_stack
+from gateway.dev.emulator import EmulatedVm
 from tests.support.gateway_proc import GatewayProcess, gateway_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

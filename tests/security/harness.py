@@ -2,7 +2,7 @@
 mutate.
 
 Every corpus module starts the dev stack once (emulator + auth service + gateway on
-loopback, ``gateway.devstack.dev_stack``) and drives it with an aiohttp client that trusts
+loopback, ``gateway.dev.devstack.dev_stack``) and drives it with an aiohttp client that trusts
 only the stack's CA. Cases start from a *valid* join body — a challenge the gateway issued,
 the emulator's attested document for that nonce, the emulator's managed-identity token,
 agent-shaped keys — and change one thing. After each case the same process must still
@@ -30,10 +30,10 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.agent.keys import NodeKeys, load_or_create_keys
-from gateway.config import Config
-from gateway.devstack import DevStack, dev_stack
-from gateway.emulator import AzureEmulator, EmulatedVm, Latency
-from gateway.emulator.pki import AttestationCas
+from gateway.core.config import Config
+from gateway.dev.devstack import DevStack, dev_stack
+from gateway.dev.emulator import AzureEmulator, EmulatedVm, Latency
+from gateway.dev.emulator.pki import AttestationCas
 from tests.support.cms_forge import Issued, azure_content
 from tests.support.tokens import refusal_tokens_yaml
 

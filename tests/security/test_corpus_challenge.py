@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from gateway.clock import FixedClock
+from gateway.core.clock import FixedClock
 from gateway.join.challenge import ChallengeCodec, generate_key, load_keys_file
 from tests.security.harness import Body, Builder, Harness
 

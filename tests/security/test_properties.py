@@ -18,7 +18,6 @@ import copy
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,11 +34,12 @@ from gateway.azure.attested import (
     parse_content,
 )
 from gateway.azure.cms import parse_signed_data
-from gateway.cloud import CLOUDS
-from gateway.errors import BadRequest, Code, GatewayError
+from gateway.core.cloud import CLOUDS
+from gateway.core.errors import BadRequest, Code, GatewayError
 from gateway.http.schema import decode_join_request
+from tests.support.data import REAL_ATTESTED
 
-REAL_DOC = Path("/work/shared/azure-real/attested/attested-taskcluster-2026-07-28.json")
+REAL_DOC = REAL_ATTESTED / "attested-taskcluster-2026-07-28.json"
 SCHEMA_CODES = {Code.MALFORMED_BODY, Code.INVALID_REQUEST}
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

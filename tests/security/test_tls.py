@@ -21,7 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.tlsutil import issue_cert, load_ca, server_ssl_context, write_pem_files
+from gateway.core.tlsutil import issue_cert, load_ca, server_ssl_context, write_pem_files
 from tests.security.harness import Harness
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -1,6 +1,6 @@
 """Test-only forger of Azure-shaped attested documents (real crypto, generated CA chain).
 
-By default a document is byte-shaped like Azure's (see ../shared/azure-real/README.md):
+By default a document is byte-shaped like Azure's (see tests/data/azure-real/README.md):
 CMS SignedData with embedded content, one SignerInfo whose digestAlgorithm is
 sha256WithRSAEncryption (the quirk), no signed attributes, the leaf only in the envelope,
 compact sorted JSON content with ``MM/DD/YY HH:MM:SS -0000`` dates and a 6-hour window.

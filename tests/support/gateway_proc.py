@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.config import Config, ListenerConfig, MetricsConfig, dump_config
+from gateway.core.config import Config, ListenerConfig, MetricsConfig, dump_config
 
 
 def free_port() -> int:

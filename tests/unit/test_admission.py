@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from gateway.errors import Code, Overloaded
+from gateway.core.errors import Code, Overloaded
 from gateway.http.admission import AdmissionController
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.agent.backoff import Backoff, parse_retry_after
 from gateway.agent.client import GatewayClient, HostParams, build_join_body
 from gateway.agent.errors import JoinError
-from gateway.clock import FixedClock
+from gateway.core.clock import FixedClock
 from tests.unit.test_agent_fakes import serve
 
 NOW = datetime(2026, 11, 24, 9, 0, 0, tzinfo=UTC)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,8 +11,9 @@ from cryptography.x509.oid import NameOID
 
 from gateway.agent.intermediates import IntermediateCollector, aia_urls, certificates_from_attested
 from gateway.agent.nodeconfig import DEFAULT_AIA_PREFIXES
+from tests.support.data import REAL as REAL_DIR
 
-REAL = Path("/work/shared/azure-real")
+REAL = REAL_DIR
 INDEX: list[dict[str, Any]] = (
     json.loads((REAL / "index.json").read_text()) if (REAL / "index.json").exists() else []
 )

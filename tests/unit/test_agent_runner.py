@@ -21,7 +21,7 @@ from gateway.agent.errors import JoinFailed
 from gateway.agent.keys import load_or_create_keys
 from gateway.agent.nodeconfig import AgentSettings
 from gateway.agent.runner import DATA_FILES, run_join
-from gateway.clock import FixedClock
+from gateway.core.clock import FixedClock
 from tests.unit.test_agent_fakes import (
     FakeGateway,
     FakeImds,

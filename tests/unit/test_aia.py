@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from gateway.azure.aia import DEFAULT_AIA_PREFIXES, AiaFetcher
 from gateway.azure.attested import AttestedVerifier
 from gateway.azure.certs import TrustStore
-from gateway.cache import MemoryCache
-from gateway.clock import FixedClock
-from gateway.cloud import CLOUDS
-from gateway.errors import Code, JoinRejected, Overloaded
+from gateway.core.cache import MemoryCache
+from gateway.core.clock import FixedClock
+from gateway.core.cloud import CLOUDS
+from gateway.core.errors import Code, JoinRejected, Overloaded
 from tests.support.cms_forge import T0, Pki, forge, issue_leaf, make_pki
 
 

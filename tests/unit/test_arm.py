@@ -13,8 +13,8 @@ import pytest
 
 from gateway.azure.arm import ArmClient, ArmReadKind, VmRecord
 from gateway.azure.resource_id import parse_resource_id
-from gateway.clock import FixedClock
-from gateway.errors import Code, GatewayError, JoinRejected, Overloaded
+from gateway.core.clock import FixedClock
+from gateway.core.errors import Code, GatewayError, JoinRejected, Overloaded
 from tests.unit.arm_fake import (
     NOW,
     SUB,

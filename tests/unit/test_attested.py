@@ -23,10 +23,10 @@ from gateway.azure.attested import (
     parse_azure_time,
 )
 from gateway.azure.certs import TrustStore, VerifiedChain
-from gateway.cache import MemoryCache
-from gateway.clock import FixedClock
-from gateway.cloud import CLOUDS
-from gateway.errors import BadRequest, Code, GatewayError, JoinRejected
+from gateway.core.cache import MemoryCache
+from gateway.core.clock import FixedClock
+from gateway.core.cloud import CLOUDS
+from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected
 from tests.support.cms_forge import (
     T0,
     Pki,

@@ -14,8 +14,8 @@ import pytest
 
 from gateway.azure.arm import ArmClient
 from gateway.azure.token import TokenClaims
-from gateway.clock import FixedClock
-from gateway.errors import Code, GatewayError, Overloaded
+from gateway.core.clock import FixedClock
+from gateway.core.errors import Code, GatewayError, Overloaded
 from gateway.join.binding import VmBinder, VmIdentity
 from tests.unit.arm_fake import (
     NOW,

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 
 from gateway.azure.arm import ArmClient
-from gateway.clock import FixedClock
-from gateway.errors import Code, GatewayError, Overloaded
+from gateway.core.clock import FixedClock
+from gateway.core.errors import Code, GatewayError, Overloaded
 from gateway.join.binding import VmBinder, VmIdentity
 from tests.unit.arm_fake import NOW, SUB, FakeArm, start_fake_arm, vm_id, vm_model
 from tests.unit.test_binding import BEARER, claims

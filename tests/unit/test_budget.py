@@ -9,8 +9,8 @@ import pytest
 
 from gateway.azure.arm import ArmReadKind
 from gateway.azure.budget import SubscriptionBudget
-from gateway.clock import FixedClock
-from gateway.errors import Code, Overloaded
+from gateway.core.clock import FixedClock
+from gateway.core.errors import Code, Overloaded
 
 SUB = "11111111-1111-1111-1111-111111111111"
 SUB2 = "22222222-2222-2222-2222-222222222222"

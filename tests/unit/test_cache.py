@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
-from gateway.cache import MemoryCache
-from gateway.clock import FixedClock
+from gateway.core.cache import MemoryCache
+from gateway.core.clock import FixedClock
 
 
 async def test_concurrent_misses_share_one_load() -> None:
@@ -91,7 +91,7 @@ def test_max_entries_bounds_memory() -> None:
 
 
 async def test_null_cache_runs_the_loader_every_time() -> None:
-    from gateway.cache import NullCache
+    from gateway.core.cache import NullCache
 
     cache: NullCache[str, int] = NullCache("naive")
     calls = 0
@@ -109,7 +109,7 @@ async def test_null_cache_runs_the_loader_every_time() -> None:
 def test_an_empty_cache_is_still_truthy() -> None:
     """``cache or default`` must keep a caller's empty cache (it once dropped NullCache
     and every metrics observer)."""
-    from gateway.cache import NullCache
+    from gateway.core.cache import NullCache
 
     assert MemoryCache("empty") and NullCache("naive")
 
@@ -118,8 +118,8 @@ async def test_the_jwks_client_uses_the_cache_it_is_given() -> None:
     import aiohttp
 
     from gateway.azure.jwks import JwksClient
-    from gateway.cache import NullCache
-    from gateway.cloud import CLOUDS
+    from gateway.core.cache import NullCache
+    from gateway.core.cloud import CLOUDS
 
     seen: list[str] = []
     cache: NullCache[str, object] = NullCache("jwks", observer=seen.append)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.clock import FixedClock
-from gateway.errors import Code, JoinRejected
+from gateway.core.clock import FixedClock
+from gateway.core.errors import Code, JoinRejected
 from gateway.join.challenge import (
     ChallengeCodec,
     generate_key,

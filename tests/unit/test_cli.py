@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import COMMANDS, build_parser, main
+from tests.support.data import REAL
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "azure-real"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -28,25 +28,24 @@ def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
 def test_serve_does_not_import_the_emulator() -> None:
     code = (
         "import sys; from gateway.cli import build_parser; build_parser('serve');"
-        "import gateway.server, gateway.join.deps;"
-        "print(any(m.startswith('gateway.emulator') for m in sys.modules))"
+        "import gateway.server.serve, gateway.join.deps;"
+        "print(any(m.startswith('gateway.dev') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/azure-real is not beside the checkout")
 def test_inspect_accepts_a_real_document_through_the_cli(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     args = [
         "inspect",
         "--attested",
-        str(SHARED / "attested" / "attested-taskcluster-2026-07-28.json"),
+        str(REAL / "attested" / "attested-taskcluster-2026-07-28.json"),
         "--at-created",
         "--json",
     ]
-    for pem in sorted((SHARED / "ca").glob("*.pem")):
+    for pem in sorted((REAL / "ca").glob("*.pem")):
         args += ["--ca-bundle", str(pem)]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from asn1crypto import cms as a_cms
@@ -17,10 +16,11 @@ from gateway.azure.cms import (
     embedded_certificates,
     parse_signed_data,
 )
-from gateway.errors import BadRequest, Code
+from gateway.core.errors import BadRequest, Code
 from tests.support.cms_forge import Pki, azure_content, forge, issue_leaf, make_pki
+from tests.support.data import REAL as REAL_DIR
 
-REAL = Path("/work/shared/azure-real")
+REAL = REAL_DIR
 
 
 @pytest.fixture(scope="module")

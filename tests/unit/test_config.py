@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Config, ConfigError, config_keys, load_config, parse_config
+from gateway.core.config import Config, ConfigError, config_keys, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,7 +78,7 @@ def test_bad_configs_name_file_and_line(text: str, where: str, what: str) -> Non
 
 
 def test_dump_config_round_trips() -> None:
-    from gateway.config import (
+    from gateway.core.config import (
         AiaConfig,
         AzureConfig,
         ListenerConfig,

@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.clock import FixedClock
-from gateway.emulator import ArmLimits, AzureEmulator, EmulatedVm, Latency, build_fleet
-from gateway.emulator.fleet import apply_fleet_spec
+from gateway.core.clock import FixedClock
+from gateway.dev.emulator import ArmLimits, AzureEmulator, EmulatedVm, Latency, build_fleet
+from gateway.dev.emulator.fleet import apply_fleet_spec
 
 SUB = "11111111-1111-1111-1111-111111111111"
 SUB2 = "22222222-2222-2222-2222-222222222222"
@@ -941,10 +941,10 @@ def test_the_emulator_never_imports_the_gateway_verifier() -> None:
     import ast
     from pathlib import Path
 
-    import gateway.emulator
+    import gateway.dev.emulator
 
     forbidden = ("gateway.azure", "gateway.join", "gateway.http", "gateway.agent")
-    package = Path(gateway.emulator.__file__).parent
+    package = Path(gateway.dev.emulator.__file__).parent
     offenders = []
     for source in sorted(package.glob("*.py")):
         for node in ast.walk(ast.parse(source.read_text())):

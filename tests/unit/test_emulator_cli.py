@@ -13,7 +13,7 @@ import pytest
 
 RUN = (
     "import argparse, sys\n"
-    "from gateway.emulator import cli\n"
+    "from gateway.dev.emulator import cli\n"
     "p = argparse.ArgumentParser()\n"
     "cli.add_arguments(p)\n"
     "sys.exit(cli.run(p.parse_args(sys.argv[1:])))\n"

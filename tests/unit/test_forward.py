@@ -23,8 +23,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.clock import FixedClock
-from gateway.errors import Code, GatewayError, Overloaded, UpstreamFailed
+from gateway.core.clock import FixedClock
+from gateway.core.errors import Code, GatewayError, Overloaded, UpstreamFailed
+from gateway.core.tlsutil import (
+    client_ssl_context,
+    generate_ca,
+    issue_cert,
+    server_ssl_context,
+    write_pem_files,
+)
 from gateway.join.forward import (
     AuthClient,
     BreakerState,
@@ -33,13 +40,6 @@ from gateway.join.forward import (
     JoinBlock,
     RegisterResult,
     Registration,
-)
-from gateway.tlsutil import (
-    client_ssl_context,
-    generate_ca,
-    issue_cert,
-    server_ssl_context,
-    write_pem_files,
 )
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

@@ -14,9 +14,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.inspect import add_arguments, run
+from gateway.join.inspect import add_arguments, run
+from tests.support.data import REAL as REAL_DIR
 
-REAL = Path("/work/shared/azure-real")
+REAL = REAL_DIR
 INDEX = {e["file"]: e for e in json.loads((REAL / "index.json").read_text())}
 CURRENT = "attested-taskcluster-2026-07-28.json"
 TAMPERED = "negative-taskcluster-tampered-signature-2019-12-13.json"

@@ -19,9 +19,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.azure.jwks import JwksClient, TokenVerifier
-from gateway.clock import FixedClock
-from gateway.cloud import CLOUDS
-from gateway.errors import Code, GatewayError, JoinRejected, Overloaded
+from gateway.core.clock import FixedClock
+from gateway.core.cloud import CLOUDS
+from gateway.core.errors import Code, GatewayError, JoinRejected, Overloaded
 
 CLOUD = CLOUDS["public"]
 NOW = 1_800_000_000.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import BadRequest, Code
+from gateway.core.errors import BadRequest, Code
 from gateway.http.proxy import MAX_HOPS, TrustedProxies, effective_client_address
 
 LB = "10.0.0.5"  # a load balancer inside the trusted range

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from gateway.proxyproto import (
+from gateway.http.proxyproto import (
     MAX_V2_LENGTH,
     V2_SIGNATURE,
     ProxyInfo,

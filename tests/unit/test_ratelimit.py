@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.clock import FixedClock
-from gateway.errors import Code, Overloaded
+from gateway.core.clock import FixedClock
+from gateway.core.errors import Code, Overloaded
 from gateway.http.ratelimit import ClientRateLimiter
 
 

@@ -1,4 +1,4 @@
-"""Real Azure attested documents (../shared/azure-real/): each gets its expected verdict.
+"""Real Azure attested documents (tests/data/azure-real/): each gets its expected verdict.
 
 Every document is long expired, so the clock is pinned to its own createdOn; each uses
 its own nonce. With all the artefact CAs as extra trust, every genuine document verifies;
@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.azure.attested import AttestedVerifier
 from gateway.azure.certs import TrustStore
-from gateway.clock import FixedClock
-from gateway.cloud import CLOUDS
-from gateway.errors import Code, GatewayError
+from gateway.core.clock import FixedClock
+from gateway.core.cloud import CLOUDS
+from gateway.core.errors import Code, GatewayError
+from tests.support.data import REAL as REAL_DIR
 
-REAL = Path("/work/shared/azure-real")
+REAL = REAL_DIR
 INDEX: list[dict[str, Any]] = json.loads((REAL / "index.json").read_text())
 
 # index.json's expected_verdict → the codes that satisfy it.

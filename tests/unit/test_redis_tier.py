@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.cache import MemoryCache
-from gateway.clock import FixedClock
-from gateway.redis_tier import (
+from gateway.core.cache import MemoryCache
+from gateway.core.clock import FixedClock
+from gateway.core.redis_tier import (
     Codec,
     DerCertificatesCodec,
     JsonCodec,

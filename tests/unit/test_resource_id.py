@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.azure.resource_id import parse_resource_id, parse_vm_resource_id
-from gateway.errors import Code, JoinRejected
+from gateway.core.errors import Code, JoinRejected
 
 SUB = "11111111-1111-1111-1111-111111111111"
 BASE = f"/subscriptions/{SUB}/resourceGroups/Group1/providers"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import Code, JoinRejected, UnknownToken
+from gateway.core.errors import Code, JoinRejected, UnknownToken
 from gateway.join.rules import (
     AllowRule,
     ConfigError,

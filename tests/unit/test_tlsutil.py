@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.clock import FixedClock
-from gateway.tlsutil import (
+from gateway.core.clock import FixedClock
+from gateway.core.tlsutil import (
     CaMaterial,
     KeyType,
     client_ssl_context,

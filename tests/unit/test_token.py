@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.azure.token import parse_jwks, peek_token, verify_access_token
-from gateway.cloud import CLOUDS
-from gateway.errors import BadRequest, Code, GatewayError, JoinRejected
+from gateway.core.cloud import CLOUDS
+from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected
 
 CLOUD = CLOUDS["public"]
 NOW = 1_800_000_000.0

@@ -1,6 +1,6 @@
 """``join-gateway emulator``: the Azure emulator as its own process.
 
-Starts :class:`~gateway.emulator.server.AzureEmulator`, builds a fleet (from a FLEET.yaml or
+Starts :class:`~gateway.dev.emulator.server.AzureEmulator`, builds a fleet (from a FLEET.yaml or
 from ``--vms`` and friends), writes INFO.json (URLs, trust material, tenants, every VM) for
 the demo, benchmarks and agents in other processes, then runs until SIGTERM/SIGINT.
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from gateway.cloud import CLOUDS, CloudProfile, cloud_by_name
+from gateway.core.cloud import CLOUDS, CloudProfile, cloud_by_name
 
 __all__ = [
     "AiaConfig",

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from gateway.agent import AgentSettings
 from gateway.authservice import AuthService, init_auth_dir
-from gateway.clock import Clock
-from gateway.config import (
+from gateway.core.clock import Clock
+from gateway.core.config import (
     AiaConfig,
     AzureConfig,
     ChallengeConfig,
@@ -30,10 +30,10 @@ from gateway.config import (
     TokensConfig,
     UpstreamConfig,
 )
-from gateway.emulator import AzureEmulator, EmulatedVm, Latency
+from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
+from gateway.dev.emulator import AzureEmulator, EmulatedVm, Latency
 from gateway.join.challenge import write_new_keys_file
-from gateway.server import GatewayServer
-from gateway.tlsutil import generate_ca, issue_cert, write_pem_files
+from gateway.server.serve import GatewayServer
 
 __all__ = ["DEFAULT_TOKEN", "DevStack", "agent_settings", "dev_stack"]
 

@@ -39,8 +39,8 @@ from gateway.agent import (
     make_ssl_context,
     run_join,
 )
-from gateway.devstack import DevStack, agent_settings, dev_stack
-from gateway.emulator import EmulatedVm, Latency
+from gateway.dev.devstack import DevStack, agent_settings, dev_stack
+from gateway.dev.emulator import EmulatedVm, Latency
 
 __all__ = ["add_arguments", "run"]
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from gateway.clock import Clock
+from gateway.core.clock import Clock
 
 __all__ = ["AUDIT_FIELDS", "Auditor"]
 

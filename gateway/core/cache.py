@@ -8,7 +8,7 @@ misses for one key run the loader once, the other N-1 await its result.
 
 The in-process tier is our own rather than aiocache's ``SimpleMemoryCache`` because
 that one expires keys with ``loop.call_later`` timers (one per key, not driven by an
-injectable clock). The shared Redis tier is ``gateway.redis_tier`` (redis.asyncio; why not
+injectable clock). The shared Redis tier is ``gateway.core.redis_tier`` (redis.asyncio; why not
 aiocache's Redis backend is explained there).
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from gateway.clock import Clock, SystemClock
+from gateway.core.clock import Clock, SystemClock
 
 __all__ = ["Cache", "CacheStats", "Loader", "MemoryCache", "NullCache"]
 
@@ -33,7 +33,7 @@ Loader = Callable[[], Awaitable[tuple[V, float]]]
 
 class Cache(Protocol[KC, V]):
     """What the clients need of a cache: ``MemoryCache`` (in-process) and
-    ``gateway.redis_tier.TieredCache`` (in-process in front of Redis) both are one."""
+    ``gateway.core.redis_tier.TieredCache`` (in-process in front of Redis) both are one."""
 
     @property
     def name(self) -> str: ...

@@ -1,6 +1,6 @@
 """IMDS attested documents, byte for byte in Azure's shape.
 
-Azure's document (see ``/work/shared/azure-real/README.md`` and
+Azure's document (see ``tests/data/azure-real/README.md`` and
 https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service#attested-data)
 is a CMS SignedData with quirks a generic CMS library would "fix", so the DER is assembled
 here by hand from precomputed pieces; only the content and the signature change per

@@ -1,7 +1,7 @@
 """The Azure emulator: IMDS, AIA and admin on HTTP; Entra ID and ARM on HTTPS.
 
 ``AzureEmulator`` is usable in-process (``async with AzureEmulator() as emu``) by tests,
-the demo and the benchmarks, and as its own process through ``gateway/emulator/cli.py``.
+the demo and the benchmarks, and as its own process through ``gateway/dev/emulator/cli.py``.
 It is Azure, not the gateway: it never imports ``gateway.azure`` or ``gateway.join`` and
 builds Azure's formats itself, so a bug in the verifier cannot be cancelled out by the same
 bug here.
@@ -39,7 +39,7 @@ from urllib.parse import quote, unquote
 from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway.clock import Clock, SystemClock
+from gateway.core.clock import Clock, SystemClock
 
 from .arm import ArmPath, TokenBucket, arm_error, parse_arm_path, vm_json, vmss_vm_json
 from .attested import AttestedSigner, attested_content
@@ -78,7 +78,7 @@ __all__ = ["AzureEmulator"]
 log = logging.getLogger(__name__)
 
 # Per metadata domain: (v1 issuer template, ARM audience). Kept here rather than imported
-# from gateway.cloud so the emulator states Azure's facts independently of the product.
+# from gateway.core.cloud so the emulator states Azure's facts independently of the product.
 _CLOUD_FACTS: dict[str, tuple[str, str]] = {
     "metadata.azure.com": ("https://sts.windows.net/{tid}/", "https://management.azure.com/"),
     "metadata.azure.us": (
@@ -678,7 +678,7 @@ class AzureEmulator:
     ) -> dict[str, str]:
         """What IMDS answers ``/metadata/identity/oauth2/token`` (same code path).
 
-        Raises :class:`~gateway.emulator.imds.ImdsError` when the identity does not match.
+        Raises :class:`~gateway.dev.emulator.imds.ImdsError` when the identity does not match.
         """
         the_vm = self._vm(vm)
         mi = self._vm_identity[the_vm.name]

@@ -20,20 +20,20 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.audit import Auditor
-from gateway.clock import Clock, SystemClock
-from gateway.config import Config, ConfigError, split_hostport
+from gateway.core.audit import Auditor
+from gateway.core.clock import Clock, SystemClock
+from gateway.core.config import Config, ConfigError, split_hostport
+from gateway.core.metrics import Metrics
+from gateway.core.tlsutil import server_ssl_context
 from gateway.http.app import make_app
 from gateway.http.framing import handler_factory
 from gateway.http.keys import RuntimeState
 from gateway.http.proxy import TrustedProxies
+from gateway.http.proxyproto import serve_proxy_protocol
 from gateway.join.challenge import ChallengeCodec, load_keys_file
 from gateway.join.deps import TokenHolder, production_deps
 from gateway.join.pipeline import JoinDeps
-from gateway.metrics import Metrics
-from gateway.proxyproto import serve_proxy_protocol
-from gateway.supervisor import supervise
-from gateway.tlsutil import server_ssl_context
+from gateway.server.supervisor import supervise
 
 __all__ = ["GatewayServer", "bind_socket", "run"]
 

@@ -55,8 +55,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from gateway.cache import Loader, MemoryCache
-from gateway.clock import Clock, SystemClock
+from gateway.core.cache import Loader, MemoryCache
+from gateway.core.clock import Clock, SystemClock
 
 __all__ = [
     "Codec",

@@ -33,9 +33,9 @@ from gateway.azure.attested import (
 from gateway.azure.certs import TrustStore
 from gateway.azure.cms import parse_signed_data
 from gateway.azure.token import parse_jwks, verify_access_token
-from gateway.clock import Clock, FixedClock, SystemClock
-from gateway.cloud import CLOUDS, CloudProfile
-from gateway.errors import GatewayError
+from gateway.core.clock import Clock, FixedClock, SystemClock
+from gateway.core.cloud import CLOUDS, CloudProfile
+from gateway.core.errors import GatewayError
 
 __all__ = ["add_arguments", "run"]
 

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.clock import Clock, SystemClock
+from gateway.core.clock import Clock, SystemClock
 
 __all__ = [
     "CaMaterial",
