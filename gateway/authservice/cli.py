@@ -1,4 +1,4 @@
-"""``join-gateway auth init|serve``: argparse glue for the reference auth service.
+"""``join-gateway auth init|serve|vault-setup``: argparse glue for the reference auth service.
 
 ``add_arguments`` fills the ``auth`` sub-parser; ``run`` only parses, calls library code
 and maps the outcome to an exit code (0 ok, 1 failure, 2 usage, 3 startup failure).
@@ -14,6 +14,7 @@ import signal
 import sys
 from datetime import timedelta
 
+from gateway.authservice import vault_setup
 from gateway.authservice.app import AuthService, AuthSettings
 from gateway.authservice.authority import AuthPaths, HostAuthority, init_auth_dir
 
@@ -23,7 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="auth_command", required=True, metavar="{init,serve}")
+    sub = parser.add_subparsers(
+        dest="auth_command", required=True, metavar="{init,serve,vault-setup}"
+    )
 
     init = sub.add_parser("init", help="create the CAs and certificates (idempotent)")
     init.add_argument("--data-dir", required=True, help="directory for keys and records")
@@ -52,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--tls-cert", help="server certificate (default: from init)")
     serve.add_argument("--tls-key", help="server key (default: from init)")
     serve.add_argument("--client-ca", help="CA of accepted gateway certs (default: from init)")
+
+    setup = sub.add_parser(
+        "vault-setup", help="configure Vault/OpenBao's PKI and SSH mounts and an AppRole"
+    )
+    vault_setup.add_arguments(setup)
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -104,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
             settings=AuthSettings(cert_ttl=timedelta(hours=args.cert_ttl)),
         )
         return asyncio.run(_serve(service))
+    if args.auth_command == "vault-setup":
+        return vault_setup.run(args)
     print(f"unknown auth command {args.auth_command!r}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,353 @@
+"""The ``vault`` signing backend against a real OpenBao (``bao server -dev``, per test).
+
+Set up the way a person would: ``join-gateway auth vault-setup`` (the CLI) with the root
+token, then the signer logs in with the AppRole it printed. Each failure the issue lists is
+produced for real: sealed (``sys/seal``), down and slow (a TCP proxy in front that is
+closed or holds bytes), Vault's own rate limit (a ``rate-limit`` quota on the PKI path),
+a revoked token, missing permissions. Certificates are checked with ``openssl verify`` and
+``ssh-keygen -L``, not with our own parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
+
+from gateway.authservice.signing import SigningRefused, SigningUnavailable, SignRequest
+from gateway.authservice.vault import (
+    AppRoleAuth,
+    TokenFileAuth,
+    VaultClient,
+    VaultSettings,
+    VaultSigner,
+    VaultStartupError,
+)
+from tests.support.binaries import require_binary
+from tests.support.openbao import OpenBao
+from tests.support.slow_proxy import slow_proxy
+
+pytestmark = pytest.mark.integration
+
+HOST_ID = "5b0e4f0e-8c2a-4d55-9d3b-2f1f3c9a7e11"
+
+
+@dataclass
+class Setup:
+    bao: OpenBao
+    role_id: str
+    secret_id_file: Path
+    workdir: Path
+
+    def settings(self, addr: str | None = None, *, timeout: float = 5.0) -> VaultSettings:
+        return VaultSettings(addr=addr or self.bao.addr, timeout=timeout)
+
+    def approle(self) -> AppRoleAuth:
+        return AppRoleAuth(role_id=self.role_id, secret_id_file=self.secret_id_file)
+
+
+@pytest.fixture
+def bao(tmp_path: Path) -> Iterator[OpenBao]:
+    with OpenBao(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def setup(bao: OpenBao, tmp_path: Path) -> Setup:
+    token_file = tmp_path / "root-token"
+    token_file.write_text(bao.root_token + "\n")
+    secret_out = tmp_path / "secret-id"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "auth",
+            "vault-setup",
+            "--vault-addr",
+            bao.addr,
+            "--token-file",
+            str(token_file),
+            "--secret-id-out",
+            str(secret_out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert 'path "pki/sign/join-node"' in out.stdout  # the policy is printed
+    role_id = next(
+        line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.startswith("role_id:")
+    )
+    assert (secret_out.stat().st_mode & 0o777) == 0o600
+    return Setup(bao=bao, role_id=role_id, secret_id_file=secret_out, workdir=tmp_path)
+
+
+def _request(
+    *, csr_names: list[str] | None = None, ttl: timedelta = timedelta(hours=1)
+) -> tuple[SignRequest, ec.EllipticCurvePrivateKey]:
+    tls_key = ec.generate_private_key(ec.SECP256R1())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (csr_names or ["node"])[0])])
+    )
+    if csr_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(n) for n in csr_names]), critical=False
+        )
+    csr = builder.sign(tls_key, hashes.SHA256())
+    ssh_key = ed25519.Ed25519PrivateKey.generate().public_key()
+    now = datetime.now(UTC)
+    return (
+        SignRequest(
+            host_id=HOST_ID,
+            role="node",
+            node_name="vm-a",
+            tls_public_key_pem=tls_key.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode(),
+            ssh_public_key=ssh_key.public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            ).decode(),
+            principals=(HOST_ID, "vm-a"),
+            dns_names=(HOST_ID, "vm-a"),
+            ip_addresses=("10.1.2.3",),
+            uri_sans=(),
+            not_before=now,
+            not_after=now + ttl,
+            csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode(),
+        ),
+        tls_key,
+    )
+
+
+@pytest.fixture
+async def signer(setup: Setup) -> AsyncIterator[VaultSigner]:
+    s = VaultSigner(VaultClient(setup.settings(), setup.approle()), setup.settings())
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.aclose()
+
+
+async def test_a_signed_pair_verifies_with_openssl_and_ssh_keygen(
+    signer: VaultSigner, tmp_path: Path
+) -> None:
+    openssl = require_binary("openssl")
+    ssh_keygen = require_binary("ssh-keygen")
+    # The CSR asks for other names: they must not reach the certificate.
+    request, _ = _request(csr_names=["auth.cluster.internal", "localhost"])
+    issued = await signer.sign(request)
+
+    bundle = signer.ca_bundle()
+    (tmp_path / "ca.pem").write_text("".join(bundle.tls_ca_certs))
+    (tmp_path / "leaf.pem").write_text(issued.tls_cert_pem)
+    verify = subprocess.run(
+        [openssl, "verify", "-CAfile", str(tmp_path / "ca.pem"), str(tmp_path / "leaf.pem")],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    cert = x509.load_pem_x509_certificate(issued.tls_cert_pem.encode())
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == HOST_ID
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {HOST_ID, "vm-a"}
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert x509.ExtendedKeyUsageOID.SERVER_AUTH in eku
+    assert x509.ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    assert cert.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode() == request.tls_public_key_pem
+
+    (tmp_path / "host-cert.pub").write_text(issued.ssh_cert + "\n")
+    shown = subprocess.run(
+        [ssh_keygen, "-L", "-f", str(tmp_path / "host-cert.pub")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "host certificate" in shown
+    assert f'Key ID: "{HOST_ID}"' in shown
+    principals = shown.split("Principals:", 1)[1].split("Critical Options:", 1)[0].split()
+    assert principals == [HOST_ID, "vm-a"]
+    # The SSH CA Vault publishes is the one we pin (same fingerprint as ssh-keygen -l).
+    fingerprint = subprocess.run(
+        [ssh_keygen, "-l", "-f", "/dev/stdin"],
+        input=bundle.ssh_ca_keys[0] + "\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert bundle.ssh_ca_pin in fingerprint
+    signing_ca = shown.split("Signing CA:", 1)[1].splitlines()[0]
+    assert bundle.ssh_ca_pin in signing_ca
+
+
+async def test_renewal_signs_again_through_vault(signer: VaultSigner) -> None:
+    first = await signer.sign(_request()[0])
+    second = await signer.sign(_request()[0])
+    assert first.tls_cert_pem != second.tls_cert_pem
+    assert signer.sign_calls == 2
+
+
+async def test_without_a_csr_the_vault_backend_refuses(signer: VaultSigner) -> None:
+    request, _ = _request()
+    bare = SignRequest(**{**request.__dict__, "csr_pem": None})
+    with pytest.raises(SigningRefused, match="CSR"):
+        await signer.sign(bare)
+
+
+async def test_a_sealed_vault_is_retryable_and_unsealing_recovers(
+    setup: Setup, signer: VaultSigner
+) -> None:
+    setup.bao.seal()
+    with pytest.raises(SigningUnavailable):
+        await signer.sign(_request()[0])
+    setup.bao.unseal()
+    assert (await signer.sign(_request()[0])).ssh_cert
+
+
+async def test_vault_down_is_retryable(setup: Setup) -> None:
+    async with slow_proxy("127.0.0.1", setup.bao.port) as proxy:
+        settings = setup.settings(f"http://127.0.0.1:{proxy.port}")
+        s = VaultSigner(VaultClient(settings, setup.approle()), settings)
+        await s.start()
+    # The proxy is gone: nothing listens on its port any more.
+    try:
+        with pytest.raises(SigningUnavailable):
+            await s.sign(_request()[0])
+    finally:
+        await s.aclose()
+
+
+async def test_a_slow_vault_is_bounded_by_the_timeout(setup: Setup) -> None:
+    async with slow_proxy("127.0.0.1", setup.bao.port) as proxy:
+        settings = setup.settings(f"http://127.0.0.1:{proxy.port}", timeout=0.5)
+        s = VaultSigner(VaultClient(settings, setup.approle()), settings)
+        await s.start()
+        proxy.delay = 3.0
+        try:
+            with pytest.raises(SigningUnavailable):
+                await s.sign(_request()[0])
+        finally:
+            proxy.delay = 0.0
+            await s.aclose()
+
+
+async def test_vaults_rate_limit_is_retryable(setup: Setup, signer: VaultSigner) -> None:
+    setup.bao.ok(
+        "POST",
+        "sys/quotas/rate-limit/pki-sign",
+        {"path": "pki/", "rate": 1, "interval": "30s"},
+    )
+    outcomes: list[str] = []
+    for _ in range(3):
+        try:
+            await signer.sign(_request()[0])
+            outcomes.append("signed")
+        except SigningUnavailable as exc:
+            outcomes.append("unavailable")
+            assert exc.retry_after > 0
+    assert outcomes[0] == "signed"
+    assert "unavailable" in outcomes[1:]
+    setup.bao.ok("DELETE", "sys/quotas/rate-limit/pki-sign")
+
+
+async def test_a_revoked_approle_token_means_a_fresh_login(setup: Setup) -> None:
+    auth = setup.approle()
+    client = VaultClient(setup.settings(), auth)
+    s = VaultSigner(client, setup.settings())
+    await s.start()
+    try:
+        token = await auth.token(client)
+        setup.bao.ok("POST", "auth/token/revoke", {"token": token})
+        assert (await s.sign(_request()[0])).tls_cert_pem
+        assert auth.logins == 2
+    finally:
+        await s.aclose()
+
+
+async def test_a_revoked_file_token_is_a_clear_error_until_the_file_changes(
+    setup: Setup,
+) -> None:
+    created = setup.bao.ok(
+        "POST", "auth/token/create", {"policies": ["join-auth-service"], "ttl": "1h"}
+    )
+    token_file = setup.workdir / "svc-token"
+    token_file.write_text(created["auth"]["client_token"])
+    s = VaultSigner(VaultClient(setup.settings(), TokenFileAuth(token_file)), setup.settings())
+    await s.start()
+    try:
+        setup.bao.ok("POST", "auth/token/revoke", {"token": created["auth"]["client_token"]})
+        with pytest.raises(SigningRefused, match="403"):
+            await s.sign(_request()[0])
+        fresh = setup.bao.ok(
+            "POST", "auth/token/create", {"policies": ["join-auth-service"], "ttl": "1h"}
+        )
+        await asyncio.sleep(0.01)  # a new mtime even on coarse file systems
+        token_file.write_text(fresh["auth"]["client_token"] + "\n")
+        assert (await s.sign(_request()[0])).ssh_cert
+    finally:
+        await s.aclose()
+
+
+async def test_missing_permission_is_a_startup_error_naming_it(setup: Setup) -> None:
+    setup.bao.ok(
+        "PUT",
+        "sys/policies/acl/pki-only",
+        {"policy": 'path "pki/sign/join-node" { capabilities = ["update"] }'},
+    )
+    created = setup.bao.ok("POST", "auth/token/create", {"policies": ["pki-only"]})
+    token_file = setup.workdir / "pki-only-token"
+    token_file.write_text(created["auth"]["client_token"])
+    s = VaultSigner(VaultClient(setup.settings(), TokenFileAuth(token_file)), setup.settings())
+    try:
+        with pytest.raises(VaultStartupError, match="'update' on ssh/sign/join-host"):
+            await s.start()
+    finally:
+        await s.aclose()
+
+
+async def test_vault_setup_is_idempotent(setup: Setup) -> None:
+    token_file = setup.workdir / "root-token"
+    before = setup.bao.request("GET", "pki/ca_chain", token=None)[1]["text"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "auth",
+            "vault-setup",
+            "--vault-addr",
+            setup.bao.addr,
+            "--token-file",
+            str(token_file),
+            "--secret-id-out",
+            str(setup.workdir / "secret-id-2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    # The same CA: re-running never replaces the trust anchor nodes already pinned.
+    after = setup.bao.request("GET", "pki/ca_chain", token=None)[1]["text"]
+    assert "BEGIN CERTIFICATE" in before
+    assert after == before
+    assert f"role_id: {setup.role_id}" in out.stdout
+
