@@ -33,10 +33,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gateway.authservice.signing import (
+    CaBundle,
+    Issued,
+    SigningRefused,
+    SignRequest,
+    load_certifiable_tls_key,
+    ssh_ca_pin,
+)
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.tlsutil import (
     CaMaterial,
-    CertifiablePublicKey,
     KeyType,
     atomic_write,
     generate_ca,
@@ -56,6 +63,7 @@ __all__ = [
     "ensure_authorities",
     "init_auth_dir",
     "is_dns_name",
+    "sign_request",
 ]
 
 log = logging.getLogger(__name__)
@@ -279,75 +287,97 @@ class HostAuthority:
         self, *, host_id: str, host: HostParams, now: datetime, ttl: timedelta
     ) -> RegisterResult:
         """Certify ``host``'s keys; ``host`` must already be validated (keys parse)."""
-        tls_key = serialization.load_pem_public_key(host.public_tls_key.encode("ascii"))
-        if not isinstance(
-            tls_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
-        ):
-            raise ValueError("unsupported TLS key type")
-        ssh_key = serialization.load_ssh_public_key(host.public_ssh_key.encode("ascii"))
+        issued = self.sign(sign_request(host_id=host_id, host=host, now=now, ttl=ttl))
+        bundle = self.ca_bundle()
+        return RegisterResult(
+            host_id=host_id,
+            ssh_cert=issued.ssh_cert,
+            tls_cert=issued.tls_cert_pem,
+            tls_ca_certs=bundle.tls_ca_certs,
+            ssh_ca_keys=bundle.ssh_ca_keys,
+        )
+
+    def sign(self, request: SignRequest) -> Issued:
+        """The local backend's signing (:class:`~gateway.authservice.signing.LocalSigner`):
+        the names are the request's; the key is the node's public key (its CSR, when
+        present, was checked by the caller and adds nothing here)."""
+        tls_key = load_certifiable_tls_key(request.tls_public_key_pem)
+        ssh_key = serialization.load_ssh_public_key(request.ssh_public_key.encode("ascii"))
         if not isinstance(
             ssh_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
         ):
-            raise ValueError("unsupported SSH key type")
-        principals = _dedup([host_id, host.node_name, *host.additional_principals, *host.dns_names])
-        not_before = now - _BACKDATE
-        not_after = now + ttl
-        tls_cert = self._tls_cert(
+            raise SigningRefused("unsupported SSH key type")
+        tls_cert = sign_public_key(
+            self._host_ca,
             tls_key,
-            host_id=host_id,
-            role=host.role,
-            principals=principals,
-            not_before=not_before,
-            not_after=not_after,
+            common_name=request.host_id,
+            organization=request.role,
+            dns_names=list(request.dns_names),
+            ip_addresses=list(request.ip_addresses),
+            uri_names=list(request.uri_sans),
+            server=True,
+            client=True,
+            not_before=request.not_before,
+            not_after=request.not_after,
         )
         ssh_cert = (
             serialization.SSHCertificateBuilder()
             .public_key(ssh_key)
             .serial(secrets.randbits(64))
             .type(serialization.SSHCertificateType.HOST)
-            .key_id(f"{host_id} {host.node_name}".encode())
-            .valid_principals([p.encode() for p in principals])
-            .valid_after(int(not_before.timestamp()))
-            .valid_before(int(not_after.timestamp()))
+            .key_id(f"{request.host_id} {request.node_name}".encode())
+            .valid_principals([p.encode() for p in request.principals])
+            .valid_after(int(request.not_before.timestamp()))
+            .valid_before(int(request.not_after.timestamp()))
             .sign(self._ssh_ca)
         )
-        return RegisterResult(
-            host_id=host_id,
+        return Issued(
+            tls_cert_pem=tls_cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
             ssh_cert=ssh_cert.public_bytes().decode("ascii"),
-            tls_cert=tls_cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-            tls_ca_certs=(self._host_ca_pem,),
-            ssh_ca_keys=(self._ssh_ca_line,),
         )
 
-    def _tls_cert(
-        self,
-        public_key: CertifiablePublicKey,
-        *,
-        host_id: str,
-        role: str,
-        principals: list[str],
-        not_before: datetime,
-        not_after: datetime,
-    ) -> x509.Certificate:
-        # Only names an X.509 SAN can carry: IP literals as iPAddress, hostnames as dNSName.
-        # A principal like "web_1" stays SSH-only.
-        ips = [p for p in principals if _is_ip(p)]
-        dns = [p for p in principals if not _is_ip(p) and is_dns_name(p)]
-        return sign_public_key(
-            self._host_ca,
-            public_key,
-            common_name=host_id,
-            organization=role,
-            dns_names=dns,
-            ip_addresses=ips,
-            server=True,
-            client=True,
-            not_before=not_before,
-            not_after=not_after,
+    def ca_bundle(self) -> CaBundle:
+        return CaBundle(
+            tls_ca_certs=(self._host_ca_pem,),
+            ssh_ca_keys=(self._ssh_ca_line,),
+            ca_pin=self.ca_pin(),
+            ssh_ca_pin=ssh_ca_pin(self._ssh_ca_line),
         )
 
     def __repr__(self) -> str:
         return f"<HostAuthority pin={self.ca_pin()}>"
+
+
+def sign_request(
+    *,
+    host_id: str,
+    host: HostParams,
+    now: datetime,
+    ttl: timedelta,
+    csr_pem: str | None = None,
+    uri_sans: tuple[str, ...] = (),
+) -> SignRequest:
+    """What a node's certificates say, decided here for every backend: SSH principals are
+    the host ID, the node name, additional principals and DNS names; the X.509 SANs are
+    those of them an X.509 SAN can carry (IP literals as iPAddress, hostnames as dNSName —
+    a principal like ``web_1`` stays SSH-only)."""
+    principals = tuple(
+        _dedup([host_id, host.node_name, *host.additional_principals, *host.dns_names])
+    )
+    return SignRequest(
+        host_id=host_id,
+        role=host.role,
+        node_name=host.node_name,
+        tls_public_key_pem=host.public_tls_key,
+        ssh_public_key=host.public_ssh_key,
+        principals=principals,
+        dns_names=tuple(p for p in principals if not _is_ip(p) and is_dns_name(p)),
+        ip_addresses=tuple(p for p in principals if _is_ip(p)),
+        uri_sans=uri_sans,
+        not_before=now - _BACKDATE,
+        not_after=now + ttl,
+        csr_pem=csr_pem,
+    )
 
 
 def _dedup(values: Iterable[str]) -> list[str]:

@@ -60,6 +60,9 @@ class VmRecord:
     subscription: str  # lowercase GUID
     scale_set: str | None = None
     instance_id: str | None = None
+    # For the allow rules (locations, tags) — what ARM said, no extra call.
+    location: str | None = None
+    tags: Mapping[str, str] | None = None
 
 
 # "list": a page of a list call, which also spends from Compute's list budget.
@@ -339,8 +342,10 @@ class ArmClient:
             vm_id=vm_id,
             resource_group=rid.resource_group,
             subscription=rid.subscription,
-            scale_set=rid.scale_set,
+            scale_set=rid.scale_set or _flexible_scale_set(props),
             instance_id=rid.instance_id,
+            location=item.get("location") if isinstance(item.get("location"), str) else None,
+            tags=_tags(item.get("tags")),
         )
 
     def _read_limits(
@@ -458,3 +463,25 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
             raise _TooLarge(f"body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _flexible_scale_set(props: object) -> str | None:
+    """A flexible scale set's VM is an ordinary ``virtualMachines`` resource whose
+    ``properties.virtualMachineScaleSet.id`` names its set
+    (https://learn.microsoft.com/azure/virtual-machine-scale-sets/virtual-machine-scale-sets-orchestration-modes)."""
+    ref = props.get("virtualMachineScaleSet") if isinstance(props, Mapping) else None
+    ref_id = ref.get("id") if isinstance(ref, Mapping) else None
+    if not isinstance(ref_id, str):
+        return None
+    try:
+        rid = parse_resource_id(ref_id)
+    except (ValueError, JoinRejected):
+        return None
+    return rid.name if rid.is_scale_set else None
+
+
+def _tags(value: object) -> Mapping[str, str]:
+    """ARM's ``tags``: absent means none; anything not str→str is dropped, never guessed."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}

@@ -154,6 +154,7 @@ def sign_public_key(
     organization: str | None = None,
     dns_names: Iterable[str] = (),
     ip_addresses: Iterable[str] = (),
+    uri_names: Iterable[str] = (),
     server: bool = True,
     client: bool = False,
     not_before: datetime,
@@ -177,6 +178,7 @@ def sign_public_key(
             sans.append(x509.IPAddress(ipaddress.ip_address(value)))
         except ValueError:
             sans.append(x509.DNSName(value))
+    sans += [x509.UniformResourceIdentifier(uri) for uri in uri_names]
     usages = []
     if server:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)

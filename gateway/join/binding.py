@@ -81,6 +81,8 @@ class VmIdentity:
     scale_set: str | None
     identity_kind: IdentityKind
     arm_verified: bool
+    location: str | None = None  # None: not known (binding off)
+    tags: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -293,6 +295,8 @@ class VmBinder:
             scale_set=record.scale_set,
             identity_kind=kind,
             arm_verified=True,
+            location=record.location,
+            tags=record.tags,
         )
 
     def __repr__(self) -> str:

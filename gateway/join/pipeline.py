@@ -23,11 +23,18 @@ from gateway.azure.jwks import TokenVerifier
 from gateway.azure.token import TokenClaims
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, GatewayError, JoinRejected
-from gateway.join.binding import VmBinder, VmIdentity
+from gateway.join.binding import VmBinder, VmIdentity, resource_from_claims
 from gateway.join.challenge import ChallengeCodec
 from gateway.join.forward import AuthClient, HostParams, JoinBlock, RegisterResult, Registration
 from gateway.join.replay import ReplayStore
-from gateway.join.rules import AllowRule, TokenRegistry, check_token, match_allow_rules
+from gateway.join.rules import (
+    AllowRule,
+    TokenRegistry,
+    VmFacts,
+    check_token,
+    match_allow_rules,
+    refuse_unless_any_rule_can_match,
+)
 
 __all__ = [
     "JoinAttrs",
@@ -153,7 +160,22 @@ async def verify_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> Joi
     doc, claims = await _evidence(req, deps, trace)
     trace.facts.update(tenant=claims.tid, vm_id=doc.vm_id, subscription=doc.subscription_id or "")
 
-    # 5. Bind them: the token's VM is the document's VM (ARM, unless turned off).
+    # 5a. Cheap refusal first: what the signed token alone says (tenant, subscription,
+    # resource group, identity) already rules out every allow rule? No ARM call then.
+    with trace.step("rules"):
+        rid, _ = resource_from_claims(claims)
+        trace.facts.update(resource_id=rid.raw, resource_group=rid.resource_group)
+        refuse_unless_any_rule_can_match(
+            token,
+            VmFacts(
+                tenant=claims.tid,
+                subscription=rid.subscription,
+                resource_group=rid.resource_group,
+                identities=_identities(claims),
+            ),
+        )
+
+    # 5b. Bind them: the token's VM is the document's VM (ARM, unless turned off).
     with trace.step("binding"):
         if doc.subscription_id is None:
             raise JoinRejected(
@@ -172,9 +194,16 @@ async def verify_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> Joi
     with trace.step("rules"):
         rule = match_allow_rules(
             token,
-            tenant=claims.tid,
-            subscription=identity.subscription_id,
-            resource_group=identity.resource_group,
+            VmFacts(
+                tenant=claims.tid,
+                subscription=identity.subscription_id,
+                resource_group=identity.resource_group,
+                identities=_identities(claims),
+                location=identity.location,
+                scale_set=identity.scale_set or "" if identity.arm_verified else None,
+                vm_name=identity.vm_name if identity.arm_verified else None,
+                tags=identity.tags,
+            ),
         )
 
     return JoinAttrs(
@@ -190,6 +219,12 @@ async def verify_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> Joi
         rule=rule,
         challenge_expires=challenge_expires,
     )
+
+
+def _identities(claims: TokenClaims) -> frozenset[str]:
+    """The managed identity that joined, as rules name it: principal object ID and client
+    ID (``oid``, ``appid``), lowercase."""
+    return frozenset(v.lower() for v in (claims.oid, claims.appid) if v)
 
 
 async def _evidence(

@@ -28,6 +28,16 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from gateway.azure.token import normalize_guid
 from gateway.core.config import ConfigError
 from gateway.core.errors import Code, JoinRejected, UnknownToken
+from gateway.join.allow import (
+    ARM_FIELDS,
+    AllowRule,
+    Glob,
+    RuleCheck,
+    Verdict,
+    VmFacts,
+    azure_fold,
+    evaluate,
+)
 
 __all__ = [
     "JOIN_ROLES",
@@ -36,9 +46,13 @@ __all__ = [
     "ProvisionToken",
     "TokenFileError",
     "TokenRegistry",
+    "VmFacts",
     "check_token",
+    "could_any_rule_match",
     "load_token_files",
     "match_allow_rules",
+    "refuse_unless_any_rule_can_match",
+    "rules_needing_arm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,7 +102,22 @@ _SPEC_KEYS = frozenset(
     }
 )
 _AZURE_KEYS = frozenset({"allow"})
-_RULE_KEYS = frozenset({"subscription", "resource_groups", "tenant"})
+_RULE_KEYS = frozenset(
+    {
+        "subscription",
+        "resource_groups",
+        "tenant",
+        "locations",
+        "scale_sets",
+        "vm_names",
+        "identities",
+        "tags",
+    }
+)
+# Azure's own limits: resource group 90, VM 64, scale set 64 characters; a tag name 512, a
+# tag value 256; a region is a short ASCII word. Longer patterns can never match.
+_GLOB_MAX = {"resource_groups": 90, "scale_sets": 64, "vm_names": 64}
+_LOCATION_RE = re.compile(r"[A-Za-z0-9]{1,64}")
 _JOIN_METHOD_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _NAME_MAX = 256
 
@@ -108,25 +137,6 @@ class TokenFileError(ConfigError):
         self.reason = message
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {message}")
-
-
-@dataclass(frozen=True)
-class AllowRule:
-    """One ``spec.azure.allow`` entry. GUIDs are stored lowercase."""
-
-    subscription: str | None = None
-    resource_groups: tuple[str, ...] = ()
-    tenant: str | None = None
-
-    def matches(self, *, tenant: str, subscription: str, resource_group: str) -> bool:
-        if self.tenant is not None and self.tenant != tenant.lower():
-            return False
-        if self.subscription is not None and self.subscription != subscription.lower():
-            return False
-        if self.resource_groups:
-            group = resource_group.casefold()
-            return any(g.casefold() == group for g in self.resource_groups)
-        return True
 
 
 @dataclass(frozen=True)
@@ -237,6 +247,38 @@ class _Doc:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _globs(doc: _Doc, node: Node, where: str, key: str) -> tuple[Glob, ...]:
+    values = doc.strings(node, where)
+    if not values:
+        raise doc.error(node, f"{where} must not be empty (leave the key out instead)")
+    for value in values:
+        if len(value) > _GLOB_MAX[key]:
+            raise doc.error(node, f"{where}: {value[:40]!r}… is longer than Azure allows")
+    return tuple(Glob(v) for v in values)
+
+
+def _tags(doc: _Doc, node: Node, where: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if not isinstance(node, MappingNode) or not node.value:
+        raise doc.error(node, f"{where} must be a non-empty mapping of tag name to values")
+    out: list[tuple[str, tuple[str, ...]]] = []
+    seen: set[str] = set()
+    for key_node, value_node in node.value:
+        key = doc.string(key_node, f"{where} key")
+        if len(key) > 512:
+            raise doc.error(key_node, f"{where}: a tag name is at most 512 characters")
+        if azure_fold(key) in seen:
+            raise doc.error(key_node, f"{where}: duplicate tag {key!r} (tag names ignore case)")
+        seen.add(azure_fold(key))
+        if isinstance(value_node, SequenceNode):
+            values = doc.strings(value_node, f"{where}.{key}")
+            if not values:
+                raise doc.error(value_node, f"{where}.{key} must not be an empty list")
+        else:
+            values = (doc.string(value_node, f"{where}.{key}"),)
+        out.append((key, values))
+    return tuple(out)
+
+
 def _parse_rule(doc: _Doc, node: Node, where: str) -> AllowRule:
     fields = doc.mapping(node, where, _RULE_KEYS)
     subscription = (
@@ -245,13 +287,40 @@ def _parse_rule(doc: _Doc, node: Node, where: str) -> AllowRule:
         else None
     )
     tenant = doc.guid(fields["tenant"], f"{where}.tenant") if "tenant" in fields else None
-    groups: tuple[str, ...] = ()
-    if "resource_groups" in fields:
-        groups = doc.strings(fields["resource_groups"], f"{where}.resource_groups")
     if subscription is None and tenant is None:
         # A rule with neither would admit every VM of every tenant that can reach us.
         raise doc.error(node, f"{where}: a rule must set subscription or tenant")
-    return AllowRule(subscription=subscription, resource_groups=groups, tenant=tenant)
+    globs = {
+        key: _globs(doc, fields[key], f"{where}.{key}", key)
+        for key in ("resource_groups", "scale_sets", "vm_names")
+        if key in fields
+    }
+    locations: tuple[str, ...] = ()
+    if "locations" in fields:
+        locations = doc.strings(fields["locations"], f"{where}.locations")
+        bad = [loc for loc in locations if not _LOCATION_RE.fullmatch(loc)]
+        if bad or not locations:
+            raise doc.error(fields["locations"], f"{where}.locations: not Azure regions: {bad}")
+    identities: tuple[str, ...] = ()
+    if "identities" in fields:
+        seq = fields["identities"]
+        if not isinstance(seq, SequenceNode) or not seq.value:
+            raise doc.error(seq, f"{where}.identities must be a non-empty list of GUIDs")
+        identities = tuple(
+            doc.guid(item, f"{where}.identities[{i}]") for i, item in enumerate(seq.value)
+        )
+    tags = _tags(doc, fields["tags"], f"{where}.tags") if "tags" in fields else ()
+    return AllowRule(
+        subscription=subscription,
+        tenant=tenant,
+        resource_groups=globs.get("resource_groups", ()),
+        scale_sets=globs.get("scale_sets", ()),
+        vm_names=globs.get("vm_names", ()),
+        locations=locations,
+        identities=identities,
+        tags=tags,
+        source=f"{doc.path}:{node.start_mark.line + 1}",
+    )
 
 
 def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
@@ -386,15 +455,49 @@ def check_token(token: ProvisionToken, *, role: str, now: datetime) -> None:
         )
 
 
-def match_allow_rules(
-    token: ProvisionToken, *, tenant: str, subscription: str, resource_group: str
-) -> AllowRule:
-    """The first rule of ``token`` that admits this VM; ``JoinRejected(NOT_ALLOWED)`` if none."""
-    for rule in token.allow:
-        if rule.matches(tenant=tenant, subscription=subscription, resource_group=resource_group):
-            return rule
-    raise JoinRejected(
-        Code.NOT_ALLOWED,
-        f"no allow rule of token {token.name!r} matches tenant {tenant}, "
-        f"subscription {subscription}, resource group {resource_group!r}",
-    )
+def match_allow_rules(token: ProvisionToken, facts: VmFacts) -> AllowRule:
+    """The first rule of ``token`` that admits this VM; ``JoinRejected(NOT_ALLOWED)`` if none.
+
+    ``facts`` must be complete for the fields the rules use (after Resource Manager); a
+    rule still ``UNKNOWN`` then does not admit. The detail (audit log only) names, for each
+    rule, the first field that did not match."""
+    index, checks = evaluate(token.allow, facts)
+    if index is not None:
+        return token.allow[index]
+    raise JoinRejected(Code.NOT_ALLOWED, _why_not(token, checks))
+
+
+def could_any_rule_match(token: ProvisionToken, facts: VmFacts) -> bool:
+    """False when no rule of ``token`` can admit a VM with these (partial) facts: the
+    cheap refusal before any Resource Manager call."""
+    return any(rule.check(facts).verdict is not Verdict.NO_MATCH for rule in token.allow)
+
+
+def refuse_unless_any_rule_can_match(token: ProvisionToken, facts: VmFacts) -> None:
+    checks = [rule.check(facts) for rule in token.allow]
+    if all(c.verdict is Verdict.NO_MATCH for c in checks):
+        raise JoinRejected(Code.NOT_ALLOWED, _why_not(token, checks))
+
+
+def _why_not(token: ProvisionToken, checks: list[RuleCheck]) -> str:
+    parts = [
+        f"rule {i}: {c.field} {c.actual!r}" if c.verdict is Verdict.NO_MATCH
+        else f"rule {i}: {c.field} unknown"
+        for i, c in enumerate(checks)
+    ]
+    return f"no allow rule of token {token.name!r} matches ({'; '.join(parts)})"
+
+
+def rules_needing_arm(registry: TokenRegistry) -> list[str]:
+    """``"token 'x' rule 0 (file:line) uses locations"`` for every rule that needs Resource
+    Manager's data: a configuration error while ``azure.vm_binding`` is off."""
+    out = []
+    for token in registry:
+        for i, rule in enumerate(token.allow):
+            arm = [f for f in rule.fields if f in ARM_FIELDS]
+            if arm:
+                out.append(
+                    f"token {token.name!r} rule {i} ({rule.source}) uses {', '.join(arm)}, "
+                    "which needs azure.vm_binding"
+                )
+    return out

@@ -65,6 +65,8 @@ async def test_get_vm_returns_the_record_and_sends_the_bearer(
         vm_id=vm_id(1).lower(),
         resource_group="GROUP1",
         subscription=SUB,
+        location="westeurope",
+        tags={},
     )
     assert arm.auth == [f"Bearer {BEARER}"]
     assert arm.requests == [

@@ -13,6 +13,7 @@ from gateway.join.rules import (
     AllowRule,
     ConfigError,
     ProvisionToken,
+    VmFacts,
     check_token,
     load_token_files,
     match_allow_rules,
@@ -325,17 +326,18 @@ def test_match_allow_rules(
 ) -> None:
     if index is None:
         with pytest.raises(JoinRejected) as info:
-            match_allow_rules(seed, tenant=tenant, subscription=sub, resource_group=group)
+            match_allow_rules(seed, VmFacts(tenant=tenant, subscription=sub, resource_group=group))
         assert info.value.code == Code.NOT_ALLOWED
     else:
-        rule = match_allow_rules(seed, tenant=tenant, subscription=sub, resource_group=group)
+        facts = VmFacts(tenant=tenant, subscription=sub, resource_group=group)
+        rule = match_allow_rules(seed, facts)
         assert rule is seed.allow[index]
 
 
 def test_a_rule_with_tenant_and_subscription_needs_both() -> None:
     tok = token(allow=(AllowRule(subscription=SUB3, tenant=TENANT4),))
-    assert match_allow_rules(tok, tenant=TENANT4, subscription=SUB3, resource_group="g")
+    assert match_allow_rules(tok, VmFacts(tenant=TENANT4, subscription=SUB3, resource_group="g"))
     for tenant, sub in ((TENANT_X, SUB3), (TENANT4, SUB1)):
         with pytest.raises(JoinRejected) as info:
-            match_allow_rules(tok, tenant=tenant, subscription=sub, resource_group="g")
+            match_allow_rules(tok, VmFacts(tenant=tenant, subscription=sub, resource_group="g"))
         assert info.value.code == Code.NOT_ALLOWED
