@@ -92,6 +92,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         tokens = load_tokens(cfg)
         print(f"tokens: {', '.join(sorted(tokens.registry.names())) or '(none)'}")
+        for token in tokens.registry:
+            print(f"token {token.name!r} ({token.join_method}, roles {', '.join(token.roles)}):")
+            for i, rule in enumerate(token.allow):
+                print(f"  rule {i}: {rule.describe()}")
     except (ConfigError, OSError) as exc:
         problems.append(str(exc))
     try:
@@ -228,6 +232,10 @@ COMMANDS: dict[str, tuple[str, Configure]] = {
     "inspect": (
         "verify a captured attested document and/or token, step by step",
         _delegate("gateway.join.inspect"),
+    ),
+    "rules": (
+        "explain which allow rule admits a VM, or why none does",
+        _delegate("gateway.join.explain"),
     ),
     "check-config": ("validate gateway.yaml, token files and keys", _configure_check),
     "challenge-keys": ("create or rotate the challenge keys file", _configure_keys),

@@ -39,7 +39,7 @@ from gateway.azure.token import normalize_guid
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, JoinRejected, Overloaded
 
-__all__ = ["ArmBudget", "ArmClient", "ArmReadKind", "NoBudget", "VmRecord"]
+__all__ = ["ArmBudget", "ArmClient", "ArmReadKind", "NoBudget", "VmRecord", "vm_record_from_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -322,31 +322,12 @@ class ArmClient:
         """A ``VmRecord`` from an ARM VM model; malformed ones are skipped in lists
         (logged) and are a dependency failure for point reads."""
         try:
-            raw_id = item.get("id")
-            name = item.get("name")
-            props = item.get("properties")
-            vm_id = normalize_guid(props.get("vmId")) if isinstance(props, Mapping) else None
-            if not isinstance(raw_id, str) or not isinstance(name, str) or vm_id is None:
-                raise ValueError("VM model lacks id, name or a GUID properties.vmId")
-            rid = parse_resource_id(raw_id)
-            if not (rid.is_vm or rid.is_scale_set_vm):
-                raise ValueError("id names neither a VM nor a scale set VM")
+            return vm_record_from_model(item)
         except (ValueError, JoinRejected) as exc:
             if strict:
                 raise self._bad_answer("VM model", str(exc)) from exc
             logger.warning("skipping a malformed VM model from ARM: %s", exc)
             return None
-        return VmRecord(
-            resource_id=raw_id,
-            name=name,
-            vm_id=vm_id,
-            resource_group=rid.resource_group,
-            subscription=rid.subscription,
-            scale_set=rid.scale_set or _flexible_scale_set(props),
-            instance_id=rid.instance_id,
-            location=item.get("location") if isinstance(item.get("location"), str) else None,
-            tags=_tags(item.get("tags")),
-        )
 
     def _read_limits(
         self, subscription: str, resp: aiohttp.ClientResponse, *, is_list: bool
@@ -463,6 +444,32 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
             raise _TooLarge(f"body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def vm_record_from_model(item: Mapping[str, Any]) -> VmRecord:
+    """A ``VmRecord`` from one VM model as ARM returns it (a GET or a list item); raises
+    ``ValueError`` (or ``JoinRejected`` for a malformed resource ID) when it is not one."""
+    raw_id = item.get("id")
+    name = item.get("name")
+    props = item.get("properties")
+    vm_id = normalize_guid(props.get("vmId")) if isinstance(props, Mapping) else None
+    if not isinstance(raw_id, str) or not isinstance(name, str) or vm_id is None:
+        raise ValueError("VM model lacks id, name or a GUID properties.vmId")
+    rid = parse_resource_id(raw_id)
+    if not (rid.is_vm or rid.is_scale_set_vm):
+        raise ValueError("id names neither a VM nor a scale set VM")
+    location = item.get("location")
+    return VmRecord(
+        resource_id=raw_id,
+        name=name,
+        vm_id=vm_id,
+        resource_group=rid.resource_group,
+        subscription=rid.subscription,
+        scale_set=rid.scale_set or _flexible_scale_set(props),
+        instance_id=rid.instance_id,
+        location=location if isinstance(location, str) else None,
+        tags=_tags(item.get("tags")),
+    )
 
 
 def _flexible_scale_set(props: object) -> str | None:

@@ -50,9 +50,12 @@ log = logging.getLogger(__name__)
 class TokenHolder:
     """The current token registry; ``reload`` swaps it whole, so a join sees one version."""
 
-    def __init__(self, paths: Sequence[Path], registry: TokenRegistry) -> None:
+    def __init__(
+        self, paths: Sequence[Path], registry: TokenRegistry, *, vm_binding: bool = True
+    ) -> None:
         self.paths = tuple(paths)
         self._registry = registry
+        self._vm_binding = vm_binding
 
     @property
     def registry(self) -> TokenRegistry:
@@ -60,12 +63,15 @@ class TokenHolder:
 
     def reload(self) -> None:
         """Re-read the token files; on any error keep the old registry and raise."""
-        self._registry = load_token_files(self.paths)
+        self._registry = load_token_files(self.paths, vm_binding=self._vm_binding)
 
 
 def load_tokens(config: Config) -> TokenHolder:
     paths = [config.path(p) for p in config.tokens.files]
-    return TokenHolder(paths, load_token_files(paths))
+    vm_binding = config.azure.vm_binding
+    return TokenHolder(
+        paths, load_token_files(paths, vm_binding=vm_binding), vm_binding=vm_binding
+    )
 
 
 def outbound_ssl_context(config: Config) -> ssl.SSLContext:

@@ -52,7 +52,6 @@ __all__ = [
     "load_token_files",
     "match_allow_rules",
     "refuse_unless_any_rule_can_match",
-    "rules_needing_arm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -416,8 +415,11 @@ def _load_file(path: Path) -> list[ProvisionToken]:
     return tokens
 
 
-def load_token_files(paths: Sequence[Path]) -> TokenRegistry:
-    """Load every token of every file; any problem is a ``ConfigError`` with file:line."""
+def load_token_files(paths: Sequence[Path], *, vm_binding: bool = True) -> TokenRegistry:
+    """Load every token of every file; any problem is a ``ConfigError`` with file:line.
+
+    With ``vm_binding=False`` a rule that needs Resource Manager's data (locations,
+    scale_sets, vm_names, tags) is an error naming that rule: it could never match."""
     tokens: dict[str, ProvisionToken] = {}
     for path in paths:
         for token in _load_file(Path(path)):
@@ -430,8 +432,21 @@ def load_token_files(paths: Sequence[Path]) -> TokenRegistry:
                     f"duplicate token name {token.name!r} (first defined at {first.source})",
                 )
             tokens[token.name] = token
+    registry = TokenRegistry(tokens)
+    if not vm_binding:
+        for token in registry:
+            for i, rule in enumerate(token.allow):
+                if rule.needs_arm:
+                    file, _, line = rule.source.rpartition(":")
+                    arm = ", ".join(f for f in rule.fields if f in ARM_FIELDS)
+                    raise TokenFileError(
+                        file,
+                        int(line),
+                        f"token {token.name!r} allow rule {i} uses {arm}, which come from "
+                        "Resource Manager: set azure.vm_binding: true or drop the field",
+                    )
     logger.info("loaded %d tokens from %d files", len(tokens), len(paths))
-    return TokenRegistry(tokens)
+    return registry
 
 
 # -- checks at join time ------------------------------------------------------------------
@@ -486,18 +501,3 @@ def _why_not(token: ProvisionToken, checks: list[RuleCheck]) -> str:
         for i, c in enumerate(checks)
     ]
     return f"no allow rule of token {token.name!r} matches ({'; '.join(parts)})"
-
-
-def rules_needing_arm(registry: TokenRegistry) -> list[str]:
-    """``"token 'x' rule 0 (file:line) uses locations"`` for every rule that needs Resource
-    Manager's data: a configuration error while ``azure.vm_binding`` is off."""
-    out = []
-    for token in registry:
-        for i, rule in enumerate(token.allow):
-            arm = [f for f in rule.fields if f in ARM_FIELDS]
-            if arm:
-                out.append(
-                    f"token {token.name!r} rule {i} ({rule.source}) uses {', '.join(arm)}, "
-                    "which needs azure.vm_binding"
-                )
-    return out

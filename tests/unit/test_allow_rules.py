@@ -18,7 +18,6 @@ from gateway.join.rules import (
     load_token_files,
     match_allow_rules,
     refuse_unless_any_rule_can_match,
-    rules_needing_arm,
 )
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -387,7 +386,7 @@ def test_config_errors_name_file_and_line(tmp_path: Path, rules: str, message: s
     assert str(info.value).startswith(f"{path}:")
 
 
-def test_rules_that_need_arm_are_listed_for_the_vm_binding_check(tmp_path: Path) -> None:
+def test_with_vm_binding_off_a_rule_needing_arm_is_a_config_error(tmp_path: Path) -> None:
     path = _write(
         tmp_path,
         f"""\
@@ -398,6 +397,9 @@ def test_rules_that_need_arm_are_listed_for_the_vm_binding_check(tmp_path: Path)
         env: prod
 """,
     )
-    problems = rules_needing_arm(load_token_files([path]))
-    assert len(problems) == 1
-    assert "rule 1" in problems[0] and "uses tags" in problems[0]
+    load_token_files([path], vm_binding=True)
+    load_token_files([_write(tmp_path, f"    - subscription: {SUB}\n", "u")], vm_binding=False)
+    with pytest.raises(ConfigError) as info:
+        load_token_files([path], vm_binding=False)
+    assert str(info.value).startswith(f"{path}:12:")
+    assert "allow rule 1 uses tags" in str(info.value)

@@ -1,0 +1,114 @@
+"""``join-gateway rules explain``: which allow rule admits a VM, or why none does.
+
+Input is what the gateway itself would see: the VM as Resource Manager returns it
+(``az vm show -o json``, or ``GET …/virtualMachines/<name>``) and the access token's
+claims (the decoded payload: ``tid``, ``oid``, ``appid``). The answer names the rule that
+matched, or for each rule the first field that did not — the same evaluation the gateway
+runs (gateway/join/allow.py), with the same token files (``-c gateway.yaml``).
+
+Exit codes: 0 a rule matched, 1 none did, 2 usage or unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.azure.arm import vm_record_from_model
+from gateway.core.config import ConfigError, load_config
+from gateway.core.errors import GatewayError
+from gateway.join.allow import Verdict, VmFacts, evaluate
+from gateway.join.rules import ProvisionToken, load_token_files
+
+__all__ = ["add_arguments", "explain", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="rules_command", required=True, metavar="{explain}")
+    e = sub.add_parser("explain", help="which rule admits this VM, or why none does")
+    e.add_argument("--config", "-c", required=True, help="gateway.yaml (for its token files)")
+    e.add_argument("--token", required=True, help="the token's name")
+    e.add_argument("--vm-json", required=True, type=Path, help="the VM as ARM returns it")
+    e.add_argument(
+        "--claims-json", required=True, type=Path, help="the access token's claims (tid, oid…)"
+    )
+    e.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def facts_from(vm: dict[str, Any], claims: dict[str, Any]) -> VmFacts:
+    """The facts the gateway would use, from ARM's VM model and the token's claims."""
+    record = vm_record_from_model(vm)
+    tid = claims.get("tid")
+    if not isinstance(tid, str):
+        raise ValueError("claims: 'tid' is missing")
+    identities = frozenset(
+        str(claims[k]).lower() for k in ("oid", "appid") if isinstance(claims.get(k), str)
+    )
+    return VmFacts(
+        tenant=tid.lower(),
+        subscription=record.subscription,
+        resource_group=record.resource_group,
+        identities=identities,
+        location=record.location,
+        scale_set=record.scale_set or "",
+        vm_name=record.name,
+        tags=record.tags,
+    )
+
+
+def explain(token: ProvisionToken, facts: VmFacts) -> dict[str, Any]:
+    """The rules evaluated in order up to the first match (as the gateway stops there)."""
+    index, checks = evaluate(token.allow, facts)
+    report: dict[str, Any] = {"token": token.name, "matched_rule": index, "rules": []}
+    for i, (rule, check) in enumerate(zip(token.allow, checks, strict=False)):
+        entry: dict[str, Any] = {"rule": i, "source": rule.source, "says": rule.describe()}
+        if check.verdict is Verdict.MATCH:
+            entry["outcome"] = "matched"
+        else:
+            entry["outcome"] = "no match"
+            entry["first_field_not_matching"] = check.field
+            entry["vm_has"] = check.actual
+        report["rules"].append(entry)
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        registry = load_token_files(
+            [config.path(p) for p in config.tokens.files], vm_binding=config.azure.vm_binding
+        )
+        facts = facts_from(_read_json(args.vm_json), _read_json(args.claims_json))
+    except (ConfigError, OSError, ValueError, GatewayError) as exc:
+        print(f"rules explain: {exc}", file=sys.stderr)
+        return 2
+    if args.token not in registry:
+        print(f"rules explain: no token named {args.token!r}", file=sys.stderr)
+        return 2
+    token = registry.get(args.token)
+    report = explain(token, facts)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for entry in report["rules"]:
+            print(f"rule {entry['rule']} ({entry['source']}): {entry['says']}")
+            if entry["outcome"] == "matched":
+                print("  -> matches: this rule admits the VM")
+            else:
+                print(
+                    f"  -> no match: {entry['first_field_not_matching']} "
+                    f"(the VM has {entry['vm_has']})"
+                )
+        if report["matched_rule"] is None:
+            print(f"token {token.name!r}: no rule admits this VM (not_allowed)")
+    return 0 if report["matched_rule"] is not None else 1
