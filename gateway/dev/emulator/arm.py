@@ -142,7 +142,7 @@ def _identity_json(identity: ManagedIdentity) -> dict[str, Any]:
 
 def vm_json(vm: EmulatedVm, identity: ManagedIdentity, *, time_created: str) -> str:
     """A standalone VM as ``GET .../virtualMachines/{name}`` returns it."""
-    body = {
+    body: dict[str, Any] = {
         "name": vm.name,
         "id": vm.resource_id,
         "type": "Microsoft.Compute/virtualMachines",
@@ -173,6 +173,13 @@ def vm_json(vm: EmulatedVm, identity: ManagedIdentity, *, time_created: str) -> 
             "timeCreated": time_created,
         },
     }
+    if vm.tags:
+        body["tags"] = dict(vm.tags)  # ARM leaves "tags" out when a resource has none
+    if vm.flexible_scale_set is not None:
+        body["properties"]["virtualMachineScaleSet"] = {
+            "id": f"/subscriptions/{vm.subscription}/resourceGroups/{vm.resource_group}"
+            f"/providers/Microsoft.Compute/virtualMachineScaleSets/{vm.flexible_scale_set}"
+        }
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -195,4 +202,6 @@ def vmss_vm_json(vm: EmulatedVm, *, time_created: str) -> str:
             "timeCreated": time_created,
         },
     }
+    if vm.tags:
+        body["tags"] = dict(vm.tags)
     return json.dumps(body, separators=(",", ":"))

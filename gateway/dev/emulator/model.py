@@ -6,7 +6,8 @@ that already read a fault or a latency setting finishes with what it read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
@@ -112,6 +113,10 @@ class EmulatedVm:
     instance_id: str | None
     imds_url: str
     location: str = "westeurope"
+    tags: Mapping[str, str] = field(default_factory=dict)
+    # A flexible-orchestration scale set's VM is an ordinary virtualMachines resource
+    # whose properties.virtualMachineScaleSet.id names its set (``scale_set`` is None).
+    flexible_scale_set: str | None = None
 
     @property
     def compute_resource_id(self) -> str:

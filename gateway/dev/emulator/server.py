@@ -27,7 +27,7 @@ import ssl
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from datetime import datetime
@@ -462,9 +462,12 @@ class AzureEmulator:
         client_id: str | None = None,
         location: str = "westeurope",
         identity_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        flexible_scale_set: str | None = None,
     ) -> EmulatedVm:
         """A standalone VM. ``identity="user"`` with a known ``client_id`` shares that
-        user-assigned identity (as operators attach one identity to many VMs)."""
+        user-assigned identity (as operators attach one identity to many VMs).
+        ``flexible_scale_set`` makes it a member of that flexible-orchestration set."""
         self._require_started()
         self._check_new_name(name)
         tenant = self._tenant(tenant).tid
@@ -496,6 +499,8 @@ class AzureEmulator:
             instance_id=None,
             imds_url=f"{self.http_url}/vm/{quote(name, safe='')}",
             location=location,
+            tags=dict(tags or {}),
+            flexible_scale_set=flexible_scale_set,
         )
         self._rg_vms.setdefault((subscription.lower(), resource_group.lower()), []).append(vm)
         self._register(vm, mi)
@@ -513,6 +518,7 @@ class AzureEmulator:
         client_id: str | None = None,
         location: str = "westeurope",
         identity_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> list[EmulatedVm]:
         """A uniform scale set of ``capacity`` instances sharing the scale set's identity.
         Instance ``i`` is named ``<name>_<i>`` (its IMDS path) and has instanceId ``i``."""
@@ -556,11 +562,52 @@ class AzureEmulator:
                 instance_id=str(i),
                 imds_url=f"{self.http_url}/vm/{quote(vm_name, safe='')}",
                 location=location,
+                tags=dict(tags or {}),
             )
             self._register(vm, mi)
             out.append(vm)
         self._scale_sets[key] = out
         self._rg_vms.setdefault((subscription.lower(), resource_group.lower()), [])
+        return out
+
+    def add_flexible_scale_set(
+        self,
+        *,
+        subscription: str,
+        resource_group: str,
+        name: str,
+        tenant: str,
+        capacity: int,
+        identity: IdentityKind,
+        client_id: str | None = None,
+        location: str = "westeurope",
+        tags: Mapping[str, str] | None = None,
+    ) -> list[EmulatedVm]:
+        """A flexible-orchestration scale set: ``capacity`` ordinary VMs named
+        ``<name>_<8 hex>`` (as Azure names them), each naming the set in
+        ``properties.virtualMachineScaleSet``. Their tokens look like standalone VMs':
+        a system-assigned identity is each VM's own (``xms_mirid`` = the VM); a
+        user-assigned one is shared (``xms_az_rid`` = the VM) — only Resource Manager
+        tells that they belong to a set."""
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        out: list[EmulatedVm] = []
+        for _ in range(capacity):
+            vm = self.add_vm(
+                subscription=subscription,
+                resource_group=resource_group,
+                name=f"{name}_{uuid.uuid4().hex[:8]}",
+                tenant=tenant,
+                identity=identity,
+                client_id=client_id,
+                location=location,
+                identity_name=f"id-{name}",
+                tags=tags,
+                flexible_scale_set=name,
+            )
+            if identity == "user" and client_id is None:
+                client_id = vm.client_id  # the set's one user-assigned identity
+            out.append(vm)
         return out
 
     def _check_new_name(self, name: str) -> None:
