@@ -64,6 +64,7 @@ class Code(StrEnum):
     SUBSCRIPTION_MISMATCH = "subscription_mismatch"
     VM_BINDING_FAILED = "vm_binding_failed"
     NOT_ALLOWED = "not_allowed"
+    NAME_NOT_ALLOWED = "name_not_allowed"
     # 404
     UNKNOWN_TOKEN = "unknown_token"
     NOT_FOUND = "not_found"
@@ -164,6 +165,9 @@ CODES: dict[Code, CodeInfo] = {
         403, False, "Resource Manager says the document's vmId is not the token's VM."
     ),
     Code.NOT_ALLOWED: CodeInfo(403, False, "No allow rule of the token matches this VM."),
+    Code.NAME_NOT_ALLOWED: CodeInfo(
+        403, False, "A requested node name, principal or DNS name is outside the token's policy."
+    ),
     Code.UNKNOWN_TOKEN: CodeInfo(404, False, "No token of that name."),
     Code.NOT_FOUND: CodeInfo(404, False, "No such endpoint."),
     Code.METHOD_NOT_ALLOWED: CodeInfo(405, False, "Method not allowed on this endpoint."),
