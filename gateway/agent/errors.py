@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from gateway.core.errors import CODES, Code
+from gateway.protocol import CODES, Code
 
 __all__ = [
     "RETRYABLE_GATEWAY_CODES",
@@ -43,7 +43,7 @@ class AgentCode(StrEnum):
 
 
 # A fresh attempt (new challenge, new document, new token) can cure these. The gateway's
-# codes table (gateway.core.errors.CODES, "whether an agent should retry") is consulted as well,
+# codes table (gateway.protocol.CODES, "whether an agent should retry") is consulted as well,
 # so a code the table marks retryable (internal_error, shutting_down ...) is retried too.
 RETRYABLE_STATUSES: frozenset[int] = frozenset({429, 502, 503, 504})
 RETRYABLE_GATEWAY_CODES: frozenset[str] = frozenset(

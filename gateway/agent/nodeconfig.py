@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from gateway.agent.errors import ConfigError
+from gateway.protocol import is_guid
 
 __all__ = [
     "DEFAULT_AIA_PREFIXES",
@@ -46,7 +47,6 @@ DEFAULT_AIA_PREFIXES: tuple[str, ...] = (
 _JOIN_PARAMS_KEYS = frozenset({"token_name", "method", "azure"})
 _AZURE_KEYS = frozenset({"client_id"})
 _PIN_RE = re.compile(r"^sha256:([0-9a-f]{64})$", re.IGNORECASE)
-_GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -274,7 +274,7 @@ def parse_node_config(
             client_id = _string(
                 doc, az["client_id"], "teleport", "join_params", "azure", "client_id"
             )
-            if not _GUID_RE.match(client_id):
+            if not is_guid(client_id):
                 raise doc.error(
                     "teleport.join_params.azure.client_id must be a GUID",
                     "teleport",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from gateway.core.tlsutil import (
     spki_pin,
     write_pem_files,
 )
-from gateway.join.forward import HostParams, RegisterResult
+from gateway.protocol import HostParams, RegisterResult, is_dns_name
 
 __all__ = [
     "DEFAULT_CERT_TTL",
@@ -55,7 +54,6 @@ __all__ = [
     "ca_pin_for_data_dir",
     "ensure_authorities",
     "init_auth_dir",
-    "is_dns_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,15 +63,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CERT_TTL = timedelta(hours=24)
 # Issued certificates start a little in the past to absorb clock skew between machines.
 _BACKDATE = timedelta(minutes=5)
-
-_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DNS_NAME = re.compile(rf"^{_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
-
-
-def is_dns_name(value: str) -> bool:
-    """A hostname an X.509 dNSName may carry (LDH labels, no wildcard)."""
-    return len(value) <= 253 and bool(_DNS_NAME.match(value))
-
 
 def _is_ip(value: str) -> bool:
     try:

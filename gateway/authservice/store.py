@@ -26,7 +26,7 @@ from typing import Any
 
 from gateway.authservice.wire import AuthServiceError, ErrorCode
 from gateway.core.tlsutil import atomic_write
-from gateway.join.forward import HostParams, JoinBlock, RegisterResult, Registration
+from gateway.protocol import HostParams, JoinBlock, RegisterResult, Registration
 
 __all__ = ["RegistrationRecord", "RegistrationStore"]
 
