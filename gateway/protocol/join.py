@@ -54,9 +54,7 @@ MAX_BODY_BYTES = 65536
 # (https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service); the
 # gateway's are base64url, whose "-" and "_" Azure accepts in a nonce.
 CHALLENGE_LENGTH = 32
-CHALLENGE_ALPHABET = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-)
+CHALLENGE_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 # In a join body the challenge is only bounded; whether it is one of ours is the gateway's
 # check (403 challenge_invalid), not the schema's.
 _MAX_CHALLENGE_FIELD = 64
