@@ -14,10 +14,10 @@ from typing import Any
 
 import aiohttp
 
-from gateway.agent.backoff import parse_retry_after
 from gateway.agent.errors import AgentCode, JoinError
 from gateway.agent.transport import read_capped
 from gateway.core.clock import Clock, SystemClock
+from gateway.core.httputil import TRANSPORT_ERRORS, Failure, classify, describe, parse_retry_after
 from gateway.protocol import (
     CHALLENGE_PATH,
     JOIN_PATH,
@@ -81,6 +81,28 @@ class GatewayClient:
         """Submit the join; the ``200`` body (``host_id``, ``certs``, ``join``)."""
         return await self._post(JOIN_PATH, body)
 
+    def _transport_error(self, path: str, exc: BaseException) -> JoinError:
+        failure = classify(exc)
+        if failure is Failure.TLS:
+            # A certificate we do not trust is not going to fix itself on retry.
+            return JoinError(
+                0,
+                AgentCode.TLS_VERIFY_FAILED,
+                f"TLS to {self._base} failed: {exc}",
+                transient=False,
+            )
+        if failure is Failure.TIMEOUT:
+            return JoinError(
+                0,
+                AgentCode.TIMEOUT,
+                f"{path}: no answer within {self._timeout.total}s",
+                transient=True,
+            )
+        where = f"cannot connect to {self._base}" if failure is Failure.CONNECT else "failed"
+        return JoinError(
+            0, AgentCode.CONNECTION_FAILED, f"{path}: {where}: {describe(exc)}", transient=True
+        )
+
     async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         url = self._base + path
         try:
@@ -96,35 +118,8 @@ class GatewayClient:
                     resp.headers.get("Retry-After"), now=self._clock.now()
                 )
                 raw = await read_capped(resp, MAX_RESPONSE)
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
-            # A certificate we do not trust is not going to fix itself on retry.
-            raise JoinError(
-                0,
-                AgentCode.TLS_VERIFY_FAILED,
-                f"TLS to {self._base} failed: {exc}",
-                transient=False,
-            ) from exc
-        except TimeoutError as exc:
-            raise JoinError(
-                0,
-                AgentCode.TIMEOUT,
-                f"{path}: no answer within {self._timeout.total}s",
-                transient=True,
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise JoinError(
-                0,
-                AgentCode.CONNECTION_FAILED,
-                f"{path}: cannot connect to {self._base}: {exc.os_error}",
-                transient=True,
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise JoinError(
-                0,
-                AgentCode.CONNECTION_FAILED,
-                f"{path}: {type(exc).__name__}: {exc}",
-                transient=True,
-            ) from exc
+        except TRANSPORT_ERRORS as exc:
+            raise self._transport_error(path, exc) from exc
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):

@@ -33,6 +33,14 @@ import aiohttp
 
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, GatewayError, Overloaded, UpstreamFailed
+from gateway.core.httputil import (
+    TRANSPORT_ERRORS,
+    Failure,
+    classify,
+    describe,
+    parse_retry_after,
+    read_capped,
+)
 from gateway.protocol import HEALTH_PATH, REGISTER_PATH, RegisterResult, Registration
 
 __all__ = ["AuthClient", "BreakerState", "CircuitBreaker"]
@@ -273,8 +281,8 @@ class AuthClient:
             ) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.info("auth service health probe failed: %s: %s", type(exc).__name__, exc)
+        except TRANSPORT_ERRORS as exc:
+            log.info("auth service health probe failed: %s", describe(exc))
             return False
 
     def _delay(self, attempt: int) -> float:
@@ -294,40 +302,10 @@ class AuthClient:
                 allow_redirects=False,
             ) as resp:
                 status = resp.status
-                retry_after = _parse_retry_after(resp.headers.get("Retry-After"))
-                raw = await _read_capped(resp)
-        except aiohttp.ClientSSLError as exc:
-            # Wrong trust or certificate: retrying cannot help.
-            raise Overloaded(
-                Code.UPSTREAM_UNAVAILABLE,
-                retry_after=_DEFAULT_RETRY_AFTER,
-                detail=f"TLS with auth service failed: {exc}",
-            ) from exc
-        except (
-            aiohttp.ClientConnectorError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-        ) as exc:
-            # Refused or reset before an answer: safe to retry (idempotency key).
-            raise _Retryable(
-                Overloaded(
-                    Code.UPSTREAM_UNAVAILABLE,
-                    retry_after=_DEFAULT_RETRY_AFTER,
-                    detail=f"auth service unreachable: {type(exc).__name__}: {exc}",
-                )
-            ) from exc
-        except TimeoutError as exc:
-            raise Overloaded(
-                Code.UPSTREAM_UNAVAILABLE,
-                retry_after=_DEFAULT_RETRY_AFTER,
-                detail=f"auth service timed out after {self._timeout.total}s",
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise Overloaded(
-                Code.UPSTREAM_UNAVAILABLE,
-                retry_after=_DEFAULT_RETRY_AFTER,
-                detail=f"auth service call failed: {type(exc).__name__}: {exc}",
-            ) from exc
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                raw = await read_capped(resp, _MAX_RESPONSE_BYTES)
+        except TRANSPORT_ERRORS as exc:
+            raise _transport_error(exc, self._timeout.total) from exc
 
         if status == 200:
             try:
@@ -354,29 +332,32 @@ class AuthClient:
         return f"<AuthClient {self._endpoint} breaker={self.breaker.state}>"
 
 
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
-    """The whole body, refusing more than ``_MAX_RESPONSE_BYTES`` (a bounded answer)."""
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in resp.content.iter_chunked(65536):
-        total += len(chunk)
-        if total > _MAX_RESPONSE_BYTES:
-            raise UpstreamFailed(
-                f"auth service response exceeds {_MAX_RESPONSE_BYTES} bytes",
+def _transport_error(exc: BaseException, timeout: float | None) -> Exception:
+    """What a failed attempt means for the caller (``exc`` is one of TRANSPORT_ERRORS)."""
+    failure = classify(exc)
+    if failure is Failure.TOO_LARGE:
+        # The service answered, with more than a node's certificates can be: a broken
+        # upstream, not an unreachable one.
+        return UpstreamFailed(
+            f"auth service response exceeds {_MAX_RESPONSE_BYTES} bytes",
+            retry_after=_DEFAULT_RETRY_AFTER,
+        )
+    if failure is Failure.TLS:
+        why = f"TLS with auth service failed: {exc}"  # wrong trust or certificate: no retry
+    elif failure is Failure.TIMEOUT:
+        why = f"auth service timed out after {timeout}s"  # the budget is spent: no retry
+    elif failure in (Failure.CONNECT, Failure.DISCONNECTED):
+        # Refused or reset before an answer: safe to retry (idempotency key).
+        return _Retryable(
+            Overloaded(
+                Code.UPSTREAM_UNAVAILABLE,
                 retry_after=_DEFAULT_RETRY_AFTER,
+                detail=f"auth service unreachable: {describe(exc)}",
             )
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if 0 < seconds < 3600 else None
+        )
+    else:
+        why = f"auth service call failed: {describe(exc)}"
+    return Overloaded(Code.UPSTREAM_UNAVAILABLE, retry_after=_DEFAULT_RETRY_AFTER, detail=why)
 
 
 def _error_summary(raw: bytes) -> str:
