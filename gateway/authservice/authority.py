@@ -33,11 +33,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway.core.clock import Clock, SystemClock
+from gateway.core.files import write_atomic
 from gateway.core.tlsutil import (
     CaMaterial,
     CertifiablePublicKey,
     KeyType,
-    atomic_write,
     generate_ca,
     issue_cert,
     load_ca,
@@ -139,7 +139,7 @@ def _ensure_ssh_ca(paths: AuthPaths) -> None:
     if paths.ssh_ca_key.exists() and paths.ssh_ca_pub.exists():
         return
     key = ed25519.Ed25519PrivateKey.generate()
-    atomic_write(
+    write_atomic(
         paths.ssh_ca_key,
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -151,7 +151,7 @@ def _ensure_ssh_ca(paths: AuthPaths) -> None:
     pub = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    atomic_write(paths.ssh_ca_pub, pub + b" join-gateway-ssh-host-ca\n")
+    write_atomic(paths.ssh_ca_pub, pub + b" join-gateway-ssh-host-ca\n", mode=0o644)
     log.info("created SSH host CA at %s", paths.ssh_ca_key)
 
 

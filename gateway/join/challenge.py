@@ -21,7 +21,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import secrets
 import struct
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, JoinRejected
+from gateway.core.files import SECRET_MODE, write_atomic
 
 __all__ = [
     "CHALLENGE_LENGTH",
@@ -187,8 +187,5 @@ def retire_keys(path: Path) -> int:
 def write_keys_file(path: Path, keys: Sequence[bytes]) -> None:
     lines = ["# join-gateway challenge keys: the first signs, all verify"]
     lines += [base64.b64encode(k).decode("ascii") for k in keys]
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    # A secret shared by the replicas: 0600, and a crash leaves the old file or the new.
+    write_atomic(path, ("\n".join(lines) + "\n").encode("ascii"), mode=SECRET_MODE)
