@@ -17,11 +17,11 @@ __all__ = [
     "RETRYABLE_STATUSES",
     "AgentCode",
     "AgentError",
-    "ConfigError",
     "ImdsError",
     "JoinError",
     "JoinFailed",
     "KeyFileError",
+    "NodeConfigError",
 ]
 
 
@@ -70,7 +70,7 @@ class AgentError(Exception):
         return False
 
 
-class ConfigError(AgentError):
+class NodeConfigError(AgentError):
     """The node config (or a CLI override) is invalid; the message names file and line."""
 
     def __init__(self, message: str, *, source: str = "", line: int | None = None) -> None:

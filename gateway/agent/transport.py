@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.agent.errors import AgentCode, ConfigError, JoinError
+from gateway.agent.errors import AgentCode, JoinError, NodeConfigError
 from gateway.core import httputil
 
 __all__ = ["make_session", "make_ssl_context", "read_capped"]
@@ -26,7 +26,7 @@ def make_ssl_context(ca_file: Path | None = None) -> ssl.SSLContext:
         try:
             ctx.load_verify_locations(cafile=str(ca_file))
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load CA file: {exc}", source=str(ca_file)) from exc
+            raise NodeConfigError(f"cannot load CA file: {exc}", source=str(ca_file)) from exc
     return ctx
 
 

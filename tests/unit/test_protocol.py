@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.agent.errors import ConfigError as NodeConfigError
+from gateway.agent.errors import NodeConfigError
 from gateway.agent.nodeconfig import parse_node_config
 from gateway.authservice.wire import AuthServiceError
 from gateway.authservice.wire import decode_registration as auth_decode_registration
