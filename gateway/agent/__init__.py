@@ -11,11 +11,11 @@ from gateway.agent.client import GatewayClient, HostParams, build_join_body
 from gateway.agent.errors import (
     AgentCode,
     AgentError,
-    ConfigError,
     ImdsError,
     JoinError,
     JoinFailed,
     KeyFileError,
+    NodeConfigError,
 )
 from gateway.agent.imds import ImdsClient
 from gateway.agent.intermediates import IntermediateCollector
@@ -29,7 +29,6 @@ __all__ = [
     "AgentError",
     "AgentSettings",
     "Backoff",
-    "ConfigError",
     "GatewayClient",
     "HostParams",
     "ImdsClient",
@@ -40,6 +39,7 @@ __all__ = [
     "JoinInfo",
     "JoinOutcome",
     "KeyFileError",
+    "NodeConfigError",
     "NodeKeys",
     "build_join_body",
     "load_node_config",

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.agent.errors import AgentError, ConfigError, JoinFailed
+from gateway.agent.errors import AgentError, JoinFailed, NodeConfigError
 from gateway.agent.nodeconfig import AgentSettings, load_node_config
 from gateway.agent.runner import run_join
 
@@ -100,12 +100,12 @@ def run(args: argparse.Namespace) -> int:
     """Run the join; the process exit code."""
     try:
         settings = build_settings(args)
-    except ConfigError as exc:
+    except NodeConfigError as exc:
         print(f"join-gateway join: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     try:
         outcome = asyncio.run(run_join(settings))
-    except ConfigError as exc:
+    except NodeConfigError as exc:
         print(f"join-gateway join: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     except JoinFailed as exc:

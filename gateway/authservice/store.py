@@ -3,8 +3,9 @@
 Each file (``registrations/<host_id>.json``) holds who asked (gateway certificate subject,
 client address), what was verified (the join block), what was asked for (host params),
 what was issued (the response), when, and the idempotency key with a digest of the
-request. Files are written atomically (temp file, fsync, rename) so a crash leaves the
-old state or the new, never half a record.
+request. Files are written with ``gateway.core.files.write_atomic`` (temp file, fsync,
+rename, fsync of the directory) so a crash leaves the old state or the new, never half a
+record.
 
 The in-memory index by idempotency key is rebuilt from the files at start-up, so a
 gateway retrying after an auth service restart still gets the stored answer rather than
@@ -25,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.authservice.wire import AuthServiceError, ErrorCode
-from gateway.core.tlsutil import atomic_write
-from gateway.join.forward import HostParams, JoinBlock, RegisterResult, Registration
+from gateway.core.files import write_atomic
+from gateway.protocol import HostParams, JoinBlock, RegisterResult, Registration
 
 __all__ = ["RegistrationRecord", "RegistrationStore"]
 
@@ -168,7 +169,7 @@ class RegistrationStore:
 
     def _write(self, record: RegistrationRecord) -> None:
         data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
-        atomic_write(self._dir / f"{record.host_id}.json", data + b"\n", mode=0o600)
+        write_atomic(self._dir / f"{record.host_id}.json", data + b"\n", mode=0o600)
 
     def __repr__(self) -> str:
         return f"<RegistrationStore {self._dir} records={len(self._by_key)}>"

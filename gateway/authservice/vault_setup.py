@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.authservice.vault import TokenFileAuth, VaultClient, VaultError, VaultSettings
-from gateway.core.tlsutil import atomic_write
+from gateway.core.files import write_atomic
 
 __all__ = ["SetupPlan", "add_arguments", "policy_text", "run", "vault_setup"]
 
@@ -188,7 +188,7 @@ async def _run(args: argparse.Namespace) -> int:
         return 1
     finally:
         await client.aclose()
-    atomic_write(args.secret_id_out, out["secret_id"].encode() + b"\n", mode=0o600)
+    write_atomic(args.secret_id_out, out["secret_id"].encode() + b"\n")
     print(f"# policy {plan.policy}\n{out['policy']}")
     print(f"role_id: {out['role_id']}")
     print(f"secret_id written to {args.secret_id_out}")

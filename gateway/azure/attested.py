@@ -45,6 +45,7 @@ from gateway.core.cache import MemoryCache
 from gateway.core.clock import Clock
 from gateway.core.cloud import CloudProfile
 from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected
+from gateway.protocol import is_guid
 
 __all__ = [
     "AttestedContent",
@@ -81,7 +82,6 @@ _RSA_SIGNATURE_OIDS = frozenset({OID_RSA_ENCRYPTION, OID_SHA256_WITH_RSA})
 # Azure's timeStamp format, e.g. "07/28/26 13:24:00 -0000" (two-digit year, UTC offset).
 # https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service#attested-data
 _AZURE_TIME = re.compile(r"^(\d{2})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # Some captures wrap the base64 in PEM-style armour without spaces or newlines (the real
 # fixture negative-taskcluster-wrong-subject-synthetic.json); accept exactly that shape.
 _ARMOUR = re.compile(
@@ -260,7 +260,8 @@ def parse_azure_time(value: object) -> datetime:
 
 
 def _guid(value: object, name: str) -> str:
-    if not isinstance(value, str) or not _GUID.match(value):
+    # The protocol's one GUID rule (fullmatch): re.match with "$" let "<vmId>\n" through.
+    if not is_guid(value):
         raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail=f"{name} is not a GUID")
     return value
 

@@ -40,6 +40,7 @@ from gateway.core.cache import Cache, MemoryCache
 from gateway.core.clock import Clock
 from gateway.core.cloud import CloudProfile
 from gateway.core.errors import Code, JoinRejected, Overloaded
+from gateway.core.httputil import read_capped
 
 __all__ = [
     "JwksClient",
@@ -298,7 +299,7 @@ class JwksClient:
                     raise _TenantUnknown
                 if resp.status != 200:
                     raise _FetchError(f"{kind} answered HTTP {resp.status}")
-                body = await _read_capped(resp, _MAX_BODY)
+                body = await read_capped(resp, _MAX_BODY)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _FetchError(f"{kind}: {type(exc).__name__}: {exc}") from exc
         try:
@@ -308,19 +309,6 @@ class JwksClient:
         if not isinstance(value, dict):
             raise _FetchError(f"{kind} is not a JSON object")
         return value
-
-
-async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise _FetchError(f"body of {resp.content_length} bytes exceeds {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise _FetchError(f"body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class TokenVerifier:

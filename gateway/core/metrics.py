@@ -8,14 +8,16 @@ gauge declares how it aggregates across workers.
 
 Outbound calls (Entra ID, AIA, ARM, the auth service) are measured in one place: an
 aiohttp ``TraceConfig`` on the clients' sessions (:meth:`Metrics.trace_config`), which
-sees every request's target, status and duration without the clients knowing.
+sees every request's target, status and duration without the clients knowing. ARM's
+rate-limit headers are parsed by the ARM client alone, which reports them to an injected
+observer: :meth:`Metrics.arm_limits` is one.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
@@ -186,18 +188,6 @@ class Metrics:
             self.outbound_latency.labels(target=ctx.target).observe(
                 time.perf_counter() - ctx.started
             )
-            if ctx.target == "arm":
-                if status == 429:
-                    self.arm_throttled.inc()
-                headers = params.response.headers
-                for header, kind in (
-                    ("x-ms-ratelimit-remaining-subscription-reads", "subscription_reads"),
-                    ("x-ms-ratelimit-remaining-resource", "resource"),
-                ):
-                    value = headers.get(header)
-                    remaining = _last_number(value) if value else None
-                    if remaining is not None:
-                        self.arm_remaining.labels(kind=kind).set(remaining)
 
         async def on_error(
             session: aiohttp.ClientSession,
@@ -215,6 +205,23 @@ class Metrics:
         trace.on_request_exception.append(on_error)
         return trace
 
+    def arm_limits(
+        self,
+        *,
+        status: int,
+        remaining_reads: int | None,
+        remaining_resource: Mapping[str, int],
+        retry_after: float | None,
+    ) -> None:
+        """The ARM client's observer (``gateway.azure.arm.ArmLimitsObserver``): it parses
+        the rate-limit headers, we only export them."""
+        if status == 429:
+            self.arm_throttled.inc()
+        if remaining_reads is not None:
+            self.arm_remaining.labels(kind="subscription_reads").set(remaining_reads)
+        if remaining_resource:
+            self.arm_remaining.labels(kind="resource").set(min(remaining_resource.values()))
+
     def set_circuit_state(self, state: str) -> None:
         self.circuit_state.set(CIRCUIT_STATES.get(state, 0))
 
@@ -224,15 +231,3 @@ class Metrics:
             prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
-
-
-def _last_number(value: str) -> float | None:
-    """ARM's remaining-resource header is ``Policy;N[,Policy;N]``: the smallest N counts."""
-    numbers: list[float] = []
-    for part in value.split(","):
-        tail = part.rsplit(";", 1)[-1].strip()
-        try:
-            numbers.append(float(tail))
-        except ValueError:
-            continue
-    return min(numbers) if numbers else None

@@ -30,6 +30,7 @@ from gateway.core.config import (
     TokensConfig,
     UpstreamConfig,
 )
+from gateway.core.files import write_atomic
 from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
 from gateway.dev.emulator import AzureEmulator, EmulatedVm, Latency
 from gateway.join.challenge import write_new_keys_file
@@ -73,8 +74,8 @@ def agent_settings(
 
 
 def _write(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    raw = data if isinstance(data, bytes) else data.encode()
+    write_atomic(path, raw, mode=0o644, make_parents=True)
     return path
 
 

@@ -212,6 +212,7 @@ async def production_deps(
             clock=clock,
             timeout=az.request_timeout_seconds,
             budget=budget,
+            observer=metrics,
         )
         yield JoinDeps(
             clock=clock,

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.azure.attested import AttestedDocument, AttestedVerifier
@@ -25,7 +25,7 @@ from gateway.core.clock import Clock
 from gateway.core.errors import Code, GatewayError, JoinRejected
 from gateway.join.binding import VmBinder, VmIdentity, resource_from_claims
 from gateway.join.challenge import ChallengeCodec
-from gateway.join.forward import AuthClient, HostParams, JoinBlock, RegisterResult, Registration
+from gateway.join.forward import AuthClient
 from gateway.join.replay import ReplayStore
 from gateway.join.rules import (
     AllowRule,
@@ -35,30 +35,18 @@ from gateway.join.rules import (
     match_allow_rules,
     refuse_unless_any_rule_can_match,
 )
+from gateway.protocol import JoinBlock, JoinRequest, JoinResponse, RegisterResult, Registration
 
 __all__ = [
+    "AdmittedJoin",
     "JoinAttrs",
     "JoinDeps",
-    "JoinOutcome",
     "JoinRequest",
     "JoinTrace",
     "TokenSource",
     "admit_join",
     "verify_join",
 ]
-
-
-@dataclass(frozen=True)
-class JoinRequest:
-    """A decoded, schema-checked ``POST /v1/join/azure`` (nothing in it is trusted yet)."""
-
-    token_name: str
-    challenge: str
-    attested_signature: str
-    intermediates: tuple[bytes, ...]
-    access_token: str = field(repr=False)  # a live credential: never in a repr or a log
-    host: HostParams
-    client_address: str
 
 
 @dataclass(frozen=True)
@@ -89,24 +77,14 @@ class JoinAttrs:
 
 
 @dataclass(frozen=True)
-class JoinOutcome:
+class AdmittedJoin:
+    """A join verified, redeemed and registered: what the gateway answers with."""
+
     attrs: JoinAttrs
     result: RegisterResult
 
     def to_json(self) -> dict[str, object]:
-        block = self.attrs.join_block()
-        return {
-            "host_id": self.result.host_id,
-            "certs": self.result.to_json(),
-            "join": {
-                "method": block.method,
-                "tenant": block.tenant,
-                "subscription": block.subscription,
-                "resource_group": block.resource_group,
-                "vm_id": block.vm_id,
-                "resource_id": block.resource_id,
-            },
-        }
+        return JoinResponse(self.result, self.attrs.join_block()).to_json()
 
 
 class JoinTrace:
@@ -281,7 +259,7 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
         yield exc
 
 
-async def admit_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> JoinOutcome:
+async def admit_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> AdmittedJoin:
     attrs = await verify_join(req, deps, trace)
 
     # 7. Single use, only now: a request that fails verification must not burn the challenge.
@@ -309,4 +287,4 @@ async def admit_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> Join
                 # key instead of a second registration under a new challenge.
                 await deps.replay.release(req.challenge)
             raise
-    return JoinOutcome(attrs=attrs, result=result)
+    return AdmittedJoin(attrs=attrs, result=result)

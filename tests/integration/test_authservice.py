@@ -46,7 +46,8 @@ from gateway.core.tlsutil import (
     spki_pin,
     write_pem_files,
 )
-from gateway.join.forward import AuthClient, HostParams, JoinBlock, Registration
+from gateway.join.forward import AuthClient
+from gateway.protocol import HostParams, JoinBlock, Registration
 
 pytestmark = pytest.mark.integration
 
