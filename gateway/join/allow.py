@@ -35,9 +35,10 @@ on everything.
 from __future__ import annotations
 
 import enum
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from gateway.azure.resource_id import azure_name_key, same_azure_name
 
 __all__ = [
     "ARM_FIELDS",
@@ -47,12 +48,8 @@ __all__ = [
     "RuleCheck",
     "Verdict",
     "VmFacts",
-    "azure_fold",
-    "azure_names_equal",
     "evaluate",
 ]
-
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 # The order in which a rule's fields are checked, and in which ``explain`` reports the
 # first one that did not match.
@@ -69,15 +66,6 @@ FIELD_ORDER: tuple[str, ...] = (
 ARM_FIELDS = frozenset({"locations", "scale_sets", "vm_names", "tags"})
 
 
-def azure_fold(name: str) -> str:
-    """ASCII-only lowercase: how Resource Manager compares names (non-ASCII stays as is)."""
-    return name.translate(_ASCII_LOWER)
-
-
-def azure_names_equal(a: str, b: str) -> bool:
-    return azure_fold(a) == azure_fold(b)
-
-
 @dataclass(frozen=True)
 class Glob:
     """``*`` and ``?`` over Azure-folded text; anything else is literal."""
@@ -86,14 +74,14 @@ class Glob:
     _folded: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_folded", azure_fold(self.pattern))
+        object.__setattr__(self, "_folded", azure_name_key(self.pattern))
 
     @property
     def is_literal(self) -> bool:
         return "*" not in self.pattern and "?" not in self.pattern
 
     def matches(self, name: str) -> bool:
-        return _wildcard(self._folded, azure_fold(name))
+        return _wildcard(self._folded, azure_name_key(name))
 
     def __str__(self) -> str:
         return self.pattern
@@ -251,7 +239,7 @@ def _check_vm_names(rule: AllowRule, facts: VmFacts) -> RuleCheck:
 def _check_locations(rule: AllowRule, facts: VmFacts) -> RuleCheck:
     if facts.location is None:
         return _unknown("locations")
-    ok = any(azure_names_equal(loc, facts.location) for loc in rule.locations)
+    ok = any(same_azure_name(loc, facts.location) for loc in rule.locations)
     return _OK if ok else _no("locations", facts.location)
 
 
@@ -264,9 +252,9 @@ def _check_identities(rule: AllowRule, facts: VmFacts) -> RuleCheck:
 def _check_tags(rule: AllowRule, facts: VmFacts) -> RuleCheck:
     if facts.tags is None:
         return _unknown("tags")
-    folded = {azure_fold(k): v for k, v in facts.tags.items()}
+    folded = {azure_name_key(k): v for k, v in facts.tags.items()}
     for key, values in rule.tags:
-        value = folded.get(azure_fold(key))
+        value = folded.get(azure_name_key(key))
         if value is None or value not in values:
             return _no("tags", f"{key}={value}" if value is not None else f"{key} (not set)")
     return _OK

@@ -9,7 +9,9 @@ so that a join naming one is told ``token_wrong_method`` instead of ``unknown_to
 Matching (DESIGN §3 step 6): a rule matches when its ``tenant`` (if set) equals the
 token's ``tid``, its ``subscription`` (if set) equals the VM's subscription (GUIDs compared
 case-insensitively), and ``resource_groups`` is empty or contains the VM's group (names
-compared case-insensitively: ARM returns them in varying case). The first match wins.
+compared as Resource Manager compares them, ``azure_name_key``: ASCII case-insensitively,
+since ARM returns them in varying case, and exactly outside ASCII, so that ``\u212aube``
+with a Kelvin sign is not the group ``kube``). The first match wins.
 Callers pass only values from signed evidence or ARM, never from the request body.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from gateway.azure.resource_id import azure_name_key
 from gateway.azure.token import normalize_guid
 from gateway.core.config import ConfigError
 from gateway.core.errors import Code, JoinRejected, UnknownToken
@@ -35,7 +38,6 @@ from gateway.join.allow import (
     RuleCheck,
     Verdict,
     VmFacts,
-    azure_fold,
     evaluate,
 )
 from gateway.join.names import HostNamePolicy, check_template
@@ -254,9 +256,9 @@ def _tags(doc: _Doc, node: Node, where: str) -> tuple[tuple[str, tuple[str, ...]
         key = doc.string(key_node, f"{where} key")
         if len(key) > 512:
             raise doc.error(key_node, f"{where}: a tag name is at most 512 characters")
-        if azure_fold(key) in seen:
+        if azure_name_key(key) in seen:
             raise doc.error(key_node, f"{where}: duplicate tag {key!r} (tag names ignore case)")
-        seen.add(azure_fold(key))
+        seen.add(azure_name_key(key))
         if isinstance(value_node, SequenceNode):
             values = doc.strings(value_node, f"{where}.{key}")
             if not values:

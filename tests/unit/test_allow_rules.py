@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.azure.resource_id import same_azure_name
 from gateway.core.config import ConfigError
 from gateway.core.errors import Code, JoinRejected
-from gateway.join.allow import AllowRule, Glob, Verdict, VmFacts, azure_names_equal
+from gateway.join.allow import AllowRule, Glob, Verdict, VmFacts
 from gateway.join.rules import (
     load_token_files,
     match_allow_rules,
@@ -232,7 +233,7 @@ LOOKALIKES = [
     ("name", "rule_value"), [c[1:] for c in LOOKALIKES], ids=[c[0] for c in LOOKALIKES]
 )
 def test_unicode_lookalikes_never_match(name: str, rule_value: str) -> None:
-    assert not azure_names_equal(name, rule_value)
+    assert not same_azure_name(name, rule_value)
     assert not Glob(rule_value).matches(name)
     rule = AllowRule(subscription=SUB, resource_groups=(rule_value,), vm_names=(rule_value,))
     assert rule.check(facts(resource_group=name)).verdict is Verdict.NO_MATCH

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
-from gateway.core.cache import MemoryCache
+from gateway.core.cache import Cache, MemoryCache
 from gateway.core.clock import FixedClock
+from gateway.core.redis_tier import JsonCodec, TieredCache
 
 
 async def test_concurrent_misses_share_one_load() -> None:
@@ -80,6 +82,86 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_load() -> None:
     assert await first == 1
     with pytest.raises(asyncio.CancelledError):
         await second
+
+
+def _memory() -> Cache[str, int]:
+    return MemoryCache("t", clock=FixedClock(0))
+
+
+def _tiered() -> Cache[str, int]:
+    # Without a shared tier: the in-process tier's single flight behind TieredCache.
+    return TieredCache(MemoryCache("t", clock=FixedClock(0)), None, JsonCodec(int, int))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_memory, _tiered],
+    ids=["the memory cache", "the tiered cache"],
+)
+@pytest.mark.parametrize(
+    "cancel",
+    [[0], [0, 2], [1]],
+    ids=[
+        "the leader cancelled mid-load",
+        "the leader and a follower cancelled mid-load",
+        "a follower cancelled mid-load",
+    ],
+)
+async def test_cancelling_callers_mid_load_leaves_the_others_the_value(
+    make: Callable[[], Cache[str, int]], cancel: list[int]
+) -> None:
+    cache = make()
+    gate = asyncio.Event()
+    calls = 0
+    finished = 0
+
+    async def loader() -> tuple[int, float]:
+        nonlocal calls, finished
+        calls += 1
+        await gate.wait()
+        finished += 1
+        return 42, 10.0
+
+    tasks = []
+    for _ in range(4):
+        tasks.append(asyncio.create_task(cache.get_or_load("k", loader)))
+        await asyncio.sleep(0)  # task 0 is the leader: it started the load
+    for i in cancel:
+        tasks[i].cancel()
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for i, result in enumerate(results):
+        if i in cancel:
+            assert isinstance(result, asyncio.CancelledError)
+        else:
+            assert result == 42
+    assert (calls, finished) == (1, 1), "the load ran once, to the end"
+    assert cache.get("k") == 42, "and its value was kept"
+
+
+async def test_a_load_whose_every_caller_is_cancelled_still_completes() -> None:
+    cache: MemoryCache[str, int] = MemoryCache("t", clock=FixedClock(0))
+    gate = asyncio.Event()
+
+    async def loader() -> tuple[int, float]:
+        await gate.wait()
+        return 5, 10.0
+
+    only = asyncio.create_task(cache.get_or_load("k", loader))
+    await asyncio.sleep(0)
+    only.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await only
+    gate.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert cache.get("k") == 5
+
+    async def never() -> tuple[int, float]:
+        raise AssertionError("the detached load's value serves the next caller")
+
+    assert await cache.get_or_load("k", never) == 5
 
 
 def test_max_entries_bounds_memory() -> None:
