@@ -29,6 +29,7 @@ from gateway.protocol import (
     TOKEN_ROLES,
     ChallengeResponse,
     Code,
+    ErrorBody,
     HostParams,
     JoinBlock,
     JoinResponse,
@@ -377,3 +378,33 @@ def test_node_names_and_dns_names() -> None:
     assert not is_dns_name("a" * 64 + ".example")
     assert is_dns_name(("a" * 63 + ".") * 3 + "a" * 61)  # 253
     assert not is_dns_name(("a" * 63 + ".") * 3 + "a" * 62)  # 254
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"error": {"code": "not_allowed", "message": "No rule."}}, ("not_allowed", "No rule.")),
+        ({"error": {"code": "overloaded"}}, ("overloaded", "")),
+        ({"error": {"code": "x" * 300, "message": "m" * 900}}, ("x" * 100, "m" * 500)),
+        ({"error": {"code": "", "message": "m"}}, None),
+        ({"error": {"code": 5, "message": "m"}}, None),
+        ({"error": "overloaded"}, None),
+        ({"detail": "Bad Gateway"}, None),
+        ("<html>502 Bad Gateway</html>", None),
+    ],
+    ids=[
+        "a code and a message",
+        "a code without a message",
+        "long fields from the other end are cut",
+        "an empty code is not an error body",
+        "a numeric code is not an error body",
+        "an error that is not an object is not an error body",
+        "another JSON shape is not an error body",
+        "a proxy's page is not an error body",
+    ],
+)
+def test_error_bodies(body: object, expected: tuple[str, str] | None) -> None:
+    err = ErrorBody.from_json(body)
+    assert (None if err is None else (err.code, err.message)) == expected
+    if err is not None:
+        assert ErrorBody.from_json(err.to_json()) == err
