@@ -168,10 +168,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     rc = 0
     if args.auth_data_dir:
-        from gateway.authservice import ca_pin_for_data_dir
+        from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+        from gateway.authservice import AuthPaths, ca_pin_for_data_dir
+        from gateway.core.tlsutil import ssh_key_pin
 
         try:
             print(f"CA pin: {ca_pin_for_data_dir(args.auth_data_dir)}")
+            ssh_ca = load_ssh_public_key(
+                AuthPaths.for_dir(args.auth_data_dir).ssh_ca_pub.read_bytes()
+            )
+            # The node config's teleport.ssh_ca_pin.
+            print(f"SSH CA pin: {ssh_key_pin(ssh_ca)}")
         except (OSError, ValueError) as exc:
             print(f"auth service: {exc}", file=sys.stderr)
             rc = 1
@@ -220,7 +228,7 @@ COMMANDS: dict[str, tuple[str, Configure]] = {
         "an Azure emulator for tests, demos and benchmarks",
         _delegate("gateway.dev.emulator.cli"),
     ),
-    "status": ("the auth service's CA pin and the gateway's health", _configure_status),
+    "status": ("the auth service's CA pins and the gateway's health", _configure_status),
     "demo": (
         "everything on loopback, then a fleet of emulated VMs joins",
         _delegate("gateway.dev.demo"),
