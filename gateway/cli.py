@@ -206,6 +206,66 @@ async def _gateway_status(url: str, ca_file: Path | None) -> int:
         return 1
 
 
+# --- agent / install ---------------------------------------------------------------------
+
+
+def _configure_agent(p: argparse.ArgumentParser) -> None:
+    from gateway.agent.cli import add_agent_arguments, run_agent
+
+    add_agent_arguments(p)
+    p.set_defaults(func=run_agent)
+
+
+def _configure_install(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="install_target", required=True, metavar="{systemd}")
+    unit = sub.add_parser("systemd", help="a systemd unit running `join-gateway agent`")
+    unit.add_argument("--config", required=True, type=Path, help="the node config (YAML)")
+    unit.add_argument("-o", "--output", type=Path, help="write the unit here (default: print)")
+    unit.add_argument("--data-dir", type=Path, help="override teleport.data_dir")
+    unit.add_argument("--executable", type=Path, help="join-gateway to run (default: this one)")
+    p.set_defaults(func=cmd_install)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from gateway.agent.errors import ConfigError
+    from gateway.agent.nodeconfig import load_node_config
+    from gateway.agent.systemd import UNIT_NAME, default_executable, render_unit
+    from gateway.core.tlsutil import atomic_write
+
+    config = args.config.absolute()
+    try:
+        settings = load_node_config(config)
+    except ConfigError as exc:
+        print(f"join-gateway install: {exc.message}", file=sys.stderr)
+        return 2
+    executable = args.executable or default_executable()
+    if executable is None:
+        print(
+            "join-gateway install: join-gateway is not installed; give --executable",
+            file=sys.stderr,
+        )
+        return 2
+    data_dir = (args.data_dir or settings.data_dir).absolute()
+    try:
+        text = render_unit(executable=executable.absolute(), config=config, data_dir=data_dir)
+    except ValueError as exc:
+        print(f"join-gateway install: {exc}", file=sys.stderr)
+        return 2
+    if args.output is None:
+        print(text, end="")
+        return 0
+    try:
+        atomic_write(args.output, text.encode())
+    except OSError as exc:
+        print(f"join-gateway install: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {args.output}; install it as /etc/systemd/system/{UNIT_NAME}, then "
+        f"`systemctl daemon-reload && systemctl enable --now {UNIT_NAME}`"
+    )
+    return 0
+
+
 # --- delegated sub-commands ------------------------------------------------------------
 
 
@@ -222,7 +282,9 @@ def _delegate(module: str) -> Configure:
 
 COMMANDS: dict[str, tuple[str, Configure]] = {
     "serve": ("run the gateway", _configure_serve),
-    "join": ("join this VM (the agent)", _delegate("gateway.agent.cli")),
+    "join": ("join this VM once (the agent)", _delegate("gateway.agent.cli")),
+    "agent": ("join this VM and keep its certificates renewed", _configure_agent),
+    "install": ("install the agent as a service (systemd unit)", _configure_install),
     "auth": ("the reference auth service", _delegate("gateway.authservice.cli")),
     "emulator": (
         "an Azure emulator for tests, demos and benchmarks",
