@@ -16,7 +16,7 @@ import ipaddress
 import json
 import secrets
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+
+from gateway.core.clock import Clock
 
 __all__ = [
     "FakeGateway",
@@ -333,6 +335,8 @@ class FakeGateway:
         self.ssh_ca = ed25519.Ed25519PrivateKey.generate()
         self.rogue_ssh_ca = ed25519.Ed25519PrivateKey.generate()
         self.cert_ttl: dt.timedelta | None = None
+        self.clock: Clock | None = None  # with cert_ttl: what "now" is (default: real time)
+        self.hang: Callable[[web.Request], Awaitable[None]] | None = None  # awaited per join
         self.base_url = ""
 
     def app(self) -> web.Application:
@@ -390,6 +394,8 @@ class FakeGateway:
     async def _join(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(_record(request, body))
+        if self.hang is not None:
+            await self.hang(request)
         if self.script:
             return self._answer(self.script.pop(0))
         if body["challenge"] not in self.issued:
@@ -413,7 +419,9 @@ class FakeGateway:
             listed.append(self.rogue[0])
         start, end = NOW - dt.timedelta(minutes=1), NOW + dt.timedelta(days=1)
         if self.cert_ttl is not None:
-            now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+            now = (self.clock.now() if self.clock else dt.datetime.now(dt.UTC)).replace(
+                microsecond=0
+            )
             start, end = now - dt.timedelta(minutes=5), now + self.cert_ttl
         assert isinstance(tls_pub, ec.EllipticCurvePublicKey)
         tls = (
