@@ -181,6 +181,8 @@ class NodeAgent:
             self._wake.clear()
             if self._stopping:
                 break
+            if self._renew_requested:
+                log.info("SIGHUP: renewing now")
             self._renew_requested = False
             try:
                 outcome = await self._join_unless_stopped()
@@ -206,6 +208,7 @@ class NodeAgent:
             self.joins += 1
             if identity is not None:
                 self.renewals += 1
+            log.info("%s as host %s", "renewed" if identity else "joined", outcome.host_id)
             failures = 0
             jitter = self._draw_jitter()
             fresh = load_identity(self._s.data_dir, keys)

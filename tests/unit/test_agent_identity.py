@@ -1,4 +1,4 @@
-"""The certificate set on disk: replaced as a whole, never seen half-way, old set kept on failure."""
+"""The certificate set on disk: replaced whole, never seen half-way, kept on a bad update."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.agent.errors import AgentError
 from gateway.agent.identity import (

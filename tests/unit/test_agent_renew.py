@@ -19,10 +19,11 @@ from aiohttp import web
 
 from gateway.agent.backoff import Backoff
 from gateway.agent.identity import DATA_FILES, Identity, load_identity
+from gateway.agent.nodeconfig import AgentSettings
 from gateway.agent.renew import EXIT_OK, EXIT_REFUSED, NodeAgent, plan_delay
 from gateway.agent.runner import run_join
 from gateway.core.clock import FixedClock
-from tests.unit.test_agent_fakes import FakeGateway, Scripted, SleepRecorder
+from tests.unit.test_agent_fakes import Scripted, SleepRecorder
 from tests.unit.test_agent_runner import world
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -119,16 +120,10 @@ class Waits:
         self.clock.advance(delay)
 
 
-def make_agent(settings: object, clock: FixedClock, waits: Waits, **kw: object) -> NodeAgent:
+def make_agent(settings: AgentSettings, clock: FixedClock, waits: Waits) -> NodeAgent:
     join = functools.partial(run_join, sleep=SleepRecorder())
     agent = NodeAgent(
-        settings,  # type: ignore[arg-type]
-        clock=clock,
-        rng=random.Random(1),
-        join=join,
-        wait=waits,
-        retry_cap=60.0,
-        **kw,  # type: ignore[arg-type]
+        settings, clock=clock, rng=random.Random(1), join=join, wait=waits, retry_cap=60.0
     )
     waits.agent = agent
     return agent
@@ -231,7 +226,7 @@ async def test_final_refusals_stop_the_agent(
 
 async def test_sighup_renews_now_and_sigterm_cancels_a_join_in_flight(tmp_path: Path) -> None:
     clock = FixedClock(T0)
-    async with world(tmp_path, max_attempts=1) as (imds, gw, settings):
+    async with world(tmp_path, max_attempts=1) as (_imds, gw, settings):
         gw.cert_ttl, gw.clock = timedelta(hours=1), clock
         waits = Waits(clock)
         agent = make_agent(settings, clock, waits)
