@@ -229,7 +229,7 @@ def _configure_install(p: argparse.ArgumentParser) -> None:
 def cmd_install(args: argparse.Namespace) -> int:
     from gateway.agent.errors import ConfigError
     from gateway.agent.nodeconfig import load_node_config
-    from gateway.agent.systemd import UNIT_NAME, default_executable, render_unit
+    from gateway.agent.systemd import UNIT_NAME, default_executable, render_unit, unit_warnings
     from gateway.core.tlsutil import atomic_write
 
     config = args.config.absolute()
@@ -251,6 +251,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"join-gateway install: {exc}", file=sys.stderr)
         return 2
+    for warning in unit_warnings(executable=executable.absolute(), config=config):
+        print(f"join-gateway install: warning: {warning}", file=sys.stderr)
     if args.output is None:
         print(text, end="")
         return 0

@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gateway.agent.backoff import Backoff
 from gateway.agent.errors import FINAL_CODES, AgentError, ConfigError, JoinFailed
@@ -108,6 +108,9 @@ class NodeAgent:
         rng: draws the jitter and the backoff (tests pass a seeded one).
         join: the single join (default :func:`run_join`).
         wait: sleeps until a delay passes or the loop is woken (tests advance their clock).
+        max_wait: the longest single sleep before the schedule is worked out again from the
+            clock: a VM suspended or paused for hours does not advance the monotonic clock
+            a sleep runs on, and must not sleep through its certificates' expiry.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class NodeAgent:
         rng: random.Random | None = None,
         join: Join = run_join,
         wait: Wait = wait_or_wake,
+        max_wait: float = 300.0,
     ) -> None:
         self._s = settings
         self._clock: Clock = SystemClock() if clock is None else clock
@@ -126,6 +130,7 @@ class NodeAgent:
         self._backoff = Backoff(base=settings.backoff_base, cap=retry_cap, rng=self._rng)
         self._join = join
         self._wait = wait
+        self._max_wait = max_wait
         self._wake = asyncio.Event()
         self._renew_requested = False
         self._stopping = False
@@ -161,29 +166,27 @@ class NodeAgent:
             log.info("host %s, certificates valid until %s", identity.host_id, identity.not_after)
         failures = 0
         jitter = self._draw_jitter()
+        due: datetime | None = None  # the next join, planned once after each join or failure
         while not self._stopping:
             now = self._clock.now()
-            delay = plan_delay(
-                now, identity, failures=failures, jitter=jitter, backoff=self._backoff
-            )
-            if self._renew_requested:
-                delay = 0.0
-            if delay > 0:
-                if identity is not None and identity.valid_at(now):
-                    log.info(
-                        "next join in %.1fs (certificates valid until %s)",
-                        delay,
-                        identity.not_after,
-                    )
-                else:
-                    log.warning("the node has no valid identity; next join in %.1fs", delay)
-                await self._wait(delay, self._wake)
+            if due is None:
+                delay = plan_delay(
+                    now, identity, failures=failures, jitter=jitter, backoff=self._backoff
+                )
+                due = now + timedelta(seconds=delay)
+                if delay > 0 and not self._renew_requested:
+                    self._announce(now, identity, delay)
+            delay = max(0.0, (due - now).total_seconds())
+            if delay > 0 and not self._renew_requested:
+                await self._wait(min(delay, self._max_wait), self._wake)
+                continue  # woken, or time passed: look at the clock again
             self._wake.clear()
             if self._stopping:
                 break
             if self._renew_requested:
                 log.info("SIGHUP: renewing now")
             self._renew_requested = False
+            due = None
             try:
                 outcome = await self._join_unless_stopped()
             except ConfigError as exc:
@@ -212,11 +215,24 @@ class NodeAgent:
             failures = 0
             jitter = self._draw_jitter()
             fresh = load_identity(self._s.data_dir, keys)
-            identity = (
-                None if fresh is None else dataclasses.replace(fresh, obtained_at=self._clock.now())
-            )
+            if fresh is None:
+                # Written and checked, yet unreadable: count it as a failure, so the loop
+                # backs off instead of re-joining as fast as the gateway answers.
+                failures = 1
+                log.error(
+                    "the certificates just written cannot be read back from %s", self._s.data_dir
+                )
+                continue
+            identity = dataclasses.replace(fresh, obtained_at=self._clock.now())
         log.info("agent stopping")
         return EXIT_OK
+
+    @staticmethod
+    def _announce(now: datetime, identity: Identity | None, delay: float) -> None:
+        if identity is not None and identity.valid_at(now):
+            log.info("next join in %.1fs (certificates valid until %s)", delay, identity.not_after)
+        else:
+            log.warning("the node has no valid identity; next join in %.1fs", delay)
 
     def _draw_jitter(self) -> float:
         return self._rng.uniform(-JITTER, JITTER)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gateway.agent.renew import EXIT_REFUSED, EXIT_USAGE
 
-__all__ = ["UNIT_NAME", "default_executable", "render_unit"]
+__all__ = ["UNIT_NAME", "default_executable", "render_unit", "unit_warnings"]
 
 UNIT_NAME = "join-gateway-agent.service"
 _STATE_ROOT = Path("/var/lib")
@@ -40,6 +40,17 @@ def _quote(value: str) -> str:
     if any(c.isspace() or c in "\"'\\;" for c in value):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return value
+
+
+def unit_warnings(*, executable: Path, config: Path) -> list[str]:
+    """What the hardening will hide from the service: files under home directories."""
+    homes = (Path("/home"), Path("/root"), Path("/run/user"))
+    return [
+        f"{name} {path} is under a home directory, which ProtectHome=yes hides from the "
+        "service: install it elsewhere (e.g. /usr/local, /etc)"
+        for name, path in (("executable", executable), ("config", config))
+        if any(path.is_relative_to(h) for h in homes)
+    ]
 
 
 def render_unit(*, executable: Path, config: Path, data_dir: Path) -> str:

@@ -114,3 +114,15 @@ def test_without_output_the_unit_is_printed(
     assert capsys.readouterr().out.startswith("# Written by `join-gateway install systemd`.")
     config.write_text("version: v2\n")
     assert main(["install", "systemd", "--config", str(config)]) == 2
+
+
+def test_paths_the_hardening_hides_are_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text(NODE_YAML)
+    argv = ["install", "systemd", "--config", str(config), "--executable"]
+    assert main([*argv, "/home/ops/venv/bin/join-gateway"]) == 0
+    assert "ProtectHome=yes hides" in capsys.readouterr().err
+    assert main([*argv, "/usr/local/bin/join-gateway"]) == 0
+    assert "ProtectHome" not in capsys.readouterr().err

@@ -120,10 +120,18 @@ class Waits:
         self.clock.advance(delay)
 
 
-def make_agent(settings: AgentSettings, clock: FixedClock, waits: Waits) -> NodeAgent:
+def make_agent(
+    settings: AgentSettings, clock: FixedClock, waits: Waits, *, max_wait: float = float("inf")
+) -> NodeAgent:
     join = functools.partial(run_join, sleep=SleepRecorder())
     agent = NodeAgent(
-        settings, clock=clock, rng=random.Random(1), join=join, wait=waits, retry_cap=60.0
+        settings,
+        clock=clock,
+        rng=random.Random(1),
+        join=join,
+        wait=waits,
+        retry_cap=60.0,
+        max_wait=max_wait,
     )
     waits.agent = agent
     return agent
@@ -156,6 +164,30 @@ async def test_the_agent_joins_then_renews_at_two_thirds_with_jitter(tmp_path: P
     assert identity is not None and identity.host_id.startswith("host-4-")
     # Only the current set and the one before it are kept.
     assert len(list((settings.data_dir / "sets").iterdir())) == 2
+
+
+async def test_long_sleeps_are_cut_into_clock_checks_that_do_not_renew_early(
+    tmp_path: Path,
+) -> None:
+    """A suspended VM's sleep does not count the suspension: the agent re-reads the clock
+    every ``max_wait`` and joins only once the planned time has come."""
+    clock = FixedClock(T0)
+    async with world(tmp_path, max_attempts=1) as (_imds, gw, settings):
+        gw.cert_ttl, gw.clock = timedelta(hours=1), clock
+        waits = Waits(clock)
+        agent = make_agent(settings, clock, waits, max_wait=600.0)
+
+        def stop_at_the_renewal() -> None:
+            if len(gw.joins) == 2:
+                agent.stop()
+
+        waits.steps = [stop_at_the_renewal] * 20
+        assert await agent.run() == EXIT_OK
+    assert len(gw.joins) == 2
+    # Four or five slices of at most 600 s before the renewal, adding up to 2/3 h ± 10 %.
+    before = waits.delays[:-1]
+    assert 4 <= len(before) <= 5 and all(d <= 600 for d in before), waits.delays
+    assert 2400 * 0.9 <= sum(before) <= 2400 * 1.1
 
 
 async def test_a_failed_renewal_backs_off_then_recovers(tmp_path: Path) -> None:
