@@ -10,6 +10,8 @@ the five files are one set, written together into a fresh directory and switched
       current -> sets/<name>            (replaced atomically: symlink to a temp name + rename)
       tls.crt -> current/tls.crt        (and the other four: the stable paths readers use)
 
+This is the layout Kubernetes' atomic writer uses for projected volumes (``..data`` → a
+timestamped directory, each visible file a symlink through it), for the same reason.
 The new set is complete, fsynced and read back (:func:`read_set`) before ``current`` moves;
 until then the old set stays in place, and it is kept until the next renewal so a reader
 that resolved ``current`` just before the switch still reads a whole set. A reader that
