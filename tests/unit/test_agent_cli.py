@@ -12,7 +12,6 @@ from gateway.authservice import AuthPaths
 from gateway.cli import main
 from tests.support.binaries import require_binary
 
-
 NODE_OK = """\
 version: v3
 teleport:
