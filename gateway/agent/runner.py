@@ -167,8 +167,11 @@ def check_issued(
     tls_ca_pems = issued.tls_ca_pems
     if ca_pins:
         pins = {p.lower() for p in ca_pins}
-        pinned = [(ca, pem) for ca, pem in zip(cas, issued.tls_ca_pems, strict=True)]
-        pinned = [(ca, pem) for ca, pem in pinned if spki_pin(ca) in pins]
+        pinned = [
+            (ca, pem)
+            for ca, pem in zip(cas, issued.tls_ca_pems, strict=True)
+            if spki_pin(ca) in pins
+        ]
         if not any(_issued_by(leaf, ca) for ca, _ in pinned):
             raise JoinFailed(
                 AgentCode.CA_PIN_MISMATCH,
