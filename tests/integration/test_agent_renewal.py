@@ -192,11 +192,11 @@ async def start_agent(stack: DevStack, vm: EmulatedVm, workdir: Path, port: int)
 
 
 async def stop(agent: Agent) -> int:
-    """SIGTERM; the exit status, which must come within 3 s."""
+    """SIGTERM; the exit status, which must come within 2 s."""
     if agent.proc.returncode is None:
         agent.proc.send_signal(signal.SIGTERM)
     try:
-        return await asyncio.wait_for(agent.proc.wait(), 3)
+        return await asyncio.wait_for(agent.proc.wait(), 2)
     finally:
         if agent.proc.returncode is None:
             agent.proc.kill()
