@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway.core.audit import Auditor
 from gateway.core.clock import Clock, SystemClock
-from gateway.core.config import Config, ConfigError, split_hostport
+from gateway.core.config import Config, ConfigError, check_single_use, split_hostport
 from gateway.core.metrics import Metrics
 from gateway.core.tlsutil import server_ssl_context
 from gateway.http.app import make_app
@@ -318,6 +318,11 @@ def run(config: Config, *, metrics_dir: Path | None = None) -> int:
     """The ``serve`` command: one process, or a supervisor and ``config.workers`` workers."""
     if config.workers == 1:
         return _run_loop(config, None, None)
+    try:
+        check_single_use(config, "workers")  # a Config built in code skips load_config
+    except ConfigError as exc:
+        log.error("startup failed: %s", exc)
+        return 3
     try:
         listeners, msock = bind_all(config)
     except OSError as exc:
