@@ -48,7 +48,9 @@ def make_app(
     app[METRICS] = metrics or Metrics()
     app[STATE] = state or RuntimeState()
     app[AUDITOR] = auditor or Auditor(clock=deps.clock)
-    app[TRUSTED_PROXIES] = TrustedProxies(config.proxy.trusted_cidrs)
+    app[TRUSTED_PROXIES] = TrustedProxies(
+        config.proxy.trusted_cidrs, header=config.proxy.client_address_header
+    )
     limits = config.limits
     app[RATE_LIMITER] = ClientRateLimiter(
         rate=limits.per_client_rate, burst=limits.per_client_burst, clock=deps.clock
