@@ -81,13 +81,19 @@ def vms(stack: DevStack) -> list[EmulatedVm]:
 
 
 async def join_all(
-    stack: DevStack, gp: GatewayProcess, vms: list[EmulatedVm], tmp: Path
+    stack: DevStack, gp: GatewayProcess, vms: list[EmulatedVm], tmp: Path, *, attempts: int = 1
 ) -> list[object]:
     ssl_ctx = make_ssl_context(stack.gateway_ca_file)
 
     async def one(vm: EmulatedVm) -> object:
         settings = agent_settings(
-            stack, vm, gateway_url=gp.url, data_dir=tmp / vm.name, max_attempts=1
+            stack,
+            vm,
+            gateway_url=gp.url,
+            data_dir=tmp / vm.name,
+            max_attempts=attempts,
+            backoff_base=0.05,
+            backoff_cap=0.5,
         )
         try:
             return await run_join(settings, ssl_context=ssl_ctx)
@@ -127,7 +133,10 @@ async def test_workers_share_one_port_and_metrics_sum_over_them(
 ) -> None:
     async with gateway_process(stack.config, tmp_path / "gw", stack.gateway_ca_file) as gp:
         assert len(gp.children()) == 2
-        results = await join_all(stack, gp, vms, tmp_path / "nodes")
+        # 60 joins at once on a shared machine: a Redis reply can miss its 0.5 s deadline
+        # behind a busy event loop (503 replay_store_unavailable, retryable); the agent's
+        # retry is part of the contract, and counting below shows nothing joined twice.
+        results = await join_all(stack, gp, vms, tmp_path / "nodes", attempts=4)
         assert all(not isinstance(r, Exception) for r in results), results
         per_worker = joined_per_process(gp.metrics_dir)
         assert sum(per_worker.values()) == len(vms)
