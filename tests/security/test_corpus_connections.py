@@ -1,15 +1,18 @@
 """Hostile connections: a slowloris on a kept-alive connection, more connections than a
-worker takes, idle connections held open — each bounded, and the gateway keeps serving.
+worker takes, idle connections held open, a forged client address — each bounded or
+ignored, and the gateway keeps serving.
 
 This module's gateway takes at most ``CAP`` connections, times headers at 2 s (the
 harness's short deadline) and keeps idle connections ``KEEPALIVE`` s: far longer than
-the drip below, so only the per-request header deadline can end it.
+the drip below, so only the per-request header deadline can end it. It trusts loopback
+as a proxy speaking ``X-Forwarded-For`` (the default ``proxy.client_address_header``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +20,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from gateway.core.config import Config
+from gateway.core.config import Config, ProxyConfig
 from gateway.http.framing import JsonErrorRequestHandler, Phase
 from tests.security.harness import Harness, client_ssl, open_harness
 
@@ -36,6 +39,7 @@ def _limits(config: Config) -> Config:
         limits=dataclasses.replace(
             config.limits, max_connections=CAP, keepalive_timeout_seconds=KEEPALIVE
         ),
+        proxy=ProxyConfig(trusted_cidrs=("127.0.0.1/32",)),
     )
 
 
@@ -160,4 +164,26 @@ async def test_connections_over_the_cap_are_refused_before_tls_and_counted(
         if len(connections) < CAP:
             break
         await asyncio.sleep(0.05)
+    await harness.assert_alive()
+
+
+@pytest.mark.parametrize(
+    ("headers", "recorded"),
+    [
+        ({"Forwarded": "for=203.0.113.66"}, "127.0.0.1"),
+        ({"Forwarded": "for=203.0.113.66", "X-Forwarded-For": "198.51.100.7"}, "198.51.100.7"),
+    ],
+    ids=[
+        "a trusted peer's Forwarded is ignored when X-Forwarded-For is the configured header",
+        "only the configured X-Forwarded-For names the client, never Forwarded beside it",
+    ],
+)
+async def test_only_the_configured_client_address_header_is_believed(
+    harness: Harness, headers: dict[str, str], recorded: str
+) -> None:
+    before = len(harness.stack.auth.records())
+    body = json.dumps(harness.body(await harness.challenge())).encode()
+    assert await harness.post("/v1/join/azure", body, headers=headers) == (200, None)
+    new = harness.stack.auth.records()[before:]
+    assert [r.registration.client_address for r in new] == [recorded]
     await harness.assert_alive()
