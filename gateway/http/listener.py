@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import socket
 import ssl
@@ -103,7 +104,7 @@ class Listener:
         self._ssl_handshake_timeout = ssl_handshake_timeout
         self._owns_socket = owns_socket
         self._accept_task: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Task[bool]] = set()
         self._closed = False
         self.accepted = 0
         self.refused = 0
@@ -153,7 +154,22 @@ class Listener:
             return
         task = loop.create_task(self._handle(conn, addr))
         self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        # Not a ``finally`` in _handle: a task cancelled before its first step never
+        # enters its body, and the count and the socket must be released all the same.
+        task.add_done_callback(functools.partial(self._finished, conn))
+
+    def _finished(self, conn: socket.socket, task: asyncio.Task[bool]) -> None:
+        self._pending.discard(task)
+        if self._admission is not None:
+            self._admission.handshake_done()
+        if task.cancelled():
+            conn.close()
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("handing a connection over failed", exc_info=exc)
+        if exc is not None or not task.result():
+            conn.close()  # after a handover the transport owns it: never closed here
 
     async def _before_handover(
         self, conn: socket.socket, peer: str
@@ -162,47 +178,37 @@ class Listener:
         Raise :class:`Refused` to drop the connection."""
         return None
 
-    async def _handle(self, conn: socket.socket, addr: object) -> None:
+    async def _handle(self, conn: socket.socket, addr: object) -> bool:
+        """Work before the handover, then the TLS handshake; whether it was handed over."""
         peer = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
+        conn.setblocking(False)
         try:
-            conn.setblocking(False)
-            try:
-                wrap = await self._before_handover(conn, peer)
-            except Refused:
-                self.refused += 1
-                conn.close()
-                return
-            except BaseException:
-                conn.close()
-                raise
-            factory = self._factory if wrap is None else (lambda: wrap(self._factory()))
-            loop = asyncio.get_running_loop()
-            try:
-                await loop.connect_accepted_socket(
-                    factory,
-                    conn,
-                    ssl=self._ssl,
-                    ssl_handshake_timeout=self._ssl_handshake_timeout if self._ssl else None,
-                )
-            except OSError as exc:  # includes ssl.SSLError, resets and handshake timeouts
-                self.refused += 1
-                log.info("handshake with %s failed: %s", peer, exc)
-                conn.close()
-                return
-            except asyncio.CancelledError:
-                conn.close()
-                raise
-            except Exception:
-                # A background task's error would otherwise vanish; the connection is
-                # dropped, the listener keeps serving, the traceback is logged.
-                self.refused += 1
-                log.exception("handing %s to the server failed", peer)
-                conn.close()
-                return
-            self.accepted += 1
-        finally:
-            if self._admission is not None:
-                self._admission.handshake_done()
+            wrap = await self._before_handover(conn, peer)
+        except Refused:
+            self.refused += 1
+            return False
+        factory = self._factory if wrap is None else (lambda: wrap(self._factory()))
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                factory,
+                conn,
+                ssl=self._ssl,
+                ssl_handshake_timeout=self._ssl_handshake_timeout if self._ssl else None,
+            )
+        except OSError as exc:  # includes ssl.SSLError, resets and handshake timeouts
+            self.refused += 1
+            log.info("handshake with %s failed: %s", peer, exc)
+            return False
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A background task's error would otherwise vanish; the connection is
+            # dropped, the listener keeps serving, the traceback is logged.
+            self.refused += 1
+            log.exception("handing %s to the server failed", peer)
+            return False
+        self.accepted += 1
+        return True
 
     def stop_accepting(self) -> None:
         """Stop accepting now; connections in their handshake carry on (see :meth:`aclose`)."""
