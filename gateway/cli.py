@@ -45,7 +45,7 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> object:
-    from gateway.core.config import ConfigError, load_config
+    from gateway.core.config import ConfigError, check_single_use, load_config
 
     try:
         cfg = load_config(args.config)
@@ -54,6 +54,11 @@ def _load(args: argparse.Namespace) -> object:
         return None
     if getattr(args, "workers", None):
         cfg = dataclasses.replace(cfg, workers=args.workers)
+        try:
+            check_single_use(cfg, f"--workers {args.workers}")
+        except ConfigError as exc:
+            print(f"join-gateway: {exc}", file=sys.stderr)
+            return None
     return cfg
 
 
