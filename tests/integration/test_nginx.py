@@ -226,7 +226,7 @@ async def test_300_vms_join_through_nginx_across_two_replicas(lb: Lb) -> None:
         assert not failed, failed[:3]
 
     # Every VM joined exactly once, recorded with the address nginx saw.
-    records = lb.stack.auth.records()
+    records = await lb.stack.auth.records()
     per_vm = Counter(r.registration.join.vm_id for r in records)
     by_vm_id = {vm.vm_id: vm for vm in vms}
     for vm in vms:
@@ -281,5 +281,5 @@ async def test_a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored(lb: Lb
         ) as r:
             assert r.status == 200, await r.text()
             host_id = (await r.json())["host_id"]
-    record = next(r for r in lb.stack.auth.records() if r.host_id == host_id)
+    record = next(r for r in await lb.stack.auth.records() if r.host_id == host_id)
     assert record.registration.client_address == "127.2.0.9"

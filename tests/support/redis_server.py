@@ -4,28 +4,25 @@ Tests never touch a Redis the machine may run on 6379: each gets its own process
 server can be stopped and started again *on the same port*, which is how tests check that
 clients fail fast while Redis is down and recover, without restarting anything, when it
 comes back. If the ``redis-server`` binary is missing the tests using it skip with a
-reason (``.ci/run`` installs it).
+reason, or fail under CI (``.ci/run`` installs it).
 """
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 
-import pytest
+from tests.support.binaries import require_binary
 
 __all__ = ["RedisServer", "redis_binary_or_skip"]
 
 
 def redis_binary_or_skip() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    return binary
+    # A skip on a developer's machine without redis-server; a failure under CI.
+    return require_binary("redis-server")
 
 
 def _free_port() -> int:
