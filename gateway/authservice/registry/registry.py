@@ -47,7 +47,7 @@ from gateway.authservice.registry.model import (
     RegistryUnavailable,
     VmIdentity,
 )
-from gateway.authservice.registry.schema import migrate
+from gateway.authservice.registry.schema import migrate, serialize_startup
 from gateway.authservice.store import RegistrationRecord, read_records
 from gateway.join.forward import RegisterResult, Registration
 
@@ -107,6 +107,7 @@ class Registry:
                 return None
         records = await asyncio.to_thread(read_records, directory)
         async with self._db.transaction() as tx:
+            await serialize_startup(tx, self._db.dialect)
             if await _meta(tx, _IMPORT_MARK) is not None:
                 return None  # another replica imported meanwhile
             for rec in records:

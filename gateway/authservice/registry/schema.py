@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from gateway.authservice.registry.db import Dialect, Tx
 
-__all__ = ["SCHEMA_VERSION", "migrate"]
+__all__ = ["SCHEMA_VERSION", "migrate", "serialize_startup"]
 
 # Any constant: the advisory lock's key, shared by every replica of this service.
 _MIGRATION_LOCK = 0x6A67_7265_6769  # "jgregi"
@@ -70,10 +70,16 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _TS = {"sqlite": "TEXT", "postgresql": "TIMESTAMPTZ"}
 
 
-async def migrate(tx: Tx, dialect: Dialect) -> tuple[int, int]:
-    """Bring the schema to :data:`SCHEMA_VERSION`; returns (version before, after)."""
+async def serialize_startup(tx: Tx, dialect: Dialect) -> None:
+    """Hold, until ``tx`` ends, the lock replicas take for start-up work (migration,
+    import): the second replica waits, then finds the work done."""
     if dialect == "postgresql":
         await tx.fetchone("SELECT pg_advisory_xact_lock(?)", _MIGRATION_LOCK)
+
+
+async def migrate(tx: Tx, dialect: Dialect) -> tuple[int, int]:
+    """Bring the schema to :data:`SCHEMA_VERSION`; returns (version before, after)."""
+    await serialize_startup(tx, dialect)
     await tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     row = await tx.fetchone("SELECT MAX(version) FROM schema_version")
     current = int(row[0]) if row is not None and row[0] is not None else 0
