@@ -327,13 +327,13 @@ async def test_an_upstream_failure_after_verification_is_retried_with_the_same_c
 
     try:
         out = await run_join(patient(stack, vms[0]), sleep=sleep_then_revive)
+        records = [
+            r for r in await stack.auth.records() if r.registration.join.vm_id == vms[0].vm_id
+        ]
     finally:
         if revived is not None:
             await revived.aclose()
     assert out.attempts == 2 and waits
-    records = [
-        r for r in await stack.auth.records() if r.registration.join.vm_id == vms[0].vm_id
-    ]
     assert len(records) == 1
 
 
