@@ -28,6 +28,7 @@ from gateway.authservice import (
     open_registry,
 )
 from gateway.authservice.registry import SCHEMA_VERSION, IdempotencyConflict, Registered
+from gateway.authservice.registry.db import execute
 from gateway.authservice.store import write_record
 from gateway.authservice.wire import request_digest
 from gateway.join.forward import Registration
@@ -261,8 +262,11 @@ async def test_the_schema_migrates_once_and_a_newer_one_is_refused(
 ) -> None:
     async with await open_registry(database, data_dir=paths.data_dir) as reg:
         assert await reg.migrate() == (SCHEMA_VERSION, SCHEMA_VERSION)
-        async with reg._db.transaction() as tx:
-            await tx.execute("INSERT INTO schema_version (version) VALUES (?)", 99)
+
+        def newer():  # type: ignore[no-untyped-def]
+            yield execute("INSERT INTO schema_version (version) VALUES (?)", 99)
+
+        await reg._db.run(newer)
     with pytest.raises(ValueError, match="newer than this auth service"):
         await open_registry(database, data_dir=paths.data_dir)
 

@@ -1,17 +1,21 @@
 """The two databases the registry runs on, behind one small interface.
 
-SQL is written once, with ``?`` placeholders and portable statements (``INSERT ... ON
-CONFLICT ... DO NOTHING`` and partial unique indexes exist in both); each backend adapts
-placeholders and time values. Every error of a driver becomes
-:class:`RegistryUnavailable` here; none leaves this module.
+A transaction is a *body*: a generator that yields statements (:func:`one`, :func:`rows`,
+:func:`execute`) and receives their results, then returns its value. The registry's logic
+is written once, as bodies; each backend drives them:
 
-* **SQLite** (stdlib ``sqlite3``, the default): one connection in WAL mode, used from one
-  dedicated thread so that no blocking call runs on the event loop; ``BEGIN IMMEDIATE``
-  makes each transaction take the write lock at once, so two transactions (or two
-  processes on one file) are serialised rather than failing on upgrade.
-* **PostgreSQL** (asyncpg): a connection pool; transactions at READ COMMITTED, where
+* **SQLite** (stdlib ``sqlite3``, the default): one connection in WAL mode, owned by one
+  dedicated thread, which runs a whole body — BEGIN, statements, any signing the body
+  does, COMMIT — in one hop, so no blocking call runs on the event loop and writers are
+  serialised by that thread (and ``BEGIN IMMEDIATE`` against other processes on the file).
+* **PostgreSQL** (asyncpg): a connection pool; bodies run at READ COMMITTED, where
   ``INSERT ... ON CONFLICT DO NOTHING`` waits for a concurrent insert of the same key to
-  commit and then does nothing, which is what makes two replicas agree on one host.
+  commit and then does nothing — and the body's next statement sees the winner's row.
+  That is what makes two replicas agree on one host.
+
+SQL is written once, with ``?`` placeholders and portable statements (``ON CONFLICT``
+and partial unique indexes exist in both). Every driver error becomes
+:class:`RegistryUnavailable` here; none leaves this module.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ import asyncio
 import functools
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -31,14 +35,18 @@ from urllib.parse import urlsplit, urlunsplit
 from gateway.authservice.registry.model import RegistryUnavailable
 
 __all__ = [
+    "Body",
     "Database",
     "PostgresDatabase",
     "Row",
     "SqliteDatabase",
-    "Tx",
+    "Stmt",
     "as_datetime",
+    "execute",
+    "one",
     "open_database",
     "redact_url",
+    "rows",
 ]
 
 Row = tuple[Any, ...]
@@ -46,22 +54,40 @@ Dialect = Literal["sqlite", "postgresql"]
 T = TypeVar("T")
 
 
-class Tx(Protocol):
-    """One open transaction."""
+@dataclass(frozen=True)
+class Stmt:
+    """One statement of a body; what it sends back depends on ``want``."""
 
-    async def execute(self, sql: str, *args: object) -> int:
-        """Run a statement; returns the number of rows it changed."""
+    want: Literal["one", "rows", "count"]
+    sql: str
+    args: tuple[object, ...]
 
-    async def fetchone(self, sql: str, *args: object) -> Row | None: ...
 
-    async def fetchall(self, sql: str, *args: object) -> list[Row]: ...
+def one(sql: str, *args: object) -> Stmt:
+    """Yields the first row, or None."""
+    return Stmt("one", sql, args)
+
+
+def rows(sql: str, *args: object) -> Stmt:
+    """Yields every row."""
+    return Stmt("rows", sql, args)
+
+
+def execute(sql: str, *args: object) -> Stmt:
+    """Yields how many rows the statement changed."""
+    return Stmt("count", sql, args)
+
+
+# A transaction body: ``result = yield one(...)`` ... ``return value``.
+Body = Generator[Stmt, Any, T]
 
 
 class Database(Protocol):
     dialect: Dialect
 
-    def transaction(self) -> Any:
-        """``async with db.transaction() as tx``: commit on success, roll back on error."""
+    async def run(self, body: Callable[[], Body[T]], *, write: bool = True) -> T:
+        """Run ``body()`` in one transaction: commit if it returns, roll back if it raises.
+        ``write=False`` for bodies that only read."""
 
     async def aclose(self) -> None: ...
 
@@ -94,27 +120,36 @@ def _sqlite_param(value: object) -> object:
     return value
 
 
-class _SqliteTx:
-    def __init__(self, db: SqliteDatabase) -> None:
-        self._db = db
-
-    async def execute(self, sql: str, *args: object) -> int:
-        return await self._db.call(_sqlite_execute, sql, args)
-
-    async def fetchone(self, sql: str, *args: object) -> Row | None:
-        rows = await self._db.call(_sqlite_fetch, sql, args)
-        return rows[0] if rows else None
-
-    async def fetchall(self, sql: str, *args: object) -> list[Row]:
-        return await self._db.call(_sqlite_fetch, sql, args)
+def _sqlite_step(conn: sqlite3.Connection, stmt: Stmt) -> object:
+    cursor = conn.execute(stmt.sql, tuple(map(_sqlite_param, stmt.args)))
+    if stmt.want == "count":
+        return cursor.rowcount
+    found = [tuple(r) for r in cursor.fetchall()]
+    if stmt.want == "one":
+        return found[0] if found else None
+    return found
 
 
-def _sqlite_execute(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> int:
-    return conn.execute(sql, tuple(map(_sqlite_param, args))).rowcount
-
-
-def _sqlite_fetch(conn: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> list[Row]:
-    return list(conn.execute(sql, tuple(map(_sqlite_param, args))).fetchall())
+def _sqlite_transaction(conn: sqlite3.Connection, body: Callable[[], Body[T]], write: bool) -> T:
+    # IMMEDIATE takes the write lock at BEGIN, so a writer never fails on upgrading a read
+    # lock while another process writes; readers start deferred and never block writers.
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        gen = body()
+        result: object = None
+        while True:
+            try:
+                stmt = gen.send(result)
+            except StopIteration as done:
+                value: T = done.value
+                break
+            result = _sqlite_step(conn, stmt)
+    except BaseException:
+        if conn.in_transaction:  # some errors end the transaction themselves
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return value
 
 
 class SqliteDatabase:
@@ -127,7 +162,6 @@ class SqliteDatabase:
         # One thread owns the connection: sqlite3 calls block, and never on the loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._lock = asyncio.Lock()
 
     async def open(self) -> None:
         self._conn = await self._run(self._connect)
@@ -152,22 +186,13 @@ class SqliteDatabase:
         except sqlite3.Error as exc:
             raise RegistryUnavailable(f"sqlite {self._path}: {exc}") from exc
 
-    async def call(self, fn: Callable[..., T], *args: object) -> T:
+    async def run(self, body: Callable[[], Body[T]], *, write: bool = True) -> T:
         if self._conn is None:
             raise RegistryUnavailable("registry database is not open")
-        return await self._run(fn, self._conn, *args)
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
-        async with self._lock:
-            await self.call(sqlite3.Connection.execute, "BEGIN IMMEDIATE")
-            try:
-                yield _SqliteTx(self)
-            except BaseException:
-                # Shielded: a cancelled request must still leave the connection usable.
-                await asyncio.shield(self.call(sqlite3.Connection.execute, "ROLLBACK"))
-                raise
-            await asyncio.shield(self.call(sqlite3.Connection.execute, "COMMIT"))
+        # One hop for the whole transaction. If the caller is cancelled meanwhile, the
+        # thread still finishes it: a registration is committed or rolled back, never
+        # left half-way (a gateway's retry then finds the stored answer).
+        return await self._run(_sqlite_transaction, self._conn, body, write)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -197,21 +222,14 @@ def _rowcount(status: str) -> int:
     return int(last) if last.isdigit() else 0
 
 
-class _PgTx:
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    async def execute(self, sql: str, *args: object) -> int:
-        status = await _pg_call(self._conn.execute(_numbered(sql), *args))
-        return _rowcount(str(status))
-
-    async def fetchone(self, sql: str, *args: object) -> Row | None:
-        row = await _pg_call(self._conn.fetchrow(_numbered(sql), *args))
+async def _pg_step(conn: Any, stmt: Stmt) -> object:
+    sql = _numbered(stmt.sql)
+    if stmt.want == "count":
+        return _rowcount(str(await _pg_call(conn.execute(sql, *stmt.args))))
+    if stmt.want == "one":
+        row = await _pg_call(conn.fetchrow(sql, *stmt.args))
         return tuple(row) if row is not None else None
-
-    async def fetchall(self, sql: str, *args: object) -> list[Row]:
-        rows = await _pg_call(self._conn.fetch(_numbered(sql), *args))
-        return [tuple(r) for r in rows]
+    return [tuple(r) for r in await _pg_call(conn.fetch(sql, *stmt.args))]
 
 
 async def _pg_call(awaitable: Any) -> Any:
@@ -244,20 +262,28 @@ class PostgresDatabase:
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ValueError) as exc:
             raise RegistryUnavailable(f"cannot connect to {redact_url(self._url)}: {exc}") from exc
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
+    async def run(self, body: Callable[[], Body[T]], *, write: bool = True) -> T:
         if self._pool is None:
             raise RegistryUnavailable("registry database is not open")
         conn = await _pg_call(self._pool.acquire())
         try:
-            tx = conn.transaction()
+            tx = conn.transaction(readonly=not write)
             await _pg_call(tx.start())
             try:
-                yield _PgTx(conn)
+                gen = body()
+                result: object = None
+                while True:
+                    try:
+                        stmt = gen.send(result)
+                    except StopIteration as done:
+                        value: T = done.value
+                        break
+                    result = await _pg_step(conn, stmt)
             except BaseException:
                 await _pg_call(tx.rollback())
                 raise
             await _pg_call(tx.commit())
+            return value
         finally:
             await self._pool.release(conn)
 

@@ -1,17 +1,20 @@
 """The auth service's registry: one host per VM, registrations by key, locks.
 
-``Registry.register`` is the one write path of a join:
+``Registry.register`` is the one write path of a join, one transaction:
 
 1. a known idempotency key answers with the stored registration (a gateway's retry, on
    this replica or another) — or a conflict if the request differs;
-2. in one short transaction: the live host of the VM's attested identity is read, the
-   locks matching the join are checked (a match is :class:`HostLocked`), and a missing
-   host is inserted with a fresh ID — ``ON CONFLICT DO NOTHING`` on the unique index, so
-   when two replicas race, one inserts and the other reads the winner's host;
-3. the certificates are issued for that host ID, outside any transaction (CPU work);
+2. the live host of the VM's attested identity is read, the locks matching the join are
+   checked (a match is :class:`HostLocked`), and a missing host is inserted with a fresh
+   ID — ``ON CONFLICT DO NOTHING`` on the unique index, so when two replicas race, one
+   inserts and the other, once the winner commits, reads the winner's host;
+3. the certificates are issued for that host ID;
 4. the registration is inserted by key (``ON CONFLICT DO NOTHING`` again: if another
    replica stored the same key meanwhile, its answer is returned and ours is dropped,
    never delivered) and the host's renewal time and certificate expiry are updated.
+
+Both databases run the transaction's body (a generator of statements, see ``db.py``):
+SQLite in its own thread in one hop, signing included; PostgreSQL statement by statement.
 
 A host's ID is only ever read back for the same (tenant, subscription, vmId), so another
 VM can never obtain it; a new vmId (the VM was re-created) is a new host.
@@ -29,12 +32,15 @@ from pathlib import Path
 from typing import Self
 
 from gateway.authservice.registry.db import (
+    Body,
     PostgresDatabase,
     Row,
     SqliteDatabase,
-    Tx,
     as_datetime,
+    execute,
+    one,
     open_database,
+    rows,
 )
 from gateway.authservice.registry.model import (
     HostLocked,
@@ -91,8 +97,8 @@ class Registry:
     # --- start-up -------------------------------------------------------------------------
 
     async def migrate(self) -> tuple[int, int]:
-        async with self._db.transaction() as tx:
-            return await migrate(tx, self._db.dialect)
+        dialect = self._db.dialect
+        return await self._db.run(lambda: migrate(dialect))
 
     async def import_json_records(self, directory: Path) -> int | None:
         """Import ``store.py``'s JSON files once (the first start on this database).
@@ -102,25 +108,25 @@ class Registry:
         Records made before hosts existed each carry their own random host ID; a VM's
         host becomes the ID of its *latest* record, the identity its node holds now.
         """
-        async with self._db.transaction() as tx:
-            if await _meta(tx, _IMPORT_MARK) is not None:
-                return None
+        if await self._db.run(lambda: _meta(_IMPORT_MARK), write=False) is not None:
+            return None
         records = await asyncio.to_thread(read_records, directory)
-        async with self._db.transaction() as tx:
-            await serialize_startup(tx, self._db.dialect)
-            if await _meta(tx, _IMPORT_MARK) is not None:
+        dialect = self._db.dialect
+
+        def body() -> Body[int | None]:
+            yield from serialize_startup(dialect)
+            if (yield from _meta(_IMPORT_MARK)) is not None:
                 return None  # another replica imported meanwhile
             for rec in records:
-                await _insert_registration(tx, rec, "new")
+                yield from _insert_registration(rec, "new")
             latest: dict[VmIdentity, RegistrationRecord] = {}
             first: dict[VmIdentity, datetime] = {}
-            for rec in sorted(records, key=lambda r: r.registered_at):
+            for rec in records:  # oldest first
                 ident = _identity(rec.registration)
                 latest[ident] = rec
                 first.setdefault(ident, rec.registered_at)
             for ident, rec in latest.items():
-                await _insert_host(
-                    tx,
+                yield from _insert_host(
                     rec.host_id,
                     ident,
                     rec.registration,
@@ -128,14 +134,17 @@ class Registry:
                     first[ident],
                     rec.registered_at,
                 )
-            await tx.execute(
+            yield execute(
                 "INSERT INTO registry_meta (key, value) VALUES (?, ?)",
                 _IMPORT_MARK,
                 str(len(records)),
             )
-        if records:
-            log.info("imported %s JSON registration records from %s", len(records), directory)
-        return len(records)
+            return len(records)
+
+        imported = await self._db.run(body)
+        if imported:
+            log.info("imported %s JSON registration records from %s", imported, directory)
+        return imported
 
     # --- joins ------------------------------------------------------------------------------
 
@@ -154,100 +163,51 @@ class Registry:
         Raises :class:`IdempotencyConflict`, :class:`HostLocked` or
         :class:`RegistryUnavailable`.
         """
-        key = reg.idempotency_key
-        async with self._db.transaction() as tx:
-            stored = await _stored(tx, key)
-        if stored is not None:
-            return _replayed(stored, digest)
-
-        ident = _identity(reg)
-        host_id, kind = await self._host_for(reg, ident, now)
-        result = issue(host_id)
-        record = RegistrationRecord(
-            host_id=host_id,
-            idempotency_key=key,
-            request_digest=digest,
-            registered_at=now,
-            gateway=gateway,
-            registration=reg,
-            result=result,
-        )
-        async with self._db.transaction() as tx:
-            if not await _insert_registration(tx, record, kind):
-                stored = await _stored(tx, key)
-                if stored is None:  # pragma: no cover - the conflict row cannot vanish
-                    raise RegistryUnavailable("registration vanished during a conflict")
-                return _replayed(stored, digest)
-            await tx.execute(
-                "UPDATE hosts SET last_renewed = ?, cert_expiry = ?, node_name = ?, "
-                "resource_group = ?, resource_id = ?, renewals = renewals + ? "
-                "WHERE host_id = ?",
-                now,
-                cert_expiry,
-                reg.host.node_name,
-                reg.join.resource_group,
-                reg.join.resource_id,
-                1 if kind == "renewal" else 0,
-                host_id,
-            )
-        return Registered(record=record, kind=kind, replay=False)
-
-    async def _host_for(
-        self, reg: Registration, ident: VmIdentity, now: datetime
-    ) -> tuple[str, JoinKind]:
-        for _ in range(_HOST_ROUNDS):
-            async with self._db.transaction() as tx:
-                row = await tx.fetchone(
-                    "SELECT host_id, first_key FROM hosts WHERE tenant = ? AND "
-                    "subscription = ? AND vm_id = ? AND removed_at IS NULL",
-                    ident.tenant,
-                    ident.subscription,
-                    ident.vm_id,
-                )
-                host_id = str(row[0]) if row is not None else None
-                lock = await _matching_lock(tx, reg, ident, host_id, now)
-                if lock is not None:
-                    raise HostLocked(lock)
-                if row is not None:
-                    # The first join's own retry (its registration was never stored) is
-                    # still the host's birth, not a renewal.
-                    return str(row[0]), "new" if row[1] == reg.idempotency_key else "renewal"
-                host_id = str(uuid.uuid4())
-                if await _insert_host(tx, host_id, ident, reg, reg.idempotency_key, now, now):
-                    return host_id, "new"
-            # Lost the race to another replica: its host is committed; read it.
-        raise RegistryUnavailable("could not settle the VM's host (too many concurrent joins)")
+        return await self._db.run(lambda: _register(reg, digest, gateway, now, cert_expiry, issue))
 
     # --- reads ------------------------------------------------------------------------------
 
     async def registrations(self) -> list[RegistrationRecord]:
         """Every registration, oldest first."""
-        async with self._db.transaction() as tx:
-            rows = await tx.fetchall(
+
+        def body() -> Body[list[Row]]:
+            found: list[Row] = yield rows(
                 "SELECT record FROM registrations ORDER BY registered_at, host_id"
             )
-        return [RegistrationRecord.from_json(json.loads(r[0])) for r in rows]
+            return found
+
+        found = await self._db.run(body, write=False)
+        return [RegistrationRecord.from_json(json.loads(r[0])) for r in found]
 
     async def registration_kinds(self) -> dict[str, JoinKind]:
         """Each idempotency key's kind of join ("new" or "renewal")."""
-        async with self._db.transaction() as tx:
-            rows = await tx.fetchall("SELECT idempotency_key, kind FROM registrations")
-        return {str(k): _kind(v) for k, v in rows}
+
+        def body() -> Body[list[Row]]:
+            found: list[Row] = yield rows("SELECT idempotency_key, kind FROM registrations")
+            return found
+
+        return {str(k): _kind(v) for k, v in await self._db.run(body, write=False)}
 
     async def hosts(self, *, include_removed: bool = False) -> list[HostRecord]:
         where = "" if include_removed else " WHERE removed_at IS NULL"
-        async with self._db.transaction() as tx:
-            rows = await tx.fetchall(
+
+        def body() -> Body[list[Row]]:
+            found: list[Row] = yield rows(
                 f"SELECT {_HOST_COLUMNS} FROM hosts{where} ORDER BY first_joined, host_id"  # noqa: S608 - constant SQL
             )
-        return [_host(r) for r in rows]
+            return found
+
+        return [_host(r) for r in await self._db.run(body, write=False)]
 
     async def host(self, host_id: str) -> HostRecord | None:
-        async with self._db.transaction() as tx:
-            row = await tx.fetchone(
+        def body() -> Body[Row | None]:
+            found: Row | None = yield one(
                 f"SELECT {_HOST_COLUMNS} FROM hosts WHERE host_id = ?",  # noqa: S608 - constant SQL
                 host_id,
             )
+            return found
+
+        row = await self._db.run(body, write=False)
         return _host(row) if row is not None else None
 
     # --- locks ------------------------------------------------------------------------------
@@ -276,8 +236,9 @@ class Registry:
             created_at=now,
             expires_at=now + ttl if ttl is not None else None,
         )
-        async with self._db.transaction() as tx:
-            await tx.execute(
+
+        def body() -> Body[None]:
+            yield execute(
                 f"INSERT INTO locks ({_LOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608 - constant SQL
                 lock.lock_id,
                 str(lock.target),
@@ -286,21 +247,29 @@ class Registry:
                 lock.created_at,
                 lock.expires_at,
             )
+
+        await self._db.run(body)
         log.info("lock %s added: %s=%s (%s)", lock.lock_id, lock.target, lock.value, reason)
         return lock
 
     async def locks(self, *, now: datetime | None = None) -> list[Lock]:
         """Every lock, or (given ``now``) those still in force."""
-        async with self._db.transaction() as tx:
-            rows = await tx.fetchall(
+
+        def body() -> Body[list[Row]]:
+            found: list[Row] = yield rows(
                 f"SELECT {_LOCK_COLUMNS} FROM locks ORDER BY created_at, lock_id"  # noqa: S608 - constant SQL
             )
-        found = [_lock(r) for r in rows]
+            return found
+
+        found = [_lock(r) for r in await self._db.run(body, write=False)]
         return found if now is None else [lk for lk in found if lk.active(now)]
 
     async def remove_lock(self, lock_id: str) -> bool:
-        async with self._db.transaction() as tx:
-            removed = await tx.execute("DELETE FROM locks WHERE lock_id = ?", lock_id)
+        def body() -> Body[int]:
+            count: int = yield execute("DELETE FROM locks WHERE lock_id = ?", lock_id)
+            return count
+
+        removed = await self._db.run(body)
         if removed:
             log.info("lock %s removed", lock_id)
         return removed > 0
@@ -309,8 +278,9 @@ class Registry:
         self, reg: Registration, *, host_id: str | None, now: datetime
     ) -> Lock | None:
         """The first lock in force that matches this join, if any."""
-        async with self._db.transaction() as tx:
-            return await _matching_lock(tx, reg, _identity(reg), host_id, now)
+        return await self._db.run(
+            lambda: _matching_lock(reg, _identity(reg), host_id, now), write=False
+        )
 
     def __repr__(self) -> str:
         return f"<Registry {self._db!r}>"
@@ -334,7 +304,77 @@ async def open_registry(
     return registry
 
 
-# --- helpers (one transaction each caller holds) -------------------------------------------
+# --- transaction bodies ----------------------------------------------------------------------
+
+
+def _register(
+    reg: Registration,
+    digest: str,
+    gateway: str,
+    now: datetime,
+    cert_expiry: datetime,
+    issue: Issue,
+) -> Body[Registered]:
+    key = reg.idempotency_key
+    stored = yield from _stored(key)
+    if stored is not None:
+        return _replayed(stored, digest)
+
+    ident = _identity(reg)
+    host_id, kind = yield from _host_for(reg, ident, now)
+    record = RegistrationRecord(
+        host_id=host_id,
+        idempotency_key=key,
+        request_digest=digest,
+        registered_at=now,
+        gateway=gateway,
+        registration=reg,
+        result=issue(host_id),
+    )
+    if not (yield from _insert_registration(record, kind)):
+        # Another replica stored this key meanwhile (we waited for its commit): its answer
+        # is the one; ours was never delivered.
+        stored = yield from _stored(key)
+        if stored is None:  # pragma: no cover - the conflicting row cannot vanish
+            raise RegistryUnavailable("registration vanished during a conflict")
+        return _replayed(stored, digest)
+    yield execute(
+        "UPDATE hosts SET last_renewed = ?, cert_expiry = ?, node_name = ?, "
+        "resource_group = ?, resource_id = ?, renewals = renewals + ? "
+        "WHERE host_id = ?",
+        now,
+        cert_expiry,
+        reg.host.node_name,
+        reg.join.resource_group,
+        reg.join.resource_id,
+        1 if kind == "renewal" else 0,
+        host_id,
+    )
+    return Registered(record=record, kind=kind, replay=False)
+
+
+def _host_for(reg: Registration, ident: VmIdentity, now: datetime) -> Body[tuple[str, JoinKind]]:
+    for _ in range(_HOST_ROUNDS):
+        row = yield one(
+            "SELECT host_id, first_key FROM hosts WHERE tenant = ? AND "
+            "subscription = ? AND vm_id = ? AND removed_at IS NULL",
+            ident.tenant,
+            ident.subscription,
+            ident.vm_id,
+        )
+        lock = yield from _matching_lock(reg, ident, str(row[0]) if row else None, now)
+        if lock is not None:
+            raise HostLocked(lock)
+        if row is not None:
+            # The first join's own retry (its registration was never stored) is still the
+            # host's birth, not a renewal.
+            return str(row[0]), "new" if row[1] == reg.idempotency_key else "renewal"
+        host_id = str(uuid.uuid4())
+        if (yield from _insert_host(host_id, ident, reg, reg.idempotency_key, now, now)):
+            return host_id, "new"
+        # Lost the race to another replica, whose insert we waited for: the next read
+        # (a fresh snapshot at READ COMMITTED) sees its host.
+    raise RegistryUnavailable("could not settle the VM's host (too many concurrent joins)")
 
 
 def _identity(reg: Registration) -> VmIdentity:
@@ -345,13 +385,13 @@ def _kind(value: object) -> JoinKind:
     return "renewal" if value == "renewal" else "new"
 
 
-async def _meta(tx: Tx, key: str) -> str | None:
-    row = await tx.fetchone("SELECT value FROM registry_meta WHERE key = ?", key)
+def _meta(key: str) -> Body[str | None]:
+    row = yield one("SELECT value FROM registry_meta WHERE key = ?", key)
     return str(row[0]) if row is not None else None
 
 
-async def _stored(tx: Tx, key: str) -> tuple[RegistrationRecord, JoinKind] | None:
-    row = await tx.fetchone("SELECT record, kind FROM registrations WHERE idempotency_key = ?", key)
+def _stored(key: str) -> Body[tuple[RegistrationRecord, JoinKind] | None]:
+    row = yield one("SELECT record, kind FROM registrations WHERE idempotency_key = ?", key)
     if row is None:
         return None
     return RegistrationRecord.from_json(json.loads(row[0])), _kind(row[1])
@@ -364,60 +404,55 @@ def _replayed(stored: tuple[RegistrationRecord, JoinKind], digest: str) -> Regis
     return Registered(record=record, kind=kind, replay=True)
 
 
-async def _insert_registration(tx: Tx, record: RegistrationRecord, kind: JoinKind) -> bool:
+def _insert_registration(record: RegistrationRecord, kind: JoinKind) -> Body[bool]:
     doc = json.dumps(record.to_json(), sort_keys=True)
-    return (
-        await tx.execute(
-            "INSERT INTO registrations (idempotency_key, host_id, request_digest, kind, "
-            "registered_at, record) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (idempotency_key) DO NOTHING",
-            record.idempotency_key,
-            record.host_id,
-            record.request_digest,
-            kind,
-            record.registered_at,
-            doc,
-        )
-        == 1
+    count = yield execute(
+        "INSERT INTO registrations (idempotency_key, host_id, request_digest, kind, "
+        "registered_at, record) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (idempotency_key) DO NOTHING",
+        record.idempotency_key,
+        record.host_id,
+        record.request_digest,
+        kind,
+        record.registered_at,
+        doc,
     )
+    return bool(count == 1)
 
 
-async def _insert_host(
-    tx: Tx,
+def _insert_host(
     host_id: str,
     ident: VmIdentity,
     reg: Registration,
     first_key: str,
     first_joined: datetime,
     last_renewed: datetime,
-) -> bool:
-    return (
-        await tx.execute(
-            "INSERT INTO hosts (host_id, tenant, subscription, vm_id, resource_group, "
-            "resource_id, node_name, role, token_name, first_key, first_joined, "
-            "last_renewed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (tenant, subscription, vm_id) WHERE removed_at IS NULL DO NOTHING",
-            host_id,
-            ident.tenant,
-            ident.subscription,
-            ident.vm_id,
-            reg.join.resource_group,
-            reg.join.resource_id,
-            reg.host.node_name,
-            reg.role,
-            reg.token_name,
-            first_key,
-            first_joined,
-            last_renewed,
-        )
-        == 1
+) -> Body[bool]:
+    count = yield execute(
+        "INSERT INTO hosts (host_id, tenant, subscription, vm_id, resource_group, "
+        "resource_id, node_name, role, token_name, first_key, first_joined, "
+        "last_renewed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (tenant, subscription, vm_id) WHERE removed_at IS NULL DO NOTHING",
+        host_id,
+        ident.tenant,
+        ident.subscription,
+        ident.vm_id,
+        reg.join.resource_group,
+        reg.join.resource_id,
+        reg.host.node_name,
+        reg.role,
+        reg.token_name,
+        first_key,
+        first_joined,
+        last_renewed,
     )
+    return bool(count == 1)
 
 
-async def _matching_lock(
-    tx: Tx, reg: Registration, ident: VmIdentity, host_id: str | None, now: datetime
-) -> Lock | None:
-    rows = await tx.fetchall(
+def _matching_lock(
+    reg: Registration, ident: VmIdentity, host_id: str | None, now: datetime
+) -> Body[Lock | None]:
+    found: list[Row] = yield rows(
         f"SELECT {_LOCK_COLUMNS} FROM locks WHERE "  # noqa: S608 - constant SQL
         "(target = 'host' AND value = ?) OR (target = 'vm_id' AND value = ?) OR "
         "(target = 'subscription' AND value = ?) OR (target = 'token' AND value = ?) "
@@ -427,7 +462,7 @@ async def _matching_lock(
         ident.subscription,
         reg.token_name,
     )
-    for row in rows:
+    for row in found:
         lock = _lock(row)
         if lock.active(now):
             return lock

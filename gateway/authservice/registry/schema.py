@@ -8,7 +8,7 @@ refused rather than written with an old idea of the schema.
 
 from __future__ import annotations
 
-from gateway.authservice.registry.db import Dialect, Tx
+from gateway.authservice.registry.db import Body, Dialect, execute, one
 
 __all__ = ["SCHEMA_VERSION", "migrate", "serialize_startup"]
 
@@ -70,18 +70,18 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _TS = {"sqlite": "TEXT", "postgresql": "TIMESTAMPTZ"}
 
 
-async def serialize_startup(tx: Tx, dialect: Dialect) -> None:
-    """Hold, until ``tx`` ends, the lock replicas take for start-up work (migration,
-    import): the second replica waits, then finds the work done."""
+def serialize_startup(dialect: Dialect) -> Body[None]:
+    """Hold, until the transaction ends, the lock replicas take for start-up work
+    (migration, import): the second replica waits, then finds the work done."""
     if dialect == "postgresql":
-        await tx.fetchone("SELECT pg_advisory_xact_lock(?)", _MIGRATION_LOCK)
+        yield one("SELECT pg_advisory_xact_lock(?)", _MIGRATION_LOCK)
 
 
-async def migrate(tx: Tx, dialect: Dialect) -> tuple[int, int]:
+def migrate(dialect: Dialect) -> Body[tuple[int, int]]:
     """Bring the schema to :data:`SCHEMA_VERSION`; returns (version before, after)."""
-    await serialize_startup(tx, dialect)
-    await tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = await tx.fetchone("SELECT MAX(version) FROM schema_version")
+    yield from serialize_startup(dialect)
+    yield execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = yield one("SELECT MAX(version) FROM schema_version")
     current = int(row[0]) if row is not None and row[0] is not None else 0
     if current > SCHEMA_VERSION:
         raise ValueError(
@@ -90,6 +90,6 @@ async def migrate(tx: Tx, dialect: Dialect) -> tuple[int, int]:
         )
     for version in range(current + 1, SCHEMA_VERSION + 1):
         for statement in _MIGRATIONS[version - 1]:
-            await tx.execute(statement.format(ts=_TS[dialect]))
-        await tx.execute("INSERT INTO schema_version (version) VALUES (?)", version)
+            yield execute(statement.format(ts=_TS[dialect]))
+        yield execute("INSERT INTO schema_version (version) VALUES (?)", version)
     return current, SCHEMA_VERSION
