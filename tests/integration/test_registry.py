@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import signal
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,6 +22,7 @@ import pytest
 
 from gateway.authservice import (
     AuthPaths,
+    AuthService,
     HostAuthority,
     HostLocked,
     LockTarget,
@@ -31,8 +35,9 @@ from gateway.authservice.registry import SCHEMA_VERSION, IdempotencyConflict, Re
 from gateway.authservice.registry.db import execute
 from gateway.authservice.store import write_record
 from gateway.authservice.wire import request_digest
-from gateway.join.forward import Registration
-from tests.integration.test_authservice import make_reg, new_keys
+from gateway.core.clock import SystemClock
+from gateway.join.forward import AuthClient, Registration
+from tests.integration.test_authservice import gateway_ctx, make_reg, new_keys, post_raw
 from tests.support.postgres import PostgresCluster
 
 pytestmark = pytest.mark.integration
@@ -328,3 +333,78 @@ async def test_an_unreadable_json_record_stops_the_start(
         await open_registry(
             database, data_dir=paths.data_dir, import_from=paths.registrations_dir
         )
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+async def test_auth_serve_keeps_its_registry_in_the_given_postgresql(
+    cluster: PostgresCluster, paths: AuthPaths
+) -> None:
+    url = await cluster.create_database()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "auth", "serve",
+        "--data-dir", str(paths.data_dir), "--database", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        service_url = line.strip().rsplit(" ", 1)[1]
+        client = AuthClient(url=service_url, ssl_context=gateway_ctx(paths), clock=SystemClock())
+        async with client:
+            first = await client.register(vm_reg(key="cli-1"))
+            again = await client.register(vm_reg(key="cli-2"))
+        assert (first.renewal, again.renewal, again.host_id) == (False, True, first.host_id)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    async with await open_registry(url, data_dir=paths.data_dir) as reg:
+        [host] = await reg.hosts()
+        assert (host.host_id, host.renewals) == (first.host_id, 1)
+    assert not (paths.data_dir / "registry.sqlite3").exists(), "SQLite was not used"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://root:hunter2@127.0.0.1/x", "postgresql://jg:hunter2@127.0.0.1:1/none"],
+    ids=[
+        "an unsupported database URL is a start-up failure",
+        "an unreachable PostgreSQL is a start-up failure without its password",
+    ],
+)
+async def test_auth_serve_refuses_a_database_it_cannot_use(paths: AuthPaths, url: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "auth", "serve",
+        "--data-dir", str(paths.data_dir), "--database", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 3, (out, err)
+    assert b"auth service failed to start" in err
+    assert b"hunter2" not in out + err
+
+
+async def test_the_auth_service_answers_a_locked_join_with_403_host_locked(
+    paths: AuthPaths,
+) -> None:
+    async with AuthService(data_dir=paths.data_dir) as service:
+        reg = vm_reg(key="http-1")
+        status, body = await post_raw(service, gateway_ctx(paths), _body_of(reg))
+        assert (status, body["renewal"]) == (200, False)
+        lock = await service.registry.add_lock(
+            LockTarget.HOST, body["host_id"], reason="stolen disk image", now=NOW
+        )
+        status, refused = await post_raw(service, gateway_ctx(paths), _body_of(vm_reg(key="h2")))
+        assert (status, refused["error"]["code"]) == (403, "host_locked")
+        assert "stolen disk image" in refused["error"]["message"]
+        await service.registry.remove_lock(lock.lock_id)
+        status, again = await post_raw(service, gateway_ctx(paths), _body_of(vm_reg(key="h3")))
+        assert (status, again["host_id"], again["renewal"]) == (200, body["host_id"], True)
+
+
+def _body_of(reg: Registration) -> bytes:
+    return json.dumps(reg.to_json()).encode()
