@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -597,38 +598,32 @@ def test_auth_serve_rejects_a_bad_listen_address(tmp_path: Path) -> None:
     assert auth_cli.run(_cli(["serve", "--data-dir", str(tmp_path), "--listen", "nope"])) == 2
 
 
-async def test_auth_serve_runs_until_sigterm(paths: AuthPaths) -> None:
-    code = (
-        "import argparse, sys\n"
-        "from gateway.authservice import cli\n"
-        "p = argparse.ArgumentParser(); cli.add_arguments(p)\n"
-        "sys.exit(cli.run(p.parse_args(sys.argv[1:])))\n"
-    )
+@asynccontextmanager
+async def auth_serve(*args: str) -> AsyncIterator[str]:
+    """``join-gateway auth serve ARGS`` as a process; yields its URL. Leaving the block
+    sends SIGTERM, which must exit 0."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        code,
-        "serve",
-        "--data-dir",
-        str(paths.data_dir),
-        "--listen",
-        "127.0.0.1:0",
-        stdout=asyncio.subprocess.PIPE,
-        cwd=ROOT,
+        sys.executable, "-m", "gateway.cli", "auth", "serve", *args,
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    )  # fmt: skip
     try:
         assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         url = line.strip().rsplit(" ", 1)[1]
         assert url.startswith("https://127.0.0.1:")
-        client = AuthClient(url=url, ssl_context=gateway_ctx(paths), clock=SystemClock())
-        async with client:
-            result = await client.register(make_reg(new_keys()))
-        assert result.host_id
+        yield url
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_auth_serve_runs_until_sigterm(paths: AuthPaths) -> None:
+    async with auth_serve("--data-dir", str(paths.data_dir), "--listen", "127.0.0.1:0") as url:
+        client = AuthClient(url=url, ssl_context=gateway_ctx(paths), clock=SystemClock())
+        async with client:
+            result = await client.register(make_reg(new_keys()))
+        assert result.host_id

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -37,7 +36,13 @@ from gateway.authservice.store import write_record
 from gateway.authservice.wire import request_digest
 from gateway.core.clock import SystemClock
 from gateway.join.forward import AuthClient, Registration
-from tests.integration.test_authservice import gateway_ctx, make_reg, new_keys, post_raw
+from tests.integration.test_authservice import (
+    auth_serve,
+    gateway_ctx,
+    make_reg,
+    new_keys,
+    post_raw,
+)
 from tests.support.postgres import PostgresCluster
 
 pytestmark = pytest.mark.integration
@@ -342,26 +347,12 @@ async def test_auth_serve_keeps_its_registry_in_the_given_postgresql(
     cluster: PostgresCluster, paths: AuthPaths
 ) -> None:
     url = await cluster.create_database()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "auth", "serve",
-        "--data-dir", str(paths.data_dir), "--database", url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        service_url = line.strip().rsplit(" ", 1)[1]
+    async with auth_serve("--data-dir", str(paths.data_dir), "--database", url) as service_url:
         client = AuthClient(url=service_url, ssl_context=gateway_ctx(paths), clock=SystemClock())
         async with client:
             first = await client.register(vm_reg(key="cli-1"))
             again = await client.register(vm_reg(key="cli-2"))
-        assert (first.renewal, again.renewal, again.host_id) == (False, True, first.host_id)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    assert (first.renewal, again.renewal, again.host_id) == (False, True, first.host_id)
     async with await open_registry(url, data_dir=paths.data_dir) as reg:
         [host] = await reg.hosts()
         assert (host.host_id, host.renewals) == (first.host_id, 1)
