@@ -399,3 +399,25 @@ async def test_the_auth_service_answers_a_locked_join_with_403_host_locked(
 
 def _body_of(reg: Registration) -> bytes:
     return json.dumps(reg.to_json()).encode()
+
+
+async def test_a_lost_postgresql_is_503_registry_unavailable_then_recovers(
+    paths: AuthPaths,
+) -> None:
+    """Registration through a registry whose database went away: a retryable 503 with
+    a code (the gateway retries it safely under the same idempotency key), never a 500 or
+    a stall; when the database is back, the same join registers."""
+    with PostgresCluster() as own:
+        url = await own.create_database()
+        async with AuthService(data_dir=paths.data_dir, database=url) as service:
+            ok, body = await post_raw(service, gateway_ctx(paths), _body_of(vm_reg(key="p1")))
+            assert ok == 200
+            own.stop_server()
+            retry = _body_of(vm_reg(key="p2"))
+            status, down = await asyncio.wait_for(
+                post_raw(service, gateway_ctx(paths), retry), 30
+            )
+            assert (status, down["error"]["code"]) == (503, "registry_unavailable")
+            own.start_server()
+            status, back = await post_raw(service, gateway_ctx(paths), retry)
+            assert (status, back["host_id"], back["renewal"]) == (200, body["host_id"], True)

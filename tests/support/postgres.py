@@ -101,19 +101,8 @@ class PostgresCluster:
         last = ""
         for _ in range(5):  # the free port may be taken between probing and binding
             port = free_port()
-            opts = (
-                f"-c listen_addresses=127.0.0.1 -c port={port} "
-                f"-c unix_socket_directories={self._dir} -c fsync=off "
-                "-c max_connections=60"
-            )
             try:
-                self._run(
-                    str(self._bin / "pg_ctl"),
-                    "start", "-w", "-t", "60",
-                    "-D", str(data),
-                    "-l", str(self._dir / "postgres.log"),
-                    "-o", opts,
-                )  # fmt: skip
+                self._pg_ctl_start(port)
             except RuntimeError as exc:
                 last = f"{exc}\n{self.log()[-800:]}"
                 continue
@@ -121,6 +110,33 @@ class PostgresCluster:
             return
         self._cleanup()
         raise RuntimeError(f"could not start PostgreSQL: {last}")
+
+    def _pg_ctl_start(self, port: int) -> None:
+        assert self._dir is not None
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -c port={port} "
+            f"-c unix_socket_directories={self._dir} -c fsync=off "
+            "-c max_connections=60"
+        )
+        self._run(
+            str(self._bin / "pg_ctl"),
+            "start", "-w", "-t", "60",
+            "-D", str(self._dir / "data"),
+            "-l", str(self._dir / "postgres.log"),
+            "-o", opts,
+        )  # fmt: skip
+
+    def stop_server(self) -> None:
+        """Stop the server but keep its data and port (see :meth:`start_server`)."""
+        assert self._dir is not None
+        self._run(
+            str(self._bin / "pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(self._dir / "data")
+        )
+
+    def start_server(self) -> None:
+        """Start the stopped server again, on the same port, with the same data."""
+        assert self.port is not None
+        self._pg_ctl_start(self.port)
 
     def log(self) -> str:
         path = self._dir / "postgres.log" if self._dir else None
