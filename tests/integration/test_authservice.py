@@ -326,8 +326,9 @@ async def test_records_are_kept_privately_and_reloaded_after_restart(paths: Auth
         pin = svc.ca_pin()
         async with auth_client(svc, paths) as client:
             first = await client.register(reg)
-    database = paths.data_dir / "registry.sqlite3"
-    assert stat.S_IMODE(database.stat().st_mode) == 0o600
+        # While the service runs, the database and its WAL files are private.
+        for name in ("registry.sqlite3", "registry.sqlite3-wal", "registry.sqlite3-shm"):
+            assert stat.S_IMODE((paths.data_dir / name).stat().st_mode) == 0o600, name
     for key in (paths.host_ca_key, paths.ssh_ca_key, paths.client_ca_key, paths.server_key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
 

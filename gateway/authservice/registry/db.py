@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
 import sqlite3
 from collections.abc import Callable, Generator
@@ -168,6 +169,9 @@ class SqliteDatabase:
 
     def _connect(self) -> sqlite3.Connection:
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+        # database file's mode, so the records are never readable by others, even briefly.
+        os.close(os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves. timeout: wait for another
         # process's write lock (a second auth service on the same file) instead of failing.
         conn = sqlite3.connect(
@@ -176,7 +180,6 @@ class SqliteDatabase:
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a registration acknowledged to a gateway survives a power cut.
         conn.execute("PRAGMA synchronous=FULL")
-        self._path.chmod(0o600)
         return conn
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
