@@ -39,7 +39,7 @@ from gateway.agent import (
     make_ssl_context,
     run_join,
 )
-from gateway.dev.devstack import DevStack, agent_settings, dev_stack, write_stack_files
+from gateway.dev.devstack import DevStack, agent_settings, dev_stack
 from gateway.dev.emulator import EmulatedVm, Latency
 
 __all__ = ["add_arguments", "run"]
@@ -202,12 +202,6 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
     started = time.perf_counter()
     async with dev_stack(workdir, tokens_yaml=TOKENS, latency=latency) as stack:
         fleet = _fleet(stack, args.vms)
-        if args.workdir:
-            # The same files as ``join-gateway dev``: any VM of the fleet can be joined by
-            # hand afterwards from its node config (while a dev stack runs on this workdir).
-            write_stack_files(
-                stack, fleet.joiners, gateway_url=stack.gateway_url, config=stack.config
-            )
         print(f"gateway  {stack.gateway_url}   auth service {stack.auth.url}")
         emu = stack.emulator
         print(f"emulator {emu.https_url} (Entra, ARM)  {emu.http_url} (IMDS, AIA)")

@@ -324,7 +324,9 @@ async def _wait_ready(url: str, ca_file: Path, proc: asyncio.subprocess.Process)
 
 
 @asynccontextmanager
-async def _gateway_process(config: Config, stack: DevStack) -> AsyncIterator[tuple[str, Config]]:
+async def _gateway_process(
+    config: Config, stack: DevStack
+) -> AsyncIterator[tuple[str, Config, asyncio.subprocess.Process]]:
     """``join-gateway serve`` with several workers, as a child process of ours."""
     port = _free_port()
     config = dataclasses.replace(config, listeners=(ListenerConfig(f"127.0.0.1:{port}"),))
@@ -339,7 +341,7 @@ async def _gateway_process(config: Config, stack: DevStack) -> AsyncIterator[tup
     url = f"https://127.0.0.1:{port}"
     try:
         await _wait_ready(url, stack.gateway_ca_file, proc)
-        yield url, config
+        yield url, config, proc
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)  # the supervisor drains and stops its workers
@@ -366,6 +368,10 @@ async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> i
             file=sys.stderr,
         )
         return 3
+    rc = 0
+    stack_json = workdir / "stack.json"
+    # Its appearance means "ready": one left by an earlier session must not say so.
+    stack_json.unlink(missing_ok=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -404,6 +410,7 @@ async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> i
                 )
                 for i in range(1, vms + 1)
             ]
+            gateway_proc: asyncio.subprocess.Process | None = None
             if redis is None:
                 url = stack.gateway_url
                 port = int(url.rsplit(":", 1)[1])
@@ -411,19 +418,39 @@ async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> i
                     stack.config, listeners=(ListenerConfig(f"127.0.0.1:{port}"),)
                 )
             else:
-                url, config = await exits.enter_async_context(
+                url, config, gateway_proc = await exits.enter_async_context(
                     _gateway_process(stack.config, stack)
                 )
             extra = {"redis_url": redis.url} if redis is not None else {}
             path = write_stack_files(stack, fleet, gateway_url=url, config=config, extra=extra)
             _print_ready(path, stack, url, fleet)
-            await stop.wait()
+            if gateway_proc is None:
+                await stop.wait()
+            else:
+                # A gateway child that dies ends the session too, rather than leaving a
+                # stack.json that points at nothing.
+                waits = {
+                    asyncio.ensure_future(stop.wait()),
+                    asyncio.ensure_future(gateway_proc.wait()),
+                }
+                _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+                # (Ctrl+C reaches the child too: then it stopping is no failure.)
+                if gateway_proc.returncode is not None and not stop.is_set():
+                    print(
+                        f"join-gateway dev: the gateway exited ({gateway_proc.returncode}); "
+                        f"see {workdir / 'gateway' / 'gateway.log'}",
+                        file=sys.stderr,
+                    )
+                    rc = 1
             print("join-gateway dev: stopping", flush=True)
+            stack_json.unlink(missing_ok=True)  # it would point at nothing
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
-    return 0
+    return rc
 
 
 def _print_ready(path: Path, stack: DevStack, url: str, fleet: Sequence[EmulatedVm]) -> None:

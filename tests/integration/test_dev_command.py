@@ -58,8 +58,12 @@ async def wait_for_stack(path: Path, proc: asyncio.subprocess.Process, log: Path
     for _ in range(900):
         if proc.returncode is not None:
             pytest.fail(f"join-gateway dev exited {proc.returncode}: {log.read_text()[-2000:]}")
+        # The stale file of an earlier session is removed at start; this session's names
+        # our process (and is written atomically, so it never parses half).
         if path.exists():
-            return json.loads(path.read_text())
+            info = json.loads(path.read_text())
+            if info.get("pid") == proc.pid:
+                return info
         await asyncio.sleep(0.1)
     pytest.fail(f"no stack.json after 90 s: {log.read_text()[-2000:]}")
 
@@ -95,6 +99,8 @@ async def test_dev_runs_the_stack_until_sigterm_and_vms_join_by_hand(
     if workers > 1:
         require_binary("redis-server")
     workdir = tmp_path / "dev"
+    workdir.mkdir()
+    (workdir / "stack.json").write_text("{}")  # left by an earlier session: not "ready"
     log = tmp_path / "dev.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
@@ -156,6 +162,7 @@ async def test_dev_runs_the_stack_until_sigterm_and_vms_join_by_hand(
             pytest.fail(f"join-gateway dev did not stop on SIGTERM: {log.read_text()[-2000:]}")
     assert rc == 0, log.read_text()[-2000:]
     assert "stopping" in log.read_text()
+    assert not (workdir / "stack.json").exists(), "a stack.json of a stopped stack"
     left = [pid for pid in children if alive(pid)]
     assert not left, f"processes left behind: {left}"
 
