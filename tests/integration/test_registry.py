@@ -330,14 +330,50 @@ async def test_json_records_are_imported_once(
         assert len(await reg.registrations()) == 4  # three imported + the renewal
 
 
+async def test_each_replicas_json_directory_is_imported_into_the_shared_database(
+    database: str | None, tmp_path: Path, authority: HostAuthority
+) -> None:
+    """Two auth services that each kept their own JSON files, now sharing one database:
+    both directories come in (the marker is the directory's), a VM known to both keeps
+    one host, and a record present in both is stored once."""
+    shared = database or f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    both = vm_reg(VM_A, key="in-both")
+    dirs = {name: init_auth_dir(tmp_path / name) for name in ("replica-a", "replica-b")}
+    for i, (name, vm) in enumerate([("replica-a", VM_A), ("replica-b", VM_A), ("replica-b", VM_B)]):
+        reg = vm_reg(vm, key=f"{name}-{i}")
+        host_id = f"00000000-0000-4000-8000-0000000000a{i}"
+        for r in (reg, both):
+            write_record(
+                dirs[name].registrations_dir,
+                RegistrationRecord(
+                    host_id=host_id if r is reg else "00000000-0000-4000-8000-0000000000ff",
+                    idempotency_key=r.idempotency_key,
+                    request_digest=request_digest(r),
+                    registered_at=NOW + timedelta(minutes=i),
+                    gateway="join-gateway",
+                    registration=r,
+                    result=authority.issue(host_id=host_id, host=r.host, now=NOW, ttl=TTL),
+                ),
+            )
+    for name in ("replica-a", "replica-b"):
+        paths = dirs[name]
+        async with await open_registry(
+            shared, data_dir=paths.data_dir, import_from=paths.registrations_dir
+        ):
+            pass
+        assert (paths.registrations_dir / ".imported").is_file()
+    async with await open_registry(shared, data_dir=tmp_path) as reg:
+        keys = sorted(r.idempotency_key for r in await reg.registrations())
+        assert keys == ["in-both", "replica-a-0", "replica-b-1", "replica-b-2"]
+        assert sorted(h.vm_id for h in await reg.hosts()) == [VM_A, VM_B]
+
+
 async def test_an_unreadable_json_record_stops_the_start(
     database: str | None, paths: AuthPaths
 ) -> None:
     (paths.registrations_dir / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable registration record"):
-        await open_registry(
-            database, data_dir=paths.data_dir, import_from=paths.registrations_dir
-        )
+        await open_registry(database, data_dir=paths.data_dir, import_from=paths.registrations_dir)
 
 
 # --- the command line -----------------------------------------------------------------------
@@ -414,9 +450,7 @@ async def test_a_lost_postgresql_is_503_registry_unavailable_then_recovers(
             assert ok == 200
             own.stop_server()
             retry = _body_of(vm_reg(key="p2"))
-            status, down = await asyncio.wait_for(
-                post_raw(service, gateway_ctx(paths), retry), 30
-            )
+            status, down = await asyncio.wait_for(post_raw(service, gateway_ctx(paths), retry), 30)
             assert (status, down["error"]["code"]) == (503, "registry_unavailable")
             own.start_server()
             status, back = await post_raw(service, gateway_ctx(paths), retry)

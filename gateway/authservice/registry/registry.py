@@ -55,6 +55,7 @@ from gateway.authservice.registry.model import (
 )
 from gateway.authservice.registry.schema import migrate, serialize_startup
 from gateway.authservice.store import RegistrationRecord, read_records
+from gateway.core.tlsutil import atomic_write
 from gateway.join.forward import RegisterResult, Registration
 
 __all__ = ["Registry", "open_registry"]
@@ -70,7 +71,8 @@ _HOST_COLUMNS = (
     "token_name, first_joined, last_renewed, cert_expiry, renewals, removed_at"
 )
 _LOCK_COLUMNS = "lock_id, target, value, reason, created_at, expires_at"
-_IMPORT_MARK = "json_import"
+# Written into a JSON records directory once the registry holds its records.
+_IMPORT_MARKER = ".imported"
 
 Issue = Callable[[str], RegisterResult]
 
@@ -101,24 +103,30 @@ class Registry:
         return await self._db.run(lambda: migrate(dialect))
 
     async def import_json_records(self, directory: Path) -> int | None:
-        """Import ``store.py``'s JSON files once (the first start on this database).
+        """Import a directory of ``store.py``'s JSON files once (its first start here).
 
-        Returns how many records were imported, or None if an import already happened.
-        An unreadable file stops the start: skipping it would forget an idempotency key.
-        Records made before hosts existed each carry their own random host ID; a VM's
-        host becomes the ID of its *latest* record, the identity its node holds now.
+        Returns how many records were read, or None if the directory was imported before
+        (its ``.imported`` marker) or does not exist. The marker is the directory's, not
+        the database's: replicas that kept their own JSON directories before sharing one
+        PostgreSQL each bring theirs in. Inserts are idempotent (by idempotency key; a VM
+        that already has a host keeps it), so an import interrupted before its marker is
+        simply done again. An unreadable file stops the start: skipping it would forget an
+        idempotency key. Records made before hosts existed each carry their own random
+        host ID; a VM's host becomes the ID of its *latest* record, the identity its node
+        holds now.
         """
-        if await self._db.run(lambda: _meta(_IMPORT_MARK), write=False) is not None:
+        marker = directory / _IMPORT_MARKER
+        if not await asyncio.to_thread(directory.is_dir) or await asyncio.to_thread(marker.exists):
             return None
         records = await asyncio.to_thread(read_records, directory)
         dialect = self._db.dialect
 
-        def body() -> Body[int | None]:
-            yield from serialize_startup(dialect)
-            if (yield from _meta(_IMPORT_MARK)) is not None:
-                return None  # another replica imported meanwhile
+        def body() -> Body[int]:
+            yield from serialize_startup(dialect)  # replicas on one directory: one at a time
+            added = 0
             for rec in records:
-                yield from _insert_registration(rec, "new")
+                if (yield from _insert_registration(rec, "new")):
+                    added += 1
             latest: dict[VmIdentity, RegistrationRecord] = {}
             first: dict[VmIdentity, datetime] = {}
             for rec in records:  # oldest first
@@ -134,17 +142,25 @@ class Registry:
                     first[ident],
                     rec.registered_at,
                 )
+            # A trail in the database of what was imported from where.
             yield execute(
-                "INSERT INTO registry_meta (key, value) VALUES (?, ?)",
-                _IMPORT_MARK,
-                str(len(records)),
+                "INSERT INTO registry_meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                f"json_import {uuid.uuid4()}",
+                json.dumps({"directory": str(directory), "records": len(records)}),
             )
-            return len(records)
+            return added
 
-        imported = await self._db.run(body)
-        if imported:
-            log.info("imported %s JSON registration records from %s", imported, directory)
-        return imported
+        added = await self._db.run(body)
+        stamp = json.dumps({"records": len(records), "added": added}).encode() + b"\n"
+        await asyncio.to_thread(atomic_write, marker, stamp, mode=0o600)
+        if records:
+            log.info(
+                "imported %s JSON registration records from %s (%s new to the registry)",
+                len(records),
+                directory,
+                added,
+            )
+        return len(records)
 
     # --- joins ------------------------------------------------------------------------------
 
@@ -383,11 +399,6 @@ def _identity(reg: Registration) -> VmIdentity:
 
 def _kind(value: object) -> JoinKind:
     return "renewal" if value == "renewal" else "new"
-
-
-def _meta(key: str) -> Body[str | None]:
-    row = yield one("SELECT value FROM registry_meta WHERE key = ?", key)
-    return str(row[0]) if row is not None else None
 
 
 def _stored(key: str) -> Body[tuple[RegistrationRecord, JoinKind] | None]:

@@ -61,6 +61,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             expires_at {ts}
         )""",
         "CREATE INDEX locks_target ON locks (target, value)",
+        # Markers and a trail (e.g. each JSON import: from where, how many records).
         "CREATE TABLE registry_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
 )
