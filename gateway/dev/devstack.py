@@ -235,9 +235,12 @@ def write_stack_files(
     gateway_url: str,
     config: Config,
     extra: dict[str, Any] | None = None,
+    announce: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Write ``gateway/gateway.yaml``, ``nodes/<vm>.yaml`` and, last, ``stack.json``
-    (its appearance means everything is ready); returns the path of ``stack.json``."""
+    (its appearance means everything is ready); returns the path of ``stack.json``.
+    ``announce(info)`` runs just before ``stack.json`` appears (what a person reads is
+    on the terminal by the time a script sees the file)."""
     wd = stack.workdir
     config_path = wd / "gateway" / "gateway.yaml"
     atomic_write(config_path, dump_config(config).encode())
@@ -272,6 +275,7 @@ def write_stack_files(
         )
     info = {
         "pid": os.getpid(),
+        "workdir": str(wd),
         "gateway": {
             "url": gateway_url,
             "ca_file": str(stack.gateway_ca_file),
@@ -295,6 +299,8 @@ def write_stack_files(
         **(extra or {}),
     }
     path = wd / "stack.json"
+    if announce is not None:
+        announce(info)
     atomic_write(path, json.dumps(info, indent=2).encode() + b"\n")
     return path
 
@@ -422,8 +428,9 @@ async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> i
                     _gateway_process(stack.config, stack)
                 )
             extra = {"redis_url": redis.url} if redis is not None else {}
-            path = write_stack_files(stack, fleet, gateway_url=url, config=config, extra=extra)
-            _print_ready(path, stack, url, fleet)
+            write_stack_files(
+                stack, fleet, gateway_url=url, config=config, extra=extra, announce=_print_ready
+            )
             if gateway_proc is None:
                 await stop.wait()
             else:
@@ -453,13 +460,13 @@ async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> i
     return rc
 
 
-def _print_ready(path: Path, stack: DevStack, url: str, fleet: Sequence[EmulatedVm]) -> None:
-    info = json.loads(path.read_text())
-    print(f"gateway       {url}  (CA {stack.gateway_ca_file})")
-    print(f"auth service  {stack.auth.url}  (data {info['auth']['data_dir']})")
-    print(f"emulator      {stack.emulator.https_url}  {stack.emulator.http_url}")
-    print(f"stack         {path}")
-    if fleet:
+def _print_ready(info: dict[str, Any]) -> None:
+    gw, auth, emu = info["gateway"], info["auth"], info["emulator"]
+    print(f"gateway       {gw['url']}  (CA {gw['ca_file']}, config {gw['config']})")
+    print(f"auth service  {auth['url']}  (data {auth['data_dir']})")
+    print(f"emulator      {emu['https_url']}  {emu['http_url']}")
+    print(f"stack         {Path(info['workdir']) / 'stack.json'}")
+    if info["vms"]:
         first = info["vms"][0]
         print(f"\njoin {first['name']} by hand:\n  {' '.join(first['join_command'])}")
     print("\nrunning; Ctrl+C or SIGTERM stops everything", flush=True)
