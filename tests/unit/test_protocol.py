@@ -365,12 +365,6 @@ def test_registration_fields(changes: dict[str, Any], outcome: str) -> None:
     assert (err.value.status, err.value.code) == (400, RegisterCode.INVALID_REQUEST)
 
 
-def test_the_auth_service_codes_are_the_gateway_codes_where_they_overlap() -> None:
-    for code in RegisterCode:
-        if code is not RegisterCode.IDEMPOTENCY_CONFLICT:
-            assert Code(code.value)
-
-
 def test_node_names_and_dns_names() -> None:
     assert is_node_name("web-1.prod")
     assert not is_node_name("web-1.prod\n")
@@ -408,3 +402,26 @@ def test_error_bodies(body: object, expected: tuple[str, str] | None) -> None:
     assert (None if err is None else (err.code, err.message)) == expected
     if err is not None:
         assert ErrorBody.from_json(err.to_json()) == err
+
+
+@pytest.mark.parametrize(
+    ("renewal", "valid"),
+    [(None, True), (True, True), (False, True), ("yes", False)],
+    ids=[
+        "an auth service that does not say is understood",
+        "a renewal round-trips",
+        "a new host round-trips",
+        "a renewal flag that is not a boolean is refused",
+    ],
+)
+def test_the_register_result_carries_the_renewal_flag(renewal: object, valid: bool) -> None:
+    result = RegisterResult(
+        host_id="h-1", ssh_cert="s", tls_cert="t", tls_ca_certs=("ca",), ssh_ca_keys=("k",)
+    )
+    body = {**result.body_json(), "renewal": renewal} if renewal is not None else result.body_json()
+    if valid:
+        assert RegisterResult.from_json(body) == replace(result, renewal=renewal)
+        assert RegisterResult.from_json(body).body_json() == body
+    else:
+        with pytest.raises(ValueError, match="renewal"):
+            RegisterResult.from_json(body)
