@@ -134,7 +134,7 @@ def parse_proxy_server(value: object, *, source: str = "", line: int | None = No
             port_text = rest[1:]
     elif ":" in text:
         host, port_text = text.rsplit(":", 1)
-    if not host.startswith("[") and not _HOST_RE.match(host):
+    if not host.startswith("[") and not _HOST_RE.fullmatch(host):
         raise NodeConfigError(f"bad host in proxy_server {value!r}", source=source, line=line)
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise NodeConfigError(f"bad port in proxy_server {value!r}", source=source, line=line)

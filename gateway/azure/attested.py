@@ -242,7 +242,7 @@ def check_signer_name(cert: x509.Certificate, cloud: CloudProfile) -> str:
 
 def parse_azure_time(value: object) -> datetime:
     """``MM/DD/YY HH:MM:SS -0000`` → aware datetime. Anything else → CONTENT_INVALID."""
-    match = _AZURE_TIME.match(value) if isinstance(value, str) else None
+    match = _AZURE_TIME.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail=f"bad timestamp {value!r}")
     mo, d, y, h, mi, s, sign, oh, om = match.groups()

@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway.agent.errors import NodeConfigError
-from gateway.agent.nodeconfig import parse_node_config
+from gateway.agent.nodeconfig import parse_node_config, parse_proxy_server
 from gateway.authservice.wire import AuthServiceError
 from gateway.authservice.wire import decode_registration as auth_decode_registration
-from gateway.azure.attested import parse_content
+from gateway.azure.attested import parse_azure_time, parse_content
 from gateway.core.errors import BadRequest, GatewayError, PayloadTooLarge
 from gateway.http.schema import decode_join_request as http_decode_join_request
 from gateway.protocol import (
@@ -425,3 +425,19 @@ def test_the_register_result_carries_the_renewal_flag(renewal: object, valid: bo
     else:
         with pytest.raises(ValueError, match="renewal"):
             RegisterResult.from_json(body)
+
+
+# --- the same newline bug in two other value checks ----------------------------------------
+
+
+def test_an_attested_timestamp_ending_in_a_newline_is_refused() -> None:
+    assert parse_azure_time("07/28/26 13:24:00 -0000").year == 2026
+    with pytest.raises(GatewayError) as err:
+        parse_azure_time("07/28/26 13:24:00 -0000\n")
+    assert err.value.code is Code.ATTESTED_CONTENT_INVALID
+
+
+def test_a_proxy_server_host_with_a_newline_is_refused() -> None:
+    assert parse_proxy_server("gw.example.com:443") == "https://gw.example.com:443"
+    with pytest.raises(NodeConfigError):
+        parse_proxy_server("gw.example.com\n:443")
