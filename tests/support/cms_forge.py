@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "DIGEST_OIDS",
+    "INTERMEDIATE_CN",
     "T0",
     "Issued",
     "Pki",
@@ -199,10 +200,15 @@ class Pki:
         return self.root.pem
 
 
+# The forged intermediate's CN: not an Azure name, so verifiers that should accept it from a
+# request are told it (``AttestedVerifier(known_issuer_names=...)``).
+INTERMEDIATE_CN = "Forged Azure Issuing CA 99"
+
+
 def make_pki(*, leaf_aia_urls: Sequence[str] = (), root_cn: str = "Forged Root G9") -> Pki:
     """root → intermediate → leaf ``metadata.azure.com`` (SANs, serverAuth), valid around T0."""
     root = _ca(root_cn, _key(), None, T0 - timedelta(days=3650), 7300)
-    inter = _ca("Forged Azure Issuing CA 99", _key(), root, T0 - timedelta(days=365), 1825)
+    inter = _ca(INTERMEDIATE_CN, _key(), root, T0 - timedelta(days=365), 1825)
     leaf = issue_leaf(inter, aia_urls=leaf_aia_urls)
     return Pki(root=root, intermediate=inter, leaf=leaf)
 

@@ -28,6 +28,7 @@ from gateway.core.clock import FixedClock
 from gateway.core.cloud import CLOUDS
 from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected
 from tests.support.cms_forge import (
+    INTERMEDIATE_CN,
     T0,
     Pki,
     azure_content,
@@ -70,6 +71,7 @@ def _verifier(
         chain_cache=cache,
         clock=clock or FixedClock(s.now),
         require_subscription=s.require_subscription,
+        known_issuer_names=(INTERMEDIATE_CN,),
     )
 
 
