@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs7
 from yarl import URL
 
+from gateway.azure.certs import CERTIFICATE_ERRORS, CertificateUnreadable, load_der_certificate
 from gateway.core.cache import Cache, MemoryCache
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.errors import Code, Overloaded
@@ -238,8 +239,11 @@ class AiaFetcher:
         raise AiaRefused("too many redirects")
 
 
+_LOAD_ERRORS: tuple[type[Exception], ...] = (*CERTIFICATE_ERRORS, CertificateUnreadable)
+
+
 def _load_der_certificate(data: bytes) -> list[x509.Certificate]:
-    return [x509.load_der_x509_certificate(data)]
+    return [load_der_certificate(data)]
 
 
 def _parse_certificates(body: bytes) -> tuple[x509.Certificate, ...]:
@@ -260,7 +264,9 @@ def _parse_certificates(body: bytes) -> tuple[x509.Certificate, ...]:
     for loader in loaders:
         try:
             certs = loader(data)
-        except ValueError:
+        # Every library error on hostile bytes (InvalidVersion is not a ValueError), and
+        # ours for the DER loader: the body is then "not a certificate", never a 500.
+        except _LOAD_ERRORS:
             continue
         if certs:
             return tuple(certs)
