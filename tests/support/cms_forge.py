@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,8 +36,11 @@ __all__ = [
     "azure_content",
     "azure_time",
     "forge",
+    "huge_exponent_key",
+    "issue_ca",
     "issue_leaf",
     "make_pki",
+    "with_x509_version",
 ]
 
 DIGEST_OIDS = {
@@ -186,6 +191,45 @@ def issue_leaf(
         x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False
     )
     return Issued(key, builder.sign(signer, hashes.SHA256()))
+
+
+def issue_ca(
+    cn: str,
+    *,
+    key: rsa.RSAPrivateKey | None = None,
+    issuer: Issued | None = None,
+    not_before: datetime = T0 - timedelta(days=365),
+) -> Issued:
+    """A CA certificate ``cn`` issued by ``issuer``; ``issuer=None`` makes it self-issued and
+    self-signed with ``key`` (each call a new serial: same name, same key, new certificate)."""
+    return _ca(cn, key or _key(), issuer, not_before, 1825)
+
+
+def huge_exponent_key(bits: int = 3072) -> rsa.RSAPrivateKey:
+    """A real RSA key pair whose public exponent is about ``bits`` long: every verify with
+    it costs as much as a private-key operation (issue 8's chain-building CPU sink).
+    cryptography only generates e = 3 or 65537, so the exponent is chosen here and ``d``
+    derived from the primes of a normally generated key."""
+    base = rsa.generate_private_key(public_exponent=65537, key_size=bits).private_numbers()
+    p, q = base.p, base.q
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    while True:
+        e = (secrets.randbits(bits) | 1 | (1 << (bits - 2))) % lam
+        if e.bit_length() > bits - 16 and math.gcd(e, lam) == 1:
+            break
+    d = pow(e, -1, lam)
+    public = rsa.RSAPublicNumbers(e, p * q)
+    return rsa.RSAPrivateNumbers(
+        p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public
+    ).private_key()
+
+
+def with_x509_version(der: bytes, version: int) -> bytes:
+    """``der`` with its TBSCertificate's version INTEGER set to ``version`` (0 = v1 ... 4 =
+    the "v5" that ``load_der_x509_certificate`` answers with ``InvalidVersion``)."""
+    marker = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2 (v3), first in the TBS
+    at = der.index(marker)
+    return der[:at] + marker[:-1] + bytes([version]) + der[at + len(marker) :]
 
 
 @dataclass(frozen=True)
