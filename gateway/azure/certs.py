@@ -175,9 +175,11 @@ def is_self_signed(cert: x509.Certificate) -> bool:
     # Not ``verify_directly_issued_by``: it refuses SHA-1, and old roots (Baltimore) sign
     # themselves with SHA-1. A root's self-signature carries no trust anyway (trust is the
     # operator's choice of file); the check only sorts roots from intermediates.
-    key = cert.public_key()
-    hash_alg = cert.signature_hash_algorithm
     try:
+        # Inside the try: a key or algorithm that does not load means "not self-signed"
+        # (the fuzzer found a certificate whose key raised ValueError here).
+        key = cert.public_key()
+        hash_alg = cert.signature_hash_algorithm
         if isinstance(key, rsa.RSAPublicKey) and hash_alg is not None:
             key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), hash_alg)
         elif isinstance(key, ec.EllipticCurvePublicKey) and hash_alg is not None:
