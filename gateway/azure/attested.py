@@ -725,9 +725,11 @@ class AttestedVerifier:
     def _issuer_known(self, leaf: x509.Certificate, untrusted: list[x509.Certificate]) -> bool:
         """Whether a certificate we already hold carries the leaf's issuer name: then AIA
         would only fetch what the path builder already tried."""
-        return leaf.issuer in self._trusted_subjects or any(
-            c.subject == leaf.issuer for c in untrusted
-        )
+        try:
+            issuer = leaf.issuer
+        except ValueError:  # an issuer Name that does not decode: nothing could chain it
+            return True
+        return issuer in self._trusted_subjects or any(c.subject == issuer for c in untrusted)
 
     async def _verify_off_loop(
         self,
