@@ -48,11 +48,19 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from gateway.azure.attested import MAX_SIGNATURE_CHECKS
 from tests.security.harness import Body, Harness, open_harness
-from tests.support.cms_forge import Issued, forge, huge_exponent_key, issue_ca, issue_leaf
+from tests.support.cms_forge import (
+    AZURE_CA_NAME,
+    Issued,
+    forge,
+    huge_exponent_key,
+    issue_ca,
+    issue_leaf,
+    lookalike_cas,
+)
 
 __all__ = ["CASES", "main", "run"]
 
-KNOWN_NAME = "Microsoft Azure RSA TLS Issuing CA 03"
+KNOWN_NAME = AZURE_CA_NAME
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "hostile"
 
 Prepare = Callable[[Harness], Awaitable[Body]]
@@ -83,7 +91,7 @@ def _huge() -> Any:
 
 
 def _reproducer_cas(name: str) -> list[Issued]:
-    return [issue_ca(name, key=_huge()) for _ in range(8)]
+    return lookalike_cas(name, _huge())
 
 
 async def normal_join(h: Harness) -> Body:

@@ -23,11 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.security.harness import Body, Builder, Harness
 from tests.support.cms_forge import (
+    AZURE_CA_NAME,
     Issued,
     forge,
     huge_exponent_key,
     issue_ca,
     issue_leaf,
+    lookalike_cas,
     make_pki,
     with_x509_version,
 )
@@ -582,7 +584,7 @@ async def test_another_vms_document_is_not_this_vms(harness: Harness) -> None:
 # Each case counts the work it caused in the gateway's verifier (path-builder calls and the
 # untrusted candidates handed to it, AIA fetches) and at the emulator (AIA requests).
 
-KNOWN_NAME = "Microsoft Azure RSA TLS Issuing CA 03"  # a documented Azure issuing CA name
+KNOWN_NAME = AZURE_CA_NAME
 
 
 @dataclass(frozen=True)
@@ -616,15 +618,13 @@ def _huge_key() -> rsa.RSAPrivateKey:
     return _HUGE_KEY[0]
 
 
-def lookalike_cas(name: str, *, huge: bool, count: int = 8) -> list[Issued]:
-    """Issue 8's reproducer: self-issued CAs sharing one name and one key."""
-    key = _huge_key() if huge else issue_leaf(None).key
-    return [issue_ca(name, key=key) for _ in range(count)]
+def reproducer_cas(name: str, *, huge: bool, count: int = 8) -> list[Issued]:
+    return lookalike_cas(name, _huge_key() if huge else issue_leaf(None).key, count)
 
 
 def reproducer(name: str, *, huge: bool) -> Builder:
     async def build(h: Harness) -> Body:
-        cas = lookalike_cas(name, huge=huge)
+        cas = reproducer_cas(name, huge=huge)
         leaf = issue_leaf(cas[0])
         challenge = await h.challenge()
         body = h.body(challenge, signature=forge(leaf, h.content(challenge)))
@@ -742,7 +742,7 @@ async def test_bounded_cost_corpus(
 
 async def test_a_repeated_hostile_chain_is_refused_from_memory(harness: Harness) -> None:
     """The same forged leaf and intermediates again: no second path search."""
-    cas = lookalike_cas("Forged Issuing CA 21", huge=False, count=1)
+    cas = reproducer_cas("Forged Issuing CA 21", huge=False, count=1)
     other_root = issue_ca("Microsoft RSA Root Certificate Authority 2017")
     inter = issue_ca(KNOWN_NAME, issuer=other_root)
     leaf = issue_leaf(inter)

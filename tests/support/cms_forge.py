@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
+    "AZURE_CA_NAME",
     "DIGEST_OIDS",
     "INTERMEDIATE_CN",
     "T0",
@@ -39,6 +40,7 @@ __all__ = [
     "huge_exponent_key",
     "issue_ca",
     "issue_leaf",
+    "lookalike_cas",
     "make_pki",
     "with_x509_version",
 ]
@@ -203,6 +205,15 @@ def issue_ca(
     """A CA certificate ``cn`` issued by ``issuer``; ``issuer=None`` makes it self-issued and
     self-signed with ``key`` (each call a new serial: same name, same key, new certificate)."""
     return _ca(cn, key or _key(), issuer, not_before, 1825)
+
+
+# A documented Azure issuing CA name: request intermediates under it reach path building.
+AZURE_CA_NAME = "Microsoft Azure RSA TLS Issuing CA 03"
+
+
+def lookalike_cas(name: str, key: rsa.RSAPrivateKey, count: int = 8) -> list[Issued]:
+    """Issue 8's reproducer: ``count`` self-issued CAs sharing one name and one key."""
+    return [issue_ca(name, key=key) for _ in range(count)]
 
 
 def huge_exponent_key(bits: int = 3072) -> rsa.RSAPrivateKey:

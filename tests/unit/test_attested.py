@@ -35,6 +35,7 @@ from gateway.core.clock import FixedClock
 from gateway.core.cloud import CLOUDS
 from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected
 from tests.support.cms_forge import (
+    AZURE_CA_NAME,
     INTERMEDIATE_CN,
     T0,
     Issued,
@@ -44,6 +45,7 @@ from tests.support.cms_forge import (
     huge_exponent_key,
     issue_ca,
     issue_leaf,
+    lookalike_cas,
     make_pki,
     with_x509_version,
 )
@@ -477,7 +479,7 @@ def test_decode_signature_only_raises_malformed(text: str) -> None:
 
 # ------------------------------------------------------------------ bounded cost (issue 8)
 
-KNOWN_NAME = "Microsoft Azure RSA TLS Issuing CA 03"  # documented Azure name: "known"
+KNOWN_NAME = AZURE_CA_NAME
 
 
 @pytest.fixture(scope="module")
@@ -512,8 +514,7 @@ def _reproducer(name: str, *, huge: bool) -> CostBuild:
     """Issue 8: eight self-issued CAs sharing one name and one key; the leaf names them."""
 
     def build(p: Pki, huge_key: rsa.RSAPrivateKey) -> Scenario:
-        key = huge_key if huge else p.intermediate.key
-        cas = [issue_ca(name, key=key) for _ in range(8)]
+        cas = lookalike_cas(name, huge_key if huge else p.intermediate.key)
         return _signed_by(issue_leaf(cas[0]), *(c.der for c in cas))
 
     return build
