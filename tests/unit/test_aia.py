@@ -196,6 +196,20 @@ async def test_refused_responses_yield_nothing(
     assert server.requested == requested
 
 
+async def test_refusals_cannot_evict_the_certificates_real_leaves_need(
+    server: AiaServer, session: aiohttp.ClientSession
+) -> None:
+    """Issue 8: each hostile request may name a new URL under an allowed prefix. Refusals
+    live in their own bounded cache: a flood of them leaves the good entry in place."""
+    fetcher = _fetcher(session, server, cache=MemoryCache("aia", max_entries=4))
+    assert len(await fetcher.fetch(server.prefix + "inter.crt")) == 1
+    for i in range(40):
+        assert await fetcher.fetch(server.prefix + f"missing-{i}.crt") == []
+    assert len(await fetcher.fetch(server.prefix + "inter.crt")) == 1
+    assert server.requested.count("/pkiops/certs/inter.crt") == 1
+    assert len(server.requested) == 41
+
+
 async def test_a_redirect_within_the_prefixes_is_followed(
     server: AiaServer, session: aiohttp.ClientSession
 ) -> None:
