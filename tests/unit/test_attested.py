@@ -6,6 +6,7 @@ chain (tests/support/cms_forge.py), byte-shaped like Azure's by default.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import threading
@@ -33,7 +34,7 @@ from gateway.azure.certs import TrustStore, VerifiedChain
 from gateway.core.cache import MemoryCache
 from gateway.core.clock import FixedClock
 from gateway.core.cloud import CLOUDS
-from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected
+from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected, Overloaded
 from tests.support.cms_forge import (
     AZURE_CA_NAME,
     INTERMEDIATE_CN,
@@ -720,3 +721,47 @@ async def test_path_building_runs_in_the_pool_and_cached_chains_do_not(pki: Pki)
     assert executor.submitted == 1
     assert executor.threads and threading.current_thread().name not in executor.threads
     assert s.signature
+
+
+class _GatedExecutor(ThreadPoolExecutor):
+    """Runs nothing until ``gate`` opens: builds pile up as pending."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.gate = threading.Event()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        def run() -> Any:
+            self.gate.wait(10)
+            return fn(*args, **kwargs)
+
+        return super().submit(run)
+
+
+async def test_builds_beyond_the_pending_cap_are_refused_as_overload(pki: Pki) -> None:
+    executor = _GatedExecutor()
+    verifier = AttestedVerifier(
+        cloud=CLOUDS["public"],
+        trust=TrustStore.from_certificates([pki.root.cert, pki.intermediate.cert]),
+        aia=None,
+        chain_cache=None,
+        clock=FixedClock(NOW),
+        executor=executor,
+    )
+    try:
+        builds = [
+            asyncio.ensure_future(verifier.chain_for(pki.leaf.cert, "metadata.azure.com"))
+            for _ in range(32)
+        ]
+        await asyncio.sleep(0)  # every build is now waiting for the pool
+        with pytest.raises(Overloaded) as info:
+            await verifier.chain_for(pki.leaf.cert, "metadata.azure.com")
+        assert info.value.code == Code.OVERLOADED and info.value.retry_after
+        executor.gate.set()
+        chains = await asyncio.gather(*builds)
+        assert len(chains) == 32 and verifier.path_builder_calls == 32
+        # The queue drained: the next build is accepted again.
+        await verifier.chain_for(pki.leaf.cert, "metadata.azure.com")
+    finally:
+        executor.gate.set()
+        executor.shutdown()
