@@ -10,7 +10,8 @@ What this module decides:
 
 * Not strict DER (indefinite lengths, non-minimal lengths, lengths past their parent,
   trailing bytes other than ASCII whitespace), or a required element missing or of the
-  wrong type → ``BadRequest(ATTESTED_MALFORMED)``, like :func:`parse_signed_data`.
+  wrong type, or content that is not id-data → ``BadRequest(ATTESTED_MALFORMED)``, like
+  :func:`parse_signed_data`.
 * Well-formed DER using a CMS feature Azure never sends (signed or unsigned attributes,
   a signer named by subject key identifier, CRLs, non-X.509 certificate choices) → the
   general asn1crypto parser, :func:`gateway.azure.cms.parse_signed_data`: the slow path
@@ -34,6 +35,7 @@ from cryptography import x509
 
 from gateway.azure import certs
 from gateway.azure.cms import (
+    OID_DATA,
     OID_SIGNED_DATA,
     SignedDataView,
     SignerInfoView,
@@ -174,6 +176,10 @@ def _encap_content(buf: bytes, start: int, end: int) -> tuple[str, bytes]:
     #   eContent [0] EXPLICIT OCTET STRING OPTIONAL }
     oid_start, oid_end = expect(buf, start, end, TAG_OID, "encapContentInfo.eContentType")
     content_type = read_oid(buf, oid_start, oid_end)
+    # Azure signs id-data. Without signed attributes eContentType is outside the
+    # signature, so any other value is only something an attacker could have changed.
+    if content_type != OID_DATA:
+        raise DerError(f"encapsulated content type {content_type} is not id-data")
     if oid_end == end:
         raise DerError("detached content: the document must embed its content")
     wrap_start, wrap_end = expect(buf, oid_end, end, TAG_CONTEXT_0, "encapContentInfo.eContent")
