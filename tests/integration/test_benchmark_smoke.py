@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from benchmarks.join_storm import REQUIRED_KEYS, Arrival, arm_call_count
+from benchmarks.stage_sampler import STAGES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,6 +40,7 @@ def storm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
             "20",
             "--floor-samples",
             "50",
+            "--stage-cpu",
             "--out",
             str(out),
         ],
@@ -97,6 +99,19 @@ def test_floor_is_the_sum_of_its_parts(storm: tuple[Path, dict[str, Any]]) -> No
     assert res["cpu_vs_floor"] == pytest.approx(
         res["gateway_cpu_s_per_join"] / res["floor_cpu_s_per_join"], rel=0.02
     )
+
+
+def test_cpu_stages_add_up_to_the_measured_cpu(storm: tuple[Path, dict[str, Any]]) -> None:
+    _, res = storm
+    stages = res["cpu_stages"]
+    assert set(stages["us_per_join"]) == set(STAGES)
+    assert sum(stages["us_per_join"].values()) == pytest.approx(
+        res["gateway_cpu_s_per_join"] * 1e6, rel=0.01
+    )
+    assert stages["sampled_s_per_join"] > 0
+    # Every join pays a server handshake and a document check: both must be seen.
+    assert stages["us_per_join"]["TLS handshake (server)"] > 0
+    assert stages["us_per_join"]["document"] > 0
 
 
 def test_plot_is_written(storm: tuple[Path, dict[str, Any]]) -> None:
