@@ -15,8 +15,10 @@ value takes a lock, checks the pid (a system call) and writes the mmapped file; 
 observed nine histograms (two updates each): ~60 µs of the gateway's CPU per join. The
 observations are added up in plain Python instead (:class:`_BatchedHistogram`) and
 written once per ``FLUSH_SECONDS`` — by a timer on the running loop, before every
-exposition and at app cleanup — so a histogram lags by at most that. Counters and
-gauges are still written at once: tests and operators read them right after a join.
+exposition and at app cleanup — so a histogram lags by at most that. The cache
+counters (several lookups per join) are batched the same way (:class:`_BatchedCounter`);
+the join and outbound-request counters and the gauges are still written at once: tests
+and operators read them right after a join or a call.
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ class Metrics:
         self._join_latency = _BatchedHistogram(self.join_latency)
         self._step_children: dict[str, _BatchedHistogram] = {}
         self._outbound_children: dict[tuple[str, str], Counter] = {}
+        self._counters: list[_BatchedCounter] = []
         self._outbound_latency: dict[str, _BatchedHistogram] = {}
         self._circuit_state: float | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -177,6 +180,13 @@ class Metrics:
         self._join_latency.flush()
         for batch in (*self._step_children.values(), *self._outbound_latency.values()):
             batch.flush()
+        for counter in self._counters:
+            counter.flush()
+
+    def _batched_counter(self, child: Counter) -> _BatchedCounter:
+        counter = _BatchedCounter(child)
+        self._counters.append(counter)
+        return counter
 
     async def flush_on_cleanup(self, app: object) -> AsyncIterator[None]:
         """For the app's ``cleanup_ctx``: what is still batched at shutdown gets written."""
@@ -196,11 +206,17 @@ class Metrics:
     # --- hooks handed to the clients -------------------------------------------------------
 
     def cache_observer(self, name: str) -> Callable[[str], None]:
+        # Several lookups per join: counted in plain Python, written with the histograms.
         counters = {
-            result: self.cache_events.labels(cache=name, result=result)
+            result: self._batched_counter(self.cache_events.labels(cache=name, result=result))
             for result in ("hit", "miss", "coalesced")
         }
-        return lambda result: counters[result].inc()
+
+        def observe(result: str) -> None:
+            counters[result].count += 1
+            self._flush_soon()
+
+        return observe
 
     def trace_config(self, targets: TargetMap) -> aiohttp.TraceConfig:
         """Count and time every request of a session, labelled by target."""
@@ -259,7 +275,7 @@ class Metrics:
             counter = self._outbound_children[key] = self.outbound.labels(
                 target=target, status=status
             )
-        counter.inc()
+        counter.inc()  # immediate, as the join counter: read right after a call
         hist = self._outbound_latency.get(target)
         if hist is None:
             hist = self._outbound_latency[target] = _BatchedHistogram(
@@ -283,6 +299,21 @@ class Metrics:
             prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class _BatchedCounter:
+    """One counter child's increments, counted in plain Python until :meth:`flush`."""
+
+    __slots__ = ("_child", "count")
+
+    def __init__(self, child: Counter) -> None:
+        self._child = child
+        self.count = 0
+
+    def flush(self) -> None:
+        if self.count:
+            self._child.inc(self.count)
+            self.count = 0
 
 
 class _BatchedHistogram:

@@ -158,3 +158,20 @@ def test_batched_equals_plain_in_multiprocess_mode(tmp_path: Path) -> None:
     assert "join_gateway_join_step_duration_seconds_bucket" in out["batched"]
     # MultiProcessCollector's order follows its files' dicts: compare the samples as sets.
     assert sorted(out["batched"].splitlines()) == sorted(out["plain"].splitlines())
+
+
+async def test_cache_lookups_are_counted_in_batches() -> None:
+    metrics = Metrics(CollectorRegistry())
+    observe = metrics.cache_observer("chains")
+    for result in ("hit", "hit", "miss", "coalesced", "hit"):
+        observe(result)
+    labels = {"cache": "chains", "result": "hit"}
+    assert metrics.registry.get_sample_value("join_gateway_cache_requests_total", labels) == 0
+    metrics.exposition()  # a scrape of this worker writes what it holds first
+    assert metrics.registry.get_sample_value("join_gateway_cache_requests_total", labels) == 3
+    assert (
+        metrics.registry.get_sample_value(
+            "join_gateway_cache_requests_total", {"cache": "chains", "result": "miss"}
+        )
+        == 1
+    )
