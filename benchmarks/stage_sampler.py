@@ -72,6 +72,9 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
     ("/gateway/join/rules.py", None, "rules"),
     ("/gateway/join/replay.py", None, "replay"),
     ("/gateway/core/redis_tier.py", None, "replay"),
+    # redis-py: with several workers the replay store is Redis (so are the shared cache
+    # tier's reads, filed here too).
+    ("/redis/", None, "replay"),
     ("/gateway/join/forward.py", None, "upstream"),
     ("/aiohttp/client", None, "upstream"),  # client.py, client_reqrep.py, client_proto.py
     ("/aiohttp/connector.py", None, "upstream"),
