@@ -105,13 +105,13 @@ def test_cpu_stages_add_up_to_the_measured_cpu(storm: tuple[Path, dict[str, Any]
     _, res = storm
     stages = res["cpu_stages"]
     assert set(stages["us_per_join"]) == set(STAGES)
+    assert stages["sampled_s_per_join"] > 0, stages
     assert sum(stages["us_per_join"].values()) == pytest.approx(
         res["gateway_cpu_s_per_join"] * 1e6, rel=0.01
-    )
-    assert stages["sampled_s_per_join"] > 0
+    ), stages
     # Every join pays a server handshake and a document check: both must be seen.
-    assert stages["us_per_join"]["TLS handshake (server)"] > 0
-    assert stages["us_per_join"]["document"] > 0
+    assert stages["us_per_join"]["TLS handshake (server)"] > 0, stages
+    assert stages["us_per_join"]["document"] > 0, stages
 
 
 def test_plot_is_written(storm: tuple[Path, dict[str, Any]]) -> None:
