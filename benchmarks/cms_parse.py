@@ -160,7 +160,7 @@ def _plot(path: Path, result: dict[str, Any]) -> None:
         f"Real Azure documents ({result['documents']}): asn1crypto vs strict DER reader\n"
         f"parse {result['ratio_parse']:.1f}x, parse+verify {result['ratio_verify']:.1f}x"
     )
-    ax.legend()
+    ax.legend(loc="upper left")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

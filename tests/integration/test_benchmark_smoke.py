@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks import cms_parse
 from benchmarks.join_storm import REQUIRED_KEYS, Arrival, arm_call_count
 from benchmarks.stage_sampler import STAGES
 
@@ -112,6 +113,22 @@ def test_cpu_stages_add_up_to_the_measured_cpu(storm: tuple[Path, dict[str, Any]
     # Every join pays a server handshake and a document check: both must be seen.
     assert stages["us_per_join"]["TLS handshake (server)"] > 0, stages
     assert stages["us_per_join"]["document"] > 0, stages
+
+
+def test_the_cms_benchmark_measures_both_readers(tmp_path: Path) -> None:
+    """benchmarks/cms_parse.py, tiny: both paths measured on every genuine document."""
+    assert cms_parse.main(["--rounds", "1", "--iterations", "3", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["documents"] == len(cms_parse._genuine())  # every genuine real document
+    assert set(res["mean"]) == {
+        "parse_asn1crypto",
+        "parse_strict",
+        "verify_asn1crypto",
+        "verify_strict",
+    }
+    assert all(v > 0 for v in res["mean"].values())
+    assert res["ratio_parse"] > 0 and res["ratio_verify"] > 0
+    assert (tmp_path / "cms_parse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_is_written(storm: tuple[Path, dict[str, Any]]) -> None:
