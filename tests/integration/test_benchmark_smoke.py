@@ -41,7 +41,6 @@ def storm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
             "20",
             "--floor-samples",
             "50",
-            "--stage-cpu",
             "--out",
             str(out),
         ],
