@@ -71,10 +71,9 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
     ("/gateway/azure/resource_id.py", None, "binding"),
     ("/gateway/join/rules.py", None, "rules"),
     ("/gateway/join/replay.py", None, "replay"),
-    ("/gateway/core/redis_tier.py", None, "replay"),
-    # redis-py: with several workers the replay store is Redis (so are the shared cache
-    # tier's reads, filed here too).
-    ("/redis/", None, "replay"),
+    # With several workers the replay store and a shared cache tier are in Redis; redis-py
+    # has no rule, so its frames are charged to whichever of the two awaited them.
+    ("/gateway/core/redis_tier.py", None, "shared cache tier (Redis)"),
     ("/gateway/join/forward.py", None, "upstream"),
     ("/aiohttp/client", None, "upstream"),  # client.py, client_reqrep.py, client_proto.py
     ("/aiohttp/connector.py", None, "upstream"),
