@@ -91,9 +91,8 @@ def cached_certificate(der: bytes) -> x509.Certificate:
     cert = _CERTS.get(der)
     if cert is None:
         try:
-            cert = x509.load_der_x509_certificate(der)
-        except (ValueError, x509.InvalidVersion) as exc:
-            # InvalidVersion is not a ValueError: a certificate claiming X.509 v5.
+            cert = certs.load_der_certificate(der)
+        except certs.CertificateUnreadable as exc:
             raise DerError(f"embedded certificate does not load: {exc}") from exc
         if len(_CERTS) >= CERT_CACHE_MAX:
             _FINGERPRINTS.pop(id(_CERTS.pop(next(iter(_CERTS)))), None)
