@@ -43,12 +43,12 @@ from gateway.azure.certs import (
     VerifiedChain,
     ca_issuers_urls,
     common_name,
-    fingerprint,
     key_refusal,
     load_der_certificate,
     verify_chain,
 )
-from gateway.azure.cms import SignedDataView, SignerInfoView, parse_signed_data
+from gateway.azure.cms import SignedDataView, SignerInfoView
+from gateway.azure.cms_shape import fingerprint, read_signed_data
 from gateway.core.cache import MemoryCache
 from gateway.core.clock import Clock
 from gateway.core.cloud import CloudProfile
@@ -516,7 +516,7 @@ class AttestedVerifier:
         """Every check, in order; the first failure raises. ``expected_nonce`` is required
         by the join pipeline (None only makes sense for inspect)."""
         der = decode_signature(signature_b64)
-        view = parse_signed_data(der)
+        view = read_signed_data(der)
         signer = check_single_signer(view)
         cert = find_signer_certificate(view, signer)
         check_digest_algorithm(signer)
@@ -552,7 +552,7 @@ class AttestedVerifier:
         try:
             der = decode_signature(signature_b64)
             out.ok("base64", f"{len(der)} bytes")
-            view = parse_signed_data(der)
+            view = read_signed_data(der)
             out.ok(
                 "cms",
                 f"SignedData, {len(view.certificates)} certificate(s), "
