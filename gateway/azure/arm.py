@@ -39,7 +39,7 @@ from gateway.azure.token import normalize_guid
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, JoinRejected, Overloaded
 
-__all__ = ["ArmBudget", "ArmClient", "ArmReadKind", "NoBudget", "VmRecord"]
+__all__ = ["ArmBudget", "ArmClient", "ArmReadKind", "NoBudget", "VmPage", "VmRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,15 @@ class VmRecord:
     instance_id: str | None = None
 
 
+@dataclass(frozen=True)
+class VmPage:
+    """One page of a list call; ``next_link`` (on our endpoint, checked) names the next
+    page, None after the last one."""
+
+    records: tuple[VmRecord, ...]
+    next_link: str | None
+
+
 # "list": a page of a list call, which also spends from Compute's list budget.
 ArmReadKind = Literal["read", "list"]
 
@@ -76,6 +85,10 @@ class ArmBudget(Protocol):
     ``x-ms-ratelimit-remaining-resource``, and ``retry_after`` when ARM sent one."""
 
     async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None: ...
+
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read") -> float:
+        """Seconds until ``acquire(kind=kind)`` would be granted without waiting."""
+        ...
 
     def observe(
         self,
@@ -92,6 +105,9 @@ class NoBudget:
 
     async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None:
         return None
+
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read") -> float:
+        return 0.0
 
     def observe(
         self,
@@ -228,6 +244,39 @@ class ArmClient:
         )
         return await self._list(url, "list_vmss_vms", subscription, bearer)
 
+    async def list_vms_page(
+        self, subscription: str, resource_group: str, *, bearer: str, next_link: str | None
+    ) -> VmPage:
+        """One page of a resource group's VMs: the first (``next_link=None``) or the one a
+        previous page's ``next_link`` names. A missing group is an empty last page. Lets a
+        caller spread one listing over time and resume it (``VmDirectory``)."""
+        url = next_link or self._url(subscription, resource_group, "virtualMachines")
+        return await self._page(url, "list_vms", subscription, bearer)
+
+    async def list_vmss_vms_page(
+        self,
+        subscription: str,
+        resource_group: str,
+        scale_set: str,
+        *,
+        bearer: str,
+        next_link: str | None,
+    ) -> VmPage:
+        """One page of a scale set's instances (see ``list_vms_page``)."""
+        url = next_link or self._url(
+            subscription, resource_group, "virtualMachineScaleSets", scale_set, "virtualMachines"
+        )
+        return await self._page(url, "list_vmss_vms", subscription, bearer)
+
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read") -> float:
+        """Seconds until a request of ``kind`` for ``subscription`` could be sent: 0 when
+        now, else the longer of a ``Retry-After`` hold and the budget's wait. Lets the
+        caller choose between a list page and a point read without spending either."""
+        sub = subscription.lower()
+        now = self._clock.monotonic()
+        held = max(0.0, self._blocked_until.get(sub, now) - now)
+        return max(held, self._budget.ready_in(sub, kind=kind))
+
     def __repr__(self) -> str:
         return (
             f"<ArmClient {self._endpoint} calls={dict(self.calls)} "
@@ -281,25 +330,30 @@ class ArmClient:
                     retry_after=_DEFAULT_RETRY_AFTER,
                     detail=f"ARM {kind}: more than {_MAX_PAGES} pages",
                 )
-            body = await self._get(next_url, kind, subscription, bearer)
-            if body is None:
-                return records
-            value = body.get("value")
-            if not isinstance(value, list):
-                raise self._bad_answer(kind, "list has no 'value' array")
-            for item in value:
-                record = self._record(item, strict=False) if isinstance(item, dict) else None
-                if record is not None:
-                    records.append(record)
-            link = body.get("nextLink")
-            if link is None or link == "":
-                next_url = None
-            elif isinstance(link, str) and self._on_endpoint(link):
-                next_url = link
-            else:
-                # Following it would send the bearer token to another host.
-                raise self._bad_answer(kind, f"nextLink {str(link)[:200]!r} is off the endpoint")
+            page = await self._page(next_url, kind, subscription, bearer)
+            records.extend(page.records)
+            next_url = page.next_link
         return records
+
+    async def _page(self, url: str, kind: str, subscription: str, bearer: str) -> VmPage:
+        body = await self._get(url, kind, subscription, bearer)
+        if body is None:
+            return VmPage((), None)
+        value = body.get("value")
+        if not isinstance(value, list):
+            raise self._bad_answer(kind, "list has no 'value' array")
+        records: list[VmRecord] = []
+        for item in value:
+            record = self._record(item, strict=False) if isinstance(item, dict) else None
+            if record is not None:
+                records.append(record)
+        link = body.get("nextLink")
+        if link is None or link == "":
+            return VmPage(tuple(records), None)
+        if isinstance(link, str) and self._on_endpoint(link):
+            return VmPage(tuple(records), link)
+        # Following it would send the bearer token to another host.
+        raise self._bad_answer(kind, f"nextLink {str(link)[:200]!r} is off the endpoint")
 
     def _bad_answer(self, kind: str, why: str) -> Overloaded:
         return Overloaded(

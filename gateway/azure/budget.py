@@ -125,9 +125,7 @@ class SubscriptionBudget:
         wait briefly for it, or raise ``Overloaded(AZURE_BUDGET_EXHAUSTED)``."""
         now = self._clock.monotonic()
         sub = self._state(subscription, now)
-        wait = max(0.0, sub.closed_until - now, sub.reads.wait_for_one(self._read_rate))
-        if kind == "list":
-            wait = max(wait, sub.lists.wait_for_one(self._list_rate))
+        wait = self.ready_in(subscription, kind=kind)
         if wait > self._max_wait:
             self.stats.refused += 1
             raise Overloaded(
@@ -179,6 +177,17 @@ class SubscriptionBudget:
                     retry_after,
                     subscription.lower(),
                 )
+
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read") -> float:
+        """Seconds until a token of ``kind`` is there for the next caller (0: now), the
+        reservations of waiters ahead included. ``VmDirectory`` uses it to choose a point
+        read over a list page that could not be fetched in time, without spending."""
+        now = self._clock.monotonic()
+        sub = self._state(subscription, now)
+        wait = max(0.0, sub.closed_until - now, sub.reads.wait_for_one(self._read_rate))
+        if kind == "list":
+            wait = max(wait, sub.lists.wait_for_one(self._list_rate))
+        return wait
 
     # -- introspection ------------------------------------------------------------------
 

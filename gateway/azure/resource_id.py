@@ -30,9 +30,9 @@ from gateway.core.errors import Code, JoinRejected
 __all__ = [
     "ResourceId",
     "azure_name_key",
-    "same_azure_name",
     "parse_resource_id",
     "parse_vm_resource_id",
+    "same_azure_name",
 ]
 
 _MAX_ID_CHARS = 2048

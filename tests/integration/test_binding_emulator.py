@@ -24,6 +24,7 @@ from gateway.azure.arm import ArmClient
 from gateway.azure.budget import SubscriptionBudget
 from gateway.azure.jwks import JwksClient, TokenVerifier
 from gateway.azure.token import TokenClaims
+from gateway.azure.vm_directory import VmDirectory
 from gateway.core.clock import FixedClock
 from gateway.core.cloud import CLOUDS
 from gateway.core.errors import Code, GatewayError, Overloaded
@@ -109,7 +110,7 @@ async def stack(
                 clock=clock,
                 budget=sub_budget,
                 arm=arm,
-                binder=VmBinder(arm, clock=clock, **binder_kw),
+                binder=VmBinder(VmDirectory(arm, clock=clock, **binder_kw)),
                 verifier=verifier,
                 session=session,
                 tenant=emu.add_tenant(),

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from gateway.azure.arm import ArmClient
+from gateway.azure.vm_directory import VmDirectory
 from gateway.core.clock import FixedClock
 from gateway.core.errors import Code, GatewayError, Overloaded
 from gateway.join.binding import VmBinder, VmIdentity
@@ -50,7 +51,12 @@ def binder(
     session: aiohttp.ClientSession, arm: FakeArm, clock: FixedClock, **kw: Any
 ) -> tuple[VmBinder, ArmClient]:
     client = ArmClient(session, endpoint=arm.base, clock=clock, timeout=2.0)
-    return VmBinder(client, clock=clock, **kw), client
+    return VmBinder(VmDirectory(client, clock=clock, **kw)), client
+
+
+async def settle(b: VmBinder) -> None:
+    assert b.directory is not None
+    await b.directory.idle()
 
 
 async def bind(b: VmBinder, i: int, *, rg: str = "group1", doc: int | None = None) -> VmIdentity:
@@ -158,6 +164,7 @@ async def test_an_unknown_vmid_rereads_the_group_once_per_interval(
     clock = FixedClock(NOW)
     b, client = binder(session, arm, clock, refresh_interval=30, list_threshold=1)
     await bind(b, 0)
+    await settle(b)  # the listing runs on after web-0's page answered it
     assert client.calls == {"list_vms": 3}
     arm.vms["group1"].append(vm_model("group1", "web-99", 99))  # created after the listing
     clock.advance(5)

@@ -23,10 +23,10 @@ from .model import EmulatedVm, ManagedIdentity
 
 __all__ = [
     "ArmPath",
-    "arm_name_key",
     "ArmPathKind",
     "TokenBucket",
     "arm_error",
+    "arm_name_key",
     "parse_arm_path",
     "vm_json",
     "vmss_vm_json",
