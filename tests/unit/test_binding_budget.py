@@ -24,6 +24,7 @@ from gateway.core.errors import Code, Overloaded
 from tests.unit.arm_fake import NOW, SUB, FakeArm, start_fake_arm, vm_id, vm_model, vmss_vm_model
 from tests.unit.test_binding import BEARER
 
+COMPUTE = "Microsoft.Compute"
 N = 12  # VMs per group: pages of 5, 5 and 2
 
 
@@ -61,7 +62,7 @@ def directory(
 
 
 def web(rg: str, i: int) -> str:
-    return f"/subscriptions/{SUB}/resourcegroups/{rg}/providers/Microsoft.Compute/virtualMachines/web-{i}"
+    return f"/subscriptions/{SUB}/resourcegroups/{rg}/providers/{COMPUTE}/virtualMachines/web-{i}"
 
 
 async def find(d: VmDirectory, i: int, rg: str = "group1") -> str:
@@ -174,7 +175,7 @@ async def test_a_cancelled_join_leaves_the_point_read_to_the_others(
 
 
 def pool(instance: int | None = None) -> str:
-    base = f"/subscriptions/{SUB}/resourcegroups/group1/providers/Microsoft.Compute/virtualMachineScaleSets/pool"
+    base = f"/subscriptions/{SUB}/resourcegroups/group1/providers/{COMPUTE}/virtualMachineScaleSets/pool"
     return base if instance is None else f"{base}/virtualMachines/{instance}"
 
 
