@@ -175,7 +175,8 @@ async def test_a_cancelled_join_leaves_the_point_read_to_the_others(
 
 
 def pool(instance: int | None = None) -> str:
-    base = f"/subscriptions/{SUB}/resourcegroups/group1/providers/{COMPUTE}/virtualMachineScaleSets/pool"
+    group = f"/subscriptions/{SUB}/resourcegroups/group1/providers/{COMPUTE}"
+    base = f"{group}/virtualMachineScaleSets/pool"
     return base if instance is None else f"{base}/virtualMachines/{instance}"
 
 
