@@ -86,8 +86,9 @@ class ArmBudget(Protocol):
 
     async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None: ...
 
-    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read") -> float:
-        """Seconds until ``acquire(kind=kind)`` would be granted without waiting."""
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read", ahead: int = 0) -> float:
+        """Seconds until ``acquire(kind=kind)`` would be granted without waiting, after
+        ``ahead`` more requests of that kind have taken theirs."""
         ...
 
     def observe(
@@ -106,7 +107,7 @@ class NoBudget:
     async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None:
         return None
 
-    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read") -> float:
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read", ahead: int = 0) -> float:
         return 0.0
 
     def observe(
@@ -268,14 +269,15 @@ class ArmClient:
         )
         return await self._page(url, "list_vmss_vms", subscription, bearer)
 
-    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read") -> float:
-        """Seconds until a request of ``kind`` for ``subscription`` could be sent: 0 when
-        now, else the longer of a ``Retry-After`` hold and the budget's wait. Lets the
-        caller choose between a list page and a point read without spending either."""
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read", ahead: int = 0) -> float:
+        """Seconds until a request of ``kind`` for ``subscription`` could be sent (after
+        ``ahead`` more of them): 0 when now, else the longer of a ``Retry-After`` hold and
+        the budget's wait. Lets the caller choose between a list page and a point read
+        without spending either."""
         sub = subscription.lower()
         now = self._clock.monotonic()
         held = max(0.0, self._blocked_until.get(sub, now) - now)
-        return max(held, self._budget.ready_in(sub, kind=kind))
+        return max(held, self._budget.ready_in(sub, kind=kind, ahead=ahead))
 
     def __repr__(self) -> str:
         return (

@@ -64,11 +64,13 @@ class _Bucket:
             self.tokens = min(capacity, self.tokens + (now - self.last) * rate)
             self.last = now
 
-    def wait_for_one(self, rate: float) -> float:
-        """Seconds until one whole token is there (0 if it is)."""
-        if self.tokens >= 1.0:
+    def wait_for_one(self, rate: float, ahead: int = 0) -> float:
+        """Seconds until one whole token is there (0 if it is), after ``ahead`` more
+        have been taken."""
+        need = 1.0 + ahead
+        if self.tokens >= need:
             return 0.0
-        return (1.0 - self.tokens) / rate
+        return (need - self.tokens) / rate
 
 
 @dataclass
@@ -178,15 +180,16 @@ class SubscriptionBudget:
                     subscription.lower(),
                 )
 
-    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read") -> float:
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read", ahead: int = 0) -> float:
         """Seconds until a token of ``kind`` is there for the next caller (0: now), the
-        reservations of waiters ahead included. ``VmDirectory`` uses it to choose a point
-        read over a list page that could not be fetched in time, without spending."""
+        reservations of waiters and ``ahead`` more callers included. ``VmDirectory`` uses
+        it to choose a point read over a list page that could not be fetched in time,
+        without spending."""
         now = self._clock.monotonic()
         sub = self._state(subscription, now)
-        wait = max(0.0, sub.closed_until - now, sub.reads.wait_for_one(self._read_rate))
+        wait = max(0.0, sub.closed_until - now, sub.reads.wait_for_one(self._read_rate, ahead))
         if kind == "list":
-            wait = max(wait, sub.lists.wait_for_one(self._list_rate))
+            wait = max(wait, sub.lists.wait_for_one(self._list_rate, ahead))
         return wait
 
     # -- introspection ------------------------------------------------------------------

@@ -595,13 +595,14 @@ class VmDirectory:
         not fetching pauses and its waiters turn to point reads. A join resumes it."""
         in_flight = self._in_flight.get(subscription, 0)
         active = self._active.get(subscription, set())
+        started = 0  # fetches started here, whose budget is not reserved yet
         while in_flight < self._parallel and not self._closed:
             for done in [x for x in active if x.complete or x.failure is not None]:
                 active.discard(done)
             ready = [listing for listing in active if not listing.fetching]
             if not ready:
                 break
-            wait = self._arm.ready_in(subscription, kind="list")
+            wait = self._arm.ready_in(subscription, kind="list", ahead=started)
             if wait > self._list_wait:
                 for listing in ready:
                     active.discard(listing)
@@ -613,6 +614,7 @@ class VmDirectory:
             best.stalled_for = None
             best.failure = None
             in_flight += 1
+            started += 1
             task = asyncio.create_task(self._fetch_and_pump(best))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -654,7 +656,6 @@ class VmDirectory:
             listing.notify()
 
     async def _read_page(self, listing: _Listing) -> VmPage:
-        self.stats.list_pages += 1
         if listing.scale_set is None:
             return await self._arm.list_vms_page(
                 listing.subscription,
@@ -685,6 +686,7 @@ class VmDirectory:
             listing.by_vm_id[record.vm_id] = record
             listing.by_key[r_rid.key] = record
         listing.pages += 1
+        self.stats.list_pages += 1
         listing.next_link = page.next_link
         self._seq += 1
         if page.next_link is None:
