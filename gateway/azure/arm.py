@@ -34,7 +34,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from gateway.azure.resource_id import ResourceId, parse_resource_id
+from gateway.azure.resource_id import ResourceId, azure_name_key, parse_resource_id
 from gateway.azure.token import normalize_guid
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, JoinRejected, Overloaded
@@ -82,7 +82,8 @@ class ArmBudget(Protocol):
     ``Overloaded(AZURE_BUDGET_EXHAUSTED)``); ``observe`` is told what ARM said:
     ``remaining_reads`` from ``x-ms-ratelimit-remaining-subscription-reads``,
     ``remaining_lists`` (list pages only) the smallest count in
-    ``x-ms-ratelimit-remaining-resource``, and ``retry_after`` when ARM sent one."""
+    ``x-ms-ratelimit-remaining-resource``, and ``retry_after`` when ARM sent one, which
+    holds back every read (``closes="read"``) or list calls only (``closes="list"``)."""
 
     async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None: ...
 
@@ -98,6 +99,7 @@ class ArmBudget(Protocol):
         remaining_reads: int | None,
         retry_after: float | None,
         remaining_lists: int | None = None,
+        closes: ArmReadKind = "read",
     ) -> None: ...
 
 
@@ -117,6 +119,7 @@ class NoBudget:
         remaining_reads: int | None,
         retry_after: float | None,
         remaining_lists: int | None = None,
+        closes: ArmReadKind = "read",
     ) -> None:
         return None
 
@@ -192,7 +195,9 @@ class ArmClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._sem = asyncio.Semaphore(max_concurrency)
         self._budget: ArmBudget = budget or NoBudget()
-        self._blocked_until: dict[str, float] = {}
+        # (subscription, "read" | "list") -> until: a "read" hold stops every request of
+        # the subscription, a "list" hold list pages only (see _read_limits).
+        self._blocked_until: dict[tuple[str, ArmReadKind], float] = {}
         self.calls: Counter[str] = Counter()
         # Last rate-limit headers seen, for metrics.
         self.remaining_subscription_reads: int | None = None
@@ -274,10 +279,22 @@ class ArmClient:
         ``ahead`` more of them): 0 when now, else the longer of a ``Retry-After`` hold and
         the budget's wait. Lets the caller choose between a list page and a point read
         without spending either."""
-        sub = subscription.lower()
+        sub = azure_name_key(subscription)
+        return max(self._held_for(sub, kind), self._budget.ready_in(sub, kind=kind, ahead=ahead))
+
+    def _held_for(self, subscription: str, kind: ArmReadKind) -> float:
+        """Seconds left of a Retry-After hold that stops a request of ``kind``."""
         now = self._clock.monotonic()
-        held = max(0.0, self._blocked_until.get(sub, now) - now)
-        return max(held, self._budget.ready_in(sub, kind=kind, ahead=ahead))
+        kinds: tuple[ArmReadKind, ...] = ("read", "list") if kind == "list" else ("read",)
+        held = 0.0
+        for k in kinds:
+            until = self._blocked_until.get((subscription, k))
+            if until is not None:
+                if until > now:
+                    held = max(held, until - now)
+                else:
+                    del self._blocked_until[(subscription, k)]
+        return held
 
     def __repr__(self) -> str:
         return (
@@ -401,7 +418,8 @@ class ArmClient:
 
     def _read_limits(
         self, subscription: str, resp: aiohttp.ClientResponse, *, is_list: bool
-    ) -> float | None:
+    ) -> tuple[float | None, ArmReadKind]:
+        """Record the rate-limit headers, tell the budget; (Retry-After, what it holds)."""
         reads = resp.headers.get("x-ms-ratelimit-remaining-subscription-reads")
         remaining: int | None = None
         if reads is not None:
@@ -419,31 +437,37 @@ class ArmClient:
         retry_after = _parse_retry_after(resp.headers.get("Retry-After"), self._clock.time())
         if retry_after is not None:
             self.last_retry_after = retry_after
+        # Compute's list calls have a budget of their own (HighCostGet), and Azure's answer
+        # when it is spent still reports subscription reads left: then only list calls
+        # must wait, and point reads may go on (https://learn.microsoft.com/troubleshoot/
+        # azure/virtual-machines/windows/troubleshooting-throttling-errors).
+        closes: ArmReadKind = (
+            "list" if is_list and remaining is not None and remaining > 0 else "read"
+        )
         self._budget.observe(
             subscription,
             remaining_reads=remaining,
             retry_after=retry_after,
             remaining_lists=remaining_lists,
+            closes=closes,
         )
-        return retry_after
+        return retry_after, closes
 
     async def _get(
         self, url: str, kind: str, subscription: str, bearer: str
     ) -> dict[str, Any] | None:
         """One GET: the JSON object, or None on 404. Everything else raises ours."""
-        subscription = subscription.lower()
-        now = self._clock.monotonic()
-        blocked = self._blocked_until.get(subscription)
-        if blocked is not None:
-            if blocked > now:
-                raise Overloaded(
-                    Code.AZURE_BUDGET_EXHAUSTED,
-                    retry_after=blocked - now,
-                    detail=f"ARM asked us to wait for subscription {subscription}",
-                )
-            del self._blocked_until[subscription]
+        subscription = azure_name_key(subscription)
         is_list = kind.startswith("list")
-        await self._budget.acquire(subscription, kind="list" if is_list else "read")
+        read_kind: ArmReadKind = "list" if is_list else "read"
+        held = self._held_for(subscription, read_kind)
+        if held > 0:
+            raise Overloaded(
+                Code.AZURE_BUDGET_EXHAUSTED,
+                retry_after=held,
+                detail=f"ARM asked us to wait for subscription {subscription}",
+            )
+        await self._budget.acquire(subscription, kind=read_kind)
         async with self._sem:
             self.calls[kind] += 1
             try:
@@ -453,7 +477,7 @@ class ArmClient:
                     allow_redirects=False,
                     headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json"},
                 ) as resp:
-                    retry_after = self._read_limits(subscription, resp, is_list=is_list)
+                    retry_after, closes = self._read_limits(subscription, resp, is_list=is_list)
                     status = resp.status
                     if status == 200:
                         body = await _read_capped(resp, _MAX_BODY)
@@ -483,7 +507,7 @@ class ArmClient:
             )
         if status == 429:
             wait = retry_after if retry_after is not None else _DEFAULT_RETRY_AFTER
-            self._blocked_until[subscription] = self._clock.monotonic() + wait
+            self._blocked_until[(subscription, closes)] = self._clock.monotonic() + wait
             logger.warning(
                 "ARM throttled %s for subscription %s: wait %.1fs", kind, subscription, wait
             )

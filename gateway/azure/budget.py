@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.azure.arm import ArmReadKind
+from gateway.azure.resource_id import azure_name_key
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, Overloaded
 
@@ -78,6 +79,7 @@ class _Subscription:
     reads: _Bucket
     lists: _Bucket
     closed_until: float = 0.0
+    lists_closed_until: float = 0.0  # a 429 of Compute's list budget: list calls only
 
 
 class SubscriptionBudget:
@@ -154,9 +156,11 @@ class SubscriptionBudget:
         remaining_reads: int | None,
         retry_after: float | None,
         remaining_lists: int | None = None,
+        closes: ArmReadKind = "read",
     ) -> None:
         """What ARM said: lower our estimates to its counts less the margin (``count *
-        (1 - safety_margin)``); a ``Retry-After`` closes the subscription until then."""
+        (1 - safety_margin)``); a ``Retry-After`` closes the subscription until then
+        (``closes="list"``: its list calls only, point reads go on)."""
         now = self._clock.monotonic()
         sub = self._state(subscription, now)
         if remaining_reads is not None:
@@ -169,7 +173,9 @@ class SubscriptionBudget:
             if ceiling < sub.lists.tokens:
                 sub.lists.tokens = ceiling
                 self.stats.lowered += 1
-        if retry_after is not None and retry_after > 0:
+        if retry_after is not None and retry_after > 0 and closes == "list":
+            sub.lists_closed_until = max(sub.lists_closed_until, now + retry_after)
+        elif retry_after is not None and retry_after > 0:
             until = now + retry_after
             if until > sub.closed_until:
                 sub.closed_until = until
@@ -189,7 +195,11 @@ class SubscriptionBudget:
         sub = self._state(subscription, now)
         wait = max(0.0, sub.closed_until - now, sub.reads.wait_for_one(self._read_rate, ahead))
         if kind == "list":
-            wait = max(wait, sub.lists.wait_for_one(self._list_rate, ahead))
+            wait = max(
+                wait,
+                sub.lists_closed_until - now,
+                sub.lists.wait_for_one(self._list_rate, ahead),
+            )
         return wait
 
     # -- introspection ------------------------------------------------------------------
@@ -214,7 +224,7 @@ class SubscriptionBudget:
     # -- plumbing -----------------------------------------------------------------------
 
     def _state(self, subscription: str, now: float) -> _Subscription:
-        key = subscription.lower()
+        key = azure_name_key(subscription)
         sub = self._subs.get(key)
         if sub is None:
             sub = self._subs[key] = _Subscription(

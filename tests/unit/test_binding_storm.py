@@ -195,11 +195,34 @@ async def test_a_group_this_identity_may_not_list_falls_back_to_point_gets(
     assert client.calls == {"list_vms": 1, "get_vm": 5}, "no second listing attempt"
 
 
-async def test_a_throttled_listing_is_retryable_for_every_waiter(
+async def test_a_throttled_listing_turns_its_waiters_to_point_reads(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    # Compute's list budget answers 429 while subscription reads are left: the joins that
+    # waited on the listing are point reads, and the group is not listed again until
+    # Retry-After has passed.
+    arm.list_status = 429
+    arm.status_headers = {"Retry-After": "7"}
+    clock = FixedClock(NOW)
+    b, client = binder(session, arm, clock, list_threshold=1)
+    results = await asyncio.gather(*(bind(b, i) for i in range(5)))
+    assert [r.vm_name for r in results] == [f"web-{i}" for i in range(5)]
+    assert client.calls == {"list_vms": 1, "get_vm": 5}
+    await bind(b, 6)
+    assert client.calls == {"list_vms": 1, "get_vm": 6}, "lists held: a point read"
+    arm.list_status = None
+    clock.advance(7)
+    await bind(b, 7)
+    await settle(b)
+    assert client.calls == {"list_vms": 1 + 3, "get_vm": 6}, "listed after the hold, 3 pages"
+
+
+async def test_a_throttled_subscription_refuses_every_waiter(
     session: aiohttp.ClientSession, arm: FakeArm
 ) -> None:
     arm.list_status = 429
     arm.status_headers = {"Retry-After": "7"}
+    arm.reads_left = 1  # ARM reports no subscription reads left either
     b, client = binder(session, arm, FixedClock(NOW), list_threshold=1)
     outcomes = await asyncio.gather(*(bind(b, i) for i in range(5)), return_exceptions=True)
     assert all(isinstance(o, Overloaded) for o in outcomes)
