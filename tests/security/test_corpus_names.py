@@ -22,24 +22,13 @@ import pytest_asyncio
 from gateway.agent.keys import NodeKeys, load_or_create_keys
 from gateway.dev.devstack import DevStack, dev_stack
 from gateway.dev.emulator import EmulatedVm
+from tests.support.tokens import azure_token_yaml
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SUB = "11111111-1111-1111-1111-111111111111"
 RULE_GROUPS = ("kube", "strasse", "prod-east", "infra", "web")
-TOKENS = f"""
-kind: token
-version: v2
-metadata:
-  name: azure-token
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: {SUB}
-        resource_groups: [{", ".join(RULE_GROUPS)}]
-"""
+TOKENS = azure_token_yaml(SUB, resource_groups=RULE_GROUPS)
 
 # (id, the VM's resource group, expected status, expected code)
 CASES: list[tuple[str, str, int, str | None]] = [
