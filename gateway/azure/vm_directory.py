@@ -141,7 +141,9 @@ class _Listing:
         self.waiters = 0
         self.bearer = ""
         self.stalled_for: float | None = None  # set while paused for the list budget
-        self.failure: JoinRejected | Overloaded | None = None
+        # What stopped the last page: ARM's refusal, an outage, or a bug of ours (kept for
+        # the waiters to raise: the fetch runs detached, so nobody else would see it).
+        self.failure: Exception | None = None
         self.changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def notify(self) -> None:
@@ -575,7 +577,9 @@ class VmDirectory:
                 if isinstance(failure, JoinRejected):
                     return None  # may not list: point reads serve the group
                 if failure is not None:
-                    if failure.code == Code.AZURE_BUDGET_EXHAUSTED:
+                    if isinstance(failure, Overloaded) and (
+                        failure.code == Code.AZURE_BUDGET_EXHAUSTED
+                    ):
                         self.stats.list_stalls += 1
                         return None  # our list budget or ARM's: the read budget may do
                     raise failure
@@ -649,6 +653,9 @@ class VmDirectory:
                 self._refused(listing, exc)
         except Overloaded as exc:
             listing.failure = exc  # the pages so far stay: a later join resumes here
+        except Exception as exc:
+            logger.exception("listing %s failed", listing.key)
+            listing.failure = exc
         else:
             self._merge(listing, page)
         finally:
