@@ -12,7 +12,11 @@ troubleshooting-throttling-errors). So this client:
   default ``NoBudget`` spends nothing);
 * records the last rate-limit headers it saw (for metrics) and tells the budget;
 * after a ``429`` refuses further reads for that subscription until ``Retry-After`` has
-  passed, instead of provoking more ``429`` s;
+  passed, instead of provoking more ``429`` s — only further list calls when the 429
+  came from Compute's list budget and ARM still reports subscription reads left;
+* serves lists whole (``list_vms``) or page by page (``list_vms_page``: a caller can
+  spread a listing over time and resume it at its ``nextLink``), and says without
+  spending when the next request of a kind could go (``ready_in``);
 * bounds concurrency, sets a timeout on every call, follows ``nextLink`` only on its own
   endpoint (the bearer token must never travel to another host).
 
