@@ -228,3 +228,19 @@ async def test_a_throttled_subscription_refuses_every_waiter(
     assert all(isinstance(o, Overloaded) for o in outcomes)
     assert {o.code for o in outcomes if isinstance(o, Overloaded)} == {Code.AZURE_BUDGET_EXHAUSTED}
     assert client.calls == {"list_vms": 1}
+
+
+async def test_a_listing_keeps_only_vms_of_its_own_group_as_azure_compares_names(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    # The listing of "kube" answers with a VM whose ID names "\u212aube" (Kelvin sign):
+    # another group to Resource Manager, though str.lower() makes both "kube". It must not
+    # enter kube's map, or a token naming kube/web-9 would bind to the other group's VM.
+    arm.vms["kube"] = [vm_model("kube", "web-1", 1), vm_model("\u212aube", "web-9", 9)]
+    b, client = binder(session, arm, FixedClock(NOW), list_threshold=1)
+    ours, other = await asyncio.gather(
+        bind(b, 1, rg="kube", doc=1), bind(b, 9, rg="kube", doc=9), return_exceptions=True
+    )
+    assert isinstance(ours, VmIdentity) and ours.resource_group.lower() == "kube"
+    assert isinstance(other, GatewayError) and other.code == Code.VM_BINDING_FAILED
+    assert client.calls == {"list_vms": 1}
