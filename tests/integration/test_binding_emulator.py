@@ -37,6 +37,7 @@ from gateway.core.errors import Code, GatewayError, Overloaded
 from gateway.dev.devstack import agent_settings, dev_stack
 from gateway.dev.emulator import ArmLimits, AzureEmulator, EmulatedVm, Latency
 from gateway.join.binding import VmBinder, VmIdentity
+from tests.support.gateway_proc import gateway_process
 from tests.support.tokens import azure_token_yaml
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
@@ -356,3 +357,61 @@ async def test_every_vm_joins_over_https_when_the_list_budget_is_tight(tmp_path:
         stats = st.gateway.deps.binder.stats
         assert stats.list_stalls > 0, "the tight budget was met and point reads took over"
         assert stats.list_pages == pages
+
+
+async def test_every_vm_joins_through_a_gateway_process_when_the_list_budget_is_tight(
+    tmp_path: Path,
+) -> None:
+    """The same storm through ``join-gateway serve`` as its own process on the wall
+    clock: the emulator's list bucket refills while the storm runs, and the gateway
+    process knows only its configuration."""
+    limits = ArmLimits(list_per_minute=12)
+
+    def tight(config: Config) -> Config:
+        budget = dataclasses.replace(config.azure.arm_budget, list_per_minute=12)
+        return dataclasses.replace(
+            config, azure=dataclasses.replace(config.azure, arm_budget=budget)
+        )
+
+    # One worker runs without the supervisor, which would create the metrics directory.
+    (tmp_path / "gateway" / "prom").mkdir(parents=True)
+    async with (
+        AzureEmulator(latency=Latency.none(), arm_limits=limits, page_size=10) as emu,
+        dev_stack(
+            tmp_path / "stack",
+            tokens_yaml=azure_token_yaml(TIGHT_SUB),
+            emulator=emu,
+            adjust=tight,
+            start_gateway=False,
+        ) as st,
+        gateway_process(st.config, tmp_path / "gateway", st.gateway_ca_file, workers=1) as gp,
+    ):
+        tenant = emu.add_tenant()
+        vms = [
+            emu.add_vm(
+                subscription=TIGHT_SUB,
+                resource_group=f"rg-{g}",
+                name=f"vm-{g}-{i}",
+                tenant=tenant,
+                identity="user",
+            )
+            for g in range(3)
+            for i in range(50)
+        ]
+        emu.reset_counters()
+        ctx = make_ssl_context(st.gateway_ca_file)
+        outcomes = await asyncio.gather(
+            *(
+                run_join(
+                    agent_settings(st, vm, gateway_url=gp.url, max_attempts=1), ssl_context=ctx
+                )
+                for vm in vms
+            )
+        )
+        assert all(o.attempts == 1 for o in outcomes), "no join was told to come back"
+        registered = Counter(r.registration.join.vm_id for r in st.auth.records())
+        assert all(registered[vm.vm_id] == 1 for vm in vms), "every VM registered once"
+        counters = emu.counters
+        assert counters.get("arm.429", 0) == 0
+        assert 1 <= counters.get("arm.list_vms", 0) <= 15, "at most one listing of each group"
+        assert counters.get("arm.get_vm", 0) <= 150
