@@ -120,7 +120,6 @@ class _Listing:
         *,
         created: float,
         expires: float,
-        refresh: bool,
     ) -> None:
         self.kind = kind
         self.key = key  # ResourceId.group_key or the scale set's ResourceId.key
@@ -129,7 +128,6 @@ class _Listing:
         self.scale_set = rid.name if kind == "scale_set" else None
         self.created = created
         self.expires = expires
-        self.refresh = refresh
         self.by_vm_id: dict[str, VmRecord] = {}
         self.by_key: dict[str, VmRecord] = {}
         self.next_link: str | None = None
@@ -294,7 +292,8 @@ class VmDirectory:
                 return self._in_group(found, rid, vm_id)
         cached = self._vms.get(rid.key)
         if cached is not None and cached.record is not None and cached.record.vm_id == vm_id:
-            return cached.record  # a point read already answered this VM
+            # A point read already answered this VM (served from its cache, no call).
+            return await self._point(rid, vm_id, bearer, seq_at_start, started)
         if (listing is not None or cached is None) and self._wants_listing(gkey, rid, listing):
             if listing is None:
                 listing = self._start("group", gkey, rid, refresh=False)
@@ -451,9 +450,7 @@ class VmDirectory:
 
     def _start(self, kind: ListingKind, key: str, rid: ResourceId, *, refresh: bool) -> _Listing:
         now = self._clock.monotonic()
-        listing = _Listing(
-            kind, key, rid, created=now, expires=now + self._map_ttl, refresh=refresh
-        )
+        listing = _Listing(kind, key, rid, created=now, expires=now + self._map_ttl)
         if not self._cache_maps:
             return listing  # private to this find: nothing is shared or kept
         name = f"{kind}:{key}"
