@@ -200,3 +200,21 @@ async def test_a_scale_set_without_list_budget_is_point_read_when_the_token_name
     record = await d.find(parse_resource_id(pool()), vm_id(108).lower(), BEARER)
     assert record.name == "pool_8"
     assert client.calls == {"list_vmss_vms": 2, "get_vmss_vm": 1}, "resumed at page two"
+
+
+async def test_with_both_budgets_spent_a_join_comes_back_later(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    clock = FixedClock(NOW)
+    budget = SubscriptionBudget(
+        burst=3, refill_per_s=0.1, list_per_minute=1, safety_margin=0.0, max_wait=1.0, clock=clock
+    )
+    client = ArmClient(session, endpoint=arm.base, clock=clock, timeout=2.0, budget=budget)
+    d = VmDirectory(client, clock=clock, list_wait=1.0, list_threshold=1)
+    assert await find(d, 0) == "web-0"  # page one: one read, the one list call
+    assert [await find(d, i) for i in (5, 6)] == ["web-5", "web-6"]  # point reads
+    with pytest.raises(Overloaded) as over:
+        await find(d, 7)
+    assert over.value.code == Code.AZURE_BUDGET_EXHAUSTED
+    assert over.value.retry_after == pytest.approx(10.0), "the next read, at 0.1 a second"
+    assert client.calls == {"list_vms": 1, "get_vm": 2}
