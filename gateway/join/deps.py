@@ -219,6 +219,7 @@ async def production_deps(
                 chain_cache=cache("chains"),
                 clock=clock,
                 skew=az.clock_skew_seconds,
+                known_issuer_names=az.known_issuer_names,
             ),
             access_tokens=TokenVerifier(
                 jwks,
