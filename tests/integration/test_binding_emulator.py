@@ -345,7 +345,7 @@ async def test_every_vm_joins_over_https_when_the_list_budget_is_tight(tmp_path:
             *(run_join(agent_settings(st, vm, max_attempts=1), ssl_context=ctx) for vm in vms)
         )
         assert all(o.attempts == 1 for o in outcomes), "no join was told to come back"
-        registered = Counter(r.registration.join.vm_id for r in st.auth.records())
+        registered = Counter(r.registration.join.vm_id for r in await st.auth.records())
         assert all(registered[vm.vm_id] == 1 for vm in vms), "every VM registered once"
         counters = emu.counters
         pages = counters.get("arm.list_vms", 0)
@@ -409,7 +409,7 @@ async def test_every_vm_joins_through_a_gateway_process_when_the_list_budget_is_
             )
         )
         assert all(o.attempts == 1 for o in outcomes), "no join was told to come back"
-        registered = Counter(r.registration.join.vm_id for r in st.auth.records())
+        registered = Counter(r.registration.join.vm_id for r in await st.auth.records())
         assert all(registered[vm.vm_id] == 1 for vm in vms), "every VM registered once"
         counters = emu.counters
         assert counters.get("arm.429", 0) == 0
