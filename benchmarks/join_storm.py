@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -406,13 +407,21 @@ def run_phase(
     measure_floor_samples: int = 0,
     profile_gateway: Path | None = None,
     stage_cpu: bool = False,
+    arm_list_per_minute: int | None = None,
 ) -> PhaseResult:
-    """Fresh emulator, auth service and gateway; the storm; everything stopped again."""
+    """Fresh emulator, auth service and gateway; the storm; everything stopped again.
+
+    ``arm_list_per_minute``: the emulator's Compute list limit (Azure's is 300 a minute,
+    shared with every client of the subscription); the gateway's list budget is set to it,
+    divided among its workers (each worker keeps its own budget)."""
     plan = fleet_plan(vms)
     procs: list[Proc] = []
+    tight = (
+        () if arm_list_per_minute is None else ("--arm-list-per-minute", str(arm_list_per_minute))
+    )
     try:
         print(f"[{mode}] starting the emulator with {vms} VMs ...", flush=True)
-        emu, info = start_emulator(workdir, plan, signing_threads=signing_threads)
+        emu, info = start_emulator(workdir, plan, signing_threads=signing_threads, extra_args=tight)
         procs.append(emu)
         if len(info.vms) != vms:
             raise StackError(f"the emulator built {len(info.vms)} VMs, not {vms}")
@@ -436,6 +445,11 @@ def run_phase(
         if stages_dir is not None:  # an earlier run's processes are not this one's
             for stale in stages_dir.glob("stages-*.json"):
                 stale.unlink()
+        if arm_list_per_minute is not None:
+            share = max(1, arm_list_per_minute // workers)
+            budget = dataclasses.replace(config.azure.arm_budget, list_per_minute=share)
+            azure = dataclasses.replace(config.azure, arm_budget=budget)
+            config = dataclasses.replace(config, azure=azure)
         gw, url = start_gateway(
             workdir,
             config,
@@ -592,6 +606,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--signing-threads", type=int, default=2, help="the emulator's RSA signers")
     p.add_argument("--floor-samples", type=int, default=300)
     p.add_argument(
+        "--arm-list-per-minute",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also run the tuned storm with the emulator's list limit at N pages a minute",
+    )
+    p.add_argument(
         "--profile-gateway",
         type=Path,
         default=None,
@@ -652,6 +673,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     keys=keys,
                     signing_threads=args.signing_threads,
                 )
+        tight_phase = None
+        if args.arm_list_per_minute is not None:
+            tight_phase = run_phase(
+                out / "work" / "tight-list-budget",
+                mode="tuned",
+                vms=args.vms,
+                workers=args.workers,
+                arrival=args.arrival,
+                concurrency=args.concurrency,
+                keys=keys,
+                signing_threads=args.signing_threads,
+                arm_list_per_minute=args.arm_list_per_minute,
+            )
     except StackError as exc:
         print(f"join_storm: the harness failed: {exc}", file=sys.stderr)
         return 1
@@ -681,6 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             "latency_p99_ms": _ratio(baseline["latency_ms"]["p99"], result["latency_ms"]["p99"]),
         }
+    if tight_phase is not None:
+        result["tight_list_budget"] = tight_phase.figures(floor)
+        result["tight_list_budget"]["arm_list_per_minute"] = args.arm_list_per_minute
     result["command"] = "python benchmarks/join_storm.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
@@ -717,6 +754,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             "naive / tuned:",
             json.dumps({k: v for k, v in result["ratios"].items() if k != "description"}),
+        )
+    if tight_phase is not None:
+        t, c = result["tight_list_budget"], tight_phase.counters
+        print(
+            f"list budget {args.arm_list_per_minute}/min: {t['succeeded']}/{t['vms']} joined "
+            f"(default: {result['succeeded']}/{result['vms']}), {t['retries']} retries, "
+            f"{c.get('arm.list_vms', 0) + c.get('arm.list_vmss_vms', 0)} list pages, "
+            f"{c.get('arm.get_vm', 0) + c.get('arm.get_vmss_vm', 0)} point reads, "
+            f"{t['emulator_429s']} 429s, p99 {t['latency_ms']['p99']} ms, wall {t['wall_s']} s"
         )
     print(f"results: {out / 'results.json'}  plot: {out / 'storm.png'}")
     return 0

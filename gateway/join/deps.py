@@ -22,6 +22,7 @@ from gateway.azure.attested import AttestedVerifier
 from gateway.azure.budget import SubscriptionBudget
 from gateway.azure.certs import TrustStore
 from gateway.azure.jwks import JwksClient, TokenVerifier, keyset_from_json, keyset_to_json
+from gateway.azure.vm_directory import VmDirectory
 from gateway.core.cache import Cache, MemoryCache, NullCache
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.config import Config
@@ -229,18 +230,22 @@ async def production_deps(
                 allowed_tenants=az.allowed_tenants,
             ),
             binder=VmBinder(
-                arm,
+                VmDirectory(
+                    arm,
+                    clock=clock,
+                    vm_cache_ttl=config.cache.vm_ttl_seconds,
+                    negative_ttl=config.cache.negative_ttl_seconds,
+                    refresh_interval=config.cache.map_refresh_seconds,
+                    list_window=config.cache.list_window_seconds,
+                    # Without caches a listing would be redone per join: naive mode reads VMs.
+                    list_threshold=config.cache.list_threshold if config.cache.enabled else 10**9,
+                    list_wait=az.arm_budget.max_wait_seconds,
+                    cache_maps=config.cache.enabled,
+                    vm_cache=cache("vms"),
+                    group_observer=metrics.cache_observer("resource_group_maps"),
+                    set_observer=metrics.cache_observer("scale_set_maps"),
+                ),
                 enabled=az.vm_binding,
-                clock=clock,
-                vm_cache_ttl=config.cache.vm_ttl_seconds,
-                negative_ttl=config.cache.negative_ttl_seconds,
-                refresh_interval=config.cache.map_refresh_seconds,
-                list_window=config.cache.list_window_seconds,
-                # Without caches a listing would be redone per join: naive mode reads VMs.
-                list_threshold=config.cache.list_threshold if config.cache.enabled else 10**9,
-                vm_cache=cache("vms"),
-                set_cache=cache("scale_set_maps"),
-                group_cache=cache("resource_group_maps"),
             ),
             replay=replay_store,
             auth=auth,
