@@ -91,7 +91,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems: list[str] = []
     try:
         tokens = load_tokens(cfg)
-        print(f"tokens: {', '.join(sorted(tokens.registry.names())) or '(none)'}")
+        print(f"tokens: {', '.join(sorted(tokens.current.names())) or '(none)'}")
     except (ConfigError, OSError) as exc:
         problems.append(str(exc))
     try:

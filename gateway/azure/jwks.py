@@ -23,7 +23,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -44,6 +44,8 @@ from gateway.core.errors import Code, JoinRejected, Overloaded
 __all__ = [
     "JwksClient",
     "KeySet",
+    "KeySource",
+    "StaticKeys",
     "TokenVerifier",
     "keyset_from_json",
     "keyset_to_json",
@@ -323,6 +325,26 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class KeySource(Protocol):
+    """Where ``TokenVerifier`` gets a tenant's signing key: ``JwksClient`` (Entra, cached)
+    or ``StaticKeys`` (a JWKS file: ``inspect``, offline)."""
+
+    async def key_for(self, tid: str, kid: str) -> RSAPublicKey: ...
+
+
+class StaticKeys:
+    """A fixed key set for any tenant (``inspect --jwks FILE``): nothing is fetched."""
+
+    def __init__(self, keys: Mapping[str, RSAPublicKey]) -> None:
+        self._keys = dict(keys)
+
+    async def key_for(self, tid: str, kid: str) -> RSAPublicKey:
+        key = self._keys.get(kid)
+        if key is None:
+            raise JoinRejected(Code.ACCESS_TOKEN_KEY_UNKNOWN, f"no key {kid!r} in the JWKS given")
+        return key
+
+
 class TokenVerifier:
     """Verify an access token end to end: peek → the tenant's key → ``verify_access_token``.
 
@@ -332,7 +354,7 @@ class TokenVerifier:
 
     def __init__(
         self,
-        jwks: JwksClient,
+        jwks: KeySource,
         *,
         cloud: CloudProfile,
         clock: Clock,
