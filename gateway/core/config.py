@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -297,7 +298,64 @@ def _convert(tp: Any, node: yaml.Node, source: str, name: str) -> Any:
         raise TypeError(f"unsupported config type {tp}")
     if not ok:
         raise ConfigError(f"{_where(source, node)}: {name} must be a {tp.__name__}, got {value!r}")
+    problem = _value_problem(name, value)
+    if problem is not None:
+        raise ConfigError(f"{_where(source, node)}: {name} {problem}")
     return value
+
+
+def _value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one well-typed value (checked where it is read, so the error
+    names its line); None when nothing is. Cross-key rules stay in ``_validate``."""
+    check = _VALUE_CHECKS.get(name)
+    if check is not None:
+        return check(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # No count, size, rate or duration of ours means anything below zero.
+        if value < 0:
+            return f"must be >= 0, got {value!r}"
+        if name.endswith("timeout_seconds") and value == 0:
+            return "must be > 0 (a zero timeout fails every call)"
+    return None
+
+
+def _redis_url(value: str) -> str | None:
+    # redis-py's own parser, so what passes here is what redis_client() accepts; it lets
+    # a host-less URL or a non-numeric database through silently, we do not.
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parsed = parse_url(value)
+    except ValueError as exc:
+        return f"is not a Redis URL ({exc})"
+    parts = urlsplit(value)
+    if parts.scheme == "unix":
+        return None if parsed.get("path") else "names no socket path (unix:///path)"
+    if not parsed.get("host"):
+        return "names no host (redis://host:port/db)"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"database {db!r} is not a number"
+    return None
+
+
+def _https_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        return f"must be https:// with a host, got {value!r}"
+    return None
+
+
+def _optional_https_url(value: str) -> str | None:
+    return None if value == "" else _https_url(value)
+
+
+_VALUE_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
+    "cache.redis_url": _redis_url,
+    "upstream.url": _https_url,
+    "azure.authority_host": _optional_https_url,
+    "azure.arm_endpoint": _optional_https_url,
+}
 
 
 def _validate(cfg: Config, source: str) -> None:

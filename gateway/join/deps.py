@@ -81,7 +81,7 @@ SessionFactory = Callable[..., aiohttp.ClientSession]
 def load_tokens(config: Config) -> Reloadable[TokenRegistry]:
     """The token registry, re-read whole from ``tokens.files`` on SIGHUP."""
     paths = tuple(config.path(p) for p in config.tokens.files)
-    return Reloadable("tokens", lambda: load_token_files(paths))
+    return Reloadable("token", lambda: load_token_files(paths))
 
 
 def challenge_keys(config: Config, clock: Clock) -> Reloadable[ChallengeCodec]:
