@@ -220,11 +220,6 @@ def test_readable_but_wrong_document_is_a_rejection_not_a_usage_error(
 # ----------------------------------------------------------------------- token part
 
 
-@pytest.fixture(scope="module")
-def minter() -> TokenMinter:
-    return TokenMinter()
-
-
 @pytest.fixture
 def jwks_file(minter: TokenMinter, tmp_path: Path) -> Path:
     return minter.write_jwks(tmp_path / "jwks.json")
