@@ -8,7 +8,10 @@ recorded. The real agent then joins VMs of every kind and is refused where it mu
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import base64
+import io
 import json
 import ssl
 import subprocess
@@ -28,6 +31,7 @@ from gateway.dev.devstack import DevStack, agent_settings, dev_stack
 from gateway.dev.emulator import EmulatedVm
 from gateway.http.schema import decode_join_request
 from gateway.join.pipeline import JoinTrace, admit_join
+from tests.support.forge_tokens import resign
 from tests.support.tokens import refusal_tokens_yaml
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -497,3 +501,158 @@ async def test_sighup_reload_picks_up_rotated_challenge_keys(stack: DevStack) ->
     finally:
         keys_file.write_bytes(original)
         server.reload()
+
+
+# --- the gateway and inspect agree ---------------------------------------------------------
+#
+# One table of evidence, run through the gateway over HTTPS and through `join-gateway
+# inspect` on the same files: both read one step table, so they must give the same verdict
+# and code. (inspect has no challenge, token files or Resource Manager: the cases are about
+# the evidence, which both check the same way.)
+
+
+def _resigned(ctx: Ctx, vm: EmulatedVm, **claims: Any) -> str:
+    """``vm``'s own token with ``claims`` changed, signed by its tenant's current key."""
+    signer = ctx.stack.emulator._tenant(vm.tenant).signer  # no public way to edit claims
+
+    def edit(c: dict[str, Any]) -> None:
+        for name, value in claims.items():
+            if value is None:
+                c.pop(name, None)
+            else:
+                c[name] = value
+
+    return resign(ctx.stack.emulator.token_for(vm), signer.key, claims=edit)
+
+
+def _storage_rid(vm: EmulatedVm) -> str:
+    return (
+        f"/subscriptions/{vm.subscription}/resourceGroups/{vm.resource_group}"
+        "/providers/Microsoft.Storage/storageAccounts/logs"
+    )
+
+
+Evidence = Callable[[Ctx, dict[str, Any]], None]  # edits a join body in place
+
+
+def _token_of(pick: Callable[[Fleet], EmulatedVm]) -> Evidence:
+    def edit(ctx: Ctx, body: dict[str, Any]) -> None:
+        body["access_token"] = ctx.stack.emulator.token_for(pick(ctx.fleet))
+
+    return edit
+
+
+AGREE: list[tuple[str, Evidence | None, str | None]] = [
+    ("a VM's own document and token are accepted by both", None, None),
+    (
+        "a token whose VM is in another subscription than the document",
+        _token_of(lambda f: f.other_sub_vm),
+        "subscription_mismatch",
+    ),
+    (
+        "a storage account's token",
+        lambda ctx, body: body.update(
+            access_token=_resigned(
+                ctx,
+                ctx.fleet.user_vm,
+                xms_mirid=_storage_rid(ctx.fleet.user_vm),
+                xms_az_rid=None,
+            )
+        ),
+        "identity_unsupported",
+    ),
+    (
+        "a document signed for another nonce",
+        lambda ctx, body: body.update(
+            attested_data=ctx.stack.emulator.attested_document_for(
+                ctx.fleet.user_vm, nonce="another-nonce"
+            )
+        ),
+        "nonce_mismatch",
+    ),
+    (
+        "a token for another audience",
+        lambda ctx, body: body.update(
+            access_token=_resigned(ctx, ctx.fleet.user_vm, aud="https://vault.azure.net")
+        ),
+        "access_token_audience_invalid",
+    ),
+    (
+        "a document that is base64 but not CMS",
+        lambda ctx, body: body["attested_data"].update(
+            signature=base64.b64encode(b"hello").decode()
+        ),
+        "attested_malformed",
+    ),
+    (
+        "an access token that is not a JWT",
+        lambda ctx, body: body.update(access_token="not-a-jwt"),
+        "access_token_malformed",
+    ),
+]
+
+
+async def _jwks_file(ctx: Ctx, tid: str, path: Path) -> Path:
+    emu = ctx.stack.emulator
+    tls = ssl.create_default_context(cadata=emu.tls_ca_pem.decode())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{emu.https_url}/{tid}/discovery/keys", ssl=tls) as resp,
+    ):
+        assert resp.status == 200
+        path.write_bytes(await resp.read())
+    return path
+
+
+def _inspect(argv: list[str]) -> tuple[int, dict[str, Any]]:
+    from gateway.join.inspect import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = io.StringIO()
+    rc = run(parser.parse_args([*argv, "--json"]), out=out, err=io.StringIO())
+    return rc, json.loads(out.getvalue())
+
+
+@pytest.mark.parametrize(("edit", "code"), [a[1:] for a in AGREE], ids=[a[0] for a in AGREE])
+async def test_the_gateway_and_inspect_give_the_same_verdict(
+    ctx: Ctx, tmp_path: Path, edit: Evidence | None, code: str | None
+) -> None:
+    vm = ctx.fleet.user_vm
+    challenge = ctx.challenge()
+    body = ctx.body(vm, challenge)
+    if edit is not None:
+        edit(ctx, body)
+
+    ssl_ctx = ssl.create_default_context(cafile=str(ctx.stack.gateway_ca_file))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(ctx.stack.gateway_url + "/v1/join/azure", json=body, ssl=ssl_ctx) as resp,
+    ):
+        answer = await resp.json()
+    gateway_code = None if resp.status == 200 else answer["error"]["code"]
+
+    emu = ctx.stack.emulator
+    (tmp_path / "doc.json").write_text(json.dumps(body["attested_data"]))
+    (tmp_path / "token.jwt").write_text(body["access_token"])
+    (tmp_path / "root.pem").write_bytes(emu.attestation_root_pem)
+    (tmp_path / "intermediate.pem").write_bytes(emu.intermediate_pem)
+    jwks = await _jwks_file(ctx, vm.tenant, tmp_path / "jwks.json")
+    rc, report = await asyncio.to_thread(
+        _inspect,
+        [
+            "--attested", str(tmp_path / "doc.json"),
+            "--nonce", challenge,
+            "--ca-bundle", str(tmp_path / "root.pem"),
+            "--ca-bundle", str(tmp_path / "intermediate.pem"),
+            "--token", str(tmp_path / "token.jwt"),
+            "--jwks", str(jwks),
+        ],
+    )  # fmt: skip
+
+    assert gateway_code == code, answer
+    assert report["code"] == code, report["checks"]
+    assert (rc, report["verdict"]) == ((0, "accepted") if code is None else (1, "rejected"))
+    if code is None:
+        arm = next(c for c in report["checks"] if c["name"] == "arm")
+        assert arm["status"] == "skipped"  # the gateway asked ARM; inspect says it did not
