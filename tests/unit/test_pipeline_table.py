@@ -55,26 +55,17 @@ from tests.support.ids import (
     vm_rid,
 )
 from tests.support.minter import TokenMinter
-from tests.support.tokens import refusal_tokens_yaml
+from tests.support.tokens import azure_token_yaml, refusal_tokens_yaml
 
 NOW = T0 + timedelta(hours=1)
 DOWN_TENANT = "44444444-4444-4444-4444-444444444444"  # Entra cannot be reached for it
 OTHER_VM_ID = "0f3e9f3c-0000-4000-8000-000000000001"
 
-TOKENS = f"""\
-kind: token
-version: v2
-metadata:
-  name: azure-token
-spec:
-  roles: [Node]
-  join_method: azure
-  azure:
-    allow:
-      - subscription: {SUBSCRIPTION}
-        resource_groups: [kube]
----
-{refusal_tokens_yaml(SUBSCRIPTION)}"""
+TOKENS = (
+    azure_token_yaml(SUBSCRIPTION, resource_groups=["kube"])
+    + "---\n"
+    + refusal_tokens_yaml(SUBSCRIPTION)
+)
 
 
 # --- fakes for what sits behind a socket -------------------------------------------------
