@@ -1,9 +1,10 @@
 """The agent's typed errors.
 
-The agent runs on the VM, so its errors are not the gateway's :class:`~gateway.core.errors.GatewayError`
-(those are rendered into HTTP responses). Every failure the agent can report carries a stable
-``code``: either one the gateway sent back (``not_allowed``, ``challenge_reused`` ...) or one of
-the agent's own :class:`AgentCode` values below. The CLI prints the code; tests assert it.
+The agent runs on the VM, so its errors are not the gateway's
+:class:`~gateway.core.errors.GatewayError` (those are rendered into HTTP responses). Every
+failure the agent can report carries a stable ``code``: either one the gateway sent back
+(``not_allowed``, ``challenge_reused`` ...) or one of the agent's own :class:`AgentCode` values
+below. The CLI prints the code; tests assert it.
 """
 
 from __future__ import annotations
