@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -307,7 +308,9 @@ def _convert(tp: Any, node: yaml.Node, source: str, name: str) -> Any:
 def _value_problem(name: str, value: Any) -> str | None:
     """What is wrong with one well-typed value (checked where it is read, so the error
     names its line); None when nothing is. Cross-key rules stay in ``_validate``."""
-    check = _VALUE_CHECKS.get(name)
+    # A list item's checks are declared once for the list: "listeners[2].address" is
+    # checked as "listeners[].address".
+    check = _VALUE_CHECKS.get(re.sub(r"\[\d+\]", "[]", name))
     if check is not None:
         return check(value)
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -350,8 +353,45 @@ def _optional_https_url(value: str) -> str | None:
     return None if value == "" else _https_url(value)
 
 
+def _one_of(choices: Sequence[str]) -> typing.Callable[[Any], str | None]:
+    return lambda value: None if value in choices else f"must be one of {sorted(choices)}"
+
+
+def _within(low: float, high: float) -> typing.Callable[[Any], str | None]:
+    return lambda value: None if low <= value <= high else f"must be within {low:g}..{high:g}"
+
+
+def _cidr(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"{value!r} is not a CIDR"
+    return None
+
+
+def _hostport(value: str) -> str | None:
+    try:
+        split_hostport(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _optional_hostport(value: str) -> str | None:
+    return None if value == "" else _hostport(value)
+
+
 _VALUE_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
+    "azure.cloud": _one_of(tuple(CLOUDS)),
+    "proxy.trusted_cidrs[]": _cidr,
+    "listeners[].address": _hostport,
+    "metrics.listen": _optional_hostport,
+    "workers": _within(1, 1024),
+    "challenge.ttl_seconds": _within(5, 3600),
+    "limits.max_body_bytes": _within(1024, 1024 * 1024),
+    "limits.max_in_flight": _within(1, 10**6),
     "cache.redis_url": _redis_url,
+    # The auth service is reached over mTLS only.
     "upstream.url": _https_url,
     "azure.authority_host": _optional_https_url,
     "azure.arm_endpoint": _optional_https_url,
@@ -359,36 +399,10 @@ _VALUE_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
 
 
 def _validate(cfg: Config, source: str) -> None:
+    """Rules across keys (one key's own value is checked where it is read, with its line)."""
     problems: list[str] = []
-    if cfg.azure.cloud not in CLOUDS:
-        problems.append(f"azure.cloud must be one of {sorted(CLOUDS)}")
-    for cidr in cfg.proxy.trusted_cidrs:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            problems.append(f"proxy.trusted_cidrs: {cidr!r} is not a CIDR")
-    for listener in cfg.listeners:
-        try:
-            split_hostport(listener.address)
-        except ValueError as exc:
-            problems.append(f"listeners: {exc}")
-    if cfg.metrics.listen:
-        try:
-            split_hostport(cfg.metrics.listen)
-        except ValueError as exc:
-            problems.append(f"metrics.listen: {exc}")
     if not cfg.listeners:
         problems.append("listeners: at least one listener is needed")
-    if cfg.workers < 1:
-        problems.append("workers must be >= 1")
-    if not 5 <= cfg.challenge.ttl_seconds <= 3600:
-        problems.append("challenge.ttl_seconds must be within 5..3600")
-    if not 1024 <= cfg.limits.max_body_bytes <= 1024 * 1024:
-        problems.append("limits.max_body_bytes must be within 1024..1048576")
-    if cfg.limits.max_in_flight < 1 or cfg.limits.max_queue < 0:
-        problems.append("limits.max_in_flight must be >= 1 and limits.max_queue >= 0")
-    if not cfg.upstream.url.startswith("https://"):
-        problems.append("upstream.url must be https:// (the auth service is reached over mTLS)")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 

@@ -155,6 +155,17 @@ BAD_VALUES = [
     ("azure:\n  arm_endpoint: http://arm\n", "g.yaml:2", "must be https://"),
     ("limits:\n  max_queue: -1\n", "g.yaml:2", "must be >= 0"),
     ("upstream:\n  timeout_seconds: 0\n", "g.yaml:2", "must be > 0"),
+    (
+        "proxy:\n  trusted_cidrs:\n    - 10.0.0.0/8\n    - 10.0.0.0/33\n",
+        "g.yaml:4",
+        "proxy.trusted_cidrs[1] '10.0.0.0/33' is not a CIDR",
+    ),
+    (
+        "listeners:\n  - address: 0.0.0.0:443\n  - address: nohost\n",
+        "g.yaml:3",
+        "listeners[1].address 'nohost' is not host:port",
+    ),
+    ("azure:\n  cloud: mars\n", "g.yaml:2", "azure.cloud must be one of"),
 ]
 
 
@@ -170,6 +181,9 @@ BAD_VALUES = [
         "an endpoint override over plain HTTP is a config error",
         "a negative size is a config error",
         "a zero timeout is a config error",
+        "the bad item of a list is named with its line",
+        "the bad listener of several is named with its line",
+        "an unknown cloud is named with its line",
     ],
 )
 def test_bad_values_name_file_and_line(text: str, where: str, what: str) -> None:
