@@ -581,11 +581,9 @@ class AttestedVerifier:
         signature_b64: str,
         *,
         intermediates: Sequence[bytes] = (),
-        expected_nonce: str | None,
+        expected_nonce: str,
     ) -> AttestedDocument:
-        """Every check of :data:`DOCUMENT_STEPS`, in order; the first failure raises.
-        ``expected_nonce`` is required by the join pipeline (None only makes sense for
-        inspect)."""
+        """Every check of :data:`DOCUMENT_STEPS`, in order; the first failure raises."""
         run = _DocRun(self, signature_b64, intermediates, expected_nonce)
         await run_fail_fast(DOCUMENT_STEPS, run)
         return run.document()

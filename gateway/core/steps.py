@@ -1,23 +1,24 @@
 """A declared table of verification steps, run two ways from the one declaration.
 
 ``run_fail_fast`` is the gateway's way: steps in order, the first ``GatewayError`` is
-raised as it is. ``run_recording`` is ``inspect``'s: every step runs whose prerequisites
-(``needs``) passed, each outcome is recorded, nothing is raised. Because both read the
-same table, what ``inspect`` says about a document or token is what the gateway would
-answer — they cannot drift apart step by step.
+raised as it is, and a step that skips itself is a bug (every input is given there).
+``run_recording`` is ``inspect``'s: every step runs whose prerequisites (``needs``)
+passed, each outcome is recorded, nothing is raised. Because both read the same table,
+what ``inspect`` says about a document or token is what the gateway would answer — they
+cannot drift apart step by step.
 
 A step is a small adapter: it calls the typed ``check_*`` function of its module, stores
 the evidence on the run's state object (owned by the table's module, one per call) and
 returns a one-line detail for the report. A step that does not apply to this run (no
 nonce given, an offline inspection without Resource Manager) raises :class:`Skip` with
-the reason; the fail-fast runner moves on, the recording one says why.
+the reason, which the recording runner reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext, suppress
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -117,8 +118,13 @@ def _no_timer(name: str) -> AbstractContextManager[object]:
 
 
 async def _run_one(step: Step[S], state: S, timer: Timer) -> None:
-    with timer(step.name), suppress(Skip):
-        await step.run(state)
+    with timer(step.name):
+        try:
+            await step.run(state)
+        except Skip as skip:
+            # The gateway gives every input; a check that skips itself there would let a
+            # join through unchecked. Fail loudly (a 500 and a log line), never pass.
+            raise RuntimeError(f"step {step.name!r} skipped in a fail-fast run: {skip}") from None
 
 
 async def run_fail_fast(table: StepTable[S], state: S, *, timer: Timer = _no_timer) -> None:

@@ -257,8 +257,8 @@ async def _step_document(run: _Run) -> Detail:
     # 4a. The attested document (runs beside the access token: they are independent).
     if run.document_error is not None:
         raise run.document_error
-    if run.signature is None or run.attested is None:
-        raise Skip("no attested document given")
+    if run.signature is None or run.attested is None or run.expected_nonce is None:
+        raise Skip("no attested document or no challenge given")
     doc = run.doc = await run.attested.verify(
         run.signature, intermediates=run.intermediates, expected_nonce=run.expected_nonce
     )
