@@ -65,6 +65,8 @@ __all__ = [
     "production_deps",
     "redis_connection",
     "replay_store",
+    "trust_store",
+    "upstream_ssl_context",
     "vm_binder",
 ]
 
@@ -93,12 +95,32 @@ def challenge_keys(config: Config, clock: Clock) -> Reloadable[ChallengeCodec]:
     )
 
 
+def trust_store(config: Config) -> TrustStore:
+    """The attested document's pinned roots: bundled (unless turned off) plus
+    ``azure.extra_ca_files``."""
+    return TrustStore.load(
+        extra_pem_files=[config.path(p) for p in config.azure.extra_ca_files],
+        include_bundled=config.azure.bundled_roots,
+    )
+
+
 def outbound_ssl_context(config: Config) -> ssl.SSLContext:
+    """Trust for Entra, ARM and AIA: the system store plus ``azure.outbound_ca_file``."""
     ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if config.azure.outbound_ca_file:
         ctx.load_verify_locations(cafile=str(config.path(config.azure.outbound_ca_file)))
     return ctx
+
+
+def upstream_ssl_context(config: Config) -> ssl.SSLContext:
+    """mTLS to the auth service: its CA, and the gateway's client certificate."""
+    upstream = config.upstream
+    return client_ssl_context(
+        ca_file=config.path(upstream.ca_file) if upstream.ca_file else None,
+        cert_file=config.path(upstream.client_cert_file) if upstream.client_cert_file else None,
+        key_file=config.path(upstream.client_key_file) if upstream.client_key_file else None,
+    )
 
 
 # -- 2..5. resources that must be closed ---------------------------------------------------
@@ -124,11 +146,7 @@ async def auth_client(
 ) -> AsyncIterator[AuthClient]:
     """The auth service's client on its own pooled mTLS session (``upstream.*``)."""
     upstream = config.upstream
-    ctx = client_ssl_context(
-        ca_file=config.path(upstream.ca_file) if upstream.ca_file else None,
-        cert_file=config.path(upstream.client_cert_file) if upstream.client_cert_file else None,
-        key_file=config.path(upstream.client_key_file) if upstream.client_key_file else None,
-    )
+    ctx = upstream_ssl_context(config)  # before opening: bad files open nothing
     # The pool bound lives on the connector we open here; the client uses ``ctx`` on every
     # request (so the mTLS identity is the one configured even on a shared session).
     session = open_session(
@@ -287,10 +305,7 @@ async def production_deps(
     # 1. Files first: a bad one stops the start before anything is opened.
     tokens = load_tokens(config)
     keys = challenge_keys(config, clock)
-    trust = TrustStore.load(
-        extra_pem_files=[config.path(p) for p in az.extra_ca_files],
-        include_bundled=az.bundled_roots,
-    )
+    trust = trust_store(config)
     trace = metrics.trace_config(
         [(authority, "entra"), (arm_endpoint, "arm"), (config.upstream.url, "auth")]
         + [(prefix, "aia") for prefix in aia_prefixes]

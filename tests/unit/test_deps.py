@@ -241,3 +241,41 @@ def test_a_holder_reloads_only_when_its_loader_succeeds() -> None:
     assert holder.current == 1
     assert holder.reload() and holder.current == 2 and holder.reloads == 1
     assert not holder.reload() and holder.current == 2 and holder.reloads == 1
+
+
+CHECKED_FILES = [
+    ("azure:\n  outbound_ca_file: missing.pem\n", "azure.outbound_ca_file"),
+    ("azure:\n  extra_ca_files: [missing.pem]\n", "azure.extra_ca_files"),
+    ("upstream:\n  ca_file: missing.pem\n", "upstream TLS files"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "what"),
+    CHECKED_FILES,
+    ids=[
+        "check-config finds a missing outbound CA file",
+        "check-config finds a missing extra CA file",
+        "check-config finds a missing auth-service CA file",
+    ],
+)
+def test_check_config_reads_what_the_composition_root_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, what: str
+) -> None:
+    from gateway.cli import main
+
+    (tmp_path / "tokens.yaml").write_text(azure_token_yaml())
+    write_new_keys_file(tmp_path / "keys")
+    for name in ("tls.crt", "tls.key"):
+        (tmp_path / name).write_text("x")
+    base = (
+        "tls: {cert_file: tls.crt, key_file: tls.key}\n"
+        "challenge: {keys_file: keys}\n"
+        "tokens: {files: [tokens.yaml]}\n"
+    )
+    (tmp_path / "gateway.yaml").write_text(base)
+    assert main(["check-config", "-c", str(tmp_path / "gateway.yaml")]) == 0
+    (tmp_path / "gateway.yaml").write_text(base + extra)
+    capsys.readouterr()
+    assert main(["check-config", "-c", str(tmp_path / "gateway.yaml")]) == 1
+    assert f"error: {what}:" in capsys.readouterr().err

@@ -194,18 +194,18 @@ def world(tmp_path_factory: pytest.TempPathFactory, minter: TokenMinter) -> Worl
             clock=clock,
         ),
         access_tokens=TokenVerifier(
-            entra,  # type: ignore[arg-type]
+            entra,  # duck-typed: a KeySource
             cloud=cloud,
             clock=clock,
             allowed_tenants=(TENANT, DOWN_TENANT),
         ),
         binder=VmBinder(
-            arm,  # type: ignore[arg-type]
+            arm,  # duck-typed: the three ArmClient reads
             clock=clock,
             list_threshold=10**9,  # point GETs only: one call per VM, easy to count
         ),
         replay=MemoryReplayStore(clock=clock),
-        auth=auth,  # type: ignore[arg-type]
+        auth=auth,  # duck-typed: register, ready, breaker
     )
     stale = ChallengeCodec(keys, ttl=60, clock=FixedClock(NOW - timedelta(hours=1)))
     return World(deps, pki, stranger, minter, other_tenant, down_tenant, arm, auth, entra, stale)
