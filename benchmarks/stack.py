@@ -9,9 +9,11 @@ elsewhere. Everything listens on 127.0.0.1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -60,6 +62,7 @@ __all__ = [
     "start_auth",
     "start_emulator",
     "start_gateway",
+    "start_redis",
     "tokens_yaml",
 ]
 
@@ -84,6 +87,8 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    # Stopped after this one (the gateway's own Redis).
+    companions: list[Proc] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -100,14 +105,15 @@ class Proc:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        for companion in self.companions:
+            companion.stop(timeout)
 
 
 def _spawn(
@@ -464,7 +470,9 @@ def gateway_config(
             client_key_file=str(auth.client_key),
             ca_file=str(auth.cluster_ca),
         ),
-        cache=CacheConfig(enabled=not naive),
+        # Several workers share one replay store (a challenge is redeemed once across
+        # them): start_gateway starts the Redis this points at.
+        cache=CacheConfig(enabled=not naive, backend="redis" if workers > 1 else "memory"),
         workers=workers,
         shutdown_timeout_seconds=10.0,
     )
@@ -487,6 +495,12 @@ def start_gateway(
     """
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    redis = None
+    if config.cache.backend == "redis":
+        redis, redis_url = start_redis(workdir, f"{name}-redis")
+        config = dataclasses.replace(
+            config, cache=dataclasses.replace(config.cache, redis_url=redis_url)
+        )
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(dump_config(config), encoding="utf-8")
     prom = workdir / f"{name}-prom"
@@ -498,7 +512,29 @@ def start_gateway(
         env={"PROMETHEUS_MULTIPROC_DIR": str(prom)},
         python_args=("-m", "cProfile", "-o", str(profile_to.resolve())) if profile_to else (),
     )
+    if redis is not None:
+        proc.companions.append(redis)
     url = f"https://{config.listeners[0].address}"
     ctx = ssl.create_default_context(cafile=str(ca_file))
     _wait("gateway", proc, lambda: _ready(url, ctx), 60.0)
     return proc, url
+
+
+def start_redis(workdir: Path, name: str) -> tuple[Proc, str]:
+    """``redis-server`` on a free loopback port, nothing persisted: the replay store the
+    workers of a multi-worker gateway share. Returns the process and its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StackError("several gateway workers need redis-server (apt-get install it)")
+    port = free_port()
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    proc = Proc(name, popen, log_path)
+    _wait("redis", proc, lambda: _port_open(port), 30.0)
+    return proc, f"redis://127.0.0.1:{port}/0"

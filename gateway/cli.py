@@ -45,7 +45,7 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> object:
-    from gateway.core.config import ConfigError, load_config
+    from gateway.core.config import ConfigError, check_single_use, load_config
 
     try:
         cfg = load_config(args.config)
@@ -54,6 +54,11 @@ def _load(args: argparse.Namespace) -> object:
         return None
     if getattr(args, "workers", None):
         cfg = dataclasses.replace(cfg, workers=args.workers)
+        try:
+            check_single_use(cfg, f"--workers {args.workers}")
+        except ConfigError as exc:
+            print(f"join-gateway: {exc}", file=sys.stderr)
+            return None
     return cfg
 
 
@@ -184,10 +189,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     rc = 0
     if args.auth_data_dir:
-        from gateway.authservice import ca_pin_for_data_dir
+        from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+        from gateway.authservice import AuthPaths, ca_pin_for_data_dir
+        from gateway.core.tlsutil import ssh_key_pin
 
         try:
             print(f"CA pin: {ca_pin_for_data_dir(args.auth_data_dir)}")
+            ssh_ca = load_ssh_public_key(
+                AuthPaths.for_dir(args.auth_data_dir).ssh_ca_pub.read_bytes()
+            )
+            # The node config's teleport.ssh_ca_pin.
+            print(f"SSH CA pin: {ssh_key_pin(ssh_ca)}")
         except (OSError, ValueError) as exc:
             print(f"auth service: {exc}", file=sys.stderr)
             rc = 1
@@ -214,6 +227,68 @@ async def _gateway_status(url: str, ca_file: Path | None) -> int:
         return 1
 
 
+# --- agent / install ---------------------------------------------------------------------
+
+
+def _configure_agent(p: argparse.ArgumentParser) -> None:
+    from gateway.agent.cli import add_agent_arguments, run_agent
+
+    add_agent_arguments(p)
+    p.set_defaults(func=run_agent)
+
+
+def _configure_install(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="install_target", required=True, metavar="{systemd}")
+    unit = sub.add_parser("systemd", help="a systemd unit running `join-gateway agent`")
+    unit.add_argument("--config", required=True, type=Path, help="the node config (YAML)")
+    unit.add_argument("-o", "--output", type=Path, help="write the unit here (default: print)")
+    unit.add_argument("--data-dir", type=Path, help="override teleport.data_dir")
+    unit.add_argument("--executable", type=Path, help="join-gateway to run (default: this one)")
+    p.set_defaults(func=cmd_install)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from gateway.agent.errors import ConfigError
+    from gateway.agent.nodeconfig import load_node_config
+    from gateway.agent.systemd import UNIT_NAME, default_executable, render_unit, unit_warnings
+    from gateway.core.tlsutil import atomic_write
+
+    config = args.config.absolute()
+    try:
+        settings = load_node_config(config)
+    except ConfigError as exc:
+        print(f"join-gateway install: {exc.message}", file=sys.stderr)
+        return 2
+    executable = args.executable or default_executable()
+    if executable is None:
+        print(
+            "join-gateway install: join-gateway is not installed; give --executable",
+            file=sys.stderr,
+        )
+        return 2
+    data_dir = (args.data_dir or settings.data_dir).absolute()
+    try:
+        text = render_unit(executable=executable.absolute(), config=config, data_dir=data_dir)
+    except ValueError as exc:
+        print(f"join-gateway install: {exc}", file=sys.stderr)
+        return 2
+    for warning in unit_warnings(executable=executable.absolute(), config=config):
+        print(f"join-gateway install: warning: {warning}", file=sys.stderr)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    try:
+        atomic_write(args.output, text.encode())
+    except OSError as exc:
+        print(f"join-gateway install: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {args.output}; install it as /etc/systemd/system/{UNIT_NAME}, then "
+        f"`systemctl daemon-reload && systemctl enable --now {UNIT_NAME}`"
+    )
+    return 0
+
+
 # --- delegated sub-commands ------------------------------------------------------------
 
 
@@ -230,13 +305,15 @@ def _delegate(module: str) -> Configure:
 
 COMMANDS: dict[str, tuple[str, Configure]] = {
     "serve": ("run the gateway", _configure_serve),
-    "join": ("join this VM (the agent)", _delegate("gateway.agent.cli")),
+    "join": ("join this VM once (the agent)", _delegate("gateway.agent.cli")),
+    "agent": ("join this VM and keep its certificates renewed", _configure_agent),
+    "install": ("install the agent as a service (systemd unit)", _configure_install),
     "auth": ("the reference auth service", _delegate("gateway.authservice.cli")),
     "emulator": (
         "an Azure emulator for tests, demos and benchmarks",
         _delegate("gateway.dev.emulator.cli"),
     ),
-    "status": ("the auth service's CA pin and the gateway's health", _configure_status),
+    "status": ("the auth service's CA pins and the gateway's health", _configure_status),
     "demo": (
         "everything on loopback, then a fleet of emulated VMs joins",
         _delegate("gateway.dev.demo"),

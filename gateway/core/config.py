@@ -39,6 +39,7 @@ __all__ = [
     "TlsConfig",
     "TokensConfig",
     "UpstreamConfig",
+    "check_single_use",
     "dump_config",
     "load_config",
     "parse_config",
@@ -73,6 +74,9 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class ProxyConfig:
     trusted_cidrs: tuple[str, ...] = ()
+    # The one header a trusted proxy names the client in; the other is ignored even from
+    # a trusted peer (a balancer that sets one header usually passes the other through).
+    client_address_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
 
 
 @dataclass(frozen=True)
@@ -168,8 +172,15 @@ class LimitsConfig:
     max_body_bytes: int = 65536
     # The whole body must arrive within this: a slow drip does not hold a slot forever.
     body_read_timeout_seconds: float = 10.0
-    # A new connection's first request headers must arrive within this (slowloris).
+    # Every request's headers must arrive within this (slowloris): a new connection's
+    # from the accept, a kept-alive connection's from the next request's first byte.
     header_read_timeout_seconds: float = 10.0
+    # An idle kept-alive connection is closed after this. Above the balancer's own
+    # upstream idle timeout (nginx: 60 s), so that the balancer, not we, closes first.
+    keepalive_timeout_seconds: float = 75.0
+    # Open connections per worker (TLS handshakes included); beyond it a new connection
+    # is closed at accept, before any TLS work. Keep it below the open-files limit.
+    max_connections: int = 1024
     max_in_flight: int = 256
     max_queue: int = 1024
     queue_timeout_seconds: float = 5.0
@@ -196,6 +207,9 @@ class Config:
     shutdown_timeout_seconds: float = 30.0
     # On SIGTERM: unready at once, keep serving this long (balancers notice), then drain.
     drain_delay_seconds: float = 0.0
+    # On drain: connections with no complete request get this long to send one (answered
+    # 503 shutting_down with Connection: close), then they are closed.
+    shutdown_grace_seconds: float = 1.0
     log_level: str = "INFO"
     # Where relative paths in this file are resolved from (set by load_config).
     base_dir: str = "."
@@ -234,7 +248,34 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
     cfg = Config() if node is None else _build(Config, node, source, "")
     _validate(cfg, source)
+    line = _key_line(node, "workers") or _key_line(node, "cache", "backend")
+    check_single_use(cfg, f"{source}:{line}" if line else source)
     return cfg
+
+
+def check_single_use(cfg: Config, where: str) -> None:
+    """A challenge is redeemed at most once across processes: several workers need the
+    replay store they all share (Redis). ``where`` is the file and line, or the flag, that
+    set the worker count. Raises :class:`ConfigError`."""
+    if cfg.workers > 1 and cfg.cache.backend == "memory":
+        raise ConfigError(
+            f"{where}: workers: {cfg.workers} needs cache.backend: redis (with "
+            "cache.redis_url): with the memory backend each worker keeps its own replay "
+            "store, and one challenge could be redeemed once per worker"
+        )
+
+
+def _key_line(node: yaml.Node | None, *path: str) -> int | None:
+    """The 1-based line of the key at ``path`` in a composed mapping, if it is there."""
+    line = None
+    for key in path:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        found = next(((k, v) for k, v in node.value if k.value == key), None)
+        if found is None:
+            return None
+        line, node = int(found[0].start_mark.line) + 1, found[1]
+    return line
 
 
 def _where(source: str, node: yaml.Node) -> str:
@@ -357,8 +398,18 @@ def _one_of(choices: Sequence[str]) -> typing.Callable[[Any], str | None]:
     return lambda value: None if value in choices else f"must be one of {sorted(choices)}"
 
 
-def _within(low: float, high: float) -> typing.Callable[[Any], str | None]:
-    return lambda value: None if low <= value <= high else f"must be within {low:g}..{high:g}"
+def _within(
+    low: float, high: float, *, low_open: bool = False
+) -> typing.Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        ok = (low < value if low_open else low <= value) and value <= high
+        return None if ok else f"must be within {low:g}..{high:g}"
+
+    return check
+
+
+def _at_least(low: int) -> typing.Callable[[Any], str | None]:
+    return lambda value: None if value >= low else f"must be >= {low}"
 
 
 def _cidr(value: str) -> str | None:
@@ -386,10 +437,14 @@ _VALUE_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "proxy.trusted_cidrs[]": _cidr,
     "listeners[].address": _hostport,
     "metrics.listen": _optional_hostport,
-    "workers": _within(1, 1024),
+    "workers": _at_least(1),
+    "shutdown_grace_seconds": _within(0, 10),
     "challenge.ttl_seconds": _within(5, 3600),
     "limits.max_body_bytes": _within(1024, 1024 * 1024),
-    "limits.max_in_flight": _within(1, 10**6),
+    "limits.max_in_flight": _at_least(1),
+    "limits.max_connections": _at_least(1),
+    "limits.header_read_timeout_seconds": _within(0, 300, low_open=True),
+    "limits.keepalive_timeout_seconds": _within(0, 3600, low_open=True),
     "cache.redis_url": _redis_url,
     # The auth service is reached over mTLS only.
     "upstream.url": _https_url,

@@ -80,6 +80,7 @@ class Code(StrEnum):
     AZURE_BUDGET_EXHAUSTED = "azure_budget_exhausted"
     REPLAY_STORE_UNAVAILABLE = "replay_store_unavailable"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    SHUTTING_DOWN = "shutting_down"
     # 502
     UPSTREAM_FAILED = "upstream_failed"
     # 500
@@ -186,6 +187,9 @@ CODES: dict[Code, CodeInfo] = {
     ),
     Code.UPSTREAM_UNAVAILABLE: CodeInfo(
         503, True, "The auth service is unreachable (circuit open); honour Retry-After."
+    ),
+    Code.SHUTTING_DOWN: CodeInfo(
+        503, True, "This replica is draining and did not start the request: send it again."
     ),
     Code.UPSTREAM_FAILED: CodeInfo(502, True, "The auth service answered with an error."),
     Code.INTERNAL_ERROR: CodeInfo(500, True, "A bug: the gateway failed unexpectedly."),

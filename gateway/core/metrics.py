@@ -80,6 +80,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "join_gateway_connections_refused_total",
+            "Connections reset at accept, before any TLS work, by reason (over_cap: "
+            "limits.max_connections reached in that worker).",
+            ["reason"],
+            registry=r,
+        )
         self.cache_events = Counter(
             "join_gateway_cache_requests_total",
             "Cache lookups by cache and result (hit, miss, coalesced).",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.agent import AgentSettings
-from gateway.authservice import AuthService, init_auth_dir
+from gateway.authservice import AuthService, AuthSettings, init_auth_dir
 from gateway.core.clock import Clock
 from gateway.core.config import (
     AiaConfig,
@@ -91,6 +91,7 @@ async def dev_stack(
     extra_ca_files: Sequence[Path] = (),
     start_gateway: bool = True,
     adjust: Callable[[Config], Config] | None = None,
+    auth_settings: AuthSettings | None = None,
 ) -> AsyncIterator[DevStack]:
     """Parameters: ``start_gateway=False`` prepares everything (files, config) but leaves
     the gateway to the caller — e.g. a ``join-gateway serve`` subprocess with workers."""
@@ -108,6 +109,7 @@ async def dev_stack(
                 tls_cert=paths.server_cert,
                 tls_key=paths.server_key,
                 client_ca=paths.gateway_client_ca,
+                settings=auth_settings,
             )
         )
 
