@@ -333,15 +333,20 @@ class KeySource(Protocol):
 
 
 class StaticKeys:
-    """A fixed key set for any tenant (``inspect --jwks FILE``): nothing is fetched."""
+    """A fixed key set for any tenant (``inspect --jwks FILE``): nothing is fetched.
+    ``problem`` says why the set is empty when the file held no usable JWKS."""
 
-    def __init__(self, keys: Mapping[str, RSAPublicKey]) -> None:
+    def __init__(self, keys: Mapping[str, RSAPublicKey], *, problem: str | None = None) -> None:
         self._keys = dict(keys)
+        self._problem = problem
 
     async def key_for(self, tid: str, kid: str) -> RSAPublicKey:
         key = self._keys.get(kid)
         if key is None:
-            raise JoinRejected(Code.ACCESS_TOKEN_KEY_UNKNOWN, f"no key {kid!r} in the JWKS given")
+            why = f" ({self._problem})" if self._problem else ""
+            raise JoinRejected(
+                Code.ACCESS_TOKEN_KEY_UNKNOWN, f"no key {kid!r} in the JWKS given{why}"
+            )
         return key
 
 

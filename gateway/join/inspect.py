@@ -8,9 +8,10 @@ the ``--jwks`` keys. With a token it also runs the offline binding (a supported 
 type, the document's subscription); the steps that need a join request, token files or
 Resource Manager are reported skipped, with why. Offline unless ``--aia``.
 
-Exit codes: 0 accepted; 1 rejected — any readable evidence that is wrong, with its code;
-2 usage: bad arguments, unreadable files, or trust material (``--ca-bundle``, ``--jwks``)
-that does not parse.
+Exit codes: 0 accepted; 1 rejected — any readable input that is wrong, with its code (a
+``--jwks`` that holds no usable key refuses the token for an unknown key); 2 usage: bad
+arguments, unreadable files, or a ``--ca-bundle`` without a certificate (trust the
+operator configures, like a flag: it is not evidence).
 """
 
 from __future__ import annotations
@@ -237,16 +238,13 @@ def _clock(args: argparse.Namespace, signature: str | None) -> tuple[Clock, str]
 
 
 def _keys(args: argparse.Namespace) -> StaticKeys:
+    """The ``--jwks`` keys. A readable file that holds no usable JWKS is not a usage
+    error: the token is then refused as the gateway would refuse it, for an unknown key."""
+    text = _read(args.jwks, "JWKS")
     try:
-        jwks_doc = json.loads(_read(args.jwks, "JWKS"))
-    except ValueError as exc:
-        raise _UsageError(f"{args.jwks} is not JSON: {exc}") from exc
-    if not isinstance(jwks_doc, dict):
-        raise _UsageError(f"{args.jwks} is not a JWKS object")
-    try:
-        return StaticKeys(parse_jwks(jwks_doc))
-    except ValueError as exc:
-        raise _UsageError(f"{args.jwks}: {exc}") from exc
+        return StaticKeys(parse_jwks(json.loads(text)))
+    except (ValueError, RecursionError) as exc:
+        return StaticKeys({}, problem=f"{args.jwks} is not a JWKS: {str(exc)[:200]}")
 
 
 def _inspect(args: argparse.Namespace) -> InspectReport:

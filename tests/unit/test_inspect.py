@@ -361,3 +361,24 @@ def test_document_and_token_run_the_offline_binding(
         assert report["resource_id"] == vm_rid(subscription=entry["subscriptionId"])
     else:
         assert arm["status"] == "skipped" and arm["detail"].startswith("not run:")
+
+
+BAD_JWKS = [
+    ("a JWKS file that is not JSON", "{not json"),
+    ("a JWKS without a keys list", '{"kids": []}'),
+    ("a JWKS whose keys are not RSA", '{"keys": [{"kid": "k1", "kty": "EC"}]}'),
+]
+
+
+@pytest.mark.parametrize("text", [t for _, t in BAD_JWKS], ids=[i for i, _ in BAD_JWKS])
+def test_a_readable_but_wrong_jwks_refuses_the_token_for_an_unknown_key(
+    minter: TokenMinter, tmp_path: Path, text: str
+) -> None:
+    (tmp_path / "jwks.json").write_text(text)
+    (tmp_path / "token.jwt").write_text(minter.mint(now=time.time()))
+    rc, report = _json(
+        "--token", str(tmp_path / "token.jwt"), "--jwks", str(tmp_path / "jwks.json")
+    )
+    assert rc == 1
+    assert report["code"] == "access_token_key_unknown"
+    assert _check(report, "access_token")["status"] == "failed"
