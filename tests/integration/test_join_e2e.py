@@ -656,3 +656,25 @@ async def test_the_gateway_and_inspect_give_the_same_verdict(
     if code is None:
         arm = next(c for c in report["checks"] if c["name"] == "arm")
         assert arm["status"] == "skipped"  # the gateway asked ARM; inspect says it did not
+
+
+async def test_joins_no_rule_allows_cost_the_emulated_resource_manager_nothing(
+    ctx: Ctx,
+) -> None:
+    """Over HTTPS against the emulator: refused from the signed resource ID alone."""
+    emu = ctx.stack.emulator
+
+    def arm_calls() -> int:
+        return sum(n for name, n in emu.counters.items() if name.startswith("arm."))
+
+    before = arm_calls()
+    ssl_ctx = ssl.create_default_context(cafile=str(ctx.stack.gateway_ca_file))
+    async with aiohttp.ClientSession() as session:
+        for vm in (ctx.fleet.other_sub_vm, ctx.fleet.group3_vm, ctx.fleet.other_sub_vm):
+            body = ctx.body(vm, ctx.challenge())
+            async with session.post(
+                ctx.stack.gateway_url + "/v1/join/azure", json=body, ssl=ssl_ctx
+            ) as resp:
+                answer = await resp.json()
+            assert (resp.status, answer["error"]["code"]) == (403, "not_allowed")
+    assert arm_calls() == before
