@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import io
 import json
+import signal
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -678,3 +680,66 @@ async def test_joins_no_rule_allows_cost_the_emulated_resource_manager_nothing(
                 answer = await resp.json()
             assert (resp.status, answer["error"]["code"]) == (403, "not_allowed")
     assert arm_calls() == before
+
+
+async def test_sighup_swaps_the_challenge_keys_of_a_running_gateway(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """A real ``serve`` process and a real SIGHUP: the keys swap whole; a bad file keeps
+    the ones in use."""
+    from gateway.core.clock import SystemClock
+    from gateway.core.config import ChallengeConfig
+    from gateway.join.challenge import ChallengeCodec, load_keys_file, write_new_keys_file
+    from tests.support.gateway_proc import gateway_process
+
+    keys_file = tmp_path / "challenge-keys"
+    write_new_keys_file(keys_file, keep_existing=False)
+    first = load_keys_file(keys_file)
+    config = dataclasses.replace(stack.config, challenge=ChallengeConfig(keys_file=str(keys_file)))
+    ssl_ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
+    # gateway_process points prometheus_client at this directory; with one worker no
+    # supervisor creates it.
+    (tmp_path / "gw" / "prom").mkdir(parents=True)
+
+    def signed_by(keys: list[bytes], challenge: str) -> bool:
+        try:
+            ChallengeCodec(keys, ttl=60, clock=SystemClock()).verify(challenge)
+        except GatewayError:
+            return False
+        return True
+
+    async with (
+        gateway_process(config, tmp_path / "gw", stack.gateway_ca_file, workers=1) as gp,
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def challenge() -> str:
+            async with session.post(
+                gp.url + "/v1/join/azure/challenge", json={}, ssl=ssl_ctx
+            ) as resp:
+                value = (await resp.json())["challenge"]
+                assert isinstance(value, str)
+                return value
+
+        assert signed_by(first, await challenge())
+        write_new_keys_file(keys_file, keep_existing=False)  # a new key, the old one gone
+        second = load_keys_file(keys_file)
+        gp.send(signal.SIGHUP)
+        for _ in range(100):
+            issued = await challenge()
+            if signed_by(second, issued):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the gateway never swapped to the new challenge key")
+        assert not signed_by(first, issued)
+
+        keys_file.write_text("not base64!!\n")
+        gp.send(signal.SIGHUP)
+        for _ in range(100):
+            if "challenge keys reload failed" in gp.log():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the broken keys file was not reported")
+        assert signed_by(second, await challenge())  # the keys in use stay
