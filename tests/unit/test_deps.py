@@ -144,53 +144,7 @@ async def test_the_auth_client_gets_the_configured_pool_and_tls(config: Config) 
         assert deps.auth.breaker is not None
 
 
-# --- config values are checked where they are read -----------------------------------------
-
-BAD_VALUES = [
-    ("cache:\n  backend: redis\n  redis_url: http://x\n", "g.yaml:3", "is not a Redis URL"),
-    ("cache:\n  redis_url: redis://h:abc/0\n", "g.yaml:2", "is not a Redis URL"),
-    ("cache:\n  redis_url: redis://\n", "g.yaml:2", "names no host"),
-    ("cache:\n  redis_url: redis://h/zero\n", "g.yaml:2", "database 'zero' is not a number"),
-    ("cache:\n  redis_url: unix://\n", "g.yaml:2", "names no socket path"),
-    ("azure:\n  arm_endpoint: http://arm\n", "g.yaml:2", "must be https://"),
-    ("limits:\n  max_queue: -1\n", "g.yaml:2", "must be >= 0"),
-    ("upstream:\n  timeout_seconds: 0\n", "g.yaml:2", "must be > 0"),
-    (
-        "proxy:\n  trusted_cidrs:\n    - 10.0.0.0/8\n    - 10.0.0.0/33\n",
-        "g.yaml:4",
-        "proxy.trusted_cidrs[1] '10.0.0.0/33' is not a CIDR",
-    ),
-    (
-        "listeners:\n  - address: 0.0.0.0:443\n  - address: nohost\n",
-        "g.yaml:3",
-        "listeners[1].address 'nohost' is not host:port",
-    ),
-    ("azure:\n  cloud: mars\n", "g.yaml:2", "azure.cloud must be one of"),
-]
-
-
-@pytest.mark.parametrize(
-    ("text", "where", "what"),
-    BAD_VALUES,
-    ids=[
-        "a Redis URL of another scheme is a config error",
-        "a Redis URL whose port is not a number is a config error",
-        "a Redis URL without a host is a config error",
-        "a Redis URL whose database is not a number is a config error",
-        "a unix Redis URL without a path is a config error",
-        "an endpoint override over plain HTTP is a config error",
-        "a negative size is a config error",
-        "a zero timeout is a config error",
-        "the bad item of a list is named with its line",
-        "the bad listener of several is named with its line",
-        "an unknown cloud is named with its line",
-    ],
-)
-def test_bad_values_name_file_and_line(text: str, where: str, what: str) -> None:
-    with pytest.raises(ConfigError) as err:
-        parse_config(text, source="g.yaml")
-    assert str(err.value).startswith(where + ":"), err.value
-    assert what in str(err.value)
+# --- config values are checked where they are read (the bad ones: tests/unit/test_config.py)
 
 
 @pytest.mark.parametrize(
