@@ -227,6 +227,38 @@ async def _gateway_status(url: str, ca_file: Path | None) -> int:
         return 1
 
 
+# --- dev ---------------------------------------------------------------------------------
+
+
+def _configure_dev(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, type=Path, help="keys, configs, stack.json")
+    p.add_argument("--vms", type=int, default=3, help="emulated VMs to offer (default 3)")
+    p.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="gateway worker processes; more than 1 shares the replay store in a private "
+        "redis-server (needs redis-server installed)",
+    )
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    p.set_defaults(func=cmd_dev)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    if args.vms < 0 or args.gateway_workers < 1:
+        print("join-gateway dev: --vms must be >= 0 and --gateway-workers >= 1", file=sys.stderr)
+        return 2
+    from gateway.dev.devstack import run_dev
+
+    try:
+        return asyncio.run(
+            run_dev(args.workdir.resolve(), vms=args.vms, gateway_workers=args.gateway_workers)
+        )
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"join-gateway dev: failed to start: {exc}", file=sys.stderr)
+        return 3
+
+
 # --- agent / install ---------------------------------------------------------------------
 
 
@@ -314,6 +346,11 @@ COMMANDS: dict[str, tuple[str, Configure]] = {
         _delegate("gateway.dev.emulator.cli"),
     ),
     "status": ("the auth service's CA pins and the gateway's health", _configure_status),
+    "dev": (
+        "the whole system on loopback (emulator, auth service, gateway) until stopped; "
+        "writes WORKDIR/stack.json for joining emulated VMs by hand",
+        _configure_dev,
+    ),
     "demo": (
         "everything on loopback, then a fleet of emulated VMs joins",
         _delegate("gateway.dev.demo"),

@@ -16,6 +16,7 @@ from datetime import timedelta
 
 from gateway.authservice.app import AuthService, AuthSettings
 from gateway.authservice.authority import AuthPaths, HostAuthority, init_auth_dir
+from gateway.authservice.registry import RegistryError
 
 __all__ = ["add_arguments", "run"]
 
@@ -41,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     serve = sub.add_parser("serve", help="run the auth service until SIGTERM/SIGINT")
     serve.add_argument("--data-dir", required=True)
+    serve.add_argument(
+        "--database",
+        metavar="URL",
+        help="the registry: postgresql://user:pass@host/db, shared by several replicas "
+        "(default: SQLite in --data-dir)",
+    )
     serve.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     serve.add_argument(
         "--cert-ttl",
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             client_ca=args.client_ca,
             settings=AuthSettings(cert_ttl=timedelta(hours=args.cert_ttl)),
+            database=args.database,
         )
         return asyncio.run(_serve(service))
     print(f"unknown auth command {args.auth_command!r}", file=sys.stderr)
@@ -111,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(service: AuthService) -> int:
     try:
         await service.start()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RegistryError) as exc:
         print(f"auth service failed to start: {exc}", file=sys.stderr)
         return 3
     stop = asyncio.Event()

@@ -45,6 +45,8 @@ class ErrorCode:
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     BODY_TOO_LARGE = "body_too_large"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    HOST_LOCKED = "host_locked"
+    REGISTRY_UNAVAILABLE = "registry_unavailable"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL_ERROR = "internal_error"

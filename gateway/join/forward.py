@@ -125,6 +125,9 @@ class RegisterResult:
     tls_cert: str
     tls_ca_certs: tuple[str, ...]
     ssh_ca_keys: tuple[str, ...]
+    # Whether the auth service treated the join as a renewal of an existing host (same
+    # host ID) or as a new host; None when the auth service does not say (optional field).
+    renewal: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The wire ``certs`` object of the join response."""
@@ -152,12 +155,16 @@ class RegisterResult:
             raise ValueError("certs.ssh missing or not a string")
         if not isinstance(tls_cert, str) or not tls_cert:
             raise ValueError("certs.tls missing or not a string")
+        renewal = body.get("renewal")
+        if renewal is not None and not isinstance(renewal, bool):
+            raise ValueError("renewal must be a boolean")
         return cls(
             host_id=host_id,
             ssh_cert=ssh_cert,
             tls_cert=tls_cert,
             tls_ca_certs=_str_list(certs.get("tls_ca_certs"), "certs.tls_ca_certs"),
             ssh_ca_keys=_str_list(certs.get("ssh_ca_keys"), "certs.ssh_ca_keys"),
+            renewal=renewal,
         )
 
 

@@ -208,7 +208,7 @@ async def test_the_agent_renews_through_signals_and_a_gateway_outage(
 ) -> None:
     vm = new_vm(stack, ALLOWED, "renewing-vm")
     port = free_port()
-    registrations = len(stack.auth.records())
+    registrations = len(await stack.auth.records())
     gw_dir = tmp_path / "gw"
     # One worker: serve runs without a supervisor, which would otherwise create this.
     (gw_dir / "prom").mkdir(parents=True)
@@ -218,7 +218,7 @@ async def test_the_agent_renews_through_signals_and_a_gateway_outage(
         try:
             # The first join, then two renewals at two thirds of the 6 s lifetime.
             await agent.until("join and two renewals", lambda: len(seen) >= 3, within=40)
-            assert len(stack.auth.records()) - registrations >= 3
+            assert len(await stack.auth.records()) - registrations >= 3
             assert agent.log().count("renewed as host") >= 2
 
             # SIGHUP right after a renewal: the next one comes at once, not 4 s later.

@@ -248,7 +248,7 @@ async def test_sigterm_under_a_burst_answers_or_refuses_every_connection_promptl
             assert o.kind == "refused", o
     # No complete request lost, none done twice: one registration per 200, none otherwise.
     ids = {vm.vm_id for vm in vms}
-    registered = [r for r in stack.auth.records() if r.registration.join.vm_id in ids]
+    registered = [r for r in await stack.auth.records() if r.registration.join.vm_id in ids]
     assert len(registered) == sum(1 for o in outcomes if o.status == 200)
     assert code == 0
     print(

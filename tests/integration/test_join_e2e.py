@@ -340,7 +340,7 @@ async def test_admit_join_table(ctx: Ctx, build: Builder, status: int, code: str
         assert (err.status, err.code.value) == (status, code), err.detail
         return
     assert (status, code) == (200, None)
-    records = {r.host_id: r for r in ctx.stack.auth.records()}
+    records = {r.host_id: r for r in await ctx.stack.auth.records()}
     record = records[outcome.result.host_id]
     assert record.registration.join.vm_id == outcome.attrs.vm_id
     assert record.idempotency_key == req.challenge
@@ -363,7 +363,7 @@ async def test_https_join_table(ctx: Ctx, build: Builder, status: int, code: str
     assert resp.status == status, body
     if code is None:
         assert set(body) == {"host_id", "certs", "join"}
-        records = {r.host_id: r for r in ctx.stack.auth.records()}
+        records = {r.host_id: r for r in await ctx.stack.auth.records()}
         record = records[body["host_id"]]
         assert record.registration.join.vm_id == body["join"]["vm_id"]
         assert record.registration.client_address == "127.0.0.1"

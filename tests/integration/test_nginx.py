@@ -227,7 +227,7 @@ async def test_300_vms_join_through_nginx_across_two_replicas(lb: Lb) -> None:
         assert not failed, failed[:3]
 
     # Every VM joined exactly once, recorded with the address nginx saw.
-    records = lb.stack.auth.records()
+    records = await lb.stack.auth.records()
     per_vm = Counter(r.registration.join.vm_id for r in records)
     by_vm_id = {vm.vm_id: vm for vm in vms}
     for vm in vms:
@@ -281,14 +281,14 @@ async def forged_join(lb: Lb, url: str, name: str, local_addr: str) -> str:
             return str((await r.json())["host_id"])
 
 
-def recorded_address(lb: Lb, host_id: str) -> str:
-    record = next(r for r in lb.stack.auth.records() if r.host_id == host_id)
+async def recorded_address(lb: Lb, host_id: str) -> str:
+    record = next(r for r in await lb.stack.auth.records() if r.host_id == host_id)
     return str(record.registration.client_address)
 
 
 async def test_a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored(lb: Lb) -> None:
     host_id = await forged_join(lb, lb.replicas[0].url, "forger", "127.2.0.9")
-    assert recorded_address(lb, host_id) == "127.2.0.9"
+    assert await recorded_address(lb, host_id) == "127.2.0.9"
 
 
 async def test_a_forged_forwarded_through_nginx_records_the_peer_nginx_saw(lb: Lb) -> None:
@@ -300,4 +300,4 @@ async def test_a_forged_forwarded_through_nginx_records_the_peer_nginx_saw(lb: L
         host_id = await forged_join(lb, url, "forger-via-nginx", "127.3.0.7")
     finally:
         await stop(proc)
-    assert recorded_address(lb, host_id) == "127.3.0.7"
+    assert await recorded_address(lb, host_id) == "127.3.0.7"

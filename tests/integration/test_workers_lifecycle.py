@@ -297,5 +297,5 @@ async def test_one_challenge_is_redeemed_once_across_the_workers(
         # Each worker refused a redemption: with a per-worker store one of them would have
         # let a second one through (the assertion inside the loop).
         assert len(reused) == 2, (rounds, reused)
-    registered = [r for r in stack.auth.records() if r.registration.join.vm_id == vm.vm_id]
+    registered = [r for r in await stack.auth.records() if r.registration.join.vm_id == vm.vm_id]
     assert len(registered) == rounds

@@ -181,9 +181,9 @@ async def test_connections_over_the_cap_are_refused_before_tls_and_counted(
 async def test_only_the_configured_client_address_header_is_believed(
     harness: Harness, headers: dict[str, str], recorded: str
 ) -> None:
-    before = len(harness.stack.auth.records())
+    before = len(await harness.stack.auth.records())
     body = json.dumps(harness.body(await harness.challenge())).encode()
     assert await harness.post("/v1/join/azure", body, headers=headers) == (200, None)
-    new = harness.stack.auth.records()[before:]
+    new = (await harness.stack.auth.records())[before:]
     assert [r.registration.client_address for r in new] == [recorded]
     await harness.assert_alive()
