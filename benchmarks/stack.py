@@ -45,6 +45,7 @@ from gateway.core.config import (
     dump_config,
 )
 from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
+from gateway.dev.emulator.pki import INTERMEDIATE_CN
 from gateway.join.challenge import write_new_keys_file
 
 __all__ = [
@@ -456,6 +457,8 @@ def gateway_config(
         challenge=ChallengeConfig(keys_file=str(files.keys_file)),
         azure=AzureConfig(
             extra_ca_files=(str(files.emulator_root),),
+            # The agents send the emulator's issuing CA: a name the gateway must know.
+            known_issuer_names=(INTERMEDIATE_CN,),
             authority_host=info.https_url,
             arm_endpoint=info.https_url,
             outbound_ca_file=str(files.emulator_tls_ca),

@@ -13,14 +13,17 @@ nonce).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -33,18 +36,23 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from gateway.azure.aia import AiaFetcher
 from gateway.azure.certs import (
+    AZURE_ISSUING_CA_NAMES,
+    PATH_BUILDER_SIGNATURE_BUDGET,
+    CertificateUnreadable,
     TrustStore,
     VerifiedChain,
     ca_issuers_urls,
+    common_name,
     fingerprint,
-    is_self_signed,
+    key_refusal,
+    load_der_certificate,
     verify_chain,
 )
 from gateway.azure.cms import SignedDataView, SignerInfoView, parse_signed_data
 from gateway.core.cache import MemoryCache
 from gateway.core.clock import Clock
 from gateway.core.cloud import CloudProfile
-from gateway.core.errors import BadRequest, Code, JoinRejected
+from gateway.core.errors import BadRequest, Code, JoinRejected, Overloaded
 from gateway.core.steps import (
     Detail,
     Skip,
@@ -57,6 +65,8 @@ from gateway.core.steps import (
 
 __all__ = [
     "DOCUMENT_STEPS",
+    "MAX_REQUEST_INTERMEDIATES",
+    "MAX_SIGNATURE_CHECKS",
     "AttestedContent",
     "AttestedDocument",
     "AttestedVerifier",
@@ -85,6 +95,21 @@ OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
 # plain digest OID; both mean SHA-256. Teleport handles the same quirk:
 # https://github.com/gravitational/teleport/blob/master/lib/join/azurejoin/azure.go
 # (fixAzureSigningAlgorithm), and the real documents in tests/data/azure-real/ show it.
+# Bounded cost per request (README, "Security"). Request intermediates that survive the
+# filters (parse, known issuing-CA name, cheap key, not self-issued, distinct) are at most
+# this many: an honest agent sends the leaf's issuer and perhaps one cross-certificate.
+MAX_REQUEST_INTERMEDIATES = 4
+# Signature checks one request can cause: the signer's, then at most two path-builder
+# calls (before and after the one AIA fetch), each stopped by cryptography's budget.
+MAX_SIGNATURE_CHECKS = 1 + 2 * PATH_BUILDER_SIGNATURE_BUDGET
+# A leaf whose chain failed is refused from memory for this long (keyed by the exact leaf,
+# its name and the intermediates used), so repeating a costly failure costs a lookup.
+_FAILED_CHAIN_TTL = 60.0
+_FAILED_CHAIN_ENTRIES = 4096
+# Chain builds waiting for or running in the pool; beyond it a build is refused as
+# overload (503, retryable) instead of queueing without bound behind hostile ones.
+_MAX_PENDING_BUILDS = 32
+
 _SHA256_DIGEST_OIDS = frozenset({OID_SHA256, OID_SHA256_WITH_RSA})
 _RSA_SIGNATURE_OIDS = frozenset({OID_RSA_ENCRYPTION, OID_SHA256_WITH_RSA})
 
@@ -198,6 +223,11 @@ def check_signature(view: SignedDataView, signer: SignerInfoView, cert: x509.Cer
         ) from exc
     if not isinstance(key, rsa.RSAPublicKey):
         raise JoinRejected(Code.ATTESTED_SIGNATURE_INVALID, detail="signer key is not RSA")
+    # Before the verify: a huge public exponent makes one verify cost a private-key
+    # operation, and the signer's key is the requester's choice until the chain is built.
+    refusal = key_refusal(cert)
+    if refusal is not None:
+        raise JoinRejected(Code.ATTESTED_SIGNER_INVALID, detail=f"signer key refused: {refusal}")
     content_digest = hashlib.sha256(view.content).digest()
     attrs = signer.signed_attrs
     if attrs is None:
@@ -490,14 +520,21 @@ DOCUMENT_STEPS: StepTable[_DocRun] = (
     Step("cms", _step_cms, ("base64",), frozenset({_C.ATTESTED_MALFORMED})),
     Step("signer", _step_signer, ("cms",), frozenset({_C.ATTESTED_SIGNER_INVALID})),
     Step("digest", _step_digest, ("signer",), frozenset({_C.ATTESTED_DIGEST_UNSUPPORTED})),
-    Step("signature", _step_signature, ("digest",), frozenset({_C.ATTESTED_SIGNATURE_INVALID})),
+    Step(
+        "signature",
+        _step_signature,
+        ("digest",),
+        # A signer key refused before the verify (its exponent or size) is a signer fault.
+        frozenset({_C.ATTESTED_SIGNATURE_INVALID, _C.ATTESTED_SIGNER_INVALID}),
+    ),
     Step("signer_name", _step_signer_name, ("signature",), frozenset({_C.ATTESTED_SIGNER_INVALID})),
     Step(
         "chain",
         _step_chain,
         ("signer_name",),
-        # AIA (when on) may fail to fetch: that is ours to retry, not the VM's fault.
-        frozenset({_C.ATTESTED_CHAIN_UNTRUSTED, _C.DEPENDENCY_UNAVAILABLE}),
+        # AIA (when on) may fail to fetch, and the build pool may be full: both are ours
+        # to retry (503), not the VM's fault.
+        frozenset({_C.ATTESTED_CHAIN_UNTRUSTED, _C.DEPENDENCY_UNAVAILABLE, _C.OVERLOADED}),
     ),
     Step(
         "content",
@@ -518,9 +555,15 @@ class AttestedVerifier:
 
     * cloud — sets the signer's metadata domain.
     * trust — pinned roots and known intermediates (never the system store).
-    * aia — fetches a missing intermediate from the leaf's caIssuers URL (None: offline).
+    * aia — fetches a missing intermediate from the leaf's caIssuers URL (None: offline);
+      at most one fetch per request, and only when no known certificate is the leaf's
+      issuer.
     * chain_cache — verified chains by signer fingerprint, kept until the chain expires,
       so a steady stream of joins costs one RSA verify each, not a chain build.
+    * known_issuer_names — subject CNs accepted from request intermediates besides the
+      trust store's and the cloud's documented Azure issuing CAs (the emulator's CA).
+    * executor — where path building runs (off the event loop); None: a pool of two
+      threads this verifier owns and :meth:`close` shuts down.
     * clock — time for the chain's validity and the document's window.
     * skew — seconds of slack on createdOn/expiresOn.
     * require_subscription — reject documents without subscriptionId (old api-versions).
@@ -536,6 +579,8 @@ class AttestedVerifier:
         clock: Clock,
         skew: float = 60.0,
         require_subscription: bool = True,
+        known_issuer_names: Collection[str] = (),
+        executor: Executor | None = None,
     ) -> None:
         self._cloud = cloud
         self._trust = trust
@@ -547,7 +592,41 @@ class AttestedVerifier:
         # Per signer certificate (Azure signs with a few leaves a year): its checked name
         # and fingerprint, so a steady stream of joins does not redo them. Bounded.
         self._signers: dict[x509.Certificate, tuple[str, bytes]] = {}
-        self.chain_builds = 0  # chains built (not served from the cache): for tests and metrics
+        # Request intermediates reach the path builder only under these subject names:
+        # a thousand lookalike CAs named anything else cost a parse each, no search.
+        self._known_names = (
+            AZURE_ISSUING_CA_NAMES.get(cloud.name, frozenset())
+            | trust.subject_names()
+            | frozenset(known_issuer_names)
+        )
+        self._trusted_subjects = frozenset(c.subject for c in (*trust.roots, *trust.intermediates))
+        self._owns_executor = executor is None
+        self._executor: Executor = (
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="chain-build")
+            if executor is None
+            else executor
+        )
+        self._pending_builds = 0
+        self._failed: MemoryCache[bytes, str] = MemoryCache(
+            "failed_chains", max_entries=_FAILED_CHAIN_ENTRIES, clock=clock
+        )
+        # Work counters, for tests and the benchmark (they count work, never time).
+        self.chain_builds = 0  # chains built (not served from either cache)
+        self.path_builder_calls = 0  # verify_chain calls (each ≤ the library's budget)
+        self.untrusted_candidates = 0  # request/AIA certificates handed to the path builder
+        self.aia_fetches = 0  # AIA fetches started by this verifier
+        self.failed_chain_hits = 0  # requests refused from the failed-chain cache
+
+    def close(self) -> None:
+        """Shut down the pool this verifier started (an injected executor is the caller's)."""
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"<AttestedVerifier cloud={self._cloud.name} builds={self.chain_builds} "
+            f"pending={self._pending_builds} failed_cached={len(self._failed)}>"
+        )
 
     @property
     def cloud(self) -> CloudProfile:
@@ -610,61 +689,159 @@ class AttestedVerifier:
     async def chain_for(
         self, leaf: x509.Certificate, dns_name: str, request_intermediates: Sequence[bytes] = ()
     ) -> VerifiedChain:
-        """The verified chain for this signer, from the cache or built now."""
+        """The verified chain for this signer: from the cache, refused from the failed-chain
+        cache, or built now (off the event loop)."""
+        candidates = self._usable_intermediates(request_intermediates)
+        failed_key = _failed_key(leaf, dns_name, candidates)
+        failure = self._failed.get(failed_key)
+        if failure is not None:
+            self.failed_chain_hits += 1
+            raise JoinRejected(Code.ATTESTED_CHAIN_UNTRUSTED, detail=f"(cached) {failure}")
+
+        async def build() -> VerifiedChain:
+            try:
+                return await self._build(leaf, dns_name, candidates)
+            except JoinRejected as exc:
+                self._failed.set(failed_key, exc.detail, _FAILED_CHAIN_TTL)
+                raise
+
         if self._chain_cache is None:
-            return await self._build(leaf, dns_name, request_intermediates)
+            return await build()
 
         async def load() -> tuple[VerifiedChain, float]:
-            chain = await self._build(leaf, dns_name, request_intermediates)
+            chain = await build()
             return chain, (chain.not_after - self._clock.now()).total_seconds()
 
         # Keyed by the leaf *and* the name: the cached fact is "this leaf chains for this name".
         return await self._chain_cache.get_or_load(fingerprint(leaf) + dns_name.encode(), load)
 
+    def _usable_intermediates(self, ders: Sequence[bytes]) -> list[x509.Certificate]:
+        """Request-supplied intermediates that may reach the path builder: candidates only,
+        never trust. Dropped: what does not parse, subjects that are no known issuing CA
+        name, self-issued certificates (they can only make the search loop) and
+        duplicates. Refused (403): a known-named one with a costly key, or more than
+        :data:`MAX_REQUEST_INTERMEDIATES` left."""
+        usable: dict[bytes, x509.Certificate] = {}
+        for der in ders:
+            try:
+                cert = load_der_certificate(der)
+                name = common_name(cert.subject)
+                self_issued = cert.subject == cert.issuer
+            except CertificateUnreadable as exc:
+                # It could only have helped the requester: dropping it is safe.
+                logger.info("dropping an unreadable request intermediate: %s", exc)
+                continue
+            if name is None or name not in self._known_names:
+                logger.info("dropping a request intermediate named %r: not an Azure CA", name)
+                continue
+            refusal = key_refusal(cert)
+            if refusal is not None:
+                raise JoinRejected(
+                    Code.ATTESTED_CHAIN_UNTRUSTED,
+                    detail=f"request intermediate {name!r} refused: {refusal}",
+                )
+            if self_issued:
+                continue
+            usable.setdefault(fingerprint(cert), cert)
+        if len(usable) > MAX_REQUEST_INTERMEDIATES:
+            raise JoinRejected(
+                Code.ATTESTED_CHAIN_UNTRUSTED,
+                detail=f"{len(usable)} usable request intermediates "
+                f"(at most {MAX_REQUEST_INTERMEDIATES})",
+            )
+        return list(usable.values())
+
     async def _build(
-        self, leaf: x509.Certificate, dns_name: str, request_intermediates: Sequence[bytes]
+        self, leaf: x509.Certificate, dns_name: str, untrusted: list[x509.Certificate]
     ) -> VerifiedChain:
         self.chain_builds += 1
         at = self._clock.now()
-        candidates = _load_untrusted(request_intermediates) + list(self._trust.intermediates)
         logger.debug("building chain for signer %s at %s", dns_name, at.isoformat())
+        refusal = key_refusal(leaf)
+        if refusal is not None:  # check_signature refused it already; never build for it
+            raise JoinRejected(Code.ATTESTED_SIGNER_INVALID, detail=f"signer key: {refusal}")
         try:
-            return verify_chain(
-                self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at
-            )
+            return await self._verify_off_loop(leaf, dns_name, untrusted, at)
         except JoinRejected:
-            if self._aia is None:
+            if self._aia is None or self._issuer_known(leaf, untrusted):
                 raise
-        # Last resort: the issuers published at the AIA URLs, two levels deep at most
-        # (leaf → issuing CA → cross-signed CA is the deepest Azure has used).
-        frontier = [leaf]
-        for _ in range(2):
-            fetched: list[x509.Certificate] = []
-            for cert in frontier:
-                for url in ca_issuers_urls(cert):
-                    fetched.extend(await self._aia.fetch(url))
-            if not fetched:
-                break
-            candidates.extend(fetched)
-            try:
-                return verify_chain(
-                    self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at
-                )
-            except JoinRejected:
-                frontier = [c for c in fetched if not is_self_signed(c)]
-        return verify_chain(self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at)
+        # Last resort, once per request: the issuer published at the leaf's first allowed
+        # caIssuers URL (Azure leaves list the same file at two hosts). A certificate
+        # listing hundreds of URLs still costs one fetch.
+        url = next((u for u in ca_issuers_urls(leaf) if self._aia.allowed(u)), None)
+        if url is None:
+            raise JoinRejected(
+                Code.ATTESTED_CHAIN_UNTRUSTED,
+                detail="signer chain does not verify and no allowed caIssuers URL",
+            )
+        self.aia_fetches += 1
+        fetched = [c for c in await self._aia.fetch(url) if _may_issue(c, leaf)]
+        if not fetched:
+            raise JoinRejected(
+                Code.ATTESTED_CHAIN_UNTRUSTED,
+                detail=f"signer chain does not verify; {url} has no usable issuer",
+            )
+        return await self._verify_off_loop(
+            leaf, dns_name, [*untrusted, *fetched[:MAX_REQUEST_INTERMEDIATES]], at
+        )
 
-
-def _load_untrusted(ders: Sequence[bytes]) -> list[x509.Certificate]:
-    """Request-supplied intermediates: candidates for path building, never trust. A blob
-    that does not parse is dropped (it could only have helped the requester)."""
-    certs: list[x509.Certificate] = []
-    for der in ders:
+    def _issuer_known(self, leaf: x509.Certificate, untrusted: list[x509.Certificate]) -> bool:
+        """Whether a certificate we already hold carries the leaf's issuer name: then AIA
+        would only fetch what the path builder already tried."""
         try:
-            certs.append(x509.load_der_x509_certificate(der))
-        except ValueError:
-            logger.info("dropping an unparseable request intermediate (%s bytes)", len(der))
-    return certs
+            issuer = leaf.issuer
+        except ValueError:  # an issuer Name that does not decode: nothing could chain it
+            return True
+        return issuer in self._trusted_subjects or any(c.subject == issuer for c in untrusted)
+
+    async def _verify_off_loop(
+        self,
+        leaf: x509.Certificate,
+        dns_name: str,
+        untrusted: list[x509.Certificate],
+        at: datetime,
+    ) -> VerifiedChain:
+        """One path-builder call, in the pool: a search can take milliseconds (up to the
+        library's signature budget), which the event loop must not spend."""
+        if self._pending_builds >= _MAX_PENDING_BUILDS:
+            raise Overloaded(
+                Code.OVERLOADED,
+                retry_after=1.0,
+                detail=f"{self._pending_builds} chain builds pending",
+            )
+        self.path_builder_calls += 1
+        self.untrusted_candidates += len(untrusted)
+        candidates = [*untrusted, *self._trust.intermediates]
+        call = functools.partial(
+            verify_chain, self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at
+        )
+        self._pending_builds += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        finally:
+            self._pending_builds -= 1
+
+
+def _may_issue(cert: x509.Certificate, leaf: x509.Certificate) -> bool:
+    """An AIA-fetched certificate is a candidate only if it names the leaf's issuer, is
+    not self-issued and has a cheap key (a PKCS#7 bundle may carry anything)."""
+    try:
+        return (
+            cert.subject == leaf.issuer
+            and cert.subject != cert.issuer
+            and key_refusal(cert) is None
+        )
+    except ValueError:
+        return False
+
+
+def _failed_key(leaf: x509.Certificate, dns_name: str, untrusted: list[x509.Certificate]) -> bytes:
+    """The exact leaf, its name and the request intermediates used: a different set of
+    intermediates is a different question."""
+    digest = hashlib.sha256()
+    for der in sorted(fingerprint(c) for c in untrusted):
+        digest.update(der)
+    return fingerprint(leaf) + digest.digest() + dns_name.encode()
 
 
 def _document(

@@ -305,7 +305,8 @@ class JwksClient:
             raise _FetchError(f"{kind}: {type(exc).__name__}: {exc}") from exc
         try:
             value = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        # RecursionError is not a ValueError: a deeply nested answer is just not JSON to us.
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise _FetchError(f"{kind} is not JSON") from exc
         if not isinstance(value, dict):
             raise _FetchError(f"{kind} is not a JSON object")

@@ -117,6 +117,9 @@ class AzureConfig:
     extra_ca_files: tuple[str, ...] = ()
     # Only the pinned roots of extra_ca_files, not the bundled Azure roots.
     bundled_roots: bool = True
+    # Subject CNs under which request intermediates may reach path building, besides the
+    # CAs' in the trust store and Azure's documented issuing CAs (e.g. the emulator's).
+    known_issuer_names: tuple[str, ...] = ()
     allowed_tenants: tuple[str, ...] = ()
     vm_binding: bool = True
     # Overrides for the cloud's endpoints (the emulator, a private link).

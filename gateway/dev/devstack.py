@@ -46,6 +46,7 @@ from gateway.core.config import (
 )
 from gateway.core.tlsutil import atomic_write, generate_ca, issue_cert, write_pem_files
 from gateway.dev.emulator import AzureEmulator, EmulatedVm, Latency
+from gateway.dev.emulator.pki import INTERMEDIATE_CN
 from gateway.dev.redis_server import RedisServer, find_redis_server
 from gateway.join.challenge import write_new_keys_file
 from gateway.server.serve import GatewayServer
@@ -176,6 +177,9 @@ async def dev_stack(
             challenge=ChallengeConfig(keys_file=str(keys_file)),
             azure=AzureConfig(
                 extra_ca_files=(str(emu_root), *map(str, extra_ca_files)),
+                # The emulator's issuing CA is no Azure name: request intermediates under
+                # it are accepted as an operator would for a newly rotated Azure CA.
+                known_issuer_names=(INTERMEDIATE_CN,),
                 vm_binding=vm_binding,
                 authority_host=emu.https_url,
                 arm_endpoint=emu.https_url,

@@ -12,7 +12,8 @@ order is the dependency order:
 3. the auth service's client (its own pooled mTLS session);
 4. the Redis client, with ``cache.backend: redis``;
 5. the replay store (on Redis, or in memory);
-6. the Azure clients and caches (nothing to close: they borrow the session and Redis).
+6. the Azure clients and caches (nothing to close: they borrow the session and Redis);
+7. the attested-document verifier (its chain-building thread pool).
 
 Tests build ``JoinDeps`` themselves with fakes that do real crypto; the server uses this.
 """
@@ -57,6 +58,7 @@ from gateway.join.rules import TokenRegistry, load_token_files
 
 __all__ = [
     "SessionFactory",
+    "attested_verifier",
     "auth_client",
     "challenge_keys",
     "load_tokens",
@@ -274,6 +276,30 @@ def vm_binder(
     )
 
 
+@asynccontextmanager
+async def attested_verifier(
+    config: Config,
+    trust: TrustStore,
+    aia: AiaFetcher | None,
+    chain_cache: MemoryCache[Any, Any],
+    clock: Clock,
+) -> AsyncIterator[AttestedVerifier]:
+    """The attested-document verifier; its chain-building thread pool is shut down on exit."""
+    verifier = AttestedVerifier(
+        cloud=config.cloud,
+        trust=trust,
+        aia=aia,
+        chain_cache=chain_cache,
+        clock=clock,
+        skew=config.azure.clock_skew_seconds,
+        known_issuer_names=config.azure.known_issuer_names,
+    )
+    try:
+        yield verifier
+    finally:
+        verifier.close()
+
+
 # -- the root --------------------------------------------------------------------------------
 
 
@@ -350,18 +376,15 @@ async def production_deps(
             timeout=az.request_timeout_seconds,
             budget=_arm_budget(config, clock),
         )
+        # 7. The document verifier owns the thread pool its chain builds run in.
+        attested = await stack.enter_async_context(
+            attested_verifier(config, trust, aia, cache("chains"), clock)
+        )
         yield JoinDeps(
             clock=clock,
             challenge_keys=keys,
             tokens=tokens,
-            attested=AttestedVerifier(
-                cloud=cloud,
-                trust=trust,
-                aia=aia,
-                chain_cache=cache("chains"),
-                clock=clock,
-                skew=az.clock_skew_seconds,
-            ),
+            attested=attested,
             access_tokens=TokenVerifier(
                 jwks,
                 cloud=cloud,

@@ -302,15 +302,18 @@ async def _evidence(
             clock=clock,
             require_subscription=not args.no_require_subscription,
         )
-        return await inspect_evidence(
-            clock=clock,
-            attested=attested,
-            access_tokens=access_tokens,
-            signature=signature,
-            document_error=document_error,
-            expected_nonce=args.nonce,
-            access_token=access_token,
-        )
+        try:
+            return await inspect_evidence(
+                clock=clock,
+                attested=attested,
+                access_tokens=access_tokens,
+                signature=signature,
+                document_error=document_error,
+                expected_nonce=args.nonce,
+                access_token=access_token,
+            )
+        finally:
+            attested.close()  # its chain-building threads
 
     if not args.aia:
         return await go(None)

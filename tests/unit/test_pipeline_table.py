@@ -10,9 +10,10 @@ fake records its calls. The table must reach every code the pipeline declares
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.azure.arm import VmRecord
-from gateway.azure.attested import AttestedVerifier
+from gateway.azure.attested import _MAX_PENDING_BUILDS, AttestedVerifier
 from gateway.azure.certs import TrustStore
 from gateway.azure.jwks import TokenVerifier
 from gateway.azure.resource_id import ResourceId
@@ -44,7 +45,8 @@ from gateway.join.pipeline import (
 )
 from gateway.join.replay import MemoryReplayStore, RedisReplayStore
 from gateway.join.rules import load_token_files
-from tests.support.cms_forge import T0, Pki, azure_content, forge, make_pki
+from tests.support.cms_forge import INTERMEDIATE_CN, T0, Pki, azure_content, forge, make_pki
+from tests.support.executors import GatedExecutor
 from tests.support.ids import (
     OTHER_SUBSCRIPTION,
     OTHER_TENANT,
@@ -170,7 +172,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, minter: TokenMinter) -> World:
+def world(tmp_path_factory: pytest.TempPathFactory, minter: TokenMinter) -> Iterator[World]:
     clock = FixedClock(NOW)
     tokens_file = tmp_path_factory.mktemp("tokens") / "tokens.yaml"
     tokens_file.write_text(TOKENS)
@@ -192,6 +194,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, minter: TokenMinter) -> Worl
             aia=None,
             chain_cache=MemoryCache("chains", clock=clock),
             clock=clock,
+            # The forged intermediate arrives with the request, as Azure's does: its
+            # name must be one the verifier takes request intermediates under.
+            known_issuer_names=(INTERMEDIATE_CN,),
         ),
         access_tokens=TokenVerifier(
             entra,  # duck-typed: a KeySource
@@ -208,7 +213,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, minter: TokenMinter) -> Worl
         auth=auth,  # duck-typed: register, ready, breaker
     )
     stale = ChallengeCodec(keys, ttl=60, clock=FixedClock(NOW - timedelta(hours=1)))
-    return World(deps, pki, stranger, minter, other_tenant, down_tenant, arm, auth, entra, stale)
+    yield World(deps, pki, stranger, minter, other_tenant, down_tenant, arm, auth, entra, stale)
+    deps.attested.close()
 
 
 # --- building one request -----------------------------------------------------------------
@@ -292,6 +298,32 @@ def _mint(attr: str, **claims: Any) -> Callable[[World], str]:
     return build
 
 
+def _saturated_build_pool(w: World) -> JoinDeps:
+    """A verifier whose chain-build pool already holds the most builds it queues: the
+    next build is refused as overload, as it is under a flood of hostile documents."""
+    executor = GatedExecutor()
+    verifier = AttestedVerifier(
+        cloud=CLOUDS["public"],
+        trust=TrustStore.from_certificates([w.pki.root.cert, w.pki.intermediate.cert]),
+        aia=None,
+        chain_cache=None,
+        clock=w.deps.clock,
+        executor=executor,
+    )
+    pending = [
+        asyncio.ensure_future(verifier.chain_for(w.pki.leaf.cert, "metadata.azure.com"))
+        for _ in range(_MAX_PENDING_BUILDS)
+    ]
+
+    async def drain() -> None:
+        executor.gate.set()
+        await asyncio.gather(*pending)
+        executor.shutdown()
+
+    w.extra.setdefault("cleanups", []).append(drain)
+    return dataclasses.replace(w.deps, attested=verifier)
+
+
 def _unavailable_replay(w: World) -> JoinDeps:
     # A real Redis client on a port nothing listens on: the store answers 503, not a 500.
     client = redis_client(f"redis://127.0.0.1:{_closed_port()}/0")
@@ -364,6 +396,11 @@ CASES: list[tuple[str, Case, Code | None]] = [
         "a document for another challenge",
         Case(document=_doc(nonce=SIGNED_AS_NONCE)),
         Code.NONCE_MISMATCH,
+    ),
+    (
+        "a document whose chain build finds the build pool full",
+        Case(deps=_saturated_build_pool),
+        Code.OVERLOADED,
     ),
     # 4b. access token
     (
@@ -470,6 +507,8 @@ async def _admit(world: World, case: Case) -> tuple[Code | None, int, JoinReques
     finally:
         for client in world.extra.pop("clients", []):
             await client.aclose()
+        for cleanup in world.extra.pop("cleanups", []):
+            await cleanup()
     return None, len(world.arm.calls) - arm_calls, req, outcome
 
 
