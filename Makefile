@@ -38,7 +38,7 @@ lint: $(STAMP)
 # FUZZ_SECONDS per target; crashes land in fuzz-artifacts/, the grown corpus in fuzz-corpus/.
 FUZZ_SECONDS ?= 300
 fuzz: $(STAMP)
-	@for t in cms certificate token; do \
+	@for t in cms certificate token der; do \
 		mkdir -p fuzz-corpus/$$t fuzz-artifacts; \
 		$(PY) -c "import sys; from pathlib import Path; from tests.fuzz.targets import write_seeds; write_seeds(sys.argv[1], Path(sys.argv[2]))" $$t fuzz-corpus/$$t; \
 		$(PY) -m tests.fuzz.targets $$t -max_total_time=$(FUZZ_SECONDS) -max_len=8192 \

@@ -490,11 +490,19 @@ def _ready(url: str, ctx: ssl.SSLContext) -> bool:
 
 
 def start_gateway(
-    workdir: Path, config: Config, ca_file: Path, name: str, *, profile_to: Path | None = None
+    workdir: Path,
+    config: Config,
+    ca_file: Path,
+    name: str,
+    *,
+    profile_to: Path | None = None,
+    stages_to: Path | None = None,
 ) -> tuple[Proc, str]:
     """``join-gateway serve -c gateway.yaml`` (supervisor + workers); waits for /readyz.
 
     ``profile_to``: run it under ``cProfile`` (one worker only), stats written on SIGTERM.
+    ``stages_to``: run it under ``benchmarks.stage_sampler``, per-stage CPU samples of
+    every process written into that directory.
     """
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -512,8 +520,8 @@ def start_gateway(
         name,
         ["serve", "-c", str(config_path)],
         workdir / f"{name}.log",
-        env={"PROMETHEUS_MULTIPROC_DIR": str(prom)},
-        python_args=("-m", "cProfile", "-o", str(profile_to.resolve())) if profile_to else (),
+        env={"PROMETHEUS_MULTIPROC_DIR": str(prom), **_sampler_env(stages_to)},
+        python_args=_gateway_python_args(profile_to, stages_to),
     )
     if redis is not None:
         proc.companions.append(redis)
@@ -521,6 +529,22 @@ def start_gateway(
     ctx = ssl.create_default_context(cafile=str(ca_file))
     _wait("gateway", proc, lambda: _ready(url, ctx), 60.0)
     return proc, url
+
+
+def _gateway_python_args(profile_to: Path | None, stages_to: Path | None) -> tuple[str, ...]:
+    if profile_to is not None:
+        return ("-m", "cProfile", "-o", str(profile_to.resolve()))
+    if stages_to is not None:
+        return ("-m", "benchmarks.stage_sampler", "--out", str(stages_to.resolve()))
+    return ()
+
+
+def _sampler_env(stages_to: Path | None) -> dict[str, str]:
+    """The sampler lives in this repository's benchmarks package: put it on the path."""
+    if stages_to is None:
+        return {}
+    root = str(Path(__file__).resolve().parent.parent)
+    return {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
 
 
 def start_redis(workdir: Path, name: str) -> tuple[Proc, str]:

@@ -43,12 +43,12 @@ from gateway.azure.certs import (
     VerifiedChain,
     ca_issuers_urls,
     common_name,
-    fingerprint,
     key_refusal,
     load_der_certificate,
     verify_chain,
 )
-from gateway.azure.cms import SignedDataView, SignerInfoView, parse_signed_data
+from gateway.azure.cms import SignedDataView, SignerInfoView
+from gateway.azure.cms_shape import fingerprint, read_signed_data
 from gateway.core.cache import MemoryCache
 from gateway.core.clock import Clock
 from gateway.core.cloud import CloudProfile
@@ -439,7 +439,7 @@ async def _step_base64(run: _DocRun) -> str:
 
 
 async def _step_cms(run: _DocRun) -> Detail:
-    view = run.view = parse_signed_data(run.der)
+    view = run.view = read_signed_data(run.der)
     return lambda: (
         f"SignedData, {len(view.certificates)} certificate(s), "
         f"{len(view.signer_infos)} signer(s), content {len(view.content)} bytes"

@@ -10,6 +10,13 @@ ARM itself is case-insensitive in segment names and spells them inconsistently (
 carry ``resourcegroups``, API responses ``resourceGroups``, ``virtualMachines`` vs
 ``virtualmachines``): https://learn.microsoft.com/azure/azure-resource-manager/management/
 resource-name-rules ("resource names are case-insensitive"). Comparisons use ``key``.
+
+"Case-insensitive" there means ASCII case only. Python's ``str.lower()``/``casefold()``
+fold far more: U+212A KELVIN SIGN and U+017F LONG S become ``k`` and ``s``, ``ß``
+becomes ``ss``, U+0130 becomes ``i̇``. A group named ``\u212aube`` is a different group
+from ``kube`` to Resource Manager (both can exist side by side), so folding it onto
+``kube`` would let a rule for one admit the other. Every comparison of Azure names (allow
+rules, cache keys) goes through :func:`azure_name_key`: ASCII letters fold, nothing else.
 """
 
 from __future__ import annotations
@@ -22,14 +29,31 @@ from gateway.core.errors import Code, JoinRejected
 
 __all__ = [
     "ResourceId",
+    "azure_name_key",
     "parse_resource_id",
     "parse_vm_resource_id",
+    "same_azure_name",
 ]
 
 _MAX_ID_CHARS = 2048
 # Segments are resource names: ARM allows letters (Unicode), digits, '-', '_', '.', '(', ')'.
 # Refuse whatever could reshape a URL or a log line instead of listing every legal char.
 _BAD_SEGMENT = re.compile(r"[\s/\\?#%&=+:;@\"'<>`|*\x00-\x1f\x7f]")
+
+# A-Z -> a-z and nothing else (str.translate leaves unmapped code points alone).
+_ASCII_FOLD = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def azure_name_key(name: str) -> str:
+    """The comparison form of an Azure name: ASCII letters lowercased, every other code
+    point kept exactly (no Unicode case folding, no normalization)."""
+    return name.translate(_ASCII_FOLD)
+
+
+def same_azure_name(a: str, b: str) -> bool:
+    """Whether Resource Manager treats ``a`` and ``b`` as one name."""
+    return azure_name_key(a) == azure_name_key(b)
+
 
 _COMPUTE = "microsoft.compute"
 _VM = "virtualmachines"
@@ -57,7 +81,8 @@ class ResourceId:
 
     @property
     def key(self) -> str:
-        """Canonical lowercase form, for cache keys and equality across spellings."""
+        """Canonical form (``azure_name_key`` of each segment), for cache keys and
+        equality across spellings."""
         parts = [
             "subscriptions",
             self.subscription,
@@ -68,10 +93,15 @@ class ResourceId:
         ]
         for typ, name in zip(self.types, (self.name, *self.child_names), strict=True):
             parts += [typ, name]
-        return "/" + "/".join(p.lower() for p in parts)
+        return "/" + "/".join(azure_name_key(p) for p in parts)
+
+    @property
+    def group_key(self) -> str:
+        """Comparison form of the resource's resource group (cache keys per group)."""
+        return f"{self.subscription}/{azure_name_key(self.resource_group)}"
 
     def _shape(self) -> tuple[str, tuple[str, ...]]:
-        return self.provider.lower(), tuple(t.lower() for t in self.types)
+        return azure_name_key(self.provider), tuple(azure_name_key(t) for t in self.types)
 
     @property
     def is_vm(self) -> bool:
@@ -128,9 +158,9 @@ def parse_resource_id(raw: str) -> ResourceId:
     if len(segments) < 8 or len(segments) % 2 != 0:
         raise _unsupported(raw, "not a provider resource ID")
     if (
-        segments[0].lower() != "subscriptions"
-        or segments[2].lower() != "resourcegroups"
-        or segments[4].lower() != "providers"
+        azure_name_key(segments[0]) != "subscriptions"
+        or azure_name_key(segments[2]) != "resourcegroups"
+        or azure_name_key(segments[4]) != "providers"
     ):
         raise _unsupported(raw, "not /subscriptions/…/resourceGroups/…/providers/…")
     subscription = normalize_guid(segments[1])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from gateway.core.clock import Clock, SystemClock
 
@@ -112,6 +112,10 @@ class MemoryCache(Generic[K, V]):
     async def get_or_load(self, key: K, loader: Loader[V]) -> V:
         """The cached value, or the loader's; concurrent misses share one load.
 
+        The load runs as its own task, detached from the caller that started it: every
+        caller (the first included) awaits it through ``asyncio.shield``, so a caller
+        that is cancelled (its request failed elsewhere, its client went away) stops
+        waiting without cancelling the load the others wait for, and the load runs once.
         A failing load is not cached: every waiter gets the exception, and the next
         caller tries again.
         """
@@ -124,23 +128,22 @@ class MemoryCache(Generic[K, V]):
         if pending is not None:
             self.stats.coalesced += 1
             self._observe("coalesced")
-            # shield: one waiter being cancelled must not cancel the shared load.
-            return await asyncio.shield(pending)
-        self.stats.misses += 1
-        self._observe("miss")
-        fut: asyncio.Future[V] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
+        else:
+            self.stats.misses += 1
+            self._observe("miss")
+            pending = asyncio.ensure_future(self._load(key, loader))
+            pending.add_done_callback(_retrieve)
+            self._inflight[key] = pending
+        return await asyncio.shield(pending)
+
+    async def _load(self, key: K, loader: Loader[V]) -> V:
         try:
             value, ttl = await loader()
-        except BaseException as exc:
+        except BaseException:
             self.stats.loads_failed += 1
-            if not fut.done():
-                fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters may be none
             raise
         else:
             self.set(key, value, ttl)
-            fut.set_result(value)
             return value
         finally:
             self._inflight.pop(key, None)
@@ -162,6 +165,12 @@ class MemoryCache(Generic[K, V]):
 
 def _ignore(result: str) -> None:
     return None
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a load's exception as retrieved: every waiter may have been cancelled."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class NullCache(MemoryCache[K, V]):

@@ -310,7 +310,9 @@ class TieredCache(Generic[V]):
     hit (decoded, kept in memory for the TTL Redis has left) → else the loader, whose
     result goes to both tiers. So N concurrent misses in one process make one Redis
     round trip, and at most one loader call; across replicas the shared tier makes the
-    first replica's load serve the others.
+    first replica's load serve the others. The Redis lookup and the loader run inside the
+    memory tier's detached load, so cancelling the caller that started them cancels
+    neither (``MemoryCache.get_or_load``).
 
     ``shared=None`` is the memory-only cache (``cache.backend: memory``) behind the same
     interface. ``get``/``set`` act on the memory tier only (sync, like ``MemoryCache``).

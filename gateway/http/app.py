@@ -48,6 +48,7 @@ def make_app(
     app[CONFIG] = config
     app[DEPS] = deps
     app[METRICS] = metrics or Metrics()
+    app.cleanup_ctx.append(app[METRICS].flush_on_cleanup)  # batched histograms, at shutdown
     app[STATE] = state or RuntimeState()
     app[AUDITOR] = auditor or Auditor(clock=deps.clock)
     app[TRUSTED_PROXIES] = TrustedProxies(

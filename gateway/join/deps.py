@@ -35,6 +35,7 @@ from gateway.azure.attested import AttestedVerifier
 from gateway.azure.budget import SubscriptionBudget
 from gateway.azure.certs import TrustStore
 from gateway.azure.jwks import JwksClient, TokenVerifier, keyset_from_json, keyset_to_json
+from gateway.azure.vm_directory import VmDirectory
 from gateway.core.cache import Cache, MemoryCache, NullCache
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.config import Config
@@ -256,23 +257,31 @@ def _arm_budget(config: Config, clock: Clock) -> ArmBudget:
 
 
 def vm_binder(
-    config: Config, arm: ArmClient, clock: Clock, cache: Callable[[str], MemoryCache[Any, Any]]
+    config: Config,
+    arm: ArmClient,
+    clock: Clock,
+    cache: Callable[[str], MemoryCache[Any, Any]],
+    metrics: Metrics,
 ) -> VmBinder:
     """The binding decision over the ARM read strategy (``cache.*`` tunes the reads)."""
     c = config.cache
     return VmBinder(
-        arm,
+        VmDirectory(
+            arm,
+            clock=clock,
+            vm_cache_ttl=c.vm_ttl_seconds,
+            negative_ttl=c.negative_ttl_seconds,
+            refresh_interval=c.map_refresh_seconds,
+            list_window=c.list_window_seconds,
+            # Without caches a listing would be redone per join: naive mode reads VMs.
+            list_threshold=c.list_threshold if c.enabled else 10**9,
+            list_wait=config.azure.arm_budget.max_wait_seconds,
+            cache_maps=c.enabled,
+            vm_cache=cache("vms"),
+            group_observer=metrics.cache_observer("resource_group_maps"),
+            set_observer=metrics.cache_observer("scale_set_maps"),
+        ),
         enabled=config.azure.vm_binding,
-        clock=clock,
-        vm_cache_ttl=c.vm_ttl_seconds,
-        negative_ttl=c.negative_ttl_seconds,
-        refresh_interval=c.map_refresh_seconds,
-        list_window=c.list_window_seconds,
-        # Without caches a listing would be redone per join: naive mode reads VMs.
-        list_threshold=c.list_threshold if c.enabled else 10**9,
-        vm_cache=cache("vms"),
-        set_cache=cache("scale_set_maps"),
-        group_cache=cache("resource_group_maps"),
     )
 
 
@@ -392,7 +401,7 @@ async def production_deps(
                 leeway=az.token_leeway_seconds,
                 allowed_tenants=az.allowed_tenants,
             ),
-            binder=vm_binder(config, arm, clock, cache),
+            binder=vm_binder(config, arm, clock, cache, metrics),
             replay=replay_store_,
             auth=auth,
         )

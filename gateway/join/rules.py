@@ -9,7 +9,9 @@ so that a join naming one is told ``token_wrong_method`` instead of ``unknown_to
 Matching (DESIGN §3 step 6): a rule matches when its ``tenant`` (if set) equals the
 token's ``tid``, its ``subscription`` (if set) equals the VM's subscription (GUIDs compared
 case-insensitively), and ``resource_groups`` is empty or contains the VM's group (names
-compared case-insensitively: ARM returns them in varying case). The first match wins.
+compared as Resource Manager compares them, ``azure_name_key``: ASCII case-insensitively,
+since ARM returns them in varying case, and exactly outside ASCII, so that ``\u212aube``
+with a Kelvin sign is not the group ``kube``). The first match wins.
 Callers pass only values from signed evidence or ARM, never from the request body.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from gateway.azure.resource_id import azure_name_key
 from gateway.azure.token import normalize_guid
 from gateway.core.config import ConfigError
 from gateway.core.errors import Code, JoinRejected, UnknownToken
@@ -119,13 +122,14 @@ class AllowRule:
     tenant: str | None = None
 
     def matches(self, *, tenant: str, subscription: str, resource_group: str) -> bool:
-        if self.tenant is not None and self.tenant != tenant.lower():
+        # Never casefold()/lower(): they fold non-ASCII letters Azure keeps apart.
+        if self.tenant is not None and self.tenant != azure_name_key(tenant):
             return False
-        if self.subscription is not None and self.subscription != subscription.lower():
+        if self.subscription is not None and self.subscription != azure_name_key(subscription):
             return False
         if self.resource_groups:
-            group = resource_group.casefold()
-            return any(g.casefold() == group for g in self.resource_groups)
+            group = azure_name_key(resource_group)
+            return any(azure_name_key(g) == group for g in self.resource_groups)
         return True
 
 

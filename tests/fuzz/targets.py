@@ -1,7 +1,8 @@
 """atheris fuzz targets for the parsers that read request bytes (issue 8).
 
 Each target feeds libFuzzer's bytes to one parser and fails on any exception that is not
-the module's own error: ``gateway.azure.cms`` (``BadRequest``), the certificate loader
+the module's own error: ``gateway.azure.cms`` (``BadRequest``), the strict DER reader
+``gateway.azure.cms_shape`` against asn1crypto (``der``: differential), the certificate loader
 (``CertificateUnreadable``; a certificate that loads must then survive every reader the
 verifier applies to request intermediates), and the token parser (``GatewayError``).
 
@@ -24,6 +25,12 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["gateway.azure", "asn1crypto"]):
+    from gateway.azure.attested import (
+        check_digest_algorithm,
+        check_signature,
+        check_single_signer,
+        find_signer_certificate,
+    )
     from gateway.azure.certs import (
         CertificateUnreadable,
         ca_issuers_urls,
@@ -33,13 +40,14 @@ with atheris.instrument_imports(include=["gateway.azure", "asn1crypto"]):
         key_refusal,
         load_der_certificate,
     )
-    from gateway.azure.cms import parse_signed_data
+    from gateway.azure.cms import SignedDataView, parse_signed_data
+    from gateway.azure.cms_shape import read_signed_data
     from gateway.azure.token import peek_token, verify_access_token
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.core.cloud import CLOUDS
-from gateway.core.errors import BadRequest, GatewayError
+from gateway.core.errors import BadRequest, Code, GatewayError
 
 __all__ = ["TARGETS", "write_seeds"]
 
@@ -52,6 +60,44 @@ _KID = "fuzz-kid"
 def fuzz_cms(data: bytes) -> None:
     with contextlib.suppress(BadRequest):
         parse_signed_data(data)
+
+
+def _fields(view: SignedDataView) -> tuple[object, ...]:
+    return (
+        view.content_type,
+        view.content,
+        tuple(fingerprint(c) for c in view.certificates),
+        view.certificate_issuers,
+        view.signer_infos,
+    )
+
+
+def fuzz_der(data: bytes) -> None:
+    """The strict DER reader (``cms_shape``) against asn1crypto: it raises only
+    ``attested_malformed``; when both parse, they agree on every field; when only the
+    reader parses, the verification steps must refuse the document (the reader may be
+    stricter than asn1crypto, never laxer). tests/security/test_der_differential.py is
+    the hypothesis side of the same property."""
+    try:
+        mine = read_signed_data(data)
+    except BadRequest as exc:
+        assert exc.code == Code.ATTESTED_MALFORMED, exc.code
+        return
+    try:
+        oracle = parse_signed_data(data)
+    except BadRequest:
+        oracle = None
+    if oracle is not None:
+        assert _fields(mine) == _fields(oracle), "the readers disagree"
+        return
+    try:
+        signer = check_single_signer(mine)
+        cert = find_signer_certificate(mine, signer)
+        check_digest_algorithm(signer)
+        check_signature(mine, signer, cert)
+    except GatewayError:
+        return
+    raise AssertionError("the strict reader parsed a signed document asn1crypto refuses")
 
 
 def fuzz_certificate(data: bytes) -> None:
@@ -83,6 +129,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "cms": fuzz_cms,
     "certificate": fuzz_certificate,
     "token": fuzz_token,
+    "der": fuzz_der,
 }
 
 
@@ -94,7 +141,7 @@ def write_seeds(target: str, directory: Path) -> None:
     """A few valid inputs for ``target`` in ``directory`` (libFuzzer's corpus)."""
     directory.mkdir(parents=True, exist_ok=True)
     seeds: list[bytes] = []
-    if target == "cms":
+    if target in ("cms", "der"):
         for doc in sorted((_REAL / "attested").glob("*.json"))[:4]:
             signature = json.loads(doc.read_text())["signature"]
             seeds.append(base64.b64decode(signature))

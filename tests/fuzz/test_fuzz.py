@@ -17,7 +17,7 @@ import pytest
 from tests.fuzz.targets import TARGETS, write_seeds
 
 REPO = Path(__file__).resolve().parents[2]
-RUNS = {"cms": 1500, "certificate": 3000, "token": 3000}
+RUNS = {"cms": 1500, "certificate": 3000, "token": 3000, "der": 3000}
 
 
 @pytest.mark.parametrize(

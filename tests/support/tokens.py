@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 SUBSCRIPTION = "11111111-1111-1111-1111-111111111111"
 
 
@@ -11,7 +9,7 @@ def azure_token_yaml(
     subscription: str = SUBSCRIPTION,
     *,
     name: str = "azure-token",
-    resource_groups: Sequence[str] = (),
+    resource_groups: tuple[str, ...] = (),
 ) -> str:
     """One azure token for the ``Node`` role allowing one subscription (all of it, or only
     ``resource_groups``)."""

@@ -26,6 +26,7 @@ from gateway.azure.attested import _MAX_PENDING_BUILDS, AttestedVerifier
 from gateway.azure.certs import TrustStore
 from gateway.azure.jwks import TokenVerifier
 from gateway.azure.resource_id import ResourceId
+from gateway.azure.vm_directory import VmDirectory
 from gateway.core.cache import MemoryCache
 from gateway.core.clock import FixedClock
 from gateway.core.cloud import CLOUDS
@@ -64,7 +65,7 @@ DOWN_TENANT = "44444444-4444-4444-4444-444444444444"  # Entra cannot be reached 
 OTHER_VM_ID = "0f3e9f3c-0000-4000-8000-000000000001"
 
 TOKENS = (
-    azure_token_yaml(SUBSCRIPTION, resource_groups=["kube"])
+    azure_token_yaml(SUBSCRIPTION, resource_groups=("kube",))
     + "---\n"
     + refusal_tokens_yaml(SUBSCRIPTION)
 )
@@ -115,11 +116,10 @@ class FakeArm:
             subscription=rid.subscription,
         )
 
-    async def list_vms(self, *args: Any, **kwargs: Any) -> list[VmRecord]:
-        raise AssertionError("list_threshold is out of reach: listings are not expected")
-
-    async def list_vmss_vms(self, *args: Any, **kwargs: Any) -> list[VmRecord]:
-        raise AssertionError("no scale set in this table")
+    def __getattr__(self, name: str) -> Any:
+        # Listings and scale-set reads are out of reach (list_threshold, no scale set):
+        # any other ArmClient method the directory calls is a failure of this table.
+        raise AssertionError(f"unexpected ARM call {name}")
 
 
 class FakeAuth:
@@ -205,9 +205,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, minter: TokenMinter) -> Iter
             allowed_tenants=(TENANT, DOWN_TENANT),
         ),
         binder=VmBinder(
-            arm,  # duck-typed: the three ArmClient reads
-            clock=clock,
-            list_threshold=10**9,  # point GETs only: one call per VM, easy to count
+            VmDirectory(
+                arm,  # duck-typed: ArmClient's point read
+                clock=clock,
+                list_threshold=10**9,  # point GETs only: one call per VM, easy to count
+            )
         ),
         replay=MemoryReplayStore(clock=clock),
         auth=auth,  # duck-typed: register, ready, breaker

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.azure.resource_id import parse_resource_id, parse_vm_resource_id
+from gateway.azure.resource_id import (
+    azure_name_key,
+    parse_resource_id,
+    parse_vm_resource_id,
+    same_azure_name,
+)
 from gateway.core.errors import Code, JoinRejected
 
 SUB = "11111111-1111-1111-1111-111111111111"
@@ -101,6 +106,39 @@ def test_key_is_the_same_across_spellings() -> None:
         f"/subscriptions/{SUB}/resourcegroups/group1/providers/"
         "microsoft.compute/virtualmachines/web-1"
     )
+
+
+# (id, one spelling, another spelling, same name to Resource Manager?)
+NAMES: list[tuple[str, str, str, bool]] = [
+    ("ASCII letters fold", "Kube-Prod", "kube-PROD", True),
+    ("a Kelvin sign stays apart from K", "\u212aube", "kube", False),
+    ("a long s stays apart from s", "ea\u017ft", "east", False),
+    ("a dotless i stays apart from i", "\u0131nfra", "infra", False),
+    ("a capital I with dot stays apart from i", "\u0130nfra", "infra", False),
+    ("a sharp s stays apart from ss", "stra\u00dfe", "strasse", False),
+    ("a capital sharp s stays apart from a sharp s", "STRA\u1e9eE", "stra\u00dfe", False),
+    ("fullwidth letters stay apart from ASCII", "\uff4b\uff55\uff42\uff45", "kube", False),
+    ("fullwidth capitals stay apart from fullwidth lowercase", "\uff2b", "\uff4b", False),
+    ("Greek capital sigma stays apart from small sigma", "\u03a3", "\u03c3", False),
+]
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [n[1:] for n in NAMES], ids=[n[0] for n in NAMES])
+def test_names_compare_as_resource_manager_compares_them(a: str, b: str, same: bool) -> None:
+    assert same_azure_name(a, b) is same
+    assert (azure_name_key(a) == azure_name_key(b)) is same
+    # Resource IDs, and so every cache key derived from them, compare the same way.
+    vm_a = parse_resource_id(
+        f"/subscriptions/{SUB}/resourceGroups/{a}/providers/Microsoft.Compute/virtualMachines/web-1"
+    )
+    vm_b = parse_resource_id(
+        f"/subscriptions/{SUB}/resourceGroups/{b}/providers/Microsoft.Compute/virtualMachines/web-1"
+    )
+    assert (vm_a.key == vm_b.key) is same
+    assert (vm_a.group_key == vm_b.group_key) is same
+    named_a = parse_resource_id(f"{BASE}/Microsoft.Compute/virtualMachines/{a}")
+    named_b = parse_resource_id(f"{BASE}/Microsoft.Compute/virtualMachines/{b}")
+    assert (named_a.key == named_b.key) is same
 
 
 def test_a_user_assigned_identity_parses_but_is_not_a_vm() -> None:

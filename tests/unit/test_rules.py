@@ -332,6 +332,42 @@ def test_match_allow_rules(
         assert rule is seed.allow[index]
 
 
+# (id, the rule's group, the VM's group, matches?) — Resource Manager folds ASCII case
+# only; Python's lower()/casefold() fold all of these onto the rule's name.
+HOSTILE_GROUPS: list[tuple[str, str, str, bool]] = [
+    ("ASCII case still folds", "kube", "KuBe", True),
+    ("a Kelvin sign is not k", "kube", "\u212aube", False),
+    ("a Kelvin sign rule does not admit k", "\u212aube", "kube", False),
+    ("a long s is not s", "prod-east", "prod-ea\u017ft", False),
+    ("a dotless i is not i", "infra", "\u0131nfra", False),
+    ("a capital I with dot is not i", "infra", "\u0130nfra", False),
+    ("a sharp s is not ss", "strasse", "stra\u00dfe", False),
+    ("ss is not a sharp s", "stra\u00dfe", "strasse", False),
+    ("a capital sharp s is not a sharp s", "stra\u00dfe", "STRA\u1e9eE", False),
+    ("fullwidth letters are not ASCII letters", "kube", "\uff4b\uff55\uff42\uff45", False),
+    ("fullwidth capitals are not fullwidth lowercase", "\uff4bube", "\uff2bube", False),
+    ("a non-ASCII name matches itself exactly", "stra\u00dfe", "stra\u00dfe", True),
+    ("a non-ASCII name folds only its ASCII letters", "stra\u00dfe", "STRA\u00dfE", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("rule_group", "vm_group", "matches"),
+    [h[1:] for h in HOSTILE_GROUPS],
+    ids=[h[0] for h in HOSTILE_GROUPS],
+)
+def test_resource_groups_compare_as_azure_compares_them(
+    rule_group: str, vm_group: str, matches: bool
+) -> None:
+    tok = token(allow=(AllowRule(subscription=SUB3, resource_groups=(rule_group,)),))
+    if matches:
+        assert match_allow_rules(tok, tenant=TENANT4, subscription=SUB3, resource_group=vm_group)
+    else:
+        with pytest.raises(JoinRejected) as info:
+            match_allow_rules(tok, tenant=TENANT4, subscription=SUB3, resource_group=vm_group)
+        assert info.value.code == Code.NOT_ALLOWED
+
+
 def test_a_rule_with_tenant_and_subscription_needs_both() -> None:
     tok = token(allow=(AllowRule(subscription=SUB3, tenant=TENANT4),))
     assert match_allow_rules(tok, tenant=TENANT4, subscription=SUB3, resource_group="g")

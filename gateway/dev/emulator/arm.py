@@ -26,10 +26,22 @@ __all__ = [
     "ArmPathKind",
     "TokenBucket",
     "arm_error",
+    "arm_name_key",
     "parse_arm_path",
     "vm_json",
     "vmss_vm_json",
 ]
+
+# Resource Manager compares names ASCII-case-insensitively and exactly otherwise: a group
+# "\u212aube" (Kelvin sign) is not "kube", though Python's str.lower() maps one onto the
+# other. The emulator states this itself rather than importing the product's helper.
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def arm_name_key(name: str) -> str:
+    """How ARM compares a name: ASCII letters lowercased, every other character exact."""
+    return name.translate(_ASCII_LOWER)
+
 
 ArmPathKind = Literal["get_vm", "list_vms", "get_vmss_vm", "list_vmss_vms"]
 
@@ -60,7 +72,7 @@ class ArmPath:
 def parse_arm_path(path: str) -> ArmPath | None:
     """Recognise the four Compute reads; ``None`` for anything else."""
     seg = path.strip("/").split("/")
-    low = [s.lower() for s in seg]
+    low = [arm_name_key(s) for s in seg]
     if len(seg) < 7 or low[0] != "subscriptions" or low[2] != "resourcegroups":
         return None
     if low[4] != "providers" or low[5] != "microsoft.compute" or not all(seg[:7]):

@@ -41,7 +41,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.core.clock import Clock, SystemClock
 
-from .arm import ArmPath, TokenBucket, arm_error, parse_arm_path, vm_json, vmss_vm_json
+from .arm import (
+    ArmPath,
+    TokenBucket,
+    arm_error,
+    arm_name_key,
+    parse_arm_path,
+    vm_json,
+    vmss_vm_json,
+)
 from .attested import AttestedSigner, attested_content
 from .entra import (
     EntraTenant,
@@ -469,6 +477,7 @@ class AzureEmulator:
         self._check_new_name(name)
         tenant = self._tenant(tenant).tid
         subscription = str(uuid.UUID(subscription))
+        sub_key = arm_name_key(subscription)
         rid = (
             f"/subscriptions/{subscription}/resourceGroups/{resource_group}"
             f"/providers/Microsoft.Compute/virtualMachines/{name}"
@@ -497,7 +506,7 @@ class AzureEmulator:
             imds_url=f"{self.http_url}/vm/{quote(name, safe='')}",
             location=location,
         )
-        self._rg_vms.setdefault((subscription.lower(), resource_group.lower()), []).append(vm)
+        self._rg_vms.setdefault((sub_key, arm_name_key(resource_group)), []).append(vm)
         self._register(vm, mi)
         return vm
 
@@ -521,7 +530,8 @@ class AzureEmulator:
             raise ValueError("capacity must be >= 1")
         tenant = self._tenant(tenant).tid
         subscription = str(uuid.UUID(subscription))
-        key = (subscription.lower(), resource_group.lower(), name.lower())
+        sub_key = arm_name_key(subscription)
+        key = (sub_key, arm_name_key(resource_group), arm_name_key(name))
         if key in self._scale_sets:
             raise ValueError(f"scale set {name!r} already exists in {resource_group!r}")
         names = [f"{name}_{i}" for i in range(capacity)]
@@ -560,7 +570,7 @@ class AzureEmulator:
             self._register(vm, mi)
             out.append(vm)
         self._scale_sets[key] = out
-        self._rg_vms.setdefault((subscription.lower(), resource_group.lower()), [])
+        self._rg_vms.setdefault((sub_key, arm_name_key(resource_group)), [])
         return out
 
     def _check_new_name(self, name: str) -> None:
@@ -572,17 +582,17 @@ class AzureEmulator:
     def grant_read(self, principal_oid: str, scope: str) -> None:
         """Role assignment: ``principal_oid`` may read VMs under ``scope`` (a subscription,
         resource group or resource ID; compared case-insensitively)."""
-        self._grants.setdefault(principal_oid, set()).add(scope.rstrip("/").lower())
+        self._grants.setdefault(principal_oid, set()).add(arm_name_key(scope.rstrip("/")))
 
     def revoke_read(self, principal_oid: str, scope: str | None = None) -> None:
         """Remove one role assignment, or every one of the principal when ``scope`` is None."""
         if scope is None:
             self._grants.pop(principal_oid, None)
         else:
-            self._grants.get(principal_oid, set()).discard(scope.rstrip("/").lower())
+            self._grants.get(principal_oid, set()).discard(arm_name_key(scope.rstrip("/")))
 
     def _may_read(self, oid: str, path: ArmPath) -> bool:
-        target = path.scope.lower()
+        target = arm_name_key(path.scope)
         return any(target == s or target.startswith(s + "/") for s in self._grants.get(oid, ()))
 
     # ---------------------------------------------------------------- knobs
@@ -690,7 +700,7 @@ class AzureEmulator:
             raise ImdsError(
                 400, {"error": "invalid_request", "error_description": "Identity not found"}
             )
-        if msi_res_id is not None and msi_res_id.lower() != mi.resource_id.lower():
+        if msi_res_id is not None and arm_name_key(msi_res_id) != arm_name_key(mi.resource_id):
             raise ImdsError(
                 400, {"error": "invalid_request", "error_description": "Identity not found"}
             )
@@ -920,7 +930,7 @@ class AzureEmulator:
         faulted = await self._gate("arm", request)
         if faulted is not None:
             return faulted
-        sub = path.subscription.lower() if path else None
+        sub = arm_name_key(path.subscription) if path else None
         if path is None or request.method != "GET":
             headers = self._arm_headers(None, None)
             if path is not None:
@@ -1029,7 +1039,7 @@ class AzureEmulator:
         return _json_response(body, status, self._arm_headers(sub, oid))
 
     def _arm_lookup(self, path: ArmPath, request: web.Request) -> tuple[int, bytes]:
-        sub, rg = path.subscription.lower(), path.resource_group.lower()
+        sub, rg = arm_name_key(path.subscription), arm_name_key(path.resource_group)
         if (sub, rg) not in self._rg_vms:
             known_sub = any(s == sub for s, _ in self._rg_vms)
             if not known_sub:
@@ -1047,11 +1057,15 @@ class AzureEmulator:
             if (
                 vm is None
                 or vm.scale_set is not None
-                or (vm.subscription.lower(), vm.resource_group.lower()) != (sub, rg)
+                or (arm_name_key(vm.subscription), arm_name_key(vm.resource_group)) != (sub, rg)
             ):
                 # ARM names are case-insensitive: fall back to a scan of the group
                 vm = next(
-                    (v for v in self._rg_vms[(sub, rg)] if v.name.lower() == path.name.lower()),
+                    (
+                        v
+                        for v in self._rg_vms[(sub, rg)]
+                        if arm_name_key(v.name) == arm_name_key(path.name)
+                    ),
                     None,
                 )
             if vm is None:
@@ -1060,7 +1074,7 @@ class AzureEmulator:
         if path.kind == "list_vms":
             return 200, self._page(self._rg_vms[(sub, rg)], request)
         assert path.scale_set is not None
-        instances = self._scale_sets.get((sub, rg, path.scale_set.lower()))
+        instances = self._scale_sets.get((sub, rg, arm_name_key(path.scale_set)))
         if instances is None:
             return 404, self._not_found(
                 "virtualMachineScaleSets", path.scale_set, path.resource_group
