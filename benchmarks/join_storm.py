@@ -1,7 +1,7 @@
 """The join storm: N emulated VMs join through a real gateway at once.
 
     python benchmarks/join_storm.py --vms N [--arrival burst|ramp:SECONDS] [--workers W]
-        [--mode tuned|naive] [--baseline-vms M | --no-baseline] --out DIR
+        [--mode tuned|naive] [--baseline-vms M | --no-baseline] [--no-stage-cpu] --out DIR
 
 Starts the Azure emulator, the reference auth service and the gateway (``join-gateway
 serve`` with W workers) as separate processes, then N emulated VMs — 5 subscriptions, 20
@@ -17,6 +17,9 @@ coalescing, no ARM budget: per-join discovery, JWKS and ARM calls, as Teleport d
 smaller fleet of the same shape (``--baseline-vms``, default min(N, 1000)). And it
 measures the floor (``floor.py``): the CPU per join no implementation can skip.
 
+The tuned run's gateway CPU per join is broken down by stage, measured by sampling every
+gateway process (``stage_sampler.py``; ``cpu_stages`` in the results).
+
 Writes DIR/results.json and DIR/storm.png, prints a table. Exits non-zero only when the
 harness itself failed (a process did not start, a VM list was empty), never because a
 target was missed: the figures are the product.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -65,6 +69,7 @@ from benchmarks.stack import (
     start_gateway,
     tokens_yaml,
 )
+from benchmarks.stage_sampler import FLUSH_S, breakdown, read_counts
 from gateway.agent import (
     AgentError,
     Backoff,
@@ -299,6 +304,8 @@ class PhaseResult:
     client_cpu_s: float
     fleet: FleetPlan
     floor: Floor | None = None
+    # Per-stage CPU samples taken during the storm (--stage-cpu), None when not sampled.
+    stage_samples: Counter[str] | None = None
 
     def figures(self, floor: Floor) -> dict[str, Any]:
         recs = self.outcome.records
@@ -399,13 +406,22 @@ def run_phase(
     signing_threads: int,
     measure_floor_samples: int = 0,
     profile_gateway: Path | None = None,
+    stage_cpu: bool = False,
+    arm_list_per_minute: int | None = None,
 ) -> PhaseResult:
-    """Fresh emulator, auth service and gateway; the storm; everything stopped again."""
+    """Fresh emulator, auth service and gateway; the storm; everything stopped again.
+
+    ``arm_list_per_minute``: the emulator's Compute list limit (Azure's is 300 a minute,
+    shared with every client of the subscription); the gateway's list budget is set to it,
+    divided among its workers (each worker keeps its own budget)."""
     plan = fleet_plan(vms)
     procs: list[Proc] = []
+    tight = (
+        () if arm_list_per_minute is None else ("--arm-list-per-minute", str(arm_list_per_minute))
+    )
     try:
         print(f"[{mode}] starting the emulator with {vms} VMs ...", flush=True)
-        emu, info = start_emulator(workdir, plan, signing_threads=signing_threads)
+        emu, info = start_emulator(workdir, plan, signing_threads=signing_threads, extra_args=tight)
         procs.append(emu)
         if len(info.vms) != vms:
             raise StackError(f"the emulator built {len(info.vms)} VMs, not {vms}")
@@ -425,13 +441,28 @@ def run_phase(
             workers=workers,
             naive=mode == "naive",
         )
+        stages_dir = workdir / "stages" if stage_cpu else None
+        if stages_dir is not None:  # an earlier run's processes are not this one's
+            for stale in stages_dir.glob("stages-*.json"):
+                stale.unlink()
+        if arm_list_per_minute is not None:
+            share = max(1, arm_list_per_minute // workers)
+            budget = dataclasses.replace(config.azure.arm_budget, list_per_minute=share)
+            azure = dataclasses.replace(config.azure, arm_budget=budget)
+            config = dataclasses.replace(config, azure=azure)
         gw, url = start_gateway(
-            workdir, config, files.ca_file, "gateway", profile_to=profile_gateway
+            workdir,
+            config,
+            files.ca_file,
+            "gateway",
+            profile_to=profile_gateway,
+            stages_to=stages_dir,
         )
         procs.append(gw)
         print(
             f"[{mode}] gateway up ({workers} workers); {vms} VMs join ({arrival}) ...", flush=True
         )
+        stages0 = _stage_counts(stages_dir)
         cpu0 = (
             process_cpu_seconds(gw.pid),
             process_cpu_seconds(emu.pid),
@@ -455,6 +486,7 @@ def run_phase(
             process_cpu_seconds(auth.pid),
             time.process_time(),
         )
+        stages1 = _stage_counts(stages_dir)
         counters = _get_json(info.http_url + "/_emulator/counters")
         floor = None
         if measure_floor_samples:
@@ -475,10 +507,19 @@ def run_phase(
             client_cpu_s=cpu1[3] - cpu0[3],
             fleet=plan,
             floor=floor,
+            stage_samples=None if stages1 is None or stages0 is None else stages1 - stages0,
         )
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def _stage_counts(stages_dir: Path | None) -> Counter[str] | None:
+    """The samples so far (after the sampler's next flush), None when not sampling."""
+    if stages_dir is None:
+        return None
+    time.sleep(FLUSH_S * 1.5)
+    return read_counts(stages_dir)
 
 
 def _run_async(coro: Any) -> StormOutcome:
@@ -538,6 +579,15 @@ def _print_table(main: dict[str, Any], baseline: dict[str, Any] | None) -> None:
         print(line)
 
 
+def _print_stages(stages: dict[str, Any]) -> None:
+    print(
+        "gateway CPU per join by stage (µs; sampled total "
+        f"{stages['sampled_s_per_join'] * 1e6:.0f} µs/join):"
+    )
+    for stage, us in stages["us_per_join"].items():
+        print(f"  {stage:40}{us:>10.1f}  {stages['share'][stage]:>6.1%}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--vms", type=int, required=True)
@@ -556,13 +606,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--signing-threads", type=int, default=2, help="the emulator's RSA signers")
     p.add_argument("--floor-samples", type=int, default=300)
     p.add_argument(
+        "--arm-list-per-minute",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also run the tuned storm with the emulator's list limit at N pages a minute",
+    )
+    p.add_argument(
         "--profile-gateway",
         type=Path,
         default=None,
         metavar="FILE.pstats",
         help="run the gateway under cProfile (needs --workers 1; inflates its CPU figures)",
     )
+    p.add_argument(
+        "--stage-cpu",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sample the gateway's CPU by join stage during the storm (benchmarks/"
+        "stage_sampler.py), printed and saved as cpu_stages; costs the gateway ~1%% CPU "
+        "(off with --profile-gateway)",
+    )
     args = p.parse_args(argv)
+    if args.profile_gateway is not None:
+        args.stage_cpu = False  # one profiler at a time
     if args.profile_gateway is not None and args.workers != 1:
         p.error("--profile-gateway needs --workers 1 (the profile covers one process)")
     if args.vms < 1 or args.workers < 1 or args.concurrency < 1:
@@ -590,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signing_threads=args.signing_threads,
             measure_floor_samples=args.floor_samples,
             profile_gateway=args.profile_gateway,
+            stage_cpu=args.stage_cpu,
         )
         baseline_phase = None
         if args.mode == "tuned" and not args.no_baseline:
@@ -605,6 +673,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     keys=keys,
                     signing_threads=args.signing_threads,
                 )
+        tight_phase = None
+        if args.arm_list_per_minute is not None:
+            tight_phase = run_phase(
+                out / "work" / "tight-list-budget",
+                mode="tuned",
+                vms=args.vms,
+                workers=args.workers,
+                arrival=args.arrival,
+                concurrency=args.concurrency,
+                keys=keys,
+                signing_threads=args.signing_threads,
+                arm_list_per_minute=args.arm_list_per_minute,
+            )
     except StackError as exc:
         print(f"join_storm: the harness failed: {exc}", file=sys.stderr)
         return 1
@@ -613,6 +694,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = main_phase.figures(floor)
     result["floor"] = floor.to_json()
     result["targets"] = _targets(result)
+    if main_phase.stage_samples is not None:
+        joins = max(result["succeeded"], 1)
+        result["cpu_stages"] = breakdown(
+            main_phase.stage_samples, main_phase.gateway_cpu_s / joins, joins
+        )
     baseline = baseline_phase.figures(floor) if baseline_phase else None
     if baseline is not None:
         result["baseline"] = baseline
@@ -629,6 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             "latency_p99_ms": _ratio(baseline["latency_ms"]["p99"], result["latency_ms"]["p99"]),
         }
+    if tight_phase is not None:
+        result["tight_list_budget"] = tight_phase.figures(floor)
+        result["tight_list_budget"]["arm_list_per_minute"] = args.arm_list_per_minute
     result["command"] = "python benchmarks/join_storm.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
@@ -659,10 +748,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"join storm: {args.vms} VMs, {args.arrival}, {args.workers} gateway workers",
     )
     _print_table(result, baseline)
+    if "cpu_stages" in result:
+        _print_stages(result["cpu_stages"])
     if baseline is not None:
         print(
             "naive / tuned:",
             json.dumps({k: v for k, v in result["ratios"].items() if k != "description"}),
+        )
+    if tight_phase is not None:
+        t, c = result["tight_list_budget"], tight_phase.counters
+        print(
+            f"list budget {args.arm_list_per_minute}/min: {t['succeeded']}/{t['vms']} joined "
+            f"(default: {result['succeeded']}/{result['vms']}), {t['retries']} retries, "
+            f"{c.get('arm.list_vms', 0) + c.get('arm.list_vmss_vms', 0)} list pages, "
+            f"{c.get('arm.get_vm', 0) + c.get('arm.get_vmss_vm', 0)} point reads, "
+            f"{t['emulator_429s']} 429s, p99 {t['latency_ms']['p99']} ms, wall {t['wall_s']} s"
         )
     print(f"results: {out / 'results.json'}  plot: {out / 'storm.png'}")
     return 0

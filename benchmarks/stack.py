@@ -9,9 +9,11 @@ elsewhere. Everything listens on 127.0.0.1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -43,6 +45,7 @@ from gateway.core.config import (
     dump_config,
 )
 from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
+from gateway.dev.emulator.pki import INTERMEDIATE_CN
 from gateway.join.challenge import write_new_keys_file
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "start_auth",
     "start_emulator",
     "start_gateway",
+    "start_redis",
     "tokens_yaml",
 ]
 
@@ -84,6 +88,8 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    # Stopped after this one (the gateway's own Redis).
+    companions: list[Proc] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -100,14 +106,15 @@ class Proc:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        for companion in self.companions:
+            companion.stop(timeout)
 
 
 def _spawn(
@@ -450,6 +457,8 @@ def gateway_config(
         challenge=ChallengeConfig(keys_file=str(files.keys_file)),
         azure=AzureConfig(
             extra_ca_files=(str(files.emulator_root),),
+            # The agents send the emulator's issuing CA: a name the gateway must know.
+            known_issuer_names=(INTERMEDIATE_CN,),
             authority_host=info.https_url,
             arm_endpoint=info.https_url,
             outbound_ca_file=str(files.emulator_tls_ca),
@@ -464,7 +473,9 @@ def gateway_config(
             client_key_file=str(auth.client_key),
             ca_file=str(auth.cluster_ca),
         ),
-        cache=CacheConfig(enabled=not naive),
+        # Several workers share one replay store (a challenge is redeemed once across
+        # them): start_gateway starts the Redis this points at.
+        cache=CacheConfig(enabled=not naive, backend="redis" if workers > 1 else "memory"),
         workers=workers,
         shutdown_timeout_seconds=10.0,
     )
@@ -479,14 +490,28 @@ def _ready(url: str, ctx: ssl.SSLContext) -> bool:
 
 
 def start_gateway(
-    workdir: Path, config: Config, ca_file: Path, name: str, *, profile_to: Path | None = None
+    workdir: Path,
+    config: Config,
+    ca_file: Path,
+    name: str,
+    *,
+    profile_to: Path | None = None,
+    stages_to: Path | None = None,
 ) -> tuple[Proc, str]:
     """``join-gateway serve -c gateway.yaml`` (supervisor + workers); waits for /readyz.
 
     ``profile_to``: run it under ``cProfile`` (one worker only), stats written on SIGTERM.
+    ``stages_to``: run it under ``benchmarks.stage_sampler``, per-stage CPU samples of
+    every process written into that directory.
     """
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    redis = None
+    if config.cache.backend == "redis":
+        redis, redis_url = start_redis(workdir, f"{name}-redis")
+        config = dataclasses.replace(
+            config, cache=dataclasses.replace(config.cache, redis_url=redis_url)
+        )
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(dump_config(config), encoding="utf-8")
     prom = workdir / f"{name}-prom"
@@ -495,10 +520,48 @@ def start_gateway(
         name,
         ["serve", "-c", str(config_path)],
         workdir / f"{name}.log",
-        env={"PROMETHEUS_MULTIPROC_DIR": str(prom)},
-        python_args=("-m", "cProfile", "-o", str(profile_to.resolve())) if profile_to else (),
+        env={"PROMETHEUS_MULTIPROC_DIR": str(prom), **_sampler_env(stages_to)},
+        python_args=_gateway_python_args(profile_to, stages_to),
     )
+    if redis is not None:
+        proc.companions.append(redis)
     url = f"https://{config.listeners[0].address}"
     ctx = ssl.create_default_context(cafile=str(ca_file))
     _wait("gateway", proc, lambda: _ready(url, ctx), 60.0)
     return proc, url
+
+
+def _gateway_python_args(profile_to: Path | None, stages_to: Path | None) -> tuple[str, ...]:
+    if profile_to is not None:
+        return ("-m", "cProfile", "-o", str(profile_to.resolve()))
+    if stages_to is not None:
+        return ("-m", "benchmarks.stage_sampler", "--out", str(stages_to.resolve()))
+    return ()
+
+
+def _sampler_env(stages_to: Path | None) -> dict[str, str]:
+    """The sampler lives in this repository's benchmarks package: put it on the path."""
+    if stages_to is None:
+        return {}
+    root = str(Path(__file__).resolve().parent.parent)
+    return {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
+def start_redis(workdir: Path, name: str) -> tuple[Proc, str]:
+    """``redis-server`` on a free loopback port, nothing persisted: the replay store the
+    workers of a multi-worker gateway share. Returns the process and its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StackError("several gateway workers need redis-server (apt-get install it)")
+    port = free_port()
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    proc = Proc(name, popen, log_path)
+    _wait("redis", proc, lambda: _port_open(port), 30.0)
+    return proc, f"redis://127.0.0.1:{port}/0"

@@ -45,7 +45,7 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> object:
-    from gateway.core.config import ConfigError, load_config
+    from gateway.core.config import ConfigError, check_single_use, load_config
 
     try:
         cfg = load_config(args.config)
@@ -54,6 +54,11 @@ def _load(args: argparse.Namespace) -> object:
         return None
     if getattr(args, "workers", None):
         cfg = dataclasses.replace(cfg, workers=args.workers)
+        try:
+            check_single_use(cfg, f"--workers {args.workers}")
+        except ConfigError as exc:
+            print(f"join-gateway: {exc}", file=sys.stderr)
+            return None
     return cfg
 
 
@@ -83,7 +88,12 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.core.config import Config, ConfigError
     from gateway.join.challenge import load_keys_file
-    from gateway.join.deps import load_tokens
+    from gateway.join.deps import (
+        load_tokens,
+        outbound_ssl_context,
+        trust_store,
+        upstream_ssl_context,
+    )
 
     cfg = _load(args)
     if not isinstance(cfg, Config):
@@ -91,8 +101,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems: list[str] = []
     try:
         tokens = load_tokens(cfg)
-        print(f"tokens: {', '.join(sorted(tokens.registry.names())) or '(none)'}")
-        for token in tokens.registry:
+        print(f"tokens: {', '.join(sorted(tokens.current.names())) or '(none)'}")
+        for token in tokens.current:
             print(f"token {token.name!r} ({token.join_method}, roles {', '.join(token.roles)}):")
             for i, rule in enumerate(token.allow):
                 print(f"  rule {i}: {rule.describe()}")
@@ -106,6 +116,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for name in (cfg.tls.cert_file, cfg.tls.key_file):
         if not cfg.path(name).is_file():
             problems.append(f"tls: {cfg.path(name)} does not exist")
+    # What `serve` reads before it opens anything: the same functions, so a file that
+    # would stop the start is found here.
+    for what, build in (
+        ("azure.extra_ca_files", trust_store),
+        ("azure.outbound_ca_file", outbound_ssl_context),
+        ("upstream TLS files", upstream_ssl_context),
+    ):
+        try:
+            build(cfg)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{what}: {exc}")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not problems:
@@ -172,10 +193,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     rc = 0
     if args.auth_data_dir:
-        from gateway.authservice import ca_pin_for_data_dir
+        from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+        from gateway.authservice import AuthPaths, ca_pin_for_data_dir
+        from gateway.core.tlsutil import ssh_key_pin
 
         try:
             print(f"CA pin: {ca_pin_for_data_dir(args.auth_data_dir)}")
+            ssh_ca = load_ssh_public_key(
+                AuthPaths.for_dir(args.auth_data_dir).ssh_ca_pub.read_bytes()
+            )
+            # The node config's teleport.ssh_ca_pin.
+            print(f"SSH CA pin: {ssh_key_pin(ssh_ca)}")
         except (OSError, ValueError) as exc:
             print(f"auth service: {exc}", file=sys.stderr)
             rc = 1
@@ -202,6 +231,101 @@ async def _gateway_status(url: str, ca_file: Path | None) -> int:
         return 1
 
 
+# --- dev ---------------------------------------------------------------------------------
+
+
+def _configure_dev(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, type=Path, help="keys, configs, stack.json")
+    p.add_argument("--vms", type=int, default=3, help="emulated VMs to offer (default 3)")
+    p.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="gateway worker processes; more than 1 shares the replay store in a private "
+        "redis-server (needs redis-server installed)",
+    )
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    p.set_defaults(func=cmd_dev)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    if args.vms < 0 or args.gateway_workers < 1:
+        print("join-gateway dev: --vms must be >= 0 and --gateway-workers >= 1", file=sys.stderr)
+        return 2
+    from gateway.dev.devstack import run_dev
+
+    try:
+        return asyncio.run(
+            run_dev(args.workdir.resolve(), vms=args.vms, gateway_workers=args.gateway_workers)
+        )
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"join-gateway dev: failed to start: {exc}", file=sys.stderr)
+        return 3
+
+
+# --- agent / install ---------------------------------------------------------------------
+
+
+def _configure_agent(p: argparse.ArgumentParser) -> None:
+    from gateway.agent.cli import add_agent_arguments, run_agent
+
+    add_agent_arguments(p)
+    p.set_defaults(func=run_agent)
+
+
+def _configure_install(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="install_target", required=True, metavar="{systemd}")
+    unit = sub.add_parser("systemd", help="a systemd unit running `join-gateway agent`")
+    unit.add_argument("--config", required=True, type=Path, help="the node config (YAML)")
+    unit.add_argument("-o", "--output", type=Path, help="write the unit here (default: print)")
+    unit.add_argument("--data-dir", type=Path, help="override teleport.data_dir")
+    unit.add_argument("--executable", type=Path, help="join-gateway to run (default: this one)")
+    p.set_defaults(func=cmd_install)
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from gateway.agent.errors import NodeConfigError
+    from gateway.agent.nodeconfig import load_node_config
+    from gateway.agent.systemd import UNIT_NAME, default_executable, render_unit, unit_warnings
+    from gateway.core.files import write_atomic
+
+    config = args.config.absolute()
+    try:
+        settings = load_node_config(config)
+    except NodeConfigError as exc:
+        print(f"join-gateway install: {exc.message}", file=sys.stderr)
+        return 2
+    executable = args.executable or default_executable()
+    if executable is None:
+        print(
+            "join-gateway install: join-gateway is not installed; give --executable",
+            file=sys.stderr,
+        )
+        return 2
+    data_dir = (args.data_dir or settings.data_dir).absolute()
+    try:
+        text = render_unit(executable=executable.absolute(), config=config, data_dir=data_dir)
+    except ValueError as exc:
+        print(f"join-gateway install: {exc}", file=sys.stderr)
+        return 2
+    for warning in unit_warnings(executable=executable.absolute(), config=config):
+        print(f"join-gateway install: warning: {warning}", file=sys.stderr)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    try:
+        # A unit file is configuration, not a secret: systemd and admins read it.
+        write_atomic(args.output, text.encode(), mode=0o644, make_parents=True)
+    except OSError as exc:
+        print(f"join-gateway install: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {args.output}; install it as /etc/systemd/system/{UNIT_NAME}, then "
+        f"`systemctl daemon-reload && systemctl enable --now {UNIT_NAME}`"
+    )
+    return 0
+
+
 # --- delegated sub-commands ------------------------------------------------------------
 
 
@@ -218,13 +342,20 @@ def _delegate(module: str) -> Configure:
 
 COMMANDS: dict[str, tuple[str, Configure]] = {
     "serve": ("run the gateway", _configure_serve),
-    "join": ("join this VM (the agent)", _delegate("gateway.agent.cli")),
+    "join": ("join this VM once (the agent)", _delegate("gateway.agent.cli")),
+    "agent": ("join this VM and keep its certificates renewed", _configure_agent),
+    "install": ("install the agent as a service (systemd unit)", _configure_install),
     "auth": ("the reference auth service", _delegate("gateway.authservice.cli")),
     "emulator": (
         "an Azure emulator for tests, demos and benchmarks",
         _delegate("gateway.dev.emulator.cli"),
     ),
-    "status": ("the auth service's CA pin and the gateway's health", _configure_status),
+    "status": ("the auth service's CA pins and the gateway's health", _configure_status),
+    "dev": (
+        "the whole system on loopback (emulator, auth service, gateway) until stopped; "
+        "writes WORKDIR/stack.json for joining emulated VMs by hand",
+        _configure_dev,
+    ),
     "demo": (
         "everything on loopback, then a fleet of emulated VMs joins",
         _delegate("gateway.dev.demo"),

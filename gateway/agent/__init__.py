@@ -1,7 +1,8 @@
 """The join agent: runs on the VM, proves where it runs, and collects its certificates.
 
-``run_join(settings)`` is the whole job; ``ImdsClient`` and ``GatewayClient`` are the protocol
-pieces the demo and the join-storm benchmark reuse with their own sessions and URLs.
+``run_join(settings)`` is one join; ``NodeAgent`` keeps the node joined (renewal by re-join);
+``ImdsClient`` and ``GatewayClient`` are the protocol pieces the demo and the join-storm
+benchmark reuse with their own sessions and URLs.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from gateway.agent.errors import (
     KeyFileError,
     NodeConfigError,
 )
+from gateway.agent.identity import Identity, load_identity
 from gateway.agent.imds import ImdsClient
 from gateway.agent.intermediates import IntermediateCollector
 from gateway.agent.keys import NodeKeys, load_or_create_keys
 from gateway.agent.nodeconfig import AgentSettings, load_node_config, parse_node_config
+from gateway.agent.renew import NodeAgent, plan_delay
 from gateway.agent.runner import JoinInfo, JoinOutcome, run_join, spki_pin
 from gateway.agent.transport import make_session, make_ssl_context
 
@@ -31,6 +34,7 @@ __all__ = [
     "Backoff",
     "GatewayClient",
     "HostParams",
+    "Identity",
     "ImdsClient",
     "ImdsError",
     "IntermediateCollector",
@@ -39,15 +43,18 @@ __all__ = [
     "JoinInfo",
     "JoinOutcome",
     "KeyFileError",
+    "NodeAgent",
     "NodeConfigError",
     "NodeKeys",
     "build_join_body",
+    "load_identity",
     "load_node_config",
     "load_or_create_keys",
     "make_session",
     "make_ssl_context",
     "parse_node_config",
     "parse_retry_after",
+    "plan_delay",
     "run_join",
     "spki_pin",
 ]

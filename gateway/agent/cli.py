@@ -1,8 +1,10 @@
-"""``join-gateway join``: the agent's command line.
+"""``join-gateway join`` and ``join-gateway agent``: the agent's command line.
 
 Only glue: parse flags, build :class:`AgentSettings` from the node config plus overrides, run
-:func:`run_join`. Exit codes: 0 joined, 1 the join failed (the error code is printed), 2 the
-config or a flag is wrong.
+:func:`run_join` once (``join``) or the renewal loop :class:`NodeAgent` (``agent``).
+Exit codes: 0 joined (``agent``: stopped by a signal), 1 the join failed (the error code is
+printed), 2 the config or a flag is wrong, 4 (``agent``) the gateway refused the node for
+good (see :mod:`gateway.agent.renew`).
 """
 
 from __future__ import annotations
@@ -11,15 +13,24 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from gateway.agent.errors import AgentError, JoinFailed, NodeConfigError
 from gateway.agent.nodeconfig import AgentSettings, load_node_config
+from gateway.agent.renew import EXIT_REFUSED, NodeAgent
 from gateway.agent.runner import run_join
 
-__all__ = ["add_arguments", "build_settings", "run"]
+__all__ = [
+    "EXIT_REFUSED",
+    "add_agent_arguments",
+    "add_arguments",
+    "build_settings",
+    "run",
+    "run_agent",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +130,44 @@ def run(args: argparse.Namespace) -> int:
         f"data_dir={settings.data_dir}"
     )
     return EXIT_OK
+
+
+def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``agent`` subcommand: ``join``'s flags plus the renewal's own."""
+    add_arguments(parser)
+    parser.add_argument(
+        "--retry-cap",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="longest wait between failed renewals (exponential backoff up to this; default 300)",
+    )
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    """Keep the node's identity fresh until SIGTERM; the process exit code."""
+    try:
+        settings = build_settings(args)
+    except NodeConfigError as exc:
+        print(f"join-gateway agent: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.retry_cap <= 0:
+        print("join-gateway agent: --retry-cap must be > 0", file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(_agent(NodeAgent(settings, retry_cap=args.retry_cap)))
+
+
+async def _agent(agent: NodeAgent) -> int:
+    loop = asyncio.get_running_loop()
+    handlers = {
+        signal.SIGHUP: agent.renew_now,
+        signal.SIGTERM: agent.stop,
+        signal.SIGINT: agent.stop,
+    }
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)  # handlers only record; the loop acts
+    try:
+        return await agent.run()
+    finally:
+        for sig in handlers:
+            loop.remove_signal_handler(sig)

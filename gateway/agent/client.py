@@ -22,6 +22,7 @@ from gateway.protocol import (
     CHALLENGE_PATH,
     JOIN_PATH,
     ChallengeResponse,
+    ErrorBody,
     HostParams,
     WireError,
     build_join_body,
@@ -143,9 +144,7 @@ def _error_fields(body: object, status: int) -> tuple[str, str]:
 
     A proxy's HTML error page has no code: it becomes ``http_<status>``.
     """
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and isinstance(err.get("code"), str) and err["code"]:
-            msg = err.get("message")
-            return err["code"][:100], (msg if isinstance(msg, str) else "")[:500]
-    return f"http_{status}", f"HTTP {status} without an error body"
+    err = ErrorBody.from_json(body)
+    if err is None:
+        return f"http_{status}", f"HTTP {status} without an error body"
+    return err.code, err.message

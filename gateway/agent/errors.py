@@ -14,6 +14,7 @@ from enum import StrEnum
 from gateway.protocol import CODES, Code
 
 __all__ = [
+    "FINAL_CODES",
     "RETRYABLE_GATEWAY_CODES",
     "RETRYABLE_STATUSES",
     "AgentCode",
@@ -37,6 +38,7 @@ class AgentCode(StrEnum):
     TLS_VERIFY_FAILED = "tls_verify_failed"
     BAD_RESPONSE = "bad_response"
     CA_PIN_MISMATCH = "ca_pin_mismatch"
+    SSH_CA_PIN_MISMATCH = "ssh_ca_pin_mismatch"
     TLS_KEY_MISMATCH = "tls_key_mismatch"
     SSH_KEY_MISMATCH = "ssh_key_mismatch"
     WRITE_FAILED = "write_failed"
@@ -54,6 +56,25 @@ RETRYABLE_GATEWAY_CODES: frozenset[str] = frozenset(
         "attested_expired",
         "access_token_expired",
         "access_token_key_unknown",
+    }
+)
+
+# The gateway's verdicts about this node's standing, as opposed to its evidence or the
+# transport: a retry sends the same VM with the same token and gets the same answer until an
+# operator acts (unlocks the host, adds an allow rule, renews the token). ``join-gateway
+# agent`` stops renewing on these; evidence failures (a signature, a chain) may be a cloud
+# change the gateway has not caught up with yet, and are retried with backoff.
+FINAL_CODES: frozenset[str] = frozenset(
+    {
+        "host_locked",
+        "not_allowed",
+        "unknown_token",
+        "token_expired",
+        "token_wrong_method",
+        "role_not_allowed",
+        "tenant_not_allowed",
+        "identity_unsupported",
+        "subscription_mismatch",
     }
 )
 

@@ -3,10 +3,11 @@
 The file is the seed's Teleport node config, accepted unchanged: the agent reads
 ``teleport.join_params`` (token name, ``method: azure``, ``azure.client_id``),
 ``teleport.proxy_server`` (the gateway), and optionally ``teleport.ca_pin``,
-``teleport.data_dir`` and ``teleport.nodename``. Everything else in the file
-(``ssh_service``, ``auth_service``, other ``teleport`` keys ...) belongs to other programs and
-is ignored. ``join_params`` is ours alone, so an unknown key there is a typo and an error that
-names the file and line: a silently ignored ``client-id`` would join with the wrong identity.
+``teleport.ssh_ca_pin``, ``teleport.data_dir`` and ``teleport.nodename``. Everything else
+in the file (``ssh_service``, ``auth_service``, other ``teleport`` keys ...) belongs to other
+programs and is ignored. ``join_params`` is ours alone, so an unknown key there is a typo and
+an error that names the file and line: a silently ignored ``client-id`` would join with the
+wrong identity.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class AgentSettings:
         imds_url: base URL of IMDS.
         data_dir: where keys and certificates go (0700; files 0600).
         ca_pins: ``sha256:<hex>`` SPKI pins of the cluster CA; empty = no pinning.
+        ssh_ca_pins: ``sha256:<hex>`` pins of the SSH host CA's public key (the SSH wire
+            blob); empty = no pinning.
         ca_file: extra trust anchors for the gateway's TLS certificate (added to the system store).
         local_addr: source IP for outgoing connections (tests give each emulated VM its own).
     """
@@ -71,6 +74,7 @@ class AgentSettings:
     imds_url: str = DEFAULT_IMDS_URL
     data_dir: Path = DEFAULT_DATA_DIR
     ca_pins: tuple[str, ...] = ()
+    ssh_ca_pins: tuple[str, ...] = ()
     ca_file: Path | None = None
     node_name: str = ""
     role: str = "Node"
@@ -94,12 +98,13 @@ class AgentSettings:
             raise NodeConfigError("node_name must not be empty")
 
 
-def parse_ca_pin(value: object, *, source: str = "", line: int | None = None) -> str:
-    """``sha256:<64 hex>`` → normalised lower-case pin, or :class:`NodeConfigError`."""
+def parse_ca_pin(
+    value: object, *, source: str = "", line: int | None = None, key: str = "teleport.ca_pin"
+) -> str:
+    """``sha256:<64 hex>`` → normalised lower-case pin, or :class:`NodeConfigError` naming
+    ``key``."""
     if not isinstance(value, str) or not (m := _PIN_RE.match(value.strip())):
-        raise NodeConfigError(
-            "teleport.ca_pin must be 'sha256:<64 hex digits>'", source=source, line=line
-        )
+        raise NodeConfigError(f"{key} must be 'sha256:<64 hex digits>'", source=source, line=line)
     return "sha256:" + m.group(1).lower()
 
 
@@ -129,7 +134,7 @@ def parse_proxy_server(value: object, *, source: str = "", line: int | None = No
             port_text = rest[1:]
     elif ":" in text:
         host, port_text = text.rsplit(":", 1)
-    if not host.startswith("[") and not _HOST_RE.match(host):
+    if not host.startswith("[") and not _HOST_RE.fullmatch(host):
         raise NodeConfigError(f"bad host in proxy_server {value!r}", source=source, line=line)
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise NodeConfigError(f"bad port in proxy_server {value!r}", source=source, line=line)
@@ -219,6 +224,18 @@ def _string(doc: _Doc, value: object, *path: str) -> str:
     return value.strip()
 
 
+def _pins(doc: _Doc, tele: dict[str, Any], key: str) -> tuple[str, ...]:
+    """``teleport.<key>``: one pin or a list of them (a list lets a CA rotation overlap)."""
+    raw = tele.get(key)
+    if raw is None:
+        return ()
+    line = doc.line("teleport", key)
+    raw_list = raw if isinstance(raw, list) else [raw]
+    return tuple(
+        parse_ca_pin(p, source=doc.source, line=line, key=f"teleport.{key}") for p in raw_list
+    )
+
+
 def parse_node_config(
     text: str,
     *,
@@ -287,12 +304,8 @@ def parse_node_config(
     gateway_url = parse_proxy_server(
         tele["proxy_server"], source=source, line=doc.line("teleport", "proxy_server")
     )
-    pins: tuple[str, ...] = ()
-    raw_pin = tele.get("ca_pin")
-    if raw_pin is not None:
-        pin_line = doc.line("teleport", "ca_pin")
-        raw_list = raw_pin if isinstance(raw_pin, list) else [raw_pin]
-        pins = tuple(parse_ca_pin(p, source=source, line=pin_line) for p in raw_list)
+    pins = _pins(doc, tele, "ca_pin")
+    ssh_pins = _pins(doc, tele, "ssh_ca_pin")
     data_dir = DEFAULT_DATA_DIR
     if tele.get("data_dir") is not None:
         data_dir = Path(_string(doc, tele["data_dir"], "teleport", "data_dir"))
@@ -305,6 +318,7 @@ def parse_node_config(
         gateway_url=gateway_url,
         data_dir=data_dir,
         ca_pins=pins,
+        ssh_ca_pins=ssh_pins,
         node_name=node_name,
     )
 

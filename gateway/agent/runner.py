@@ -8,15 +8,17 @@ full jitter, honouring ``Retry-After``; anything else ends the join at once.
 
 What comes back is checked before anything is written: the TLS certificate must be for our
 key, the SSH certificate for our SSH key, and when the operator pinned the cluster CA
-(``teleport.ca_pin``) the TLS certificate must be issued by a CA with a pinned public key.
-Otherwise a machine in the middle could hand the node a rogue identity.
+(``teleport.ca_pin``) the TLS certificate must be issued by a CA with a pinned public key;
+when the operator pinned the SSH CA (``teleport.ssh_ca_pin``) the SSH certificate's signature
+must verify under the pinned SSH CA key. Only pinned CAs are written to the node's trust
+files. Otherwise a machine in the middle could hand the node a rogue identity.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
+import dataclasses
 import logging
 import random
 import ssl
@@ -27,20 +29,29 @@ from typing import Any, TypeVar
 
 import aiohttp
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import SSHCertificate
 
 from gateway.agent.backoff import Backoff
 from gateway.agent.client import GatewayClient, HostParams, build_join_body
 from gateway.agent.errors import AgentCode, AgentError, JoinError, JoinFailed
-from gateway.agent.files import ensure_private_dir, write_private_file
+from gateway.agent.identity import (
+    DATA_FILES,
+    HOST_ID_FILE,
+    SSH_CA_FILE,
+    SSH_CERT_FILE,
+    TLS_CA_FILE,
+    TLS_CERT_FILE,
+    write_identity_set,
+)
 from gateway.agent.imds import ImdsClient
 from gateway.agent.intermediates import IntermediateCollector
 from gateway.agent.keys import NodeKeys, load_or_create_keys
 from gateway.agent.nodeconfig import AgentSettings
 from gateway.agent.transport import make_session, make_ssl_context
 from gateway.core.clock import Clock, SystemClock
+from gateway.core.tlsutil import spki_pin, ssh_key_pin
 
 __all__ = [
     "DATA_FILES",
@@ -51,6 +62,7 @@ __all__ = [
     "parse_join_response",
     "run_join",
     "spki_pin",
+    "warn_unpinned",
     "write_node_files",
 ]
 
@@ -60,13 +72,6 @@ T = TypeVar("T")
 U = TypeVar("U")
 Sleep = Callable[[float], Awaitable[None]]
 
-HOST_ID_FILE = "host_id"
-TLS_CERT_FILE = "tls.crt"
-TLS_CA_FILE = "tls_ca.crt"
-SSH_CERT_FILE = "ssh.crt"
-SSH_CA_FILE = "ssh_ca.pub"
-# host_id last: its presence means the set is complete.
-DATA_FILES = (TLS_CERT_FILE, TLS_CA_FILE, SSH_CERT_FILE, SSH_CA_FILE, HOST_ID_FILE)
 SSH_CERT_TYPE = "ssh-ed25519-cert-v01@openssh.com"
 
 
@@ -141,30 +146,44 @@ def parse_join_response(body: dict[str, Any]) -> IssuedCerts:
     )
 
 
-def spki_pin(cert: x509.Certificate) -> str:
-    """``sha256:<hex>`` of the certificate's SubjectPublicKeyInfo (the ``ca_pin`` format)."""
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return "sha256:" + hashlib.sha256(spki).hexdigest()
+def check_issued(
+    issued: IssuedCerts,
+    keys: NodeKeys,
+    *,
+    ca_pins: tuple[str, ...],
+    ssh_ca_pins: tuple[str, ...] = (),
+) -> IssuedCerts:
+    """Refuse certificates that are not for our keys or (with pins) not from a pinned CA.
 
-
-def check_issued(issued: IssuedCerts, keys: NodeKeys, *, ca_pins: tuple[str, ...]) -> None:
-    """Refuse certificates that are not for our keys or (with pins) not from the pinned CA."""
+    Returns what may be written: with ``ca_pins`` only the pinned CAs go into the node's
+    trust file, with ``ssh_ca_pins`` only the pinned SSH CAs into ``ssh_ca.pub`` — an extra
+    CA in the response is the gateway's word alone, and the node trusts only what it pinned.
+    """
     try:
         leaf = x509.load_pem_x509_certificate(issued.tls_cert_pem.encode())
         cas = [x509.load_pem_x509_certificate(p.encode()) for p in issued.tls_ca_pems]
     except ValueError as exc:
         raise _bad(f"certificates do not parse: {exc}") from exc
+    tls_ca_pems = issued.tls_ca_pems
     if ca_pins:
         pins = {p.lower() for p in ca_pins}
-        pinned = [ca for ca in cas if spki_pin(ca) in pins]
-        if not any(_issued_by(leaf, ca) for ca in pinned):
+        pinned = [
+            (ca, pem)
+            for ca, pem in zip(cas, issued.tls_ca_pems, strict=True)
+            if spki_pin(ca) in pins
+        ]
+        if not any(_issued_by(leaf, ca) for ca, _ in pinned):
             raise JoinFailed(
                 AgentCode.CA_PIN_MISMATCH,
                 200,
                 "the returned certificate is not issued by a CA matching teleport.ca_pin",
             )
+        if len(pinned) < len(cas):
+            log.warning(
+                "left %d unpinned CA certificate(s) out of the trust file",
+                len(cas) - len(pinned),
+            )
+        tls_ca_pems = tuple(pem for _, pem in pinned)
     ours = keys.tls_public_pem()
     theirs = leaf.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -188,6 +207,50 @@ def check_issued(issued: IssuedCerts, keys: NodeKeys, *, ca_pins: tuple[str, ...
         != ssh_pub
     ):
         raise JoinFailed(AgentCode.SSH_KEY_MISMATCH, 200, "the SSH certificate is not for our key")
+    ssh_ca_keys = issued.ssh_ca_keys
+    if ssh_ca_pins:
+        ssh_ca_keys = _check_ssh_ca(ssh_cert, issued.ssh_ca_keys, ssh_ca_pins)
+    return dataclasses.replace(issued, tls_ca_pems=tls_ca_pems, ssh_ca_keys=ssh_ca_keys)
+
+
+def _check_ssh_ca(
+    cert: SSHCertificate, ca_lines: tuple[str, ...], ssh_ca_pins: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The pinned SSH CA lines; the host certificate must carry a valid signature by one."""
+    pins = {p.lower() for p in ssh_ca_pins}
+    pinned: list[str] = []
+    for line in ca_lines:
+        try:
+            key = serialization.load_ssh_public_key(line.encode())
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue  # an unparseable extra key cannot be pinned; it is left out
+        if ssh_key_pin(key) in pins:
+            pinned.append(line)
+    if not pinned:
+        raise JoinFailed(
+            AgentCode.SSH_CA_PIN_MISMATCH,
+            200,
+            "no SSH CA in the response matches teleport.ssh_ca_pin",
+        )
+    try:
+        # The signature over the certificate by the key it names as signer; that key must
+        # then be the pinned CA (a certificate naming the CA but signed by another fails here).
+        cert.verify_cert_signature()
+    except InvalidSignature as exc:
+        raise JoinFailed(
+            AgentCode.SSH_CA_PIN_MISMATCH, 200, "the SSH certificate's signature does not verify"
+        ) from exc
+    if ssh_key_pin(cert.signature_key()) not in pins:
+        raise JoinFailed(
+            AgentCode.SSH_CA_PIN_MISMATCH,
+            200,
+            "the SSH certificate is not signed by the SSH CA matching teleport.ssh_ca_pin",
+        )
+    if cert.type != serialization.SSHCertificateType.HOST:
+        raise _bad("certs.ssh is not a host certificate")
+    if len(pinned) < len(ca_lines):
+        log.warning("left %d unpinned SSH CA key(s) out of ssh_ca.pub", len(ca_lines) - len(pinned))
+    return tuple(pinned)
 
 
 def _issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
@@ -198,22 +261,32 @@ def _issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
+def warn_unpinned(settings: AgentSettings) -> None:
+    """Without pins the node trusts whatever CA the gateway hands out: say so, every join."""
+    if not settings.ca_pins:
+        log.warning(
+            "teleport.ca_pin is not set: the node trusts whichever cluster CA the gateway "
+            "returns (set it to the pin join-gateway status prints)"
+        )
+    if not settings.ssh_ca_pins:
+        log.warning(
+            "teleport.ssh_ca_pin is not set: the SSH host certificate's signer is not checked "
+            "(set it to the SSH CA pin join-gateway status prints)"
+        )
+
+
 def write_node_files(data_dir: Path, issued: IssuedCerts) -> tuple[Path, ...]:
-    """Write the certificates into ``data_dir`` (0600 each, atomically); the paths, in order."""
-    ensure_private_dir(data_dir)
-    contents = {
-        TLS_CERT_FILE: issued.tls_cert_pem,
-        TLS_CA_FILE: "".join(issued.tls_ca_pems),
-        SSH_CERT_FILE: issued.ssh_cert + "\n",
-        SSH_CA_FILE: "".join(k + "\n" for k in issued.ssh_ca_keys),
-        HOST_ID_FILE: issued.host_id + "\n",
-    }
-    paths = []
-    for name in DATA_FILES:
-        path = data_dir / name
-        write_private_file(path, contents[name].encode())
-        paths.append(path)
-    return tuple(paths)
+    """Write the certificates into ``data_dir`` as one set (see :mod:`gateway.agent.identity`)."""
+    return write_identity_set(
+        data_dir,
+        {
+            TLS_CERT_FILE: issued.tls_cert_pem.encode(),
+            TLS_CA_FILE: "".join(issued.tls_ca_pems).encode(),
+            SSH_CERT_FILE: (issued.ssh_cert + "\n").encode(),
+            SSH_CA_FILE: "".join(k + "\n" for k in issued.ssh_ca_keys).encode(),
+            HOST_ID_FILE: (issued.host_id + "\n").encode(),
+        },
+    )
 
 
 async def _both(a: Coroutine[Any, Any, T], b: Coroutine[Any, Any, U]) -> tuple[T, U]:
@@ -316,6 +389,7 @@ async def run_join(
     """
     clock = clock or SystemClock()
     started = clock.monotonic()
+    warn_unpinned(settings)
     try:
         keys = load_or_create_keys(settings.data_dir)
     except AgentError as exc:
@@ -346,7 +420,9 @@ async def run_join(
             await http.close()
     try:
         issued = parse_join_response(body)
-        check_issued(issued, keys, ca_pins=settings.ca_pins)
+        issued = check_issued(
+            issued, keys, ca_pins=settings.ca_pins, ssh_ca_pins=settings.ssh_ca_pins
+        )
         files = write_node_files(settings.data_dir, issued)
     except JoinFailed as exc:
         log.error("join refused by the agent: %s", exc)

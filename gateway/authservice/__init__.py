@@ -15,7 +15,15 @@ from gateway.authservice.authority import (
     ensure_authorities,
     init_auth_dir,
 )
-from gateway.authservice.store import RegistrationRecord, RegistrationStore
+from gateway.authservice.registry import (
+    HostLocked,
+    HostRecord,
+    Lock,
+    LockTarget,
+    Registry,
+    open_registry,
+)
+from gateway.authservice.store import RegistrationRecord
 from gateway.authservice.wire import AuthServiceError, ErrorCode, decode_registration
 
 __all__ = [
@@ -26,11 +34,16 @@ __all__ = [
     "AuthSettings",
     "ErrorCode",
     "HostAuthority",
+    "HostLocked",
+    "HostRecord",
+    "Lock",
+    "LockTarget",
     "RegistrationRecord",
-    "RegistrationStore",
+    "Registry",
     "ca_pin_for_data_dir",
     "decode_registration",
     "ensure_authorities",
     "init_auth_dir",
     "make_auth_app",
+    "open_registry",
 ]

@@ -1,5 +1,10 @@
 """The reference auth service's HTTP app (``POST /v1/register``, ``GET /healthz``).
 
+Registrations go to the registry (``registry/``: SQLite in the data directory, or a shared
+PostgreSQL): one host per attested VM identity, so a VM that joins again gets the same host
+ID with fresh certificates (a renewal), and a join matching a lock is refused (403
+``host_locked``).
+
 It listens only over mTLS: the server context requires a client certificate signed by
 the gateway client CA, so anyone else is refused during the handshake, before HTTP.
 ``make_auth_app`` is the app factory; ``AuthService`` runs it in-process (tests, demo,
@@ -11,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +31,14 @@ from gateway.authservice.authority import (
     ensure_authorities,
     init_auth_dir,
 )
-from gateway.authservice.store import RegistrationRecord, RegistrationStore
+from gateway.authservice.registry import (
+    HostLocked,
+    IdempotencyConflict,
+    Registry,
+    RegistryUnavailable,
+    open_registry,
+)
+from gateway.authservice.store import RegistrationRecord
 from gateway.authservice.wire import (
     AuthServiceError,
     ErrorCode,
@@ -36,6 +47,7 @@ from gateway.authservice.wire import (
 )
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.tlsutil import server_ssl_context
+from gateway.protocol import RegisterResult
 
 __all__ = [
     "AUTH_SETTINGS_KEY",
@@ -62,7 +74,7 @@ class AuthState:
     """What the handlers need; one per app, built before startup and never swapped."""
 
     authority: HostAuthority
-    store: RegistrationStore
+    registry: Registry
     clock: Clock
 
 
@@ -120,27 +132,51 @@ async def _register(request: web.Request) -> web.Response:
     reg = decode_registration(raw)
     digest = request_digest(reg)
     gateway = _peer_subject(request)
+    now = state.clock.now()
 
-    def create() -> RegistrationRecord:
-        now = state.clock.now()
-        host_id = str(uuid.uuid4())
-        result = state.authority.issue(
+    def issue(host_id: str) -> RegisterResult:
+        return state.authority.issue(
             host_id=host_id, host=reg.host, now=now, ttl=settings.cert_ttl
         )
-        return RegistrationRecord(
-            host_id=host_id,
-            idempotency_key=reg.idempotency_key,
-            request_digest=digest,
-            registered_at=now,
-            gateway=gateway,
-            registration=reg,
-            result=result,
-        )
 
-    record, created = await state.store.register(reg, digest=digest, create=create)
-    if created:
+    try:
+        out = await state.registry.register(
+            reg,
+            digest=digest,
+            gateway=gateway,
+            now=now,
+            cert_expiry=now + settings.cert_ttl,
+            issue=issue,
+        )
+    except IdempotencyConflict as exc:
+        raise AuthServiceError(409, ErrorCode.IDEMPOTENCY_CONFLICT, str(exc)) from None
+    except HostLocked as exc:
+        lock = exc.lock
+        log.warning(
+            "refused locked join: lock %s (%s=%s) reason=%r node=%s vm=%s via %s",
+            lock.lock_id,
+            lock.target,
+            lock.value,
+            lock.reason,
+            reg.host.node_name,
+            reg.join.vm_id,
+            gateway or "?",
+        )
+        raise AuthServiceError(
+            403, ErrorCode.HOST_LOCKED, f"locked ({lock.target}): {lock.reason}"
+        ) from None
+    except RegistryUnavailable as exc:
+        # 503: the gateway retries it (the idempotency key makes that safe).
+        log.error("registry unavailable: %s", exc)
+        raise AuthServiceError(
+            503, ErrorCode.REGISTRY_UNAVAILABLE, "the registry is unavailable"
+        ) from None
+    record = out.record
+    if not out.replay:
+        # The audit line: a renewal keeps the host ID, a new host is minted once per VM.
         log.info(
-            "registered host %s node=%s role=%s vm=%s via %s",
+            "%s host %s node=%s role=%s vm=%s via %s",
+            "renewed" if out.kind == "renewal" else "registered",
             record.host_id,
             reg.host.node_name,
             reg.role,
@@ -148,8 +184,12 @@ async def _register(request: web.Request) -> web.Response:
             gateway or "?",
         )
     return web.json_response(
-        {"host_id": record.host_id, "certs": record.result.to_json()},
-        headers={"Idempotent-Replay": "false" if created else "true"},
+        {
+            "host_id": record.host_id,
+            "certs": record.result.to_json(),
+            "renewal": out.kind == "renewal",
+        },
+        headers={"Idempotent-Replay": "true" if out.replay else "false"},
     )
 
 
@@ -160,21 +200,17 @@ async def _healthz(request: web.Request) -> web.Response:
 def make_auth_app(
     *,
     authority: HostAuthority,
-    store: RegistrationStore,
+    registry: Registry,
     clock: Clock | None = None,
     settings: AuthSettings | None = None,
 ) -> web.Application:
-    """The auth service app. The store's records are loaded in a cleanup context."""
+    """The auth service app over an open registry (its owner closes it)."""
     settings = settings or AuthSettings()
     app = web.Application(middlewares=[_errors_middleware], client_max_size=settings.max_body)
-    app[AUTH_STATE_KEY] = AuthState(authority=authority, store=store, clock=clock or SystemClock())
+    app[AUTH_STATE_KEY] = AuthState(
+        authority=authority, registry=registry, clock=clock or SystemClock()
+    )
     app[AUTH_SETTINGS_KEY] = settings
-
-    async def load_store(app: web.Application) -> AsyncIterator[None]:
-        await app[AUTH_STATE_KEY].store.load()
-        yield
-
-    app.cleanup_ctx.append(load_store)
     app.router.add_post("/v1/register", _register)
     app.router.add_get("/healthz", _healthz)
     return app
@@ -185,7 +221,11 @@ class AuthService:
 
     Parameters:
 
-    * data_dir — CA keys and registration records; missing CAs are created.
+    * data_dir — CA keys, and the SQLite registry unless ``database`` is given; missing
+      CAs are created. JSON records of earlier versions (``registrations/``) are imported
+      into the registry at its first start.
+    * database — ``postgresql://...`` for a registry shared by several replicas (or
+      ``sqlite:///PATH``); None: ``<data_dir>/registry.sqlite3``.
     * host, port — where to listen (``port=0`` picks a free port; see ``url``).
     * tls_cert, tls_key, client_ca — the server certificate and the CA whose client
       certificates are accepted; by default those ``init_auth_dir`` makes in ``data_dir``.
@@ -206,6 +246,7 @@ class AuthService:
         clock: Clock | None = None,
         settings: AuthSettings | None = None,
         shutdown_timeout: float = 5.0,
+        database: str | None = None,
     ) -> None:
         self._data_dir = Path(data_dir)
         self._host = host
@@ -218,7 +259,8 @@ class AuthService:
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
         self._authority: HostAuthority | None = None
-        self._store: RegistrationStore | None = None
+        self._database = database
+        self._registry: Registry | None = None
         self._url: str | None = None
         self.paths: AuthPaths | None = None
 
@@ -234,24 +276,29 @@ class AuthService:
         tls_key = self._tls_key or paths.server_key
         client_ca = self._client_ca or paths.client_ca_cert
         self._authority = await asyncio.to_thread(HostAuthority.load, paths)
-        self._store = RegistrationStore(paths.registrations_dir)
         ssl_ctx = server_ssl_context(
             tls_cert, tls_key, client_ca_file=client_ca, require_client_cert=True
         )
+        # Opens, migrates and (once) imports the JSON records: fails on an unreadable one.
+        registry = await open_registry(
+            self._database, data_dir=self._data_dir, import_from=paths.registrations_dir
+        )
         app = make_auth_app(
             authority=self._authority,
-            store=self._store,
+            registry=registry,
             clock=self._clock,
             settings=self._settings,
         )
         runner = web.AppRunner(app, shutdown_timeout=self._shutdown_timeout, access_log=None)
         try:
-            await runner.setup()  # loads the records: fails on an unreadable one
+            await runner.setup()
             site = web.TCPSite(runner, self._host, self._port, ssl_context=ssl_ctx)
             await site.start()
         except BaseException:
             await runner.cleanup()
+            await registry.aclose()
             raise
+        self._registry = registry
         self._runner = runner
         port = runner.addresses[0][1]
         host = f"[{self._host}]" if ":" in self._host else self._host
@@ -260,8 +307,13 @@ class AuthService:
 
     async def aclose(self) -> None:
         runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        registry, self._registry = self._registry, None
+        try:
+            if runner is not None:
+                await runner.cleanup()
+        finally:
+            if registry is not None:
+                await registry.aclose()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -286,11 +338,15 @@ class AuthService:
         """``sha256:<hex>`` of the host CA's SubjectPublicKeyInfo."""
         return self.authority.ca_pin()
 
-    def records(self) -> list[RegistrationRecord]:
-        """Every registration, oldest first (loaded from disk at start, plus new ones)."""
-        if self._store is None:
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
             raise RuntimeError("AuthService not started")
-        return self._store.records()
+        return self._registry
+
+    async def records(self) -> list[RegistrationRecord]:
+        """Every registration, oldest first."""
+        return await self.registry.registrations()
 
     def __repr__(self) -> str:
         return f"<AuthService url={self._url} data_dir={self._data_dir}>"

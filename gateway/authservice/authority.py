@@ -78,6 +78,7 @@ DEFAULT_CERT_TTL = timedelta(hours=24)
 # Issued certificates start a little in the past to absorb clock skew between machines.
 _BACKDATE = timedelta(minutes=5)
 
+
 def _is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)

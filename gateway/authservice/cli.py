@@ -27,6 +27,7 @@ from gateway.authservice.vault import (
     VaultSettings,
     VaultSigner,
 )
+from gateway.authservice.registry import RegistryError
 
 __all__ = ["add_arguments", "run"]
 
@@ -54,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     serve = sub.add_parser("serve", help="run the auth service until SIGTERM/SIGINT")
     serve.add_argument("--data-dir", required=True)
+    serve.add_argument(
+        "--database",
+        metavar="URL",
+        help="the registry: postgresql://user:pass@host/db, shared by several replicas "
+        "(default: SQLite in --data-dir)",
+    )
     serve.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     serve.add_argument(
         "--cert-ttl",
@@ -185,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             client_ca=args.client_ca,
             settings=AuthSettings(cert_ttl=timedelta(hours=args.cert_ttl)),
+            database=args.database,
         )
         return asyncio.run(_serve(service))
     if args.auth_command == "vault-setup":
@@ -196,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(service: AuthService) -> int:
     try:
         await service.start()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RegistryError) as exc:
         print(f"auth service failed to start: {exc}", file=sys.stderr)
         return 3
     stop = asyncio.Event()

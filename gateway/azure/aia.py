@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs7
 from yarl import URL
 
+from gateway.azure.certs import CERTIFICATE_ERRORS, CertificateUnreadable, load_der_certificate
 from gateway.core.cache import Cache, MemoryCache
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.errors import Code, Overloaded
@@ -63,6 +64,10 @@ _MAX_REDIRECTS = 2
 
 class AiaRefused(Exception):
     """A URL or response the policy refuses (not a transient failure)."""
+
+
+class _RefusedNow(Exception):
+    """Raised out of a load so that a refusal is not stored in the certificate cache."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,10 @@ class AiaFetcher:
     * max_bytes — body cap.
     * timeout — seconds for the whole fetch, redirects included.
     * allow_private — permit private/loopback/link-local destinations (tests only).
-    * cache — certificates per URL (success: a day; refusal: a minute).
+    * cache — certificates per URL, for a day.
+    * refused_entries — refusals are remembered for a minute in their own bounded cache,
+      so URLs a requester invents (each request may name a new one) cannot evict the
+      certificates real leaves need.
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class AiaFetcher:
         allow_private: bool = False,
         cache: Cache[str, tuple[x509.Certificate, ...]] | None = None,
         clock: Clock | None = None,
+        refused_entries: int = 1000,
     ) -> None:
         self._session = session
         self._prefixes = tuple(_parse_prefix(p) for p in allowed_prefixes)
@@ -118,6 +127,9 @@ class AiaFetcher:
         self._clock = clock or SystemClock()
         self._cache: Cache[str, tuple[x509.Certificate, ...]] = (
             cache if cache is not None else MemoryCache("aia", max_entries=1000, clock=self._clock)
+        )
+        self._refused: MemoryCache[str, str] = MemoryCache(
+            "aia_refused", max_entries=refused_entries, clock=self._clock
         )
 
     def __repr__(self) -> str:
@@ -133,6 +145,8 @@ class AiaFetcher:
 
     async def fetch(self, url: str) -> list[x509.Certificate]:
         """The certificates published at ``url`` ([] when refused); cached, single flight."""
+        if self._refused.get(url) is not None:
+            return []
 
         async def load() -> tuple[tuple[x509.Certificate, ...], float]:
             try:
@@ -140,7 +154,8 @@ class AiaFetcher:
                     certs = await self._fetch_following(url)
             except AiaRefused as exc:
                 logger.warning("AIA fetch of %s refused: %s", url, exc)
-                return (), _FAILURE_TTL
+                self._refused.set(url, str(exc), _FAILURE_TTL)
+                raise _RefusedNow from exc
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 logger.warning("AIA fetch of %s failed: %s", url, exc)
                 raise Overloaded(
@@ -150,7 +165,10 @@ class AiaFetcher:
                 ) from exc
             return certs, _SUCCESS_TTL
 
-        return list(await self._cache.get_or_load(url, load))
+        try:
+            return list(await self._cache.get_or_load(url, load))
+        except _RefusedNow:
+            return []
 
     # ------------------------------------------------------------------ internals
 
@@ -236,8 +254,11 @@ class AiaFetcher:
         raise AiaRefused("too many redirects")
 
 
+_LOAD_ERRORS: tuple[type[Exception], ...] = (*CERTIFICATE_ERRORS, CertificateUnreadable)
+
+
 def _load_der_certificate(data: bytes) -> list[x509.Certificate]:
-    return [x509.load_der_x509_certificate(data)]
+    return [load_der_certificate(data)]
 
 
 def _parse_certificates(body: bytes) -> tuple[x509.Certificate, ...]:
@@ -258,7 +279,9 @@ def _parse_certificates(body: bytes) -> tuple[x509.Certificate, ...]:
     for loader in loaders:
         try:
             certs = loader(data)
-        except ValueError:
+        # Every library error on hostile bytes (InvalidVersion is not a ValueError), and
+        # ours for the DER loader: the body is then "not a certificate", never a 500.
+        except _LOAD_ERRORS:
             continue
         if certs:
             return tuple(certs)

@@ -12,7 +12,11 @@ troubleshooting-throttling-errors). So this client:
   default ``NoBudget`` spends nothing);
 * records the last rate-limit headers it saw (for metrics) and tells the budget;
 * after a ``429`` refuses further reads for that subscription until ``Retry-After`` has
-  passed, instead of provoking more ``429`` s;
+  passed, instead of provoking more ``429`` s — only further list calls when the 429
+  came from Compute's list budget and ARM still reports subscription reads left;
+* serves lists whole (``list_vms``) or page by page (``list_vms_page``: a caller can
+  spread a listing over time and resume it at its ``nextLink``), and says without
+  spending when the next request of a kind could go (``ready_in``);
 * bounds concurrency, sets a timeout on every call, follows ``nextLink`` only on its own
   endpoint (the bearer token must never travel to another host).
 
@@ -33,7 +37,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from gateway.azure.resource_id import ResourceId, parse_resource_id
+from gateway.azure.resource_id import ResourceId, azure_name_key, parse_resource_id
 from gateway.azure.token import normalize_guid
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, JoinRejected, Overloaded
@@ -45,6 +49,7 @@ __all__ = [
     "ArmLimitsObserver",
     "ArmReadKind",
     "NoBudget",
+    "VmPage",
     "VmRecord",
     "vm_record_from_model",
 ]
@@ -73,6 +78,15 @@ class VmRecord:
     tags: Mapping[str, str] | None = None
 
 
+@dataclass(frozen=True)
+class VmPage:
+    """One page of a list call; ``next_link`` (on our endpoint, checked) names the next
+    page, None after the last one."""
+
+    records: tuple[VmRecord, ...]
+    next_link: str | None
+
+
 # "list": a page of a list call, which also spends from Compute's list budget.
 ArmReadKind = Literal["read", "list"]
 
@@ -84,9 +98,15 @@ class ArmBudget(Protocol):
     ``Overloaded(AZURE_BUDGET_EXHAUSTED)``); ``observe`` is told what ARM said:
     ``remaining_reads`` from ``x-ms-ratelimit-remaining-subscription-reads``,
     ``remaining_lists`` (list pages only) the smallest count in
-    ``x-ms-ratelimit-remaining-resource``, and ``retry_after`` when ARM sent one."""
+    ``x-ms-ratelimit-remaining-resource``, and ``retry_after`` when ARM sent one, which
+    holds back every read (``closes="read"``) or list calls only (``closes="list"``)."""
 
     async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None: ...
+
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read", ahead: int = 0) -> float:
+        """Seconds until ``acquire(kind=kind)`` would be granted without waiting, after
+        ``ahead`` more requests of that kind have taken theirs."""
+        ...
 
     def observe(
         self,
@@ -95,6 +115,7 @@ class ArmBudget(Protocol):
         remaining_reads: int | None,
         retry_after: float | None,
         remaining_lists: int | None = None,
+        closes: ArmReadKind = "read",
     ) -> None: ...
 
 
@@ -118,6 +139,9 @@ class NoBudget:
     async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None:
         return None
 
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read", ahead: int = 0) -> float:
+        return 0.0
+
     def observe(
         self,
         subscription: str,
@@ -125,6 +149,7 @@ class NoBudget:
         remaining_reads: int | None,
         retry_after: float | None,
         remaining_lists: int | None = None,
+        closes: ArmReadKind = "read",
     ) -> None:
         return None
 
@@ -185,7 +210,9 @@ class ArmClient:
         self._sem = asyncio.Semaphore(max_concurrency)
         self._budget: ArmBudget = budget or NoBudget()
         self._observer = observer
-        self._blocked_until: dict[str, float] = {}
+        # (subscription, "read" | "list") -> until: a "read" hold stops every request of
+        # the subscription, a "list" hold list pages only (see _read_limits).
+        self._blocked_until: dict[tuple[str, ArmReadKind], float] = {}
         self.calls: Counter[str] = Counter()
         # Last rate-limit headers seen, for metrics.
         self.remaining_subscription_reads: int | None = None
@@ -237,6 +264,52 @@ class ArmClient:
             subscription, resource_group, "virtualMachineScaleSets", scale_set, "virtualMachines"
         )
         return await self._list(url, "list_vmss_vms", subscription, bearer)
+
+    async def list_vms_page(
+        self, subscription: str, resource_group: str, *, bearer: str, next_link: str | None
+    ) -> VmPage:
+        """One page of a resource group's VMs: the first (``next_link=None``) or the one a
+        previous page's ``next_link`` names. A missing group is an empty last page. Lets a
+        caller spread one listing over time and resume it (``VmDirectory``)."""
+        url = next_link or self._url(subscription, resource_group, "virtualMachines")
+        return await self._page(url, "list_vms", subscription, bearer)
+
+    async def list_vmss_vms_page(
+        self,
+        subscription: str,
+        resource_group: str,
+        scale_set: str,
+        *,
+        bearer: str,
+        next_link: str | None,
+    ) -> VmPage:
+        """One page of a scale set's instances (see ``list_vms_page``)."""
+        url = next_link or self._url(
+            subscription, resource_group, "virtualMachineScaleSets", scale_set, "virtualMachines"
+        )
+        return await self._page(url, "list_vmss_vms", subscription, bearer)
+
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read", ahead: int = 0) -> float:
+        """Seconds until a request of ``kind`` for ``subscription`` could be sent (after
+        ``ahead`` more of them): 0 when now, else the longer of a ``Retry-After`` hold and
+        the budget's wait. Lets the caller choose between a list page and a point read
+        without spending either."""
+        sub = azure_name_key(subscription)
+        return max(self._held_for(sub, kind), self._budget.ready_in(sub, kind=kind, ahead=ahead))
+
+    def _held_for(self, subscription: str, kind: ArmReadKind) -> float:
+        """Seconds left of a Retry-After hold that stops a request of ``kind``."""
+        now = self._clock.monotonic()
+        kinds: tuple[ArmReadKind, ...] = ("read", "list") if kind == "list" else ("read",)
+        held = 0.0
+        for k in kinds:
+            until = self._blocked_until.get((subscription, k))
+            if until is not None:
+                if until > now:
+                    held = max(held, until - now)
+                else:
+                    del self._blocked_until[(subscription, k)]
+        return held
 
     def __repr__(self) -> str:
         return (
@@ -291,25 +364,30 @@ class ArmClient:
                     retry_after=_DEFAULT_RETRY_AFTER,
                     detail=f"ARM {kind}: more than {_MAX_PAGES} pages",
                 )
-            body = await self._get(next_url, kind, subscription, bearer)
-            if body is None:
-                return records
-            value = body.get("value")
-            if not isinstance(value, list):
-                raise self._bad_answer(kind, "list has no 'value' array")
-            for item in value:
-                record = self._record(item, strict=False) if isinstance(item, dict) else None
-                if record is not None:
-                    records.append(record)
-            link = body.get("nextLink")
-            if link is None or link == "":
-                next_url = None
-            elif isinstance(link, str) and self._on_endpoint(link):
-                next_url = link
-            else:
-                # Following it would send the bearer token to another host.
-                raise self._bad_answer(kind, f"nextLink {str(link)[:200]!r} is off the endpoint")
+            page = await self._page(next_url, kind, subscription, bearer)
+            records.extend(page.records)
+            next_url = page.next_link
         return records
+
+    async def _page(self, url: str, kind: str, subscription: str, bearer: str) -> VmPage:
+        body = await self._get(url, kind, subscription, bearer)
+        if body is None:
+            return VmPage((), None)
+        value = body.get("value")
+        if not isinstance(value, list):
+            raise self._bad_answer(kind, "list has no 'value' array")
+        records: list[VmRecord] = []
+        for item in value:
+            record = self._record(item, strict=False) if isinstance(item, dict) else None
+            if record is not None:
+                records.append(record)
+        link = body.get("nextLink")
+        if link is None or link == "":
+            return VmPage(tuple(records), None)
+        if isinstance(link, str) and self._on_endpoint(link):
+            return VmPage(tuple(records), link)
+        # Following it would send the bearer token to another host.
+        raise self._bad_answer(kind, f"nextLink {str(link)[:200]!r} is off the endpoint")
 
     def _bad_answer(self, kind: str, why: str) -> Overloaded:
         return Overloaded(
@@ -338,7 +416,8 @@ class ArmClient:
 
     def _read_limits(
         self, subscription: str, resp: aiohttp.ClientResponse, *, is_list: bool
-    ) -> float | None:
+    ) -> tuple[float | None, ArmReadKind]:
+        """Record the rate-limit headers, tell the budget; (Retry-After, what it holds)."""
         reads = resp.headers.get("x-ms-ratelimit-remaining-subscription-reads")
         remaining: int | None = None
         if reads is not None:
@@ -366,31 +445,37 @@ class ArmClient:
                 remaining_resource=resource_now,
                 retry_after=retry_after,
             )
+        # Compute's list calls have a budget of their own (HighCostGet), and Azure's answer
+        # when it is spent still reports subscription reads left: then only list calls
+        # must wait, and point reads may go on (https://learn.microsoft.com/troubleshoot/
+        # azure/virtual-machines/windows/troubleshooting-throttling-errors).
+        closes: ArmReadKind = (
+            "list" if is_list and remaining is not None and remaining > 0 else "read"
+        )
         self._budget.observe(
             subscription,
             remaining_reads=remaining,
             retry_after=retry_after,
             remaining_lists=remaining_lists,
+            closes=closes,
         )
-        return retry_after
+        return retry_after, closes
 
     async def _get(
         self, url: str, kind: str, subscription: str, bearer: str
     ) -> dict[str, Any] | None:
         """One GET: the JSON object, or None on 404. Everything else raises ours."""
-        subscription = subscription.lower()
-        now = self._clock.monotonic()
-        blocked = self._blocked_until.get(subscription)
-        if blocked is not None:
-            if blocked > now:
-                raise Overloaded(
-                    Code.AZURE_BUDGET_EXHAUSTED,
-                    retry_after=blocked - now,
-                    detail=f"ARM asked us to wait for subscription {subscription}",
-                )
-            del self._blocked_until[subscription]
+        subscription = azure_name_key(subscription)
         is_list = kind.startswith("list")
-        await self._budget.acquire(subscription, kind="list" if is_list else "read")
+        read_kind: ArmReadKind = "list" if is_list else "read"
+        held = self._held_for(subscription, read_kind)
+        if held > 0:
+            raise Overloaded(
+                Code.AZURE_BUDGET_EXHAUSTED,
+                retry_after=held,
+                detail=f"ARM asked us to wait for subscription {subscription}",
+            )
+        await self._budget.acquire(subscription, kind=read_kind)
         async with self._sem:
             self.calls[kind] += 1
             try:
@@ -400,7 +485,7 @@ class ArmClient:
                     allow_redirects=False,
                     headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json"},
                 ) as resp:
-                    retry_after = self._read_limits(subscription, resp, is_list=is_list)
+                    retry_after, closes = self._read_limits(subscription, resp, is_list=is_list)
                     status = resp.status
                     if status == 200:
                         body = await read_capped(resp, _MAX_BODY)
@@ -430,7 +515,7 @@ class ArmClient:
             )
         if status == 429:
             wait = retry_after if retry_after is not None else _DEFAULT_RETRY_AFTER
-            self._blocked_until[subscription] = self._clock.monotonic() + wait
+            self._blocked_until[(subscription, closes)] = self._clock.monotonic() + wait
             logger.warning(
                 "ARM throttled %s for subscription %s: wait %.1fs", kind, subscription, wait
             )

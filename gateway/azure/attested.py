@@ -13,17 +13,20 @@ nonce).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -33,21 +36,38 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from gateway.azure.aia import AiaFetcher
 from gateway.azure.certs import (
+    AZURE_ISSUING_CA_NAMES,
+    PATH_BUILDER_SIGNATURE_BUDGET,
+    CertificateUnreadable,
     TrustStore,
     VerifiedChain,
     ca_issuers_urls,
-    fingerprint,
-    is_self_signed,
+    common_name,
+    key_refusal,
+    load_der_certificate,
     verify_chain,
 )
-from gateway.azure.cms import SignedDataView, SignerInfoView, parse_signed_data
+from gateway.azure.cms import SignedDataView, SignerInfoView
+from gateway.azure.cms_shape import fingerprint, read_signed_data
 from gateway.core.cache import MemoryCache
 from gateway.core.clock import Clock
 from gateway.core.cloud import CloudProfile
-from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected
+from gateway.core.errors import BadRequest, Code, JoinRejected, Overloaded
+from gateway.core.steps import (
+    Detail,
+    Skip,
+    Step,
+    StepResult,
+    StepTable,
+    run_fail_fast,
+    run_recording,
+)
 from gateway.protocol import is_guid
 
 __all__ = [
+    "DOCUMENT_STEPS",
+    "MAX_REQUEST_INTERMEDIATES",
+    "MAX_SIGNATURE_CHECKS",
     "AttestedContent",
     "AttestedDocument",
     "AttestedVerifier",
@@ -76,6 +96,21 @@ OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
 # plain digest OID; both mean SHA-256. Teleport handles the same quirk:
 # https://github.com/gravitational/teleport/blob/master/lib/join/azurejoin/azure.go
 # (fixAzureSigningAlgorithm), and the real documents in tests/data/azure-real/ show it.
+# Bounded cost per request (README, "Security"). Request intermediates that survive the
+# filters (parse, known issuing-CA name, cheap key, not self-issued, distinct) are at most
+# this many: an honest agent sends the leaf's issuer and perhaps one cross-certificate.
+MAX_REQUEST_INTERMEDIATES = 4
+# Signature checks one request can cause: the signer's, then at most two path-builder
+# calls (before and after the one AIA fetch), each stopped by cryptography's budget.
+MAX_SIGNATURE_CHECKS = 1 + 2 * PATH_BUILDER_SIGNATURE_BUDGET
+# A leaf whose chain failed is refused from memory for this long (keyed by the exact leaf,
+# its name and the intermediates used), so repeating a costly failure costs a lookup.
+_FAILED_CHAIN_TTL = 60.0
+_FAILED_CHAIN_ENTRIES = 4096
+# Chain builds waiting for or running in the pool; beyond it a build is refused as
+# overload (503, retryable) instead of queueing without bound behind hostile ones.
+_MAX_PENDING_BUILDS = 32
+
 _SHA256_DIGEST_OIDS = frozenset({OID_SHA256, OID_SHA256_WITH_RSA})
 _RSA_SIGNATURE_OIDS = frozenset({OID_RSA_ENCRYPTION, OID_SHA256_WITH_RSA})
 
@@ -188,6 +223,11 @@ def check_signature(view: SignedDataView, signer: SignerInfoView, cert: x509.Cer
         ) from exc
     if not isinstance(key, rsa.RSAPublicKey):
         raise JoinRejected(Code.ATTESTED_SIGNATURE_INVALID, detail="signer key is not RSA")
+    # Before the verify: a huge public exponent makes one verify cost a private-key
+    # operation, and the signer's key is the requester's choice until the chain is built.
+    refusal = key_refusal(cert)
+    if refusal is not None:
+        raise JoinRejected(Code.ATTESTED_SIGNER_INVALID, detail=f"signer key refused: {refusal}")
     content_digest = hashlib.sha256(view.content).digest()
     attrs = signer.signed_attrs
     if attrs is None:
@@ -242,7 +282,7 @@ def check_signer_name(cert: x509.Certificate, cloud: CloudProfile) -> str:
 
 def parse_azure_time(value: object) -> datetime:
     """``MM/DD/YY HH:MM:SS -0000`` → aware datetime. Anything else → CONTENT_INVALID."""
-    match = _AZURE_TIME.match(value) if isinstance(value, str) else None
+    match = _AZURE_TIME.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail=f"bad timestamp {value!r}")
     mo, d, y, h, mi, s, sign, oh, om = match.groups()
@@ -336,63 +376,176 @@ def check_content(
     return content
 
 
-# ----------------------------------------------------------------------- inspection
+# ----------------------------------------------------------------------- the steps
 
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    status: Literal["ok", "failed", "skipped"]
-    detail: str
-    code: Code | None = None
+# ``inspect`` rows are the shared step rows; the old name stays importable.
+CheckResult = StepResult
 
 
 @dataclass(frozen=True)
 class Inspection:
-    """Every step's outcome, for ``inspect``. ``error`` is the first failure (the verdict);
-    ``content`` is shown even when unverified, ``document`` only when everything passed."""
+    """Every step's outcome, for ``inspect``. ``content`` is shown even when unverified,
+    ``document`` only when everything passed."""
 
-    checks: tuple[CheckResult, ...]
-    error: GatewayError | None
+    checks: tuple[StepResult, ...]
     document: AttestedDocument | None
     content: AttestedContent | None
     signer_cn: str | None
     chain: VerifiedChain | None
 
-
-_CRYPTO_STEPS = ("signer", "digest", "signature", "signer_name", "chain")
+    @property
+    def code(self) -> Code | None:
+        """The verdict: the first failed step's code, None when nothing failed."""
+        return next((c.code for c in self.checks if c.status == "failed"), None)
 
 
 @dataclass
-class _Recorder:
-    """Mutable while the steps run; frozen into an :class:`Inspection` at the end."""
+class _DocRun:
+    """One document's evidence as the steps establish it (one per call, never shared)."""
 
-    checks: list[CheckResult] = field(default_factory=list)
-    error: GatewayError | None = None
-    content: AttestedContent | None = None
-    signer_cn: str | None = None
+    verifier: AttestedVerifier
+    signature: str
+    intermediates: Sequence[bytes]
+    expected_nonce: str | None
+    der: bytes = b""
+    view: SignedDataView | None = None
+    signer: SignerInfoView | None = None
+    cert: x509.Certificate | None = None
+    cn: str | None = None
+    signer_fingerprint: bytes = b""
     chain: VerifiedChain | None = None
+    content: AttestedContent | None = None
 
-    def ok(self, name: str, detail: str) -> None:
-        self.checks.append(CheckResult(name, "ok", detail))
+    # Accessors for steps that run only after the step that set the field (``needs``).
+    def _view(self) -> SignedDataView:
+        assert self.view is not None
+        return self.view
 
-    def skip(self, name: str, detail: str) -> None:
-        self.checks.append(CheckResult(name, "skipped", detail))
+    def _signed_by(self) -> tuple[SignerInfoView, x509.Certificate]:
+        assert self.signer is not None and self.cert is not None
+        return self.signer, self.cert
 
-    def fail(self, name: str, exc: GatewayError) -> None:
-        self.checks.append(CheckResult(name, "failed", exc.detail, exc.code))
-        if self.error is None:
-            self.error = exc
+    def _content(self) -> AttestedContent:
+        assert self.content is not None
+        return self.content
 
-    def freeze(self, document: AttestedDocument | None = None) -> Inspection:
-        return Inspection(
-            checks=tuple(self.checks),
-            error=self.error,
-            document=document,
-            content=self.content,
-            signer_cn=self.signer_cn,
-            chain=self.chain,
-        )
+    def document(self) -> AttestedDocument:
+        assert self.cn is not None and self.chain is not None
+        return _document(self._content(), self.cn, self.signer_fingerprint, self.chain)
+
+
+async def _step_base64(run: _DocRun) -> str:
+    run.der = decode_signature(run.signature)
+    return f"{len(run.der)} bytes"
+
+
+async def _step_cms(run: _DocRun) -> Detail:
+    view = run.view = read_signed_data(run.der)
+    return lambda: (
+        f"SignedData, {len(view.certificates)} certificate(s), "
+        f"{len(view.signer_infos)} signer(s), content {len(view.content)} bytes"
+    )
+
+
+async def _step_signer(run: _DocRun) -> Detail:
+    view = run._view()
+    run.signer = check_single_signer(view)
+    cert = run.cert = find_signer_certificate(view, run.signer)
+    return lambda: f"{_subject(cert)} (serial {cert.serial_number:x})"
+
+
+def _subject(cert: x509.Certificate) -> str:
+    # cryptography parses a subject lazily: a name it cannot parse fails only here, and a
+    # report line must not turn a readable document into a crash.
+    try:
+        return cert.subject.rfc4514_string()
+    except ValueError:
+        return "(unparseable subject)"
+
+
+async def _step_digest(run: _DocRun) -> str:
+    signer, _ = run._signed_by()
+    check_digest_algorithm(signer)
+    return f"{signer.digest_algorithm} means SHA-256"
+
+
+async def _step_signature(run: _DocRun) -> str:
+    signer, cert = run._signed_by()
+    check_signature(run._view(), signer, cert)
+    attrs = "signed attributes" if signer.signed_attrs else "content (no signed attributes)"
+    return f"RSA PKCS#1 v1.5 over {attrs}"
+
+
+async def _step_signer_name(run: _DocRun) -> str:
+    _, cert = run._signed_by()
+    run.cn, run.signer_fingerprint = run.verifier.signer_facts(cert)
+    return f"CN {run.cn} under {run.verifier.cloud.metadata_domain}"
+
+
+async def _step_chain(run: _DocRun) -> Detail:
+    _, cert = run._signed_by()
+    assert run.cn is not None
+    chain = run.chain = await run.verifier.chain_for(cert, run.cn, run.intermediates)
+    return lambda: " > ".join(chain.subjects)
+
+
+async def _step_content(run: _DocRun) -> Detail:
+    content = run.content = parse_content(
+        run._view().content, require_subscription=run.verifier.require_subscription
+    )
+    return lambda: f"vmId {content.vm_id}, subscriptionId {content.subscription_id}"
+
+
+async def _step_window(run: _DocRun) -> Detail:
+    now = run.verifier.clock.now()
+    skew = run.verifier.skew
+    check_window(run._content(), now, skew)
+    return lambda: f"{now.isoformat()} within createdOn..expiresOn (±{skew:g}s)"
+
+
+async def _step_nonce(run: _DocRun) -> str:
+    content = run._content()
+    if run.expected_nonce is None:
+        raise Skip(f"no expected nonce given (document has {content.nonce!r})")
+    check_nonce(content, run.expected_nonce)
+    return "matches"
+
+
+_C = Code
+# The document's checks, cheap first (DESIGN §3 step 4). ``verify`` runs them fail-fast,
+# ``inspect`` records them all: the crypto steps stop at the first failure (each needs the
+# one before), the content steps need only the envelope, so an operator sees the
+# vmId/nonce/window of a document whose signature is bad.
+DOCUMENT_STEPS: StepTable[_DocRun] = (
+    Step("base64", _step_base64, codes=frozenset({_C.ATTESTED_MALFORMED})),
+    Step("cms", _step_cms, ("base64",), frozenset({_C.ATTESTED_MALFORMED})),
+    Step("signer", _step_signer, ("cms",), frozenset({_C.ATTESTED_SIGNER_INVALID})),
+    Step("digest", _step_digest, ("signer",), frozenset({_C.ATTESTED_DIGEST_UNSUPPORTED})),
+    Step(
+        "signature",
+        _step_signature,
+        ("digest",),
+        # A signer key refused before the verify (its exponent or size) is a signer fault.
+        frozenset({_C.ATTESTED_SIGNATURE_INVALID, _C.ATTESTED_SIGNER_INVALID}),
+    ),
+    Step("signer_name", _step_signer_name, ("signature",), frozenset({_C.ATTESTED_SIGNER_INVALID})),
+    Step(
+        "chain",
+        _step_chain,
+        ("signer_name",),
+        # AIA (when on) may fail to fetch, and the build pool may be full: both are ours
+        # to retry (503), not the VM's fault.
+        frozenset({_C.ATTESTED_CHAIN_UNTRUSTED, _C.DEPENDENCY_UNAVAILABLE, _C.OVERLOADED}),
+    ),
+    Step(
+        "content",
+        _step_content,
+        ("cms",),
+        frozenset({_C.ATTESTED_MALFORMED, _C.ATTESTED_CONTENT_INVALID}),
+    ),
+    Step("window", _step_window, ("content",), frozenset({_C.ATTESTED_EXPIRED})),
+    Step("nonce", _step_nonce, ("content",), frozenset({_C.NONCE_MISMATCH})),
+)
 
 
 # --------------------------------------------------------------------------- shell
@@ -403,9 +556,15 @@ class AttestedVerifier:
 
     * cloud — sets the signer's metadata domain.
     * trust — pinned roots and known intermediates (never the system store).
-    * aia — fetches a missing intermediate from the leaf's caIssuers URL (None: offline).
+    * aia — fetches a missing intermediate from the leaf's caIssuers URL (None: offline);
+      at most one fetch per request, and only when no known certificate is the leaf's
+      issuer.
     * chain_cache — verified chains by signer fingerprint, kept until the chain expires,
       so a steady stream of joins costs one RSA verify each, not a chain build.
+    * known_issuer_names — subject CNs accepted from request intermediates besides the
+      trust store's and the cloud's documented Azure issuing CAs (the emulator's CA).
+    * executor — where path building runs (off the event loop); None: a pool of two
+      threads this verifier owns and :meth:`close` shuts down.
     * clock — time for the chain's validity and the document's window.
     * skew — seconds of slack on createdOn/expiresOn.
     * require_subscription — reject documents without subscriptionId (old api-versions).
@@ -421,6 +580,8 @@ class AttestedVerifier:
         clock: Clock,
         skew: float = 60.0,
         require_subscription: bool = True,
+        known_issuer_names: Collection[str] = (),
+        executor: Executor | None = None,
     ) -> None:
         self._cloud = cloud
         self._trust = trust
@@ -432,39 +593,80 @@ class AttestedVerifier:
         # Per signer certificate (Azure signs with a few leaves a year): its checked name
         # and fingerprint, so a steady stream of joins does not redo them. Bounded.
         self._signers: dict[x509.Certificate, tuple[str, bytes]] = {}
-        self.chain_builds = 0  # chains built (not served from the cache): for tests and metrics
+        # Request intermediates reach the path builder only under these subject names:
+        # a thousand lookalike CAs named anything else cost a parse each, no search.
+        self._known_names = (
+            AZURE_ISSUING_CA_NAMES.get(cloud.name, frozenset())
+            | trust.subject_names()
+            | frozenset(known_issuer_names)
+        )
+        self._trusted_subjects = frozenset(c.subject for c in (*trust.roots, *trust.intermediates))
+        self._owns_executor = executor is None
+        self._executor: Executor = (
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="chain-build")
+            if executor is None
+            else executor
+        )
+        self._pending_builds = 0
+        self._failed: MemoryCache[bytes, str] = MemoryCache(
+            "failed_chains", max_entries=_FAILED_CHAIN_ENTRIES, clock=clock
+        )
+        # Work counters, for tests and the benchmark (they count work, never time).
+        self.chain_builds = 0  # chains built (not served from either cache)
+        self.path_builder_calls = 0  # verify_chain calls (each ≤ the library's budget)
+        self.untrusted_candidates = 0  # request/AIA certificates handed to the path builder
+        self.aia_fetches = 0  # AIA fetches started by this verifier
+        self.failed_chain_hits = 0  # requests refused from the failed-chain cache
 
-    async def verify(
-        self,
-        signature_b64: str,
-        *,
-        intermediates: Sequence[bytes] = (),
-        expected_nonce: str | None,
-    ) -> AttestedDocument:
-        """Every check, in order; the first failure raises. ``expected_nonce`` is required
-        by the join pipeline (None only makes sense for inspect)."""
-        der = decode_signature(signature_b64)
-        view = parse_signed_data(der)
-        signer = check_single_signer(view)
-        cert = find_signer_certificate(view, signer)
-        check_digest_algorithm(signer)
-        check_signature(view, signer, cert)
+    def close(self) -> None:
+        """Shut down the pool this verifier started (an injected executor is the caller's)."""
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"<AttestedVerifier cloud={self._cloud.name} builds={self.chain_builds} "
+            f"pending={self._pending_builds} failed_cached={len(self._failed)}>"
+        )
+
+    @property
+    def cloud(self) -> CloudProfile:
+        return self._cloud
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def skew(self) -> float:
+        return self._skew
+
+    @property
+    def require_subscription(self) -> bool:
+        return self._require_subscription
+
+    def signer_facts(self, cert: x509.Certificate) -> tuple[str, bytes]:
+        """The signer's checked name and its fingerprint, remembered per certificate
+        (Azure signs with a few leaves a year): a steady stream of joins does not redo them."""
         known = self._signers.get(cert)
         if known is None:
             known = (check_signer_name(cert, self._cloud), fingerprint(cert))
             if len(self._signers) >= 64:
                 self._signers.clear()
             self._signers[cert] = known
-        cn, signer_fingerprint = known
-        chain = await self.chain_for(cert, cn, intermediates)
-        content = check_content(
-            view.content,
-            now=self._clock.now(),
-            skew=self._skew,
-            expected_nonce=expected_nonce,
-            require_subscription=self._require_subscription,
-        )
-        return _document(content, cn, signer_fingerprint, chain)
+        return known
+
+    async def verify(
+        self,
+        signature_b64: str,
+        *,
+        intermediates: Sequence[bytes] = (),
+        expected_nonce: str,
+    ) -> AttestedDocument:
+        """Every check of :data:`DOCUMENT_STEPS`, in order; the first failure raises."""
+        run = _DocRun(self, signature_b64, intermediates, expected_nonce)
+        await run_fail_fast(DOCUMENT_STEPS, run)
+        return run.document()
 
     async def inspect(
         self,
@@ -473,143 +675,174 @@ class AttestedVerifier:
         intermediates: Sequence[bytes] = (),
         expected_nonce: str | None,
     ) -> Inspection:
-        """Run the same steps as :meth:`verify`, recording each. The crypto steps stop at
-        the first failure (later ones need their result); the content steps run whenever
-        the envelope parsed, so an operator sees the vmId/nonce/window of a bad document."""
-        out = _Recorder()
-        try:
-            der = decode_signature(signature_b64)
-            out.ok("base64", f"{len(der)} bytes")
-            view = parse_signed_data(der)
-            out.ok(
-                "cms",
-                f"SignedData, {len(view.certificates)} certificate(s), "
-                f"{len(view.signer_infos)} signer(s), content {len(view.content)} bytes",
-            )
-        except GatewayError as exc:
-            out.fail("base64" if not out.checks else "cms", exc)
-            return out.freeze()
-        cert: x509.Certificate | None = None
-        step = "signer"
-        try:
-            signer = check_single_signer(view)
-            cert = find_signer_certificate(view, signer)
-            out.ok(step, f"{cert.subject.rfc4514_string()} (serial {cert.serial_number:x})")
-            step = "digest"
-            check_digest_algorithm(signer)
-            out.ok(step, f"{signer.digest_algorithm} means SHA-256")
-            step = "signature"
-            check_signature(view, signer, cert)
-            attrs = "signed attributes" if signer.signed_attrs else "content (no signed attributes)"
-            out.ok(step, f"RSA PKCS#1 v1.5 over {attrs}")
-            step = "signer_name"
-            cn = check_signer_name(cert, self._cloud)
-            out.signer_cn = cn
-            out.ok(step, f"CN {cn} under {self._cloud.metadata_domain}")
-            step = "chain"
-            chain = await self.chain_for(cert, cn, intermediates)
-            out.chain = chain
-            out.ok(step, " > ".join(chain.subjects))
-        except GatewayError as exc:
-            out.fail(step, exc)
-            for later in _CRYPTO_STEPS[_CRYPTO_STEPS.index(step) + 1 :]:
-                out.skip(later, f"not run: {step} failed")
-        now = self._clock.now()
-        content: AttestedContent | None = None
-        try:
-            content = parse_content(view.content, require_subscription=self._require_subscription)
-            out.content = content
-            out.ok(
-                "content",
-                f"vmId {content.vm_id}, subscriptionId {content.subscription_id}",
-            )
-        except GatewayError as exc:
-            out.fail("content", exc)
-        if content is not None:
-            try:
-                check_window(content, now, self._skew)
-                out.ok(
-                    "window",
-                    f"{now.isoformat()} within createdOn..expiresOn (±{self._skew:g}s)",
-                )
-            except GatewayError as exc:
-                out.fail("window", exc)
-            if expected_nonce is None:
-                out.skip("nonce", f"no expected nonce given (document has {content.nonce!r})")
-            else:
-                try:
-                    check_nonce(content, expected_nonce)
-                    out.ok("nonce", "matches")
-                except GatewayError as exc:
-                    out.fail("nonce", exc)
-        if (
-            out.error is None
-            and content is not None
-            and cert is not None
-            and out.chain is not None
-            and out.signer_cn is not None
-        ):
-            return out.freeze(_document(content, out.signer_cn, fingerprint(cert), out.chain))
-        return out.freeze()
+        """The same steps as :meth:`verify`, each recorded instead of raised."""
+        run = _DocRun(self, signature_b64, intermediates, expected_nonce)
+        checks = await run_recording(DOCUMENT_STEPS, run)
+        passed = not any(c.status == "failed" for c in checks)
+        return Inspection(
+            checks=checks,
+            document=run.document() if passed else None,
+            content=run.content,
+            signer_cn=run.cn,
+            chain=run.chain,
+        )
 
     async def chain_for(
         self, leaf: x509.Certificate, dns_name: str, request_intermediates: Sequence[bytes] = ()
     ) -> VerifiedChain:
-        """The verified chain for this signer, from the cache or built now."""
+        """The verified chain for this signer: from the cache, refused from the failed-chain
+        cache, or built now (off the event loop)."""
+        candidates = self._usable_intermediates(request_intermediates)
+        failed_key = _failed_key(leaf, dns_name, candidates)
+        failure = self._failed.get(failed_key)
+        if failure is not None:
+            self.failed_chain_hits += 1
+            raise JoinRejected(Code.ATTESTED_CHAIN_UNTRUSTED, detail=f"(cached) {failure}")
+
+        async def build() -> VerifiedChain:
+            try:
+                return await self._build(leaf, dns_name, candidates)
+            except JoinRejected as exc:
+                self._failed.set(failed_key, exc.detail, _FAILED_CHAIN_TTL)
+                raise
+
         if self._chain_cache is None:
-            return await self._build(leaf, dns_name, request_intermediates)
+            return await build()
 
         async def load() -> tuple[VerifiedChain, float]:
-            chain = await self._build(leaf, dns_name, request_intermediates)
+            chain = await build()
             return chain, (chain.not_after - self._clock.now()).total_seconds()
 
         # Keyed by the leaf *and* the name: the cached fact is "this leaf chains for this name".
         return await self._chain_cache.get_or_load(fingerprint(leaf) + dns_name.encode(), load)
 
+    def _usable_intermediates(self, ders: Sequence[bytes]) -> list[x509.Certificate]:
+        """Request-supplied intermediates that may reach the path builder: candidates only,
+        never trust. Dropped: what does not parse, subjects that are no known issuing CA
+        name, self-issued certificates (they can only make the search loop) and
+        duplicates. Refused (403): a known-named one with a costly key, or more than
+        :data:`MAX_REQUEST_INTERMEDIATES` left."""
+        usable: dict[bytes, x509.Certificate] = {}
+        for der in ders:
+            try:
+                cert = load_der_certificate(der)
+                name = common_name(cert.subject)
+                self_issued = cert.subject == cert.issuer
+            except CertificateUnreadable as exc:
+                # It could only have helped the requester: dropping it is safe.
+                logger.info("dropping an unreadable request intermediate: %s", exc)
+                continue
+            if name is None or name not in self._known_names:
+                logger.info("dropping a request intermediate named %r: not an Azure CA", name)
+                continue
+            refusal = key_refusal(cert)
+            if refusal is not None:
+                raise JoinRejected(
+                    Code.ATTESTED_CHAIN_UNTRUSTED,
+                    detail=f"request intermediate {name!r} refused: {refusal}",
+                )
+            if self_issued:
+                continue
+            usable.setdefault(fingerprint(cert), cert)
+        if len(usable) > MAX_REQUEST_INTERMEDIATES:
+            raise JoinRejected(
+                Code.ATTESTED_CHAIN_UNTRUSTED,
+                detail=f"{len(usable)} usable request intermediates "
+                f"(at most {MAX_REQUEST_INTERMEDIATES})",
+            )
+        return list(usable.values())
+
     async def _build(
-        self, leaf: x509.Certificate, dns_name: str, request_intermediates: Sequence[bytes]
+        self, leaf: x509.Certificate, dns_name: str, untrusted: list[x509.Certificate]
     ) -> VerifiedChain:
         self.chain_builds += 1
         at = self._clock.now()
-        candidates = _load_untrusted(request_intermediates) + list(self._trust.intermediates)
         logger.debug("building chain for signer %s at %s", dns_name, at.isoformat())
+        refusal = key_refusal(leaf)
+        if refusal is not None:  # check_signature refused it already; never build for it
+            raise JoinRejected(Code.ATTESTED_SIGNER_INVALID, detail=f"signer key: {refusal}")
         try:
-            return verify_chain(
-                self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at
-            )
+            return await self._verify_off_loop(leaf, dns_name, untrusted, at)
         except JoinRejected:
-            if self._aia is None:
+            if self._aia is None or self._issuer_known(leaf, untrusted):
                 raise
-        # Last resort: the issuers published at the AIA URLs, two levels deep at most
-        # (leaf → issuing CA → cross-signed CA is the deepest Azure has used).
-        frontier = [leaf]
-        for _ in range(2):
-            fetched: list[x509.Certificate] = []
-            for cert in frontier:
-                for url in ca_issuers_urls(cert):
-                    fetched.extend(await self._aia.fetch(url))
-            if not fetched:
-                break
-            candidates.extend(fetched)
-            try:
-                return verify_chain(
-                    self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at
-                )
-            except JoinRejected:
-                frontier = [c for c in fetched if not is_self_signed(c)]
-        return verify_chain(self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at)
+        # Last resort, once per request: the issuer published at the leaf's first allowed
+        # caIssuers URL (Azure leaves list the same file at two hosts). A certificate
+        # listing hundreds of URLs still costs one fetch.
+        url = next((u for u in ca_issuers_urls(leaf) if self._aia.allowed(u)), None)
+        if url is None:
+            raise JoinRejected(
+                Code.ATTESTED_CHAIN_UNTRUSTED,
+                detail="signer chain does not verify and no allowed caIssuers URL",
+            )
+        self.aia_fetches += 1
+        fetched = [c for c in await self._aia.fetch(url) if _may_issue(c, leaf)]
+        if not fetched:
+            raise JoinRejected(
+                Code.ATTESTED_CHAIN_UNTRUSTED,
+                detail=f"signer chain does not verify; {url} has no usable issuer",
+            )
+        return await self._verify_off_loop(
+            leaf, dns_name, [*untrusted, *fetched[:MAX_REQUEST_INTERMEDIATES]], at
+        )
 
-
-def _load_untrusted(ders: Sequence[bytes]) -> list[x509.Certificate]:
-    """Request-supplied intermediates: candidates for path building, never trust. A blob
-    that does not parse is dropped (it could only have helped the requester)."""
-    certs: list[x509.Certificate] = []
-    for der in ders:
+    def _issuer_known(self, leaf: x509.Certificate, untrusted: list[x509.Certificate]) -> bool:
+        """Whether a certificate we already hold carries the leaf's issuer name: then AIA
+        would only fetch what the path builder already tried."""
         try:
-            certs.append(x509.load_der_x509_certificate(der))
-        except ValueError:
-            logger.info("dropping an unparseable request intermediate (%s bytes)", len(der))
-    return certs
+            issuer = leaf.issuer
+        except ValueError:  # an issuer Name that does not decode: nothing could chain it
+            return True
+        return issuer in self._trusted_subjects or any(c.subject == issuer for c in untrusted)
+
+    async def _verify_off_loop(
+        self,
+        leaf: x509.Certificate,
+        dns_name: str,
+        untrusted: list[x509.Certificate],
+        at: datetime,
+    ) -> VerifiedChain:
+        """One path-builder call, in the pool: a search can take milliseconds (up to the
+        library's signature budget), which the event loop must not spend."""
+        if self._pending_builds >= _MAX_PENDING_BUILDS:
+            raise Overloaded(
+                Code.OVERLOADED,
+                retry_after=1.0,
+                detail=f"{self._pending_builds} chain builds pending",
+            )
+        self.path_builder_calls += 1
+        self.untrusted_candidates += len(untrusted)
+        candidates = [*untrusted, *self._trust.intermediates]
+        call = functools.partial(
+            verify_chain, self._trust, leaf, dns_name=dns_name, intermediates=candidates, at=at
+        )
+        self._pending_builds += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        finally:
+            self._pending_builds -= 1
+
+
+def _may_issue(cert: x509.Certificate, leaf: x509.Certificate) -> bool:
+    """An AIA-fetched certificate is a candidate only if it names the leaf's issuer, is
+    not self-issued and has a cheap key (a PKCS#7 bundle may carry anything)."""
+    try:
+        return (
+            cert.subject == leaf.issuer
+            and cert.subject != cert.issuer
+            and key_refusal(cert) is None
+        )
+    except ValueError:
+        return False
+
+
+def _failed_key(leaf: x509.Certificate, dns_name: str, untrusted: list[x509.Certificate]) -> bytes:
+    """The exact leaf, its name and the request intermediates used: a different set of
+    intermediates is a different question."""
+    digest = hashlib.sha256()
+    for der in sorted(fingerprint(c) for c in untrusted):
+        digest.update(der)
+    return fingerprint(leaf) + digest.digest() + dns_name.encode()
 
 
 def _document(

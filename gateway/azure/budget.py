@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway.azure.arm import ArmReadKind
+from gateway.azure.resource_id import azure_name_key
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, Overloaded
 
@@ -64,11 +65,13 @@ class _Bucket:
             self.tokens = min(capacity, self.tokens + (now - self.last) * rate)
             self.last = now
 
-    def wait_for_one(self, rate: float) -> float:
-        """Seconds until one whole token is there (0 if it is)."""
-        if self.tokens >= 1.0:
+    def wait_for_one(self, rate: float, ahead: int = 0) -> float:
+        """Seconds until one whole token is there (0 if it is), after ``ahead`` more
+        have been taken."""
+        need = 1.0 + ahead
+        if self.tokens >= need:
             return 0.0
-        return (1.0 - self.tokens) / rate
+        return (need - self.tokens) / rate
 
 
 @dataclass
@@ -76,6 +79,7 @@ class _Subscription:
     reads: _Bucket
     lists: _Bucket
     closed_until: float = 0.0
+    lists_closed_until: float = 0.0  # a 429 of Compute's list budget: list calls only
 
 
 class SubscriptionBudget:
@@ -125,9 +129,7 @@ class SubscriptionBudget:
         wait briefly for it, or raise ``Overloaded(AZURE_BUDGET_EXHAUSTED)``."""
         now = self._clock.monotonic()
         sub = self._state(subscription, now)
-        wait = max(0.0, sub.closed_until - now, sub.reads.wait_for_one(self._read_rate))
-        if kind == "list":
-            wait = max(wait, sub.lists.wait_for_one(self._list_rate))
+        wait = self.ready_in(subscription, kind=kind)
         if wait > self._max_wait:
             self.stats.refused += 1
             raise Overloaded(
@@ -154,9 +156,11 @@ class SubscriptionBudget:
         remaining_reads: int | None,
         retry_after: float | None,
         remaining_lists: int | None = None,
+        closes: ArmReadKind = "read",
     ) -> None:
         """What ARM said: lower our estimates to its counts less the margin (``count *
-        (1 - safety_margin)``); a ``Retry-After`` closes the subscription until then."""
+        (1 - safety_margin)``); a ``Retry-After`` closes the subscription until then
+        (``closes="list"``: its list calls only, point reads go on)."""
         now = self._clock.monotonic()
         sub = self._state(subscription, now)
         if remaining_reads is not None:
@@ -169,7 +173,9 @@ class SubscriptionBudget:
             if ceiling < sub.lists.tokens:
                 sub.lists.tokens = ceiling
                 self.stats.lowered += 1
-        if retry_after is not None and retry_after > 0:
+        if retry_after is not None and retry_after > 0 and closes == "list":
+            sub.lists_closed_until = max(sub.lists_closed_until, now + retry_after)
+        elif retry_after is not None and retry_after > 0:
             until = now + retry_after
             if until > sub.closed_until:
                 sub.closed_until = until
@@ -179,6 +185,22 @@ class SubscriptionBudget:
                     retry_after,
                     subscription.lower(),
                 )
+
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read", ahead: int = 0) -> float:
+        """Seconds until a token of ``kind`` is there for the next caller (0: now), the
+        reservations of waiters and ``ahead`` more callers included. ``VmDirectory`` uses
+        it to choose a point read over a list page that could not be fetched in time,
+        without spending."""
+        now = self._clock.monotonic()
+        sub = self._state(subscription, now)
+        wait = max(0.0, sub.closed_until - now, sub.reads.wait_for_one(self._read_rate, ahead))
+        if kind == "list":
+            wait = max(
+                wait,
+                sub.lists_closed_until - now,
+                sub.lists.wait_for_one(self._list_rate, ahead),
+            )
+        return wait
 
     # -- introspection ------------------------------------------------------------------
 
@@ -202,7 +224,7 @@ class SubscriptionBudget:
     # -- plumbing -----------------------------------------------------------------------
 
     def _state(self, subscription: str, now: float) -> _Subscription:
-        key = subscription.lower()
+        key = azure_name_key(subscription)
         sub = self._subs.get(key)
         if sub is None:
             sub = self._subs[key] = _Subscription(

@@ -9,6 +9,13 @@ EKU serverAuth, the signer's DNS name in the SAN) are cryptography's
 ``cryptography.x509.verification`` server verifier: we do not build paths ourselves.
 This module is pure and synchronous; gathering intermediates (request, bundle, AIA) is
 the async shell's job (``gateway.azure.attested.AttestedVerifier``).
+
+Bounded cost (README, "Security"): path building is a search, and a hostile request picks
+its candidates. So before anything reaches the path builder every key must be cheap to
+verify with (:func:`key_refusal`: RSA 2048-4096 bits with e = 65537, or EC P-256/P-384),
+chains are at most :data:`MAX_CHAIN_DEPTH` intermediates deep, and cryptography's own
+per-call budget (:data:`PATH_BUILDER_SIGNATURE_BUDGET`) caps the signature checks of one
+:func:`verify_chain` call.
 """
 
 from __future__ import annotations
@@ -25,22 +32,135 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from gateway.core.errors import Code, JoinRejected
 
 __all__ = [
+    "AZURE_ISSUING_CA_NAMES",
+    "CERTIFICATE_ERRORS",
+    "MAX_CHAIN_DEPTH",
+    "PATH_BUILDER_SIGNATURE_BUDGET",
+    "CertificateUnreadable",
     "TrustStore",
     "VerifiedChain",
     "bundled_ca_files",
     "ca_issuers_urls",
+    "common_name",
     "fingerprint",
     "is_self_signed",
+    "key_refusal",
+    "load_der_certificate",
     "load_pem_file",
     "verify_chain",
 ]
 
 logger = logging.getLogger(__name__)
+
+# Intermediates between the leaf and a pinned root. Azure's deepest chain has two: leaf →
+# Microsoft TLS G2 RSA CA OCSP 0x → Microsoft TLS RSA Root G2 (cross-signed) → DigiCert
+# Global Root G2 (gateway/azure/ca/README.md). cryptography's default is 8.
+MAX_CHAIN_DEPTH = 2
+# cryptography.x509.verification stops a path search after this many signature checks
+# (a fixed limit in its Rust chain builder, "DEFAULT_SIGNATURE_CHECK_LIMIT", 1 << 7, like Go
+# and rustls-webpki). Our filtering keeps honest searches far below it; it is the ceiling
+# the README states for a hostile one.
+PATH_BUILDER_SIGNATURE_BUDGET = 128
+
+_RSA_EXPONENT = 65537
+_RSA_MIN_BITS = 2048
+_RSA_MAX_BITS = 4096
+# A public-key operation costs with the modulus size and, for RSA, the exponent's bit
+# length: a 3,072-bit exponent makes each verify as slow as a private-key operation.
+_EC_CURVES = (ec.SECP256R1, ec.SECP384R1)
+
+# Azure's issuing CA names that the bundle does not carry (rotated or per-cloud), by cloud:
+# request intermediates are path-building candidates only when their subject CN is one of
+# these or of a pinned/known certificate's (``AttestedVerifier``). Names, not trust: a
+# certificate carrying one still has to chain to a pinned root.
+# https://learn.microsoft.com/azure/security/fundamentals/azure-ca-details
+_MICROSOFT_ISSUING = frozenset(
+    {
+        *(f"Microsoft Azure RSA TLS Issuing CA 0{n}" for n in (3, 4, 7, 8)),
+        *(f"Microsoft Azure ECC TLS Issuing CA 0{n}" for n in (3, 4, 7, 8)),
+        *(f"Microsoft Azure TLS Issuing CA 0{n}" for n in (1, 2, 5, 6)),
+        *(f"Microsoft Azure ECC TLS Issuing CA 0{n}" for n in (1, 2, 5, 6)),
+        *(f"Microsoft TLS G2 RSA CA OCSP {n:02d}" for n in (2, 4, 6, 8, 10, 12, 14, 16)),
+        *(f"Microsoft TLS G2 ECC CA OCSP {n:02d}" for n in (1, 3, 5, 7, 9, 11, 13, 15)),
+        "Microsoft TLS RSA Root G2",
+        "Microsoft TLS ECC Root G2",
+        "Microsoft RSA TLS CA 01",
+        "Microsoft RSA TLS CA 02",
+        *(f"Microsoft IT TLS CA {n}" for n in (1, 2, 4, 5)),
+    }
+)
+AZURE_ISSUING_CA_NAMES: dict[str, frozenset[str]] = {
+    "public": _MICROSOFT_ISSUING,
+    "usgov": _MICROSOFT_ISSUING,
+    # Azure operated by 21Vianet: DigiCert's China issuing CAs under DigiCert Global Root CA.
+    "china": frozenset({"DigiCert Basic RSA CN CA G2", "DigiCert Basic ECC CN CA G2"}),
+}
+
+
+# What cryptography raises on hostile certificate bytes, at load or on a lazily decoded
+# field. ``InvalidVersion`` (an X.509 "v5") is not a ValueError: it once escaped as a 500.
+CERTIFICATE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.InvalidVersion,
+)
+
+
+class CertificateUnreadable(Exception):
+    """Certificate bytes that do not load (any of :data:`CERTIFICATE_ERRORS`)."""
+
+
+def load_der_certificate(der: bytes) -> x509.Certificate:
+    """One DER certificate, its subject and issuer decoded (they are read next anyway).
+    Raises :class:`CertificateUnreadable`, never a library error."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert.subject, cert.issuer  # noqa: B018 - decode now: lazily, they raise later
+    except CERTIFICATE_ERRORS as exc:
+        raise CertificateUnreadable(f"{type(exc).__name__}: {exc}") from exc
+    return cert
+
+
+def common_name(name: x509.Name) -> str | None:
+    """The first CN of ``name`` as text (None when there is none, or it is not text)."""
+    try:
+        attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        return None
+    value = attrs[0].value if attrs else None
+    return value if isinstance(value, str) else None
+
+
+def key_refusal(cert: x509.Certificate) -> str | None:
+    """Why ``cert``'s key is too costly (or too odd) to verify with; None when it is fine.
+
+    RSA 2048-4096 bits with e = 65537 (every Azure CA and leaf), or EC P-256/P-384 (the
+    Microsoft ECC root and issuing CAs). Anything else is refused before it can reach a
+    signature check: the cost of one check is then bounded by RSA-4096's.
+    """
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        return f"key does not load: {exc}"
+    if isinstance(key, rsa.RSAPublicKey):
+        e = key.public_numbers().e
+        if e != _RSA_EXPONENT:
+            return f"RSA public exponent is {e.bit_length()} bits, not 65537"
+        if not _RSA_MIN_BITS <= key.key_size <= _RSA_MAX_BITS:
+            return f"RSA key of {key.key_size} bits (2048-4096 allowed)"
+        return None
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, _EC_CURVES):
+            return f"EC curve {key.curve.name} (P-256 or P-384 allowed)"
+        return None
+    return f"{type(key).__name__} keys are not used by Azure"
 
 
 def fingerprint(cert: x509.Certificate) -> bytes:
@@ -55,9 +175,11 @@ def is_self_signed(cert: x509.Certificate) -> bool:
     # Not ``verify_directly_issued_by``: it refuses SHA-1, and old roots (Baltimore) sign
     # themselves with SHA-1. A root's self-signature carries no trust anyway (trust is the
     # operator's choice of file); the check only sorts roots from intermediates.
-    key = cert.public_key()
-    hash_alg = cert.signature_hash_algorithm
     try:
+        # Inside the try: a key or algorithm that does not load means "not self-signed"
+        # (the fuzzer found a certificate whose key raised ValueError here).
+        key = cert.public_key()
+        hash_alg = cert.signature_hash_algorithm
         if isinstance(key, rsa.RSAPublicKey) and hash_alg is not None:
             key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), hash_alg)
         elif isinstance(key, ec.EllipticCurvePublicKey) and hash_alg is not None:
@@ -86,6 +208,8 @@ def ca_issuers_urls(cert: x509.Certificate) -> list[str]:
         aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
     except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
         return []
+    # Everything the extension holds is looked at once here; the caller decides how many
+    # URLs it follows (AttestedVerifier: one per certificate).
     return [
         d.access_location.value
         for d in aia
@@ -130,6 +254,12 @@ class TrustStore:
             raise ValueError("trust store has no root certificate")
         return store
 
+    def subject_names(self) -> frozenset[str]:
+        """The subject CNs of every certificate here: bundled and operator-added names are
+        "known issuing CA names" for request intermediates."""
+        names = (common_name(c.subject) for c in (*self.roots, *self.intermediates))
+        return frozenset(n for n in names if n is not None)
+
     def __repr__(self) -> str:
         return f"<TrustStore roots={len(self.roots)} intermediates={len(self.intermediates)}>"
 
@@ -161,6 +291,7 @@ def verify_chain(
             PolicyBuilder()
             .store(Store(list(trust.roots)))
             .time(at)
+            .max_chain_depth(MAX_CHAIN_DEPTH)
             .build_server_verifier(x509.DNSName(dns_name))
         )
         chain = verifier.verify(leaf, list(intermediates))

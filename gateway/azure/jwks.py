@@ -23,7 +23,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -45,6 +45,8 @@ from gateway.core.httputil import read_capped
 __all__ = [
     "JwksClient",
     "KeySet",
+    "KeySource",
+    "StaticKeys",
     "TokenVerifier",
     "keyset_from_json",
     "keyset_to_json",
@@ -304,11 +306,37 @@ class JwksClient:
             raise _FetchError(f"{kind}: {type(exc).__name__}: {exc}") from exc
         try:
             value = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        # RecursionError is not a ValueError: a deeply nested answer is just not JSON to us.
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise _FetchError(f"{kind} is not JSON") from exc
         if not isinstance(value, dict):
             raise _FetchError(f"{kind} is not a JSON object")
         return value
+
+
+class KeySource(Protocol):
+    """Where ``TokenVerifier`` gets a tenant's signing key: ``JwksClient`` (Entra, cached)
+    or ``StaticKeys`` (a JWKS file: ``inspect``, offline)."""
+
+    async def key_for(self, tid: str, kid: str) -> RSAPublicKey: ...
+
+
+class StaticKeys:
+    """A fixed key set for any tenant (``inspect --jwks FILE``): nothing is fetched.
+    ``problem`` says why the set is empty when the file held no usable JWKS."""
+
+    def __init__(self, keys: Mapping[str, RSAPublicKey], *, problem: str | None = None) -> None:
+        self._keys = dict(keys)
+        self._problem = problem
+
+    async def key_for(self, tid: str, kid: str) -> RSAPublicKey:
+        key = self._keys.get(kid)
+        if key is None:
+            why = f" ({self._problem})" if self._problem else ""
+            raise JoinRejected(
+                Code.ACCESS_TOKEN_KEY_UNKNOWN, f"no key {kid!r} in the JWKS given{why}"
+            )
+        return key
 
 
 class TokenVerifier:
@@ -320,7 +348,7 @@ class TokenVerifier:
 
     def __init__(
         self,
-        jwks: JwksClient,
+        jwks: KeySource,
         *,
         cloud: CloudProfile,
         clock: Clock,

@@ -37,10 +37,32 @@ AUDIT_FIELDS = (
 )
 
 
+# One encoder, built once: ``json.dumps`` with non-default arguments builds a new
+# encoder on every call, and ``sort_keys`` sorts every record again. The record is
+# assembled in sorted key order instead (and ``steps_ms`` sorted once), so the line is
+# byte for byte what ``json.dumps(rec, separators=(",", ":"), sort_keys=True)`` wrote.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
 class Auditor:
     def __init__(self, *, clock: Clock, logger: logging.Logger | None = None) -> None:
         self._clock = clock
         self._log = logger or logging.getLogger("gateway.audit")
+        # "YYYY-MM-DDTHH:MM:SS" of the last second seen: formatted once a second, not per
+        # record.
+        self._second = -1
+        self._second_text = ""
+
+    def _time(self) -> str:
+        """``datetime.isoformat(timespec="milliseconds")`` of the clock's time, in UTC."""
+        micros = round(self._clock.time() * 1_000_000)
+        second, fraction = divmod(micros, 1_000_000)
+        if second != self._second:
+            self._second_text = datetime.fromtimestamp(second, tz=UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S"
+            )
+            self._second = second
+        return f"{self._second_text}.{fraction // 1000:03d}+00:00"
 
     def record(
         self,
@@ -55,28 +77,30 @@ class Auditor:
         duration: float,
         host_id: str | None = None,
     ) -> dict[str, object]:
-        rec: dict[str, object] = {
-            "time": datetime.fromtimestamp(self._clock.time(), tz=UTC).isoformat(
-                timespec="milliseconds"
-            ),
-            "request_id": request_id,
+        get = facts.get
+        rec: dict[str, object] = {  # keys in sorted order: see _ENCODE
             "client_address": client_address,
-            "outcome": outcome,
             "code": code,
             "detail": detail,
-            "host_id": host_id,
             "duration_ms": round(duration * 1000, 3),
-            "steps_ms": {k: round(v * 1000, 3) for k, v in steps.items()},
+            "host_id": host_id,
+            "node_name": get("node_name"),
+            "outcome": outcome,
+            "request_id": request_id,
+            "resource_group": get("resource_group"),
+            "resource_id": get("resource_id"),
+            "steps_ms": {k: round(v * 1000, 3) for k, v in sorted(steps.items())},
+            "subscription": get("subscription"),
+            "tenant": get("tenant"),
+            "time": self._time(),
+            "token_name": get("token_name"),
+            "vm_id": get("vm_id"),
         }
-        for key in (
-            "token_name",
-            "node_name",
-            "tenant",
-            "subscription",
-            "resource_group",
-            "vm_id",
-            "resource_id",
-        ):
-            rec[key] = facts.get(key)
-        self._log.info("%s", json.dumps(rec, separators=(",", ":"), sort_keys=True))
+        log = self._log
+        if log.isEnabledFor(logging.INFO):
+            # makeRecord + handle is what ``log.info`` does, minus walking the stack for
+            # the caller's file and line (which no audit format shows).
+            log.handle(
+                log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (_ENCODE(rec),), None)
+            )
         return rec

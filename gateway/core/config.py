@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -37,6 +39,7 @@ __all__ = [
     "TlsConfig",
     "TokensConfig",
     "UpstreamConfig",
+    "check_single_use",
     "dump_config",
     "load_config",
     "parse_config",
@@ -71,6 +74,9 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class ProxyConfig:
     trusted_cidrs: tuple[str, ...] = ()
+    # The one header a trusted proxy names the client in; the other is ignored even from
+    # a trusted peer (a balancer that sets one header usually passes the other through).
+    client_address_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,9 @@ class AzureConfig:
     extra_ca_files: tuple[str, ...] = ()
     # Only the pinned roots of extra_ca_files, not the bundled Azure roots.
     bundled_roots: bool = True
+    # Subject CNs under which request intermediates may reach path building, besides the
+    # CAs' in the trust store and Azure's documented issuing CAs (e.g. the emulator's).
+    known_issuer_names: tuple[str, ...] = ()
     allowed_tenants: tuple[str, ...] = ()
     vm_binding: bool = True
     # Overrides for the cloud's endpoints (the emulator, a private link).
@@ -166,8 +175,15 @@ class LimitsConfig:
     max_body_bytes: int = 65536
     # The whole body must arrive within this: a slow drip does not hold a slot forever.
     body_read_timeout_seconds: float = 10.0
-    # A new connection's first request headers must arrive within this (slowloris).
+    # Every request's headers must arrive within this (slowloris): a new connection's
+    # from the accept, a kept-alive connection's from the next request's first byte.
     header_read_timeout_seconds: float = 10.0
+    # An idle kept-alive connection is closed after this. Above the balancer's own
+    # upstream idle timeout (nginx: 60 s), so that the balancer, not we, closes first.
+    keepalive_timeout_seconds: float = 75.0
+    # Open connections per worker (TLS handshakes included); beyond it a new connection
+    # is closed at accept, before any TLS work. Keep it below the open-files limit.
+    max_connections: int = 1024
     max_in_flight: int = 256
     max_queue: int = 1024
     queue_timeout_seconds: float = 5.0
@@ -194,6 +210,9 @@ class Config:
     shutdown_timeout_seconds: float = 30.0
     # On SIGTERM: unready at once, keep serving this long (balancers notice), then drain.
     drain_delay_seconds: float = 0.0
+    # On drain: connections with no complete request get this long to send one (answered
+    # 503 shutting_down with Connection: close), then they are closed.
+    shutdown_grace_seconds: float = 1.0
     log_level: str = "INFO"
     # Where relative paths in this file are resolved from (set by load_config).
     base_dir: str = "."
@@ -232,7 +251,34 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
     cfg = Config() if node is None else _build(Config, node, source, "")
     _validate(cfg, source)
+    line = _key_line(node, "workers") or _key_line(node, "cache", "backend")
+    check_single_use(cfg, f"{source}:{line}" if line else source)
     return cfg
+
+
+def check_single_use(cfg: Config, where: str) -> None:
+    """A challenge is redeemed at most once across processes: several workers need the
+    replay store they all share (Redis). ``where`` is the file and line, or the flag, that
+    set the worker count. Raises :class:`ConfigError`."""
+    if cfg.workers > 1 and cfg.cache.backend == "memory":
+        raise ConfigError(
+            f"{where}: workers: {cfg.workers} needs cache.backend: redis (with "
+            "cache.redis_url): with the memory backend each worker keeps its own replay "
+            "store, and one challenge could be redeemed once per worker"
+        )
+
+
+def _key_line(node: yaml.Node | None, *path: str) -> int | None:
+    """The 1-based line of the key at ``path`` in a composed mapping, if it is there."""
+    line = None
+    for key in path:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        found = next(((k, v) for k, v in node.value if k.value == key), None)
+        if found is None:
+            return None
+        line, node = int(found[0].start_mark.line) + 1, found[1]
+    return line
 
 
 def _where(source: str, node: yaml.Node) -> str:
@@ -297,40 +343,124 @@ def _convert(tp: Any, node: yaml.Node, source: str, name: str) -> Any:
         raise TypeError(f"unsupported config type {tp}")
     if not ok:
         raise ConfigError(f"{_where(source, node)}: {name} must be a {tp.__name__}, got {value!r}")
+    problem = _value_problem(name, value)
+    if problem is not None:
+        raise ConfigError(f"{_where(source, node)}: {name} {problem}")
     return value
 
 
+def _value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one well-typed value (checked where it is read, so the error
+    names its line); None when nothing is. Cross-key rules stay in ``_validate``."""
+    # A list item's checks are declared once for the list: "listeners[2].address" is
+    # checked as "listeners[].address".
+    check = _VALUE_CHECKS.get(re.sub(r"\[\d+\]", "[]", name))
+    if check is not None:
+        return check(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # No count, size, rate or duration of ours means anything below zero.
+        if value < 0:
+            return f"must be >= 0, got {value!r}"
+        if name.endswith("timeout_seconds") and value == 0:
+            return "must be > 0 (a zero timeout fails every call)"
+    return None
+
+
+def _redis_url(value: str) -> str | None:
+    # redis-py's own parser, so what passes here is what redis_client() accepts; it lets
+    # a host-less URL or a non-numeric database through silently, we do not.
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parsed = parse_url(value)
+    except ValueError as exc:
+        return f"is not a Redis URL ({exc})"
+    parts = urlsplit(value)
+    if parts.scheme == "unix":
+        return None if parsed.get("path") else "names no socket path (unix:///path)"
+    if not parsed.get("host"):
+        return "names no host (redis://host:port/db)"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"database {db!r} is not a number"
+    return None
+
+
+def _https_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        return f"must be https:// with a host, got {value!r}"
+    return None
+
+
+def _optional_https_url(value: str) -> str | None:
+    return None if value == "" else _https_url(value)
+
+
+def _one_of(choices: Sequence[str]) -> typing.Callable[[Any], str | None]:
+    return lambda value: None if value in choices else f"must be one of {sorted(choices)}"
+
+
+def _within(
+    low: float, high: float, *, low_open: bool = False
+) -> typing.Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        ok = (low < value if low_open else low <= value) and value <= high
+        return None if ok else f"must be within {low:g}..{high:g}"
+
+    return check
+
+
+def _at_least(low: int) -> typing.Callable[[Any], str | None]:
+    return lambda value: None if value >= low else f"must be >= {low}"
+
+
+def _cidr(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"{value!r} is not a CIDR"
+    return None
+
+
+def _hostport(value: str) -> str | None:
+    try:
+        split_hostport(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _optional_hostport(value: str) -> str | None:
+    return None if value == "" else _hostport(value)
+
+
+_VALUE_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
+    "azure.cloud": _one_of(tuple(CLOUDS)),
+    "proxy.trusted_cidrs[]": _cidr,
+    "listeners[].address": _hostport,
+    "metrics.listen": _optional_hostport,
+    "workers": _at_least(1),
+    "shutdown_grace_seconds": _within(0, 10),
+    "challenge.ttl_seconds": _within(5, 3600),
+    "limits.max_body_bytes": _within(1024, 1024 * 1024),
+    "limits.max_in_flight": _at_least(1),
+    "limits.max_connections": _at_least(1),
+    "limits.header_read_timeout_seconds": _within(0, 300, low_open=True),
+    "limits.keepalive_timeout_seconds": _within(0, 3600, low_open=True),
+    "cache.redis_url": _redis_url,
+    # The auth service is reached over mTLS only.
+    "upstream.url": _https_url,
+    "azure.authority_host": _optional_https_url,
+    "azure.arm_endpoint": _optional_https_url,
+}
+
+
 def _validate(cfg: Config, source: str) -> None:
+    """Rules across keys (one key's own value is checked where it is read, with its line)."""
     problems: list[str] = []
-    if cfg.azure.cloud not in CLOUDS:
-        problems.append(f"azure.cloud must be one of {sorted(CLOUDS)}")
-    for cidr in cfg.proxy.trusted_cidrs:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            problems.append(f"proxy.trusted_cidrs: {cidr!r} is not a CIDR")
-    for listener in cfg.listeners:
-        try:
-            split_hostport(listener.address)
-        except ValueError as exc:
-            problems.append(f"listeners: {exc}")
-    if cfg.metrics.listen:
-        try:
-            split_hostport(cfg.metrics.listen)
-        except ValueError as exc:
-            problems.append(f"metrics.listen: {exc}")
     if not cfg.listeners:
         problems.append("listeners: at least one listener is needed")
-    if cfg.workers < 1:
-        problems.append("workers must be >= 1")
-    if not 5 <= cfg.challenge.ttl_seconds <= 3600:
-        problems.append("challenge.ttl_seconds must be within 5..3600")
-    if not 1024 <= cfg.limits.max_body_bytes <= 1024 * 1024:
-        problems.append("limits.max_body_bytes must be within 1024..1048576")
-    if cfg.limits.max_in_flight < 1 or cfg.limits.max_queue < 0:
-        problems.append("limits.max_in_flight must be >= 1 and limits.max_queue >= 0")
-    if not cfg.upstream.url.startswith("https://"):
-        problems.append("upstream.url must be https:// (the auth service is reached over mTLS)")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 

@@ -11,6 +11,9 @@ never half of one, and a secret is never readable by anyone else, not even for a
 4. ``fsync``\\ s the directory, so the rename itself survives a power cut.
 
 On any failure the temporary file is removed and the target is untouched.
+
+:func:`replace_symlink` does the same for a symbolic link (a set of files switched at once
+by pointing one link elsewhere), and :func:`fsync_directory` is step 4 on its own.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["SECRET_MODE", "write_atomic"]
+__all__ = ["SECRET_MODE", "fsync_directory", "replace_symlink", "write_atomic"]
 
 SECRET_MODE = 0o600
 _ATTEMPTS = 16
@@ -71,7 +74,33 @@ def write_atomic(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
+
+
+def replace_symlink(
+    link: str | os.PathLike[str], target: str, *, suffix: Callable[[], str] = _random_suffix
+) -> None:
+    """Point ``link`` at ``target`` in one rename: readers see the old target or the new.
+
+    The temporary link is made under a fresh name (``symlink`` never replaces an existing
+    name, like ``O_EXCL``); the caller fsyncs the directory once it has switched all it
+    switches."""
+    path = Path(link)
+    for _ in range(_ATTEMPTS):
+        tmp = path.with_name(f".{path.name}.{suffix()}.tmp")
+        try:
+            os.symlink(target, tmp)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"{path}: no free temporary name after {_ATTEMPTS} attempts")
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _create_temporary(target: Path, suffix: Callable[[], str]) -> tuple[int, Path]:
@@ -86,7 +115,8 @@ def _create_temporary(target: Path, suffix: Callable[[], str]) -> tuple[int, Pat
     raise FileExistsError(f"{target}: no free temporary name after {_ATTEMPTS} attempts")
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)

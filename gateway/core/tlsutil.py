@@ -13,6 +13,7 @@ the ``sha256:<hex>`` SPKI pin operators copy into node configs (DESIGN §7).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import os
@@ -45,6 +46,7 @@ __all__ = [
     "server_ssl_context",
     "sign_public_key",
     "spki_pin",
+    "ssh_key_pin",
     "write_pem_files",
 ]
 
@@ -282,6 +284,17 @@ def spki_pin(cert: x509.Certificate) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def ssh_key_pin(key: serialization.SSHPublicKeyTypes) -> str:
+    """``sha256:<hex>`` of an SSH public key's wire-format blob (the agent's ``ssh_ca_pin``).
+
+    The blob is what ``ssh-keygen -l`` hashes too (it prints the digest as base64); hex
+    keeps one pin format with :func:`spki_pin`.
+    """
+    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    blob = base64.b64decode(line.split()[1])
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def _harden(ctx: ssl.SSLContext) -> None:

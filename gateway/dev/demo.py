@@ -230,7 +230,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
         ]
         outcomes = await asyncio.gather(*tasks)
         storm = time.perf_counter() - storm_start
-        issued = _check_issued(stack, workdir, fleet.joiners)
+        issued = await _check_issued(stack, workdir, fleet.joiners)
         return _report(stack, outcomes, issued, storm, time.perf_counter() - started)
 
 
@@ -280,9 +280,11 @@ async def _stolen_token(
     return Outcome("another VM's document", "vm_binding_failed", got, seconds)
 
 
-def _check_issued(stack: DevStack, workdir: Path, joiners: Sequence[EmulatedVm]) -> dict[str, int]:
+async def _check_issued(
+    stack: DevStack, workdir: Path, joiners: Sequence[EmulatedVm]
+) -> dict[str, int]:
     """Count what the auth service issued and check every written certificate."""
-    records = stack.auth.records()
+    records = await stack.auth.records()
     ca_certs: list[x509.Certificate] = []
     valid = 0
     for vm in joiners:

@@ -1,24 +1,37 @@
 """The whole system on loopback: Azure emulator, reference auth service, gateway.
 
-Used by ``join-gateway demo``, the end-to-end tests and the benchmarks, so all three run
-the same wiring: real TLS on real sockets, the gateway's production dependencies
-(``production_deps``) pointed at the emulator through config only — the emulator's root
-as an extra pinned root, its Entra and ARM hosts as endpoint overrides, its AIA prefix
-allowed explicitly. Nothing in the gateway knows it is talking to an emulator.
+Used by ``join-gateway dev`` (:func:`run_dev`), ``join-gateway demo``, the end-to-end
+tests and the benchmarks, so all of them run the same wiring: real TLS on real sockets,
+the gateway's production dependencies (``production_deps``) pointed at the emulator
+through config only — the emulator's root as an extra pinned root, its Entra and ARM hosts
+as endpoint overrides, its AIA prefix allowed explicitly. Nothing in the gateway knows it
+is talking to an emulator.
 
 This module is not part of the product's serving path (``serve`` never imports it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from gateway.agent import AgentSettings
-from gateway.authservice import AuthService, init_auth_dir
+from gateway.authservice import AuthService, AuthSettings, init_auth_dir
 from gateway.core.clock import Clock
 from gateway.core.config import (
     AiaConfig,
@@ -29,16 +42,42 @@ from gateway.core.config import (
     TlsConfig,
     TokensConfig,
     UpstreamConfig,
+    dump_config,
 )
 from gateway.core.files import write_atomic
 from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
 from gateway.dev.emulator import AzureEmulator, EmulatedVm, Latency
+from gateway.dev.emulator.pki import INTERMEDIATE_CN
+from gateway.dev.redis_server import RedisServer, find_redis_server
 from gateway.join.challenge import write_new_keys_file
 from gateway.server.serve import GatewayServer
 
-__all__ = ["DEFAULT_TOKEN", "DevStack", "agent_settings", "dev_stack"]
+__all__ = [
+    "DEFAULT_TOKEN",
+    "DEV_SUBSCRIPTION",
+    "DevStack",
+    "agent_settings",
+    "dev_stack",
+    "run_dev",
+    "write_stack_files",
+]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN = "azure-token"  # noqa: S105 - a token *name*, not a secret (DESIGN §7)
+DEV_SUBSCRIPTION = "d0d0d0d0-1111-4111-8111-111111111111"
+DEV_TOKENS = f"""\
+kind: token
+version: v2
+metadata:
+  name: {DEFAULT_TOKEN}
+spec:
+  roles: [Node]
+  join_method: azure
+  azure:
+    allow:
+      - subscription: {DEV_SUBSCRIPTION}
+"""
 
 
 @dataclass
@@ -92,6 +131,7 @@ async def dev_stack(
     extra_ca_files: Sequence[Path] = (),
     start_gateway: bool = True,
     adjust: Callable[[Config], Config] | None = None,
+    auth_settings: AuthSettings | None = None,
 ) -> AsyncIterator[DevStack]:
     """Parameters: ``start_gateway=False`` prepares everything (files, config) but leaves
     the gateway to the caller — e.g. a ``join-gateway serve`` subprocess with workers."""
@@ -109,6 +149,7 @@ async def dev_stack(
                 tls_cert=paths.server_cert,
                 tls_key=paths.server_key,
                 client_ca=paths.gateway_client_ca,
+                settings=auth_settings,
             )
         )
 
@@ -137,6 +178,9 @@ async def dev_stack(
             challenge=ChallengeConfig(keys_file=str(keys_file)),
             azure=AzureConfig(
                 extra_ca_files=(str(emu_root), *map(str, extra_ca_files)),
+                # The emulator's issuing CA is no Azure name: request intermediates under
+                # it are accepted as an operator would for a newly rotated Azure CA.
+                known_issuer_names=(INTERMEDIATE_CN,),
                 vm_binding=vm_binding,
                 authority_host=emu.https_url,
                 arm_endpoint=emu.https_url,
@@ -170,3 +214,266 @@ async def dev_stack(
             config=config,
             gateway_ca_file=ca_file,
         )
+
+
+# --- join-gateway dev ----------------------------------------------------------------------
+
+
+def _node_config(stack: DevStack, vm: EmulatedVm, gateway_url: str) -> str:
+    """The Teleport-format node config an operator would write on this VM."""
+    azure = f"\n    azure:\n      client_id: {vm.client_id}" if vm.client_id else ""
+    proxy = gateway_url.removeprefix("https://")
+    return (
+        "version: v3\n"
+        "teleport:\n"
+        f"  nodename: {vm.name}\n"
+        f"  data_dir: {stack.workdir / 'vms' / vm.name}\n"
+        f"  proxy_server: {proxy}\n"
+        "  join_params:\n"
+        f"    token_name: {DEFAULT_TOKEN}\n"
+        f"    method: azure{azure}\n"
+    )
+
+
+def write_stack_files(
+    stack: DevStack,
+    vms: Sequence[EmulatedVm],
+    *,
+    gateway_url: str,
+    config: Config,
+    extra: dict[str, Any] | None = None,
+    announce: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Write ``gateway/gateway.yaml``, ``nodes/<vm>.yaml`` and, last, ``stack.json``
+    (its appearance means everything is ready); returns the path of ``stack.json``.
+    ``announce(info)`` runs just before ``stack.json`` appears (what a person reads is
+    on the terminal by the time a script sees the file)."""
+    wd = stack.workdir
+    config_path = wd / "gateway" / "gateway.yaml"
+    write_atomic(config_path, dump_config(config).encode(), mode=0o644, make_parents=True)
+    emu = stack.emulator
+    nodes = []
+    for vm in vms:
+        node_config = wd / "nodes" / f"{vm.name}.yaml"
+        node_config.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(node_config, _node_config(stack, vm, gateway_url).encode(), mode=0o644)
+        data_dir = wd / "vms" / vm.name
+        command = [
+            "join-gateway", "join",
+            "--config", str(node_config),
+            "--imds-url", vm.imds_url,
+            "--ca-file", str(stack.gateway_ca_file),
+            "--data-dir", str(data_dir),
+        ]  # fmt: skip
+        nodes.append(
+            {
+                "name": vm.name,
+                "vm_id": vm.vm_id,
+                "resource_id": vm.resource_id,
+                "subscription": vm.subscription,
+                "resource_group": vm.resource_group,
+                "identity": vm.identity,
+                "client_id": vm.client_id,
+                "node_config": str(node_config),
+                "imds_url": vm.imds_url,
+                "data_dir": str(data_dir),
+                "join_command": command,
+            }
+        )
+    info = {
+        "pid": os.getpid(),
+        "workdir": str(wd),
+        "gateway": {
+            "url": gateway_url,
+            "ca_file": str(stack.gateway_ca_file),
+            "config": str(config_path),
+            "workers": config.workers,
+            "replay_store": config.cache.backend,
+        },
+        "auth": {
+            "url": stack.auth.url,
+            "data_dir": str(wd / "auth"),
+            "ca_pin": stack.auth.ca_pin(),
+        },
+        "emulator": {
+            "https_url": emu.https_url,
+            "http_url": emu.http_url,
+            "aia_prefix": emu.aia_prefix,
+            "attestation_root_file": str(wd / "gateway" / "emulator-attestation-root.pem"),
+            "tls_ca_file": str(wd / "gateway" / "emulator-tls-ca.pem"),
+        },
+        "vms": nodes,
+        **(extra or {}),
+    }
+    path = wd / "stack.json"
+    if announce is not None:
+        announce(info)
+    write_atomic(path, json.dumps(info, indent=2).encode() + b"\n", mode=0o644)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_ready(url: str, ca_file: Path, proc: asyncio.subprocess.Process) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while loop.time() < deadline:
+            if proc.returncode is not None:
+                raise RuntimeError(f"the gateway exited with {proc.returncode} while starting")
+            try:
+                async with session.get(url + "/readyz", ssl=ctx) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"the gateway at {url} was not ready within 60 s")
+
+
+@asynccontextmanager
+async def _gateway_process(
+    config: Config, stack: DevStack
+) -> AsyncIterator[tuple[str, Config, asyncio.subprocess.Process]]:
+    """``join-gateway serve`` with several workers, as a child process of ours."""
+    port = _free_port()
+    config = dataclasses.replace(config, listeners=(ListenerConfig(f"127.0.0.1:{port}"),))
+    config_path = stack.workdir / "gateway" / "gateway.yaml"
+    write_atomic(config_path, dump_config(config).encode(), mode=0o644, make_parents=True)
+    log_path = stack.workdir / "gateway" / "gateway.log"
+    with log_path.open("ab") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", "serve", "-c", str(config_path),
+            stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+        )  # fmt: skip
+    url = f"https://127.0.0.1:{port}"
+    try:
+        await _wait_ready(url, stack.gateway_ca_file, proc)
+        yield url, config, proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)  # the supervisor drains and stops its workers
+            try:
+                await asyncio.wait_for(proc.wait(), config.shutdown_timeout_seconds + 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> int:
+    """``join-gateway dev``: the whole system on loopback until SIGTERM/SIGINT (exit 0).
+
+    One gateway worker runs in this process; several run as a ``join-gateway serve``
+    child sharing their replay store through a private redis-server (a challenge
+    redeemed on one worker must be refused on the others).
+    """
+    if not workdir.is_absolute():
+        raise ValueError("run_dev needs an absolute workdir (the files it writes name paths)")
+    if gateway_workers > 1 and find_redis_server() is None:
+        print(
+            "join-gateway dev: --gateway-workers > 1 needs a shared replay store, and "
+            "redis-server is not installed (apt-get install redis-server)",
+            file=sys.stderr,
+        )
+        return 3
+    rc = 0
+    stack_json = workdir / "stack.json"
+    # Its appearance means "ready": one left by an earlier session must not say so.
+    stack_json.unlink(missing_ok=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)  # only a flag: shutdown happens below
+    try:
+        async with AsyncExitStack() as exits:
+            redis: RedisServer | None = None
+            if gateway_workers > 1:
+                redis = RedisServer(workdir / "redis")
+                await asyncio.to_thread(redis.start)
+                exits.callback(redis.stop)
+
+            def adjust(config: Config) -> Config:
+                if redis is None:
+                    return config
+                return dataclasses.replace(
+                    config,
+                    workers=gateway_workers,
+                    cache=dataclasses.replace(config.cache, backend="redis", redis_url=redis.url),
+                )
+
+            stack = await exits.enter_async_context(
+                dev_stack(
+                    workdir, tokens_yaml=DEV_TOKENS, start_gateway=redis is None, adjust=adjust
+                )
+            )
+            tenant = stack.emulator.add_tenant()
+            fleet = [
+                stack.emulator.add_vm(
+                    subscription=DEV_SUBSCRIPTION,
+                    resource_group="rg-dev",
+                    name=f"vm-{i}",
+                    tenant=tenant,
+                    # Both kinds of managed identity, alternating.
+                    identity="user" if i % 2 else "system",
+                )
+                for i in range(1, vms + 1)
+            ]
+            gateway_proc: asyncio.subprocess.Process | None = None
+            if redis is None:
+                url = stack.gateway_url
+                port = int(url.rsplit(":", 1)[1])
+                config = dataclasses.replace(
+                    stack.config, listeners=(ListenerConfig(f"127.0.0.1:{port}"),)
+                )
+            else:
+                url, config, gateway_proc = await exits.enter_async_context(
+                    _gateway_process(stack.config, stack)
+                )
+            extra = {"redis_url": redis.url} if redis is not None else {}
+            write_stack_files(
+                stack, fleet, gateway_url=url, config=config, extra=extra, announce=_print_ready
+            )
+            if gateway_proc is None:
+                await stop.wait()
+            else:
+                # A gateway child that dies ends the session too, rather than leaving a
+                # stack.json that points at nothing.
+                waits = {
+                    asyncio.ensure_future(stop.wait()),
+                    asyncio.ensure_future(gateway_proc.wait()),
+                }
+                _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+                # (Ctrl+C reaches the child too: then it stopping is no failure.)
+                if gateway_proc.returncode is not None and not stop.is_set():
+                    print(
+                        f"join-gateway dev: the gateway exited ({gateway_proc.returncode}); "
+                        f"see {workdir / 'gateway' / 'gateway.log'}",
+                        file=sys.stderr,
+                    )
+                    rc = 1
+            print("join-gateway dev: stopping", flush=True)
+            stack_json.unlink(missing_ok=True)  # it would point at nothing
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    return rc
+
+
+def _print_ready(info: dict[str, Any]) -> None:
+    gw, auth, emu = info["gateway"], info["auth"], info["emulator"]
+    print(f"gateway       {gw['url']}  (CA {gw['ca_file']}, config {gw['config']})")
+    print(f"auth service  {auth['url']}  (data {auth['data_dir']})")
+    print(f"emulator      {emu['https_url']}  {emu['http_url']}")
+    print(f"stack         {Path(info['workdir']) / 'stack.json'}")
+    if info["vms"]:
+        first = info["vms"][0]
+        print(f"\njoin {first['name']} by hand:\n  {' '.join(first['join_command'])}")
+    print("\nrunning; Ctrl+C or SIGTERM stops everything", flush=True)

@@ -8,6 +8,7 @@ from gateway.core.audit import Auditor
 from gateway.core.config import Config
 from gateway.core.metrics import Metrics
 from gateway.http.admission import AdmissionController
+from gateway.http.framing import refuse_while_draining
 from gateway.http.keys import (
     ADMISSION,
     AUDITOR,
@@ -38,17 +39,21 @@ def make_app(
 ) -> web.Application:
     app = web.Application(
         # Outermost first: errors must be rendered for everything below, including
-        # aiohttp's own 404/405/413.
-        middlewares=[error_middleware],
+        # aiohttp's own 404/405/413; a request arriving during the drain is refused
+        # before any work.
+        middlewares=[error_middleware, refuse_while_draining],
         # The body cap applies to chunked bodies as well as to Content-Length.
         client_max_size=config.limits.max_body_bytes,
     )
     app[CONFIG] = config
     app[DEPS] = deps
     app[METRICS] = metrics or Metrics()
+    app.cleanup_ctx.append(app[METRICS].flush_on_cleanup)  # batched histograms, at shutdown
     app[STATE] = state or RuntimeState()
     app[AUDITOR] = auditor or Auditor(clock=deps.clock)
-    app[TRUSTED_PROXIES] = TrustedProxies(config.proxy.trusted_cidrs)
+    app[TRUSTED_PROXIES] = TrustedProxies(
+        config.proxy.trusted_cidrs, header=config.proxy.client_address_header
+    )
     limits = config.limits
     app[RATE_LIMITER] = ClientRateLimiter(
         rate=limits.per_client_rate, burst=limits.per_client_burst, clock=deps.clock

@@ -1,10 +1,15 @@
-"""HTTP framing errors rendered like every other error.
+"""The connection's side of HTTP: framing errors, header deadlines, the drain.
 
 aiohttp's parser refuses malformed HTTP (an oversized or NUL-bearing header, conflicting
 lengths, a request line too long) before any middleware runs, and its
 ``RequestHandler.handle_error`` answers with ``text/plain`` that echoes part of the
 request and logs an ERROR with a traceback. This handler answers with our JSON error
 body and stable code instead, logs one INFO line, and closes the connection.
+
+It also keeps each connection's phase — fresh, receiving headers, busy with a request,
+idle between requests — which gives every request's headers a deadline (slowloris) and
+lets the drain tell connections that must finish (busy) from those that must go (the
+rest). :class:`Connections` counts a worker's connections for the cap and runs the drain.
 
 The listeners build it through :func:`handler_factory` with the runner's own ``Server``
 as the connection manager, so the runner's graceful shutdown still tracks (and drains)
@@ -14,8 +19,9 @@ every connection.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -23,50 +29,200 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from gateway.core.errors import Code, GatewayError
+from gateway.core.errors import Code, GatewayError, Overloaded
 from gateway.http.middleware import render_error
 
-__all__ = ["JsonErrorRequestHandler", "handler_factory"]
+__all__ = [
+    "Connections",
+    "JsonErrorRequestHandler",
+    "Phase",
+    "handler_factory",
+    "refuse_while_draining",
+]
 
 log = logging.getLogger(__name__)
 
 
-class JsonErrorRequestHandler(RequestHandler):
-    """Also a deadline for the first request's headers on a connection (slowloris): a
-    client that connects and trickles its headers is cut off after ``header_timeout``.
-    Later requests on a kept-alive connection are not timed this way — that would close a
-    balancer's idle upstream connections under it — aiohttp's keep-alive timeout governs
-    idle connections, and the body has its own read deadline (``read_body``)."""
+class Phase(enum.Enum):
+    FRESH = "fresh"  # accepted (TLS done), nothing received yet
+    HEADERS = "headers"  # a request's first bytes are here, its headers are not complete
+    BUSY = "busy"  # a request is being handled (its body read, its answer written)
+    IDLE = "idle"  # kept alive after an answer, nothing of the next request yet
+
+
+class Connections:
+    """A worker's open connections: the cap, and the drain.
+
+    Parameters:
+
+    * max_connections — connections open at once, TLS handshakes included; beyond it the
+      listeners reset new connections at accept (``limits.max_connections``).
+    * on_refused — called once per connection refused for the cap (a metric).
+
+    The drain (:meth:`drain`): new requests are answered ``503 shutting_down`` with
+    ``Connection: close``; idle kept-alive connections close at once; connections still
+    in their handshake or without a complete request get ``grace`` seconds to send one
+    (and get the 503), then they are closed. Busy connections are left to the runner,
+    which lets their requests finish within ``shutdown_timeout_seconds``.
+    """
 
     def __init__(
-        self, manager: web.Server, *, header_timeout: float | None = None, **kwargs: Any
+        self, *, max_connections: int, on_refused: Callable[[], None] | None = None
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, not {max_connections!r}")
+        self._max = max_connections
+        self._on_refused = on_refused
+        self._handshaking = 0
+        self._handlers: set[JsonErrorRequestHandler] = set()
+        self._settled: asyncio.Event | None = None
+        self.draining = False
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return self._handshaking + len(self._handlers)
+
+    # --- the listeners' side (gateway.http.listener.Admission)
+
+    def admit(self) -> bool:
+        if len(self) >= self._max:
+            self.refused += 1
+            if self._on_refused is not None:
+                self._on_refused()
+            return False
+        self._handshaking += 1
+        return True
+
+    def handshake_done(self) -> None:
+        self._handshaking -= 1
+        self._check_settled()
+
+    # --- the handlers' side
+
+    def opened(self, handler: JsonErrorRequestHandler) -> None:
+        self._handlers.add(handler)
+
+    def closed(self, handler: JsonErrorRequestHandler) -> None:
+        self._handlers.discard(handler)
+        self._check_settled()
+
+    def phase_changed(self, handler: JsonErrorRequestHandler) -> None:
+        if self.draining and handler.phase is Phase.IDLE:
+            handler.close()  # its answer is on the way; the connection ends after it
+        self._check_settled()
+
+    # --- the drain
+
+    def unsettled(self) -> int:
+        """Connections that may still bring a request: handshaking, fresh, or mid-headers."""
+        waiting = sum(1 for h in self._handlers if h.phase in (Phase.FRESH, Phase.HEADERS))
+        return self._handshaking + waiting
+
+    def _check_settled(self) -> None:
+        if self._settled is not None and self.unsettled() == 0:
+            self._settled.set()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new requests, close idle connections now and the undecided ones after
+        ``grace`` seconds (sooner when they have all sent a request or gone)."""
+        self.draining = True
+        self._settled = asyncio.Event()
+        for handler in list(self._handlers):
+            if handler.phase is Phase.IDLE:
+                handler.force_close()
+        self._check_settled()
+        try:
+            async with asyncio.timeout(grace):
+                await self._settled.wait()
+        except TimeoutError:
+            pass
+        for handler in list(self._handlers):
+            if handler.phase is not Phase.BUSY:
+                handler.force_close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Connections open={len(self)}/{self._max} handshaking={self._handshaking} "
+            f"draining={self.draining} refused={self.refused}>"
+        )
+
+
+class JsonErrorRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with our error bodies and a deadline for every
+    request's headers (slowloris): a new connection's first request from the moment it
+    is handed over, each later one from its first byte — an idle kept-alive connection is
+    governed by ``keepalive_timeout`` instead, so a balancer's idle upstream connections
+    are not closed under it. The body has its own deadline (``read_body``)."""
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        header_timeout: float | None = None,
+        connections: Connections | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
+        self._connections = connections
+        self.phase = Phase.FRESH
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self._header_timeout:
+    @property
+    def draining(self) -> bool:
+        return self._connections is not None and self._connections.draining
+
+    def _set_phase(self, phase: Phase) -> None:
+        self.phase = phase
+        if self._connections is not None:
+            self._connections.phase_changed(self)
+
+    def _start_header_timer(self) -> None:
+        if self._header_timeout and self._header_timer is None and self.transport is not None:
             self._header_timer = asyncio.get_running_loop().call_later(
-                self._header_timeout, self._headers_too_slow, transport
+                self._header_timeout, self._headers_too_slow, self.transport
             )
 
-    def headers_arrived(self) -> None:
-        """Called by the first middleware: a request's headers were parsed."""
+    def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._connections is not None:
+            self._connections.opened(self)
+        self._start_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if data and self.phase in (Phase.FRESH, Phase.IDLE):
+            # The next request's first bytes: its headers are on the clock from now.
+            self._start_header_timer()
+            self._set_phase(Phase.HEADERS)
+        super().data_received(data)
+
+    def headers_arrived(self) -> None:
+        """Called by the first middleware: a request's headers were parsed."""
+        self._cancel_header_timer()
+        self._set_phase(Phase.BUSY)
+
+    def log_access(
+        self, request: BaseRequest, response: StreamResponse, time: float | None
+    ) -> None:
+        """aiohttp calls this once a request's answer is written: the connection is
+        idle until the next request's first byte."""
+        super().log_access(request, response, time)
+        self._set_phase(Phase.IDLE)
+
     def _headers_too_slow(self, transport: asyncio.BaseTransport) -> None:
         self._header_timer = None
-        log.info(
-            "closing a connection whose first request headers took over %ss", self._header_timeout
-        )
+        log.info("closing a connection whose request headers took over %ss", self._header_timeout)
         transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.headers_arrived()
+        self._cancel_header_timer()
+        if self._connections is not None:
+            self._connections.closed(self)
         super().connection_lost(exc)
 
     def handle_error(
@@ -97,13 +253,37 @@ class JsonErrorRequestHandler(RequestHandler):
 
 
 def handler_factory(
-    manager: web.Server, *, header_timeout: float | None = None, **kwargs: Any
+    manager: web.Server,
+    *,
+    header_timeout: float | None = None,
+    connections: Connections | None = None,
+    **kwargs: Any,
 ) -> Callable[[], RequestHandler]:
-    """A protocol factory for ``loop.create_server`` (and the PROXY-protocol listener)."""
+    """A protocol factory for the listeners (``gateway.http.listener``). ``kwargs`` go to
+    aiohttp's ``RequestHandler`` (``keepalive_timeout``, ``access_log``)."""
 
     def make() -> RequestHandler:
         return JsonErrorRequestHandler(
-            manager, loop=asyncio.get_running_loop(), header_timeout=header_timeout, **kwargs
+            manager,
+            loop=asyncio.get_running_loop(),
+            header_timeout=header_timeout,
+            connections=connections,
+            **kwargs,
         )
 
     return make
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def refuse_while_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request whose headers arrive once the drain began is not started: ``503
+    shutting_down`` and ``Connection: close`` tell the client (or balancer) that nothing
+    was done and another replica will do it — a reset would leave that unknown."""
+    if getattr(request.protocol, "draining", False):
+        resp = render_error(Overloaded(Code.SHUTTING_DOWN, retry_after=1.0))
+        resp.force_close()
+        return resp
+    return await handler(request)

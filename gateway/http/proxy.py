@@ -2,17 +2,19 @@
 
 The client address feeds rate limits, audit records and the registration sent upstream,
 so it must not be something a client can choose. Only a peer inside the configured
-trusted CIDRs may speak for the client, through ``Forwarded`` (RFC 7239) or
-``X-Forwarded-For``; from anyone else those headers are ignored. A PROXY-protocol
-listener (``gateway.http.proxyproto``) supplies the peer for connections that came through
-a TCP load balancer, and the headers are applied on top of that.
+trusted CIDRs may speak for the client, and only through the one header the operator
+named (``proxy.client_address_header``: ``X-Forwarded-For``, the default, or RFC 7239
+``Forwarded``); from anyone else no header is read. A PROXY-protocol listener
+(``gateway.http.proxyproto``) supplies the peer for connections that came through a TCP
+load balancer, and the header is applied on top of that.
 
 Rules, decided once here so every caller agrees:
 
-* ``Forwarded`` wins when present (any line); ``X-Forwarded-For`` is read only without
-  it. Several header lines are one list, in order. The operator's proxy must append to
-  (or strip) the header it is trusted for: a client-supplied ``Forwarded`` that a proxy
-  passes through untouched would otherwise be believed.
+* One header, never both: the other one is ignored even from a trusted peer. A balancer
+  sets (or appends to) the header it speaks and passes the other through untouched, so
+  reading both — or preferring one when present — would let a client choose its address
+  by sending the header the balancer does not touch. Several lines of the header are one
+  list, in order.
 * The list is walked from the right (nearest hop first). Hops that are trusted proxies
   are skipped; the first untrusted hop is the client. If every hop is trusted, the
   left-most one is the client.
@@ -33,7 +35,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from typing import Final, Literal
 
 from aiohttp import web
 
@@ -41,6 +43,7 @@ from gateway.core.errors import BadRequest, Code
 from gateway.http.proxyproto import proxied_peer
 
 __all__ = [
+    "CLIENT_ADDRESS_HEADERS",
     "MAX_HEADER_CHARS",
     "MAX_HOPS",
     "Headers",
@@ -59,6 +62,9 @@ Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 MAX_HOPS: Final = 32
 MAX_HEADER_CHARS: Final = 8192
+
+ClientAddressHeader = Literal["x-forwarded-for", "forwarded"]
+CLIENT_ADDRESS_HEADERS: Final[tuple[ClientAddressHeader, ...]] = ("x-forwarded-for", "forwarded")
 
 _UNKNOWN: Final = None  # a hop that does not say who it is
 _PORT = r"[0-9]{1,5}"
@@ -81,17 +87,25 @@ def parse_ip(value: str) -> IPAddress | None:
 
 
 class TrustedProxies:
-    """The CIDRs whose peers may name the client.
+    """The CIDRs whose peers may name the client, and the one header they name it in.
 
     Parameters:
 
     * cidrs — networks such as ``10.0.0.0/8`` or ``fd00::/8``; host bits are allowed
       (``10.1.2.3/8`` means ``10.0.0.0/8``). A bad entry raises ``ValueError`` naming it.
+    * header — ``"x-forwarded-for"`` (default) or ``"forwarded"``: the only header read.
     """
 
-    def __init__(self, cidrs: Sequence[str]) -> None:
+    def __init__(
+        self, cidrs: Sequence[str], *, header: ClientAddressHeader = "x-forwarded-for"
+    ) -> None:
         if isinstance(cidrs, str):
             raise TypeError("cidrs must be a sequence of strings, not one string")
+        if header not in CLIENT_ADDRESS_HEADERS:
+            raise ValueError(
+                f"client address header {header!r} is not one of {CLIENT_ADDRESS_HEADERS}"
+            )
+        self.header: ClientAddressHeader = header
         nets: list[IPNetwork] = []
         for cidr in cidrs:
             try:
@@ -114,7 +128,8 @@ class TrustedProxies:
         return any(addr in net for net in self._v6)
 
     def __repr__(self) -> str:
-        return f"TrustedProxies({[str(n) for n in (*self._v4, *self._v6)]!r})"
+        nets = [str(n) for n in (*self._v4, *self._v6)]
+        return f"TrustedProxies({nets!r}, header={self.header!r})"
 
 
 def _bad(detail: str) -> BadRequest:
@@ -237,10 +252,12 @@ def _forwarded_for_values(value: str) -> list[str | None]:
     return out
 
 
-def _hops(headers: Headers) -> list[IPAddress | None] | None:
-    """The hops the headers claim, left (farthest) to right; ``None`` if no header."""
-    forwarded = _header_lines(headers, "Forwarded")
-    if forwarded:
+def _hops(headers: Headers, header: ClientAddressHeader) -> list[IPAddress | None] | None:
+    """The hops ``header`` claims, left (farthest) to right; ``None`` if it is absent."""
+    if header == "forwarded":
+        forwarded = _header_lines(headers, "Forwarded")
+        if not forwarded:
+            return None
         fors = _forwarded_for_values(_joined(forwarded, "Forwarded"))
         if len(fors) > MAX_HOPS:
             raise _bad(f"Forwarded has {len(fors)} elements, more than {MAX_HOPS}")
@@ -248,15 +265,15 @@ def _hops(headers: Headers) -> list[IPAddress | None] | None:
             raise _bad("Forwarded has no elements")
         return [_UNKNOWN if v is None else _parse_node(v, "Forwarded") for v in fors]
     xff = _header_lines(headers, "X-Forwarded-For")
-    if xff:
-        # RFC 9110 §5.6.1: recipients ignore empty list elements.
-        items = [p for p in _joined(xff, "X-Forwarded-For").split(",") if p.strip()]
-        if len(items) > MAX_HOPS:
-            raise _bad(f"X-Forwarded-For has {len(items)} hops, more than {MAX_HOPS}")
-        if not items:
-            raise _bad("X-Forwarded-For has no addresses")
-        return [_parse_node(p, "X-Forwarded-For") for p in items]
-    return None
+    if not xff:
+        return None
+    # RFC 9110 §5.6.1: recipients ignore empty list elements.
+    items = [p for p in _joined(xff, "X-Forwarded-For").split(",") if p.strip()]
+    if len(items) > MAX_HOPS:
+        raise _bad(f"X-Forwarded-For has {len(items)} hops, more than {MAX_HOPS}")
+    if not items:
+        raise _bad("X-Forwarded-For has no addresses")
+    return [_parse_node(p, "X-Forwarded-For") for p in items]
 
 
 def effective_client_address(peer_ip: str, headers: Headers, trusted: TrustedProxies) -> str:
@@ -270,7 +287,7 @@ def effective_client_address(peer_ip: str, headers: Headers, trusted: TrustedPro
     peer = parse_ip(peer_ip)
     if peer is None or not trusted.is_trusted(peer):
         return str(peer) if peer is not None else peer_ip
-    hops = _hops(headers)
+    hops = _hops(headers, trusted.header)
     if hops is None:
         return str(peer)
     last_known: IPAddress = peer

@@ -8,11 +8,11 @@ sending a PROXY header before the first TLS byte
   ``(None, 0)`` while the header is incomplete; malformed input raises
   :class:`ProxyProtocolError` as early as the bytes allow (a TLS ClientHello fails on its
   first byte instead of waiting for the timeout).
-* :func:`serve_proxy_protocol` — the listener. It accepts connections itself, closes
-  those from untrusted peers (only a trusted proxy may speak for the client), reads the
-  header without consuming a single TLS byte, and then hands the socket to aiohttp's
-  low-level server with ``loop.connect_accepted_socket``. The proxied source is kept per
-  transport and read back with :func:`proxied_peer`.
+* :func:`serve_proxy_protocol` — the listener (``gateway.http.listener``'s accept loop).
+  It closes connections from untrusted peers (only a trusted proxy may speak for the
+  client), reads the header without consuming a single TLS byte, and then hands the
+  socket to aiohttp's low-level server with ``loop.connect_accepted_socket``. The
+  proxied source is kept per transport and read back with :func:`proxied_peer`.
 
 Why peek: the header's end is only known from its content (v1 ends at CRLF), so the
 listener peeks with ``MSG_PEEK``; while the header is incomplete every peeked byte is a
@@ -23,7 +23,6 @@ header's length is received and the TLS bytes stay in the kernel for the TLS tra
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
@@ -32,6 +31,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
+
+from gateway.http.listener import Admission, Listener, Refused
 
 __all__ = [
     "MAX_V2_LENGTH",
@@ -57,7 +58,6 @@ V2_FIXED: Final = 16
 # A cap keeps a trusted-but-broken peer from making us buffer 64 KiB per connection.
 MAX_V2_LENGTH: Final = 4096
 _PEEK: Final = V2_FIXED + MAX_V2_LENGTH
-_ACCEPT_RETRY_DELAY: Final = 1.0
 
 
 class ProxyProtocolError(Exception):
@@ -298,12 +298,14 @@ async def read_proxy_header(sock: socket.socket) -> ProxyInfo:
             raise ProxyProtocolError(f"reading the header failed: {exc}") from exc
 
 
-class ProxyProtocolListener:
+class ProxyProtocolListener(Listener):
     """A listening socket whose connections start with a PROXY header.
 
-    Parameters (see :func:`serve_proxy_protocol`). ``close()`` stops accepting and drops
-    connections still sending their header; connections handed to aiohttp belong to its
-    server (``runner.cleanup()`` drains them).
+    The accept loop, connection cap and TLS handover are :class:`Listener`'s; before the
+    handover this closes connections from untrusted peers (only a trusted proxy may speak
+    for the client) and reads the header within ``header_timeout``. ``close()`` stops
+    accepting and drops connections still sending their header; connections handed to
+    aiohttp belong to its server (``runner.cleanup()`` drains them).
     """
 
     def __init__(
@@ -315,125 +317,36 @@ class ProxyProtocolListener:
         trusted: PeerPolicy,
         header_timeout: float,
         ssl_handshake_timeout: float = 60.0,
+        admission: Admission | None = None,
+        owns_socket: bool = False,
     ) -> None:
         if header_timeout <= 0:
             raise ValueError(f"header_timeout must be > 0, not {header_timeout!r}")
-        self._sock = sock
-        self._factory = handler_factory
-        self._ssl = ssl_context
+        super().__init__(
+            sock,
+            handler_factory=handler_factory,
+            ssl_context=ssl_context,
+            admission=admission,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            owns_socket=owns_socket,
+        )
         self._trusted = trusted
         self._timeout = header_timeout
-        self._ssl_handshake_timeout = ssl_handshake_timeout
-        self._accept_task: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[None]] = set()
-        self._closed = False
-        self.accepted = 0
-        self.refused = 0
 
-    @property
-    def sockname(self) -> tuple[str, int]:
-        name = self._sock.getsockname()
-        return str(name[0]), int(name[1])
-
-    def start(self) -> None:
-        self._sock.setblocking(False)
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
-
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            try:
-                conn, addr = await loop.sock_accept(self._sock)
-            except asyncio.CancelledError:
-                raise
-            except OSError as exc:
-                if self._closed:
-                    return
-                # EMFILE and friends: back off as asyncio's own accept loop does.
-                log.error("accept failed on a PROXY listener: %s", exc)
-                await asyncio.sleep(_ACCEPT_RETRY_DELAY)
-                continue
-            task = loop.create_task(self._handle(conn, addr))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-
-    async def _handle(self, conn: socket.socket, addr: object) -> None:
-        peer = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
-        conn.setblocking(False)
+    async def _before_handover(
+        self, conn: socket.socket, peer: str
+    ) -> Callable[[asyncio.Protocol], asyncio.Protocol]:
         if not self._trusted.is_trusted(peer):
-            self.refused += 1
             log.warning("PROXY listener: refused %s, not a trusted proxy", peer)
-            conn.close()
-            return
+            raise Refused(peer)
         try:
             async with asyncio.timeout(self._timeout):
                 info = await read_proxy_header(conn)
         except (ProxyProtocolError, TimeoutError) as exc:
-            self.refused += 1
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
             log.warning("PROXY listener: dropped %s: %s", peer, reason)
-            conn.close()
-            return
-        except BaseException:
-            conn.close()
-            raise
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.connect_accepted_socket(
-                lambda: _Tracked(self._factory(), info),
-                conn,
-                ssl=self._ssl,
-                ssl_handshake_timeout=self._ssl_handshake_timeout if self._ssl else None,
-            )
-        except OSError as exc:  # includes ssl.SSLError, resets and handshake timeouts
-            self.refused += 1
-            log.info("PROXY listener: handshake with %s failed: %s", peer, exc)
-            conn.close()
-            return
-        except Exception:
-            # A background task's error would otherwise vanish; the connection is
-            # dropped, the listener keeps serving, the traceback is logged.
-            self.refused += 1
-            log.exception("PROXY listener: handing %s to the server failed", peer)
-            conn.close()
-            return
-        self.accepted += 1
-
-    def close(self) -> None:
-        """Stop accepting and drop connections still in the header phase."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-        for task in self._pending:
-            task.cancel()
-        # The accept task's own cancellation removes its reader first; only then may the
-        # descriptor be closed (and its number reused).
-        if self._accept_task is not None and not self._accept_task.done():
-            self._accept_task.add_done_callback(lambda _: self._sock.close())
-        else:
-            self._sock.close()
-
-    async def aclose(self) -> None:
-        self.close()
-        tasks = [t for t in (self._accept_task, *self._pending) if t is not None]
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def __aenter__(self) -> ProxyProtocolListener:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return (
-            f"<ProxyProtocolListener {state} pending={len(self._pending)} "
-            f"accepted={self.accepted} refused={self.refused}>"
-        )
+            raise Refused(peer) from exc
+        return lambda inner: _Tracked(inner, info)
 
 
 async def serve_proxy_protocol(
@@ -444,6 +357,8 @@ async def serve_proxy_protocol(
     trusted: PeerPolicy,
     header_timeout: float = 5.0,
     ssl_handshake_timeout: float = 60.0,
+    admission: Admission | None = None,
+    owns_socket: bool = False,
 ) -> ProxyProtocolListener:
     """Start accepting on the bound, listening ``sock``.
 
@@ -456,6 +371,7 @@ async def serve_proxy_protocol(
     * header_timeout — seconds a trusted peer has to send the whole header.
     * ssl_handshake_timeout — seconds for the TLS handshake after the header (asyncio's
       default).
+    * admission, owns_socket — the connection cap and socket ownership (:class:`Listener`).
     """
     listener = ProxyProtocolListener(
         sock,
@@ -464,6 +380,8 @@ async def serve_proxy_protocol(
         trusted=trusted,
         header_timeout=header_timeout,
         ssl_handshake_timeout=ssl_handshake_timeout,
+        admission=admission,
+        owns_socket=owns_socket,
     )
     listener.start()
     return listener

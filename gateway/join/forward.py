@@ -41,7 +41,7 @@ from gateway.core.httputil import (
     parse_retry_after,
     read_capped,
 )
-from gateway.protocol import HEALTH_PATH, REGISTER_PATH, RegisterResult, Registration
+from gateway.protocol import HEALTH_PATH, REGISTER_PATH, ErrorBody, RegisterResult, Registration
 
 __all__ = ["AuthClient", "BreakerState", "CircuitBreaker"]
 
@@ -363,7 +363,7 @@ def _transport_error(exc: BaseException, timeout: float | None) -> Exception:
 def _error_summary(raw: bytes) -> str:
     """``code: message`` from an error body, or a short prefix of whatever came back."""
     try:
-        err = json.loads(raw)["error"]
-        return f"{err['code']}: {err['message']}"[:300]
-    except (ValueError, KeyError, TypeError):
-        return repr(raw[:200])
+        err = ErrorBody.from_json(json.loads(raw))
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError
+        err = None
+    return f"{err.code}: {err.message}"[:300] if err is not None else repr(raw[:200])

@@ -8,7 +8,7 @@ imports another for a type or a rule. One definition of each type, each rule, ea
 
 from __future__ import annotations
 
-from gateway.protocol.errors import CODES, Code, CodeInfo, RegisterCode, WireError
+from gateway.protocol.errors import CODES, Code, CodeInfo, ErrorBody, RegisterCode, WireError
 from gateway.protocol.join import (
     CHALLENGE_ALPHABET,
     CHALLENGE_LENGTH,
@@ -61,6 +61,7 @@ __all__ = [
     "ChallengeResponse",
     "Code",
     "CodeInfo",
+    "ErrorBody",
     "HostParams",
     "JoinBlock",
     "JoinRequest",

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["CODES", "Code", "CodeInfo", "RegisterCode", "WireError"]
+__all__ = ["CODES", "Code", "CodeInfo", "ErrorBody", "RegisterCode", "WireError"]
 
 
 class Code(StrEnum):
@@ -71,6 +71,7 @@ class Code(StrEnum):
     AZURE_BUDGET_EXHAUSTED = "azure_budget_exhausted"
     REPLAY_STORE_UNAVAILABLE = "replay_store_unavailable"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    SHUTTING_DOWN = "shutting_down"
     # 502
     UPSTREAM_FAILED = "upstream_failed"
     # 500
@@ -181,6 +182,9 @@ CODES: dict[Code, CodeInfo] = {
     Code.UPSTREAM_UNAVAILABLE: CodeInfo(
         503, True, "The auth service is unreachable (circuit open); honour Retry-After."
     ),
+    Code.SHUTTING_DOWN: CodeInfo(
+        503, True, "This replica is draining and did not start the request: send it again."
+    ),
     Code.UPSTREAM_FAILED: CodeInfo(502, True, "The auth service answered with an error."),
     Code.INTERNAL_ERROR: CodeInfo(500, True, "A bug: the gateway failed unexpectedly."),
 }
@@ -196,9 +200,39 @@ class RegisterCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     BODY_TOO_LARGE = "body_too_large"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    HOST_LOCKED = "host_locked"
+    REGISTRY_UNAVAILABLE = "registry_unavailable"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """``{"error": {"code", "message"}}``: the body of every refusal, in both APIs."""
+
+    code: str
+    message: str
+
+    # What a reader keeps of a body from the other end (it may not be ours: a proxy).
+    MAX_CODE = 100
+    MAX_MESSAGE = 500
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+    @classmethod
+    def from_json(cls, body: object) -> ErrorBody | None:
+        """The error of a decoded body, or None when it is not one (a proxy's HTML page,
+        an empty body): the caller falls back on the HTTP status. Long fields are cut."""
+        err = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(err, dict):
+            return None
+        code, message = err.get("code"), err.get("message")
+        if not isinstance(code, str) or not code:
+            return None
+        text = message if isinstance(message, str) else ""
+        return cls(code[: cls.MAX_CODE], text[: cls.MAX_MESSAGE])
 
 
 class WireError(ValueError):

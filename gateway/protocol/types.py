@@ -123,6 +123,9 @@ class RegisterResult:
     tls_cert: str
     tls_ca_certs: tuple[str, ...]
     ssh_ca_keys: tuple[str, ...]
+    # Whether the auth service treated the join as a renewal of an existing host (same
+    # host ID) or as a new host; None when the auth service does not say (optional field).
+    renewal: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The wire ``certs`` object (of the registration answer and the join response)."""
@@ -135,7 +138,10 @@ class RegisterResult:
 
     def body_json(self) -> dict[str, Any]:
         """The whole ``200`` body of ``POST /v1/register``."""
-        return {"host_id": self.host_id, "certs": self.to_json()}
+        body: dict[str, Any] = {"host_id": self.host_id, "certs": self.to_json()}
+        if self.renewal is not None:
+            body["renewal"] = self.renewal
+        return body
 
     @classmethod
     def from_json(cls, body: object) -> RegisterResult:
@@ -154,12 +160,16 @@ class RegisterResult:
             raise ValueError("certs.ssh missing or not a string")
         if not isinstance(tls_cert, str) or not tls_cert:
             raise ValueError("certs.tls missing or not a string")
+        renewal = body.get("renewal")
+        if renewal is not None and not isinstance(renewal, bool):
+            raise ValueError("renewal must be a boolean")
         return cls(
             host_id=host_id,
             ssh_cert=ssh_cert,
             tls_cert=tls_cert,
             tls_ca_certs=_str_list(certs.get("tls_ca_certs"), "certs.tls_ca_certs"),
             ssh_ca_keys=_str_list(certs.get("ssh_ca_keys"), "certs.ssh_ca_keys"),
+            renewal=renewal,
         )
 
 

@@ -1,8 +1,10 @@
 """Listeners, TLS and the process lifecycle (aiohttp's runner/site split, uvicorn's shutdown).
 
 ``GatewayServer`` owns one app: ``start()`` builds dependencies (unless given), sets up
-an ``AppRunner`` and one ``SockSite`` per listener; ``stop()`` drains: readiness turns
-unready, sites stop accepting, in-flight joins finish within ``shutdown_timeout_seconds``,
+an ``AppRunner`` and one accept loop per listener (``gateway.http.listener``: the
+connection cap acts before TLS); ``stop()`` drains: readiness turns unready, the listeners
+stop accepting (the kernel refuses new connections), connections without a complete
+request get a short grace, in-flight joins finish within ``shutdown_timeout_seconds``,
 then resources close in reverse order. ``run(config)`` is the ``serve`` command:
 signal handlers only set flags; the main task does the work.
 """
@@ -11,27 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
+import sys
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from aiohttp import web
 
 from gateway.core.audit import Auditor
 from gateway.core.clock import Clock, SystemClock
-from gateway.core.config import Config, ConfigError, split_hostport
+from gateway.core.config import Config, ConfigError, check_single_use, split_hostport
 from gateway.core.metrics import Metrics
 from gateway.core.tlsutil import server_ssl_context
 from gateway.http.app import make_app
-from gateway.http.framing import handler_factory
+from gateway.http.framing import Connections, handler_factory
 from gateway.http.keys import RuntimeState
+from gateway.http.listener import Listener
 from gateway.http.proxy import TrustedProxies
 from gateway.http.proxyproto import serve_proxy_protocol
-from gateway.join.challenge import ChallengeCodec, load_keys_file
-from gateway.join.deps import TokenHolder, production_deps
+from gateway.join.deps import production_deps
 from gateway.join.pipeline import JoinDeps
 from gateway.server.supervisor import supervise
 
@@ -90,6 +95,8 @@ class GatewayServer:
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
         self.listeners: list[BoundListener] = []
+        self._accepting: list[Listener] = []
+        self.connections: Connections | None = None
         self.metrics_port: int | None = None
 
     @property
@@ -140,31 +147,52 @@ class GatewayServer:
         self._stack.push_async_callback(runner.cleanup)
         ctx = self.server_ssl_context()
         assert runner.server is not None
-        # Our handler renders HTTP framing errors as JSON with a code; the runner's Server
-        # stays the connection manager, so runner.cleanup() still drains every connection.
+        limits = self.config.limits
+        self.connections = Connections(
+            max_connections=limits.max_connections,
+            on_refused=self._metrics.connections_refused.labels(reason="over_cap").inc,
+        )
+        # Our handler renders HTTP framing errors as JSON with a code, times every
+        # request's headers and keeps each connection's phase for the drain; the runner's
+        # Server stays the connection manager, so runner.cleanup() still drains them all.
         factory = handler_factory(
             runner.server,
             access_log=None,
-            header_timeout=self.config.limits.header_read_timeout_seconds,
+            header_timeout=limits.header_read_timeout_seconds,
+            keepalive_timeout=limits.keepalive_timeout_seconds,
+            connections=self.connections,
         )
-        loop = asyncio.get_running_loop()
+        # Sockets we bound ourselves are ours to stop listening on; a supervisor's are
+        # shared with the other workers, and the supervisor stops them (see listener.py).
+        owns = self._sockets is None
         for i, listener in enumerate(self.config.listeners):
             sock = self._sockets[i] if self._sockets is not None else bind_socket(listener.address)
+            accepting: Listener
             if listener.proxy_protocol:
-                # Our own accept loop reads the PROXY header, then hands the socket to
-                # the runner's server; closed before runner.cleanup() (LIFO) drains.
-                pp = await serve_proxy_protocol(
+                # The PROXY header is read before TLS, from trusted proxies only.
+                accepting = await serve_proxy_protocol(
                     sock,
                     handler_factory=factory,
                     ssl_context=ctx,
                     trusted=TrustedProxies(self.config.proxy.trusted_cidrs),
+                    ssl_handshake_timeout=limits.header_read_timeout_seconds,
+                    admission=self.connections,
+                    owns_socket=owns,
                 )
-                self._stack.push_async_callback(pp.aclose)
             else:
-                server = await loop.create_server(factory, sock=sock, ssl=ctx)
-                # Closed before runner.cleanup() (LIFO): stop accepting, then drain. Only
-                # close(): on 3.12+ wait_closed() would wait for the drain that follows.
-                self._stack.callback(server.close)
+                accepting = Listener(
+                    sock,
+                    handler_factory=factory,
+                    ssl_context=ctx,
+                    ssl_handshake_timeout=limits.header_read_timeout_seconds,
+                    admission=self.connections,
+                    owns_socket=owns,
+                )
+                accepting.start()
+            # Closed before runner.cleanup() (LIFO): handshakes not done by then are
+            # dropped, then the runner drains the connections it has.
+            self._stack.push_async_callback(accepting.aclose)
+            self._accepting.append(accepting)
             self.listeners.append(
                 BoundListener(listener.address, sock.getsockname()[1], listener.proxy_protocol)
             )
@@ -202,38 +230,20 @@ class GatewayServer:
         self.metrics_port = sock.getsockname()[1]
 
     def reload(self) -> bool:
-        """SIGHUP: re-read the token files and the challenge keys file. Each part that
-        fails to load keeps its previous version (and says why); joins are not dropped."""
-        return self.reload_tokens() & self.reload_challenge_keys()
-
-    def reload_tokens(self) -> bool:
-        tokens = self.deps.tokens
-        if not isinstance(tokens, TokenHolder):
-            return False
-        try:
-            tokens.reload()
-        except (ConfigError, OSError, ValueError) as exc:
-            log.error("token reload failed, keeping the previous tokens: %s", exc)
-            return False
-        log.info("tokens reloaded from %s", ", ".join(str(p) for p in tokens.paths))
-        return True
-
-    def reload_challenge_keys(self) -> bool:
-        deps = self.deps
-        path = self.config.path(self.config.challenge.keys_file)
-        try:
-            keys = load_keys_file(path)
-        except (OSError, ValueError) as exc:
-            log.error("challenge keys reload failed, keeping the previous keys: %s", exc)
-            return False
-        # One attribute swap: a join in flight keeps the codec it started with.
-        deps.challenges = ChallengeCodec(keys, ttl=deps.challenges.ttl, clock=deps.clock)
-        log.info("challenge keys reloaded: %d key(s)", len(keys))
-        return True
+        """SIGHUP: re-read the token files and the challenge keys file. Each holder swaps
+        whole or, when its file is bad, keeps its previous version (and says why)."""
+        return all([holder.reload() for holder in self.deps.reloadables()])
 
     async def stop(self) -> None:
-        """Drain and close: unready first, then stop accepting, finish in-flight, clean up."""
+        """Drain and close: unready; stop accepting; connections without a complete
+        request get ``shutdown_grace_seconds`` to send one (answered 503 shutting_down)
+        and are closed; requests already read finish within ``shutdown_timeout_seconds``;
+        then resources close in reverse order."""
         self.state.draining = True
+        for accepting in self._accepting:
+            accepting.stop_accepting()
+        if self.connections is not None:
+            await self.connections.drain(self.config.shutdown_grace_seconds)
         await self._stack.aclose()
 
     async def __aenter__(self) -> GatewayServer:
@@ -314,10 +324,30 @@ def _run_loop(
     return int(uvloop.run(_serve(config, sockets, msock)))
 
 
-def run(config: Config, *, metrics_dir: Path | None = None) -> int:
-    """The ``serve`` command: one process, or a supervisor and ``config.workers`` workers."""
+def run(config: Config, *, metrics_dir: Path | None = None) -> NoReturn:
+    """The ``serve`` command: one process, or a supervisor and ``config.workers`` workers.
+
+    Exits the process with the exit code. By then the drain has closed every resource
+    explicitly, so the interpreter's teardown — collecting every module's objects, most
+    of a second of CPU on a busy host and longer than the drain itself — is skipped.
+    """
+    code = _run(config, metrics_dir)
+    if "cProfile" in sys.modules:  # the benchmark's profiled run writes its stats at exit
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(config: Config, metrics_dir: Path | None) -> int:
     if config.workers == 1:
         return _run_loop(config, None, None)
+    try:
+        check_single_use(config, "workers")  # a Config built in code skips load_config
+    except ConfigError as exc:
+        log.error("startup failed: %s", exc)
+        return 3
     try:
         listeners, msock = bind_all(config)
     except OSError as exc:
@@ -333,6 +363,7 @@ def run(config: Config, *, metrics_dir: Path | None = None) -> int:
         workers=config.workers,
         sockets=sockets,
         worker_main=worker_main,
-        shutdown_timeout=config.shutdown_timeout_seconds + config.drain_delay_seconds,
+        drain_delay=config.drain_delay_seconds,
+        shutdown_timeout=config.shutdown_timeout_seconds + config.shutdown_grace_seconds,
         metrics_dir=metrics_dir,
     )

@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from benchmarks import cms_parse
 from benchmarks.join_storm import REQUIRED_KEYS, Arrival, arm_call_count
+from benchmarks.stage_sampler import STAGES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,6 +99,35 @@ def test_floor_is_the_sum_of_its_parts(storm: tuple[Path, dict[str, Any]]) -> No
     assert res["cpu_vs_floor"] == pytest.approx(
         res["gateway_cpu_s_per_join"] / res["floor_cpu_s_per_join"], rel=0.02
     )
+
+
+def test_cpu_stages_add_up_to_the_measured_cpu(storm: tuple[Path, dict[str, Any]]) -> None:
+    _, res = storm
+    stages = res["cpu_stages"]
+    assert set(stages["us_per_join"]) == set(STAGES)
+    assert stages["sampled_s_per_join"] > 0, stages
+    assert sum(stages["us_per_join"].values()) == pytest.approx(
+        res["gateway_cpu_s_per_join"] * 1e6, rel=0.01
+    ), stages
+    # Every join pays a server handshake and a document check: both must be seen.
+    assert stages["us_per_join"]["TLS handshake (server)"] > 0, stages
+    assert stages["us_per_join"]["document"] > 0, stages
+
+
+def test_the_cms_benchmark_measures_both_readers(tmp_path: Path) -> None:
+    """benchmarks/cms_parse.py, tiny: both paths measured on every genuine document."""
+    assert cms_parse.main(["--rounds", "1", "--iterations", "3", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["documents"] == len(cms_parse._genuine())  # every genuine real document
+    assert set(res["mean"]) == {
+        "parse_asn1crypto",
+        "parse_strict",
+        "verify_asn1crypto",
+        "verify_strict",
+    }
+    assert all(v > 0 for v in res["mean"].values())
+    assert res["ratio_parse"] > 0 and res["ratio_verify"] > 0
+    assert (tmp_path / "cms_parse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_is_written(storm: tuple[Path, dict[str, Any]]) -> None:

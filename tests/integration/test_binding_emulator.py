@@ -10,25 +10,35 @@ the caches, so refills, TTLs and ``Retry-After`` are exact and nothing sleeps.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from gateway.agent import make_ssl_context, run_join
 from gateway.azure.arm import ArmClient
 from gateway.azure.budget import SubscriptionBudget
 from gateway.azure.jwks import JwksClient, TokenVerifier
 from gateway.azure.token import TokenClaims
+from gateway.azure.vm_directory import VmDirectory
 from gateway.core.clock import FixedClock
 from gateway.core.cloud import CLOUDS
+from gateway.core.config import Config
 from gateway.core.errors import Code, GatewayError, Overloaded
+from gateway.dev.devstack import agent_settings, dev_stack
 from gateway.dev.emulator import ArmLimits, AzureEmulator, EmulatedVm, Latency
 from gateway.join.binding import VmBinder, VmIdentity
+from tests.support.gateway_proc import gateway_process
+from tests.support.tokens import azure_token_yaml
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, tzinfo=UTC)
 SUB = "5a2b3c4d-0000-4000-8000-00000000aaaa"
@@ -109,7 +119,7 @@ async def stack(
                 clock=clock,
                 budget=sub_budget,
                 arm=arm,
-                binder=VmBinder(arm, clock=clock, **binder_kw),
+                binder=VmBinder(VmDirectory(arm, clock=clock, **binder_kw)),
                 verifier=verifier,
                 session=session,
                 tenant=emu.add_tenant(),
@@ -283,3 +293,125 @@ async def test_our_budget_refuses_before_arm_would() -> None:
         assert {o.code for o in refused} == {Code.AZURE_BUDGET_EXHAUSTED}
         assert all(o.retry_after is not None and o.retry_after > 1 for o in refused)
         assert st.calls() == 5 and st.emu.counters.get("arm.429", 0) == 0
+
+
+# -- the whole system under a tight list budget (issue 14) ---------------------------------
+
+TIGHT_SUB = "11111111-1111-1111-1111-111111111111"
+
+
+async def test_every_vm_joins_over_https_when_the_list_budget_is_tight(tmp_path: Path) -> None:
+    """Azure's list limits are per subscription and shared with every other client of it,
+    so a gateway may get a small part of them. Emulator: 12 list pages a minute, 10 VMs a
+    page; 150 VMs in three groups join at once through the gateway (real HTTPS, the
+    production dependencies, the reference auth service). Every VM joins on its first
+    attempt, nothing meets a 429, and the gateway fetches at most the 15 pages that list
+    each group once: when the list budget cannot fetch a page in time, the joins waiting
+    on it are answered by point reads from the (larger) subscription-read budget."""
+    clock = FixedClock(time.time())  # frozen: the whole storm happens within one refill
+    limits = ArmLimits(list_per_minute=12)
+
+    def tight(config: Config) -> Config:
+        budget = dataclasses.replace(config.azure.arm_budget, list_per_minute=12)
+        return dataclasses.replace(
+            config, azure=dataclasses.replace(config.azure, arm_budget=budget)
+        )
+
+    async with (
+        AzureEmulator(latency=Latency.none(), clock=clock, arm_limits=limits, page_size=10) as emu,
+        dev_stack(
+            tmp_path / "stack",
+            tokens_yaml=azure_token_yaml(TIGHT_SUB),
+            emulator=emu,
+            clock=clock,
+            adjust=tight,
+        ) as st,
+    ):
+        tenant = emu.add_tenant()
+        vms = [
+            emu.add_vm(
+                subscription=TIGHT_SUB,
+                resource_group=f"rg-{g}",
+                name=f"vm-{g}-{i}",
+                tenant=tenant,
+                identity="user",
+            )
+            for g in range(3)
+            for i in range(50)
+        ]
+        emu.reset_counters()
+        ctx = make_ssl_context(st.gateway_ca_file)
+        outcomes = await asyncio.gather(
+            *(run_join(agent_settings(st, vm, max_attempts=1), ssl_context=ctx) for vm in vms)
+        )
+        assert all(o.attempts == 1 for o in outcomes), "no join was told to come back"
+        registered = Counter(r.registration.join.vm_id for r in await st.auth.records())
+        assert all(registered[vm.vm_id] == 1 for vm in vms), "every VM registered once"
+        counters = emu.counters
+        pages = counters.get("arm.list_vms", 0)
+        points = counters.get("arm.get_vm", 0)
+        assert counters.get("arm.429", 0) == 0
+        assert 1 <= pages <= 15, "at most one listing of each group"
+        # Every VM was answered by a page or a point read; nothing was read twice.
+        assert points + 10 * pages >= 150 and points <= 150
+        stats = st.gateway.deps.binder.stats
+        assert stats.list_stalls > 0, "the tight budget was met and point reads took over"
+        assert stats.list_pages == pages
+
+
+async def test_every_vm_joins_through_a_gateway_process_when_the_list_budget_is_tight(
+    tmp_path: Path,
+) -> None:
+    """The same storm through ``join-gateway serve`` as its own process on the wall
+    clock: the emulator's list bucket refills while the storm runs, and the gateway
+    process knows only its configuration."""
+    limits = ArmLimits(list_per_minute=12)
+
+    def tight(config: Config) -> Config:
+        budget = dataclasses.replace(config.azure.arm_budget, list_per_minute=12)
+        return dataclasses.replace(
+            config, azure=dataclasses.replace(config.azure, arm_budget=budget)
+        )
+
+    # One worker runs without the supervisor, which would create the metrics directory.
+    (tmp_path / "gateway" / "prom").mkdir(parents=True)
+    async with (
+        AzureEmulator(latency=Latency.none(), arm_limits=limits, page_size=10) as emu,
+        dev_stack(
+            tmp_path / "stack",
+            tokens_yaml=azure_token_yaml(TIGHT_SUB),
+            emulator=emu,
+            adjust=tight,
+            start_gateway=False,
+        ) as st,
+        gateway_process(st.config, tmp_path / "gateway", st.gateway_ca_file, workers=1) as gp,
+    ):
+        tenant = emu.add_tenant()
+        vms = [
+            emu.add_vm(
+                subscription=TIGHT_SUB,
+                resource_group=f"rg-{g}",
+                name=f"vm-{g}-{i}",
+                tenant=tenant,
+                identity="user",
+            )
+            for g in range(3)
+            for i in range(50)
+        ]
+        emu.reset_counters()
+        ctx = make_ssl_context(st.gateway_ca_file)
+        outcomes = await asyncio.gather(
+            *(
+                run_join(
+                    agent_settings(st, vm, gateway_url=gp.url, max_attempts=1), ssl_context=ctx
+                )
+                for vm in vms
+            )
+        )
+        assert all(o.attempts == 1 for o in outcomes), "no join was told to come back"
+        registered = Counter(r.registration.join.vm_id for r in await st.auth.records())
+        assert all(registered[vm.vm_id] == 1 for vm in vms), "every VM registered once"
+        counters = emu.counters
+        assert counters.get("arm.429", 0) == 0
+        assert 1 <= counters.get("arm.list_vms", 0) <= 15, "at most one listing of each group"
+        assert counters.get("arm.get_vm", 0) <= 150

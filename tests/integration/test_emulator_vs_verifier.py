@@ -16,6 +16,7 @@ from gateway.core.clock import SystemClock
 from gateway.core.cloud import CLOUDS
 from gateway.core.errors import Code, JoinRejected
 from gateway.dev.emulator import AzureEmulator, Latency
+from gateway.dev.emulator.pki import INTERMEDIATE_CN
 
 SUB = "11111111-1111-1111-1111-111111111111"
 
@@ -58,6 +59,7 @@ async def test_emulator_documents_verify_like_real_ones(
             aia=aia if via == "aia" else None,
             chain_cache=MemoryCache("chains", clock=clock),
             clock=clock,
+            known_issuer_names=(INTERMEDIATE_CN,),
         )
         nonce = "n" * 32
         doc = emu.attested_document_for(vm, nonce=nonce)

@@ -92,8 +92,8 @@ def virtual_sleep(stack: DevStack):  # type: ignore[no-untyped-def]
     return sleep
 
 
-def assert_exactly_once(stack: DevStack, vms: list[EmulatedVm]) -> None:
-    per_vm = Counter(r.registration.join.vm_id for r in stack.auth.records())
+async def assert_exactly_once(stack: DevStack, vms: list[EmulatedVm]) -> None:
+    per_vm = Counter(r.registration.join.vm_id for r in await stack.auth.records())
     for vm in vms:
         assert per_vm[vm.vm_id] == 1, f"{vm.name} registered {per_vm[vm.vm_id]} times"
 
@@ -179,7 +179,7 @@ async def test_arm_faults_are_retryable_and_joins_recover(
     stack.emulator.set_fault("arm", times=2, **fault)
     for vm in vms:
         await run_join(patient(stack, vm), sleep=virtual_sleep(stack))
-    assert_exactly_once(stack, vms)
+    await assert_exactly_once(stack, vms)
 
 
 async def test_entra_down_keeps_serving_known_keys_and_a_new_key_fails_closed(
@@ -197,7 +197,7 @@ async def test_entra_down_keeps_serving_known_keys_and_a_new_key_fails_closed(
     gateway_clock(stack).advance(15)  # past the fetch-failure hold-off
     await run_join(patient(stack, vms[2]), sleep=virtual_sleep(stack))
     await run_join(patient(stack, vms[3]), sleep=virtual_sleep(stack))
-    assert_exactly_once(stack, [vms[0], vms[1], vms[2], vms[3]])
+    await assert_exactly_once(stack, [vms[0], vms[1], vms[2], vms[3]])
 
 
 async def test_entra_down_with_no_keys_known_is_a_retryable_503(
@@ -225,7 +225,7 @@ async def test_a_signing_key_rotation_in_the_middle_of_a_storm(stack: DevStack) 
     )
     # 30 joins with a new kid arriving at once: one refresh, not thirty.
     assert stack.emulator.counters.get("entra.jwks", 0) - jwks_before == 1
-    assert_exactly_once(stack, vms)
+    await assert_exactly_once(stack, vms)
 
 
 async def test_aia_down_cached_chains_keep_working(stack: DevStack, tmp_path: Path) -> None:
@@ -238,7 +238,7 @@ async def test_aia_down_cached_chains_keep_working(stack: DevStack, tmp_path: Pa
     # Agents that do send the intermediate are never affected by AIA at all.
     await run_join(patient(stack, vms[2], collect_intermediates=False))
     assert stack.emulator.counters.get("aia", 0) == 1
-    assert_exactly_once(stack, vms)
+    await assert_exactly_once(stack, vms)
 
 
 async def test_aia_down_with_nothing_cached_is_a_retryable_503(
@@ -295,7 +295,7 @@ async def test_auth_service_down_opens_the_circuit_and_joins_recover_when_it_ret
             )
         )
         assert stack.gateway.deps.auth.breaker.state.value == "closed"
-        assert_exactly_once(stack, vms)
+        await assert_exactly_once(stack, vms)
 
 
 async def test_an_upstream_failure_after_verification_is_retried_with_the_same_challenge(
@@ -327,11 +327,13 @@ async def test_an_upstream_failure_after_verification_is_retried_with_the_same_c
 
     try:
         out = await run_join(patient(stack, vms[0]), sleep=sleep_then_revive)
+        records = [
+            r for r in await stack.auth.records() if r.registration.join.vm_id == vms[0].vm_id
+        ]
     finally:
         if revived is not None:
             await revived.aclose()
     assert out.attempts == 2 and waits
-    records = [r for r in stack.auth.records() if r.registration.join.vm_id == vms[0].vm_id]
     assert len(records) == 1
 
 
@@ -385,4 +387,4 @@ async def test_a_slow_auth_service_times_out_opens_the_circuit_and_recovers(
                     assert status == 200, answer
                 await run_join(patient(stack, vms[5]), sleep=virtual_sleep(stack))
                 assert gw.deps.auth.breaker.state.value == "closed"
-                assert_exactly_once(stack, vms)
+                await assert_exactly_once(stack, vms)

@@ -6,7 +6,8 @@ address. Half go through the shipped config as it is (round robin); the other ha
 through a variant that sends every challenge to replica A and every join to replica B,
 so each of those joins' two requests deliberately cross replicas. Every VM joins exactly
 once; the auth service records the address nginx saw; a forged X-Forwarded-For sent
-straight to a replica from an untrusted address is recorded with the real address.
+straight to a replica from an untrusted address is recorded with the real address, and
+so is a client's forged Forwarded (and X-Forwarded-For) sent through nginx.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ async def test_300_vms_join_through_nginx_across_two_replicas(lb: Lb) -> None:
         assert not failed, failed[:3]
 
     # Every VM joined exactly once, recorded with the address nginx saw.
-    records = lb.stack.auth.records()
+    records = await lb.stack.auth.records()
     per_vm = Counter(r.registration.join.vm_id for r in records)
     by_vm_id = {vm.vm_id: vm for vm in vms}
     for vm in vms:
@@ -248,18 +249,20 @@ async def test_300_vms_join_through_nginx_across_two_replicas(lb: Lb) -> None:
     assert split_names <= set(joined[1])
 
 
-async def test_a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored(lb: Lb) -> None:
+async def forged_join(lb: Lb, url: str, name: str, local_addr: str) -> str:
+    """A join of a new VM from ``local_addr`` with forged client-address headers on both
+    requests; returns the host ID (the join must succeed)."""
     emu = lb.stack.emulator
-    tenant = emu.add_tenant()
     vm = emu.add_vm(
-        subscription=SUB, resource_group="rg-forge", name="forger", tenant=tenant, identity="user"
-    )
-    replica = lb.replicas[0]
-    keys = load_or_create_keys(lb.workdir / "forger")
-    connector = aiohttp.TCPConnector(local_addr=("127.2.0.9", 0))
+        subscription=SUB, resource_group="rg-forge", name=name, tenant=emu.add_tenant(),
+        identity="user",
+    )  # fmt: skip
+    keys = load_or_create_keys(lb.workdir / name)
+    forged = {"X-Forwarded-For": "203.0.113.66", "Forwarded": "for=203.0.113.66"}
+    connector = aiohttp.TCPConnector(local_addr=(local_addr, 0))
     ctx = ssl.create_default_context(cafile=str(lb.stack.gateway_ca_file))
-    async with aiohttp.ClientSession(connector=connector) as s:
-        async with s.post(replica.url + "/v1/join/azure/challenge", json={}, ssl=ctx) as r:
+    async with aiohttp.ClientSession(connector=connector, headers=forged) as s:
+        async with s.post(url + "/v1/join/azure/challenge", json={}, ssl=ctx) as r:
             challenge = (await r.json())["challenge"]
         body = {
             "token_name": "azure-token",
@@ -273,13 +276,28 @@ async def test_a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored(lb: Lb
                 "public_tls_key": keys.public_tls_key,
             },
         }
-        async with s.post(
-            replica.url + "/v1/join/azure",
-            json=body,
-            ssl=ctx,
-            headers={"X-Forwarded-For": "10.9.9.9", "Forwarded": "for=10.9.9.9"},
-        ) as r:
+        async with s.post(url + "/v1/join/azure", json=body, ssl=ctx) as r:
             assert r.status == 200, await r.text()
-            host_id = (await r.json())["host_id"]
-    record = next(r for r in lb.stack.auth.records() if r.host_id == host_id)
-    assert record.registration.client_address == "127.2.0.9"
+            return str((await r.json())["host_id"])
+
+
+async def recorded_address(lb: Lb, host_id: str) -> str:
+    record = next(r for r in await lb.stack.auth.records() if r.host_id == host_id)
+    return str(record.registration.client_address)
+
+
+async def test_a_forged_x_forwarded_for_from_an_untrusted_peer_is_ignored(lb: Lb) -> None:
+    host_id = await forged_join(lb, lb.replicas[0].url, "forger", "127.2.0.9")
+    assert await recorded_address(lb, host_id) == "127.2.0.9"
+
+
+async def test_a_forged_forwarded_through_nginx_records_the_peer_nginx_saw(lb: Lb) -> None:
+    """The client sends its own Forwarded (and X-Forwarded-For) through the shipped
+    config: nginx overwrites one and clears the other, and the gateway reads only the
+    configured one — the auth service records the address nginx's peer really had."""
+    proc, url = await run_nginx(lb, split=False, name="forged")
+    try:
+        host_id = await forged_join(lb, url, "forger-via-nginx", "127.3.0.7")
+    finally:
+        await stop(proc)
+    assert await recorded_address(lb, host_id) == "127.3.0.7"

@@ -205,13 +205,19 @@ def _short_body_timeout(config: Config) -> Config:
 
 
 @asynccontextmanager
-async def open_harness(workdir: Path) -> AsyncIterator[Harness]:
+async def open_harness(
+    workdir: Path, *, adjust: Callable[[Config], Config] | None = None
+) -> AsyncIterator[Harness]:
+    """``adjust``: a corpus module's own limits, applied after the short timeouts."""
     state = workdir / "emulator-state"
+
+    def configure(config: Config) -> Config:
+        config = _short_body_timeout(config)
+        return config if adjust is None else adjust(config)
+
     async with (
         AzureEmulator(latency=Latency.none(), state_dir=state) as emu,
-        dev_stack(
-            workdir / "stack", tokens_yaml=TOKENS, emulator=emu, adjust=_short_body_timeout
-        ) as st,
+        dev_stack(workdir / "stack", tokens_yaml=TOKENS, emulator=emu, adjust=configure) as st,
     ):
         cas = AttestationCas.load(state)
         assert cas is not None

@@ -9,7 +9,9 @@ PKI (its intermediate CA and signing leaf), so the failing check is the one name
 from __future__ import annotations
 
 import base64
+import secrets
 from collections.abc import Callable
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,9 +19,20 @@ import pytest
 from asn1crypto import cms as a_cms
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.security.harness import Body, Builder, Harness
-from tests.support.cms_forge import Issued, forge, issue_leaf, make_pki
+from tests.support.cms_forge import (
+    AZURE_CA_NAME,
+    Issued,
+    forge,
+    huge_exponent_key,
+    issue_ca,
+    issue_leaf,
+    lookalike_cas,
+    make_pki,
+    with_x509_version,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -563,4 +576,184 @@ async def test_another_vms_document_is_not_this_vms(harness: Harness) -> None:
         403,
         "vm_binding_failed",
     )
+    await harness.assert_alive()
+
+
+# ------------------------------------------------------------ bounded cost (issue 8)
+#
+# Each case counts the work it caused in the gateway's verifier (path-builder calls and the
+# untrusted candidates handed to it, AIA fetches) and at the emulator (AIA requests).
+
+KNOWN_NAME = AZURE_CA_NAME
+
+
+@dataclass(frozen=True)
+class Work:
+    path_builder_calls: int = 0
+    untrusted_candidates: int = 0
+    aia_fetches: int = 0
+    aia_requests_at_emulator: int = 0
+
+    @classmethod
+    def now(cls, h: Harness) -> Work:
+        v = h.stack.gateway.deps.attested
+        return cls(
+            v.path_builder_calls,
+            v.untrusted_candidates,
+            v.aia_fetches,
+            h.emulator.counters.get("aia", 0),
+        )
+
+    def __sub__(self, other: Work) -> Work:
+        return Work(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+_HUGE_KEY: list[rsa.RSAPrivateKey] = []
+
+
+def _huge_key() -> rsa.RSAPrivateKey:
+    """One RSA-3072 key with a ~3,070-bit public exponent per module (it takes a moment)."""
+    if not _HUGE_KEY:
+        _HUGE_KEY.append(huge_exponent_key())
+    return _HUGE_KEY[0]
+
+
+def reproducer_cas(name: str, *, huge: bool, count: int = 8) -> list[Issued]:
+    return lookalike_cas(name, _huge_key() if huge else issue_leaf(None).key, count)
+
+
+def reproducer(name: str, *, huge: bool) -> Builder:
+    async def build(h: Harness) -> Body:
+        cas = reproducer_cas(name, huge=huge)
+        leaf = issue_leaf(cas[0])
+        challenge = await h.challenge()
+        body = h.body(challenge, signature=forge(leaf, h.content(challenge)))
+        body["intermediates"] = [base64.b64encode(c.der).decode() for c in cas]
+        return body
+
+    return build
+
+
+def many_ca_issuers(*, trusted_issuer: bool) -> Builder:
+    """A leaf listing 300 unique caIssuers URLs under an allowed prefix (the emulator's)."""
+
+    async def build(h: Harness) -> Body:
+        # Short unique names: 300 of them must fit the attested_data size limit.
+        tag = secrets.token_hex(3)
+        urls = [f"{h.emulator.aia_prefix}{tag}{i:x}" for i in range(300)]
+        issuer = h.intermediate if trusted_issuer else issue_ca("Forged Issuing CA 77")
+        leaf = issue_leaf(issuer, aia_urls=urls)
+        challenge = await h.challenge()
+        body = h.body(challenge, signature=forge(leaf, h.content(challenge)))
+        if not trusted_issuer:
+            body["intermediates"] = []
+        return body
+
+    return build
+
+
+def huge_exponent_signer(h: Harness, challenge: str) -> str:
+    leaf = issue_leaf(h.intermediate, key=_huge_key())
+    return forge(leaf, h.content(challenge))
+
+
+def v5_request_intermediate() -> Builder:
+    async def build(h: Harness) -> Body:
+        # A valid join first, so the emulator leaf's chain is cached whatever ran before.
+        assert await h.join(h.body(await h.challenge())) == (200, None)
+        body = h.body(await h.challenge())
+        valid = base64.b64decode(body["intermediates"][0])
+        body["intermediates"].append(base64.b64encode(with_x509_version(valid, 4)).decode())
+        return body
+
+    return build
+
+
+COST_CASES = [
+    pytest.param(
+        reproducer(KNOWN_NAME, huge=True),
+        403,
+        "attested_chain_untrusted",
+        Work(),
+        id="issue 8's reproducer under an Azure name: refused on the key, no path search",
+    ),
+    pytest.param(
+        reproducer("Forged Issuing CA 13", huge=True),
+        403,
+        "attested_chain_untrusted",
+        Work(path_builder_calls=1),
+        id="issue 8's reproducer under another name: its CAs never reach the path builder",
+    ),
+    pytest.param(
+        reproducer(KNOWN_NAME, huge=False),
+        403,
+        "attested_chain_untrusted",
+        Work(path_builder_calls=1),
+        id="self-issued lookalikes with cheap keys are dropped",
+    ),
+    pytest.param(
+        doc(huge_exponent_signer),
+        403,
+        "attested_signer_invalid",
+        Work(),
+        id="a signer with a 3,070-bit public exponent is refused before its RSA verify",
+    ),
+    pytest.param(
+        many_ca_issuers(trusted_issuer=False),
+        403,
+        "attested_chain_untrusted",
+        Work(path_builder_calls=1, aia_fetches=1, aia_requests_at_emulator=1),
+        id="a leaf with 300 caIssuers URLs costs one AIA fetch",
+    ),
+    pytest.param(
+        many_ca_issuers(trusted_issuer=True),
+        200,
+        None,
+        Work(path_builder_calls=1, untrusted_candidates=1),
+        id="no AIA fetch at all when the request carries the leaf's issuer",
+    ),
+    pytest.param(
+        v5_request_intermediate(),
+        200,
+        None,
+        Work(path_builder_calls=0),
+        id="a request intermediate claiming X.509 v5 is dropped (it was a 500)",
+    ),
+    pytest.param(
+        doc(der_edit(lambda d: with_x509_version(d, 4))),
+        400,
+        "attested_malformed",
+        Work(),
+        id="an embedded signer certificate claiming X.509 v5",
+    ),
+]
+
+
+@pytest.mark.parametrize(("build", "status", "code", "work"), COST_CASES)
+async def test_bounded_cost_corpus(
+    harness: Harness, build: Builder, status: int, code: str | None, work: Work
+) -> None:
+    body = await build(harness)
+    before = Work.now(harness)
+    assert (await harness.join(body)) == (status, code)
+    assert Work.now(harness) - before == work
+    await harness.assert_alive()
+
+
+async def test_a_repeated_hostile_chain_is_refused_from_memory(harness: Harness) -> None:
+    """The same forged leaf and intermediates again: no second path search."""
+    cas = reproducer_cas("Forged Issuing CA 21", huge=False, count=1)
+    other_root = issue_ca("Microsoft RSA Root Certificate Authority 2017")
+    inter = issue_ca(KNOWN_NAME, issuer=other_root)
+    leaf = issue_leaf(inter)
+    verifier = harness.stack.gateway.deps.attested
+    before = Work.now(harness)
+    hits = verifier.failed_chain_hits
+    for _ in range(3):
+        challenge = await harness.challenge()
+        body = harness.body(challenge, signature=forge(leaf, harness.content(challenge)))
+        body["intermediates"] = [base64.b64encode(c.der).decode() for c in (*cas, inter)]
+        assert await harness.join(body) == (403, "attested_chain_untrusted")
+    assert Work.now(harness) - before == Work(path_builder_calls=1, untrusted_candidates=1)
+    assert verifier.failed_chain_hits - hits == 2
     await harness.assert_alive()

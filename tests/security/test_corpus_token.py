@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.security.harness import S3, Body, Builder, Harness
-from tests.support.forge_tokens import b64url, hs256_with, resign, unsigned
+from tests.support.forge_tokens import b64url, hs256_with, replace_segments, resign, unsigned
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -175,6 +175,23 @@ def segments(header_obj: object, payload_obj: object, sig: str = "c2ln") -> Toke
 
 def other_vm_token(pick: Callable[[Harness], Any]) -> TokenMaker:
     return lambda h: h.token(pick(h))
+
+
+def signature_of_length_4k_plus_1(h: Harness) -> str:
+    """Issue 8: only the kid and tenant need to be real; the signature segment is valid
+    base64url characters whose count no base64 can have (binascii.Error, once a 500)."""
+    sig = h.token().split(".")[2]
+    return replace_segments(h.token(), signature=sig[: (len(sig) - 1) // 4 * 4 + 1])
+
+
+def nested(segment: str, opener: bytes, closer: bytes, depth: int = 2000) -> TokenMaker:
+    """A header or payload that is JSON nested ``depth`` deep (RecursionError, once a 500)."""
+
+    def make(h: Harness) -> str:
+        deep = opener * depth + closer * depth
+        return replace_segments(h.token(), **{segment: deep})
+
+    return make
 
 
 VM = "/subscriptions/{S}/resourcegroups/{RG}/providers/Microsoft.Compute/virtualMachines"
@@ -465,6 +482,44 @@ CASES = [
         tok(raw("e" * 16385)), 400, "invalid_request", id="a token longer than the schema allows"
     ),
     pytest.param(tok(raw("")), 400, "invalid_request", id="an empty token"),
+    # Issue 8: three inputs that answered 500. Each is a class: every segment decodes in one
+    # place, and every JSON decode of a segment catches RecursionError.
+    pytest.param(
+        tok(signature_of_length_4k_plus_1),
+        400,
+        "access_token_malformed",
+        id="a signature segment of length 4k+1",
+    ),
+    pytest.param(
+        tok(lambda h: replace_segments(h.token(), signature="A")),
+        400,
+        "access_token_malformed",
+        id="a one-character signature segment",
+    ),
+    pytest.param(
+        tok(nested("header", b"[", b"]")),
+        400,
+        "access_token_malformed",
+        id="a header of 2,000 nested arrays",
+    ),
+    pytest.param(
+        tok(nested("header", b'{"":', b"}")),
+        400,
+        "access_token_malformed",
+        id="a header of 2,000 nested objects",
+    ),
+    pytest.param(
+        tok(nested("payload", b"[", b"]")),
+        400,
+        "access_token_malformed",
+        id="a payload of 2,000 nested arrays",
+    ),
+    pytest.param(
+        tok(lambda h: replace_segments(h.token(), payload=b"A" * 5)),
+        400,
+        "access_token_malformed",
+        id="a payload segment that decodes to no JSON",
+    ),
 ]
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,15 +28,21 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
+    "AZURE_CA_NAME",
     "DIGEST_OIDS",
+    "INTERMEDIATE_CN",
     "T0",
     "Issued",
     "Pki",
     "azure_content",
     "azure_time",
     "forge",
+    "huge_exponent_key",
+    "issue_ca",
     "issue_leaf",
+    "lookalike_cas",
     "make_pki",
+    "with_x509_version",
 ]
 
 DIGEST_OIDS = {
@@ -187,6 +195,54 @@ def issue_leaf(
     return Issued(key, builder.sign(signer, hashes.SHA256()))
 
 
+def issue_ca(
+    cn: str,
+    *,
+    key: rsa.RSAPrivateKey | None = None,
+    issuer: Issued | None = None,
+    not_before: datetime = T0 - timedelta(days=365),
+) -> Issued:
+    """A CA certificate ``cn`` issued by ``issuer``; ``issuer=None`` makes it self-issued and
+    self-signed with ``key`` (each call a new serial: same name, same key, new certificate)."""
+    return _ca(cn, key or _key(), issuer, not_before, 1825)
+
+
+# A documented Azure issuing CA name: request intermediates under it reach path building.
+AZURE_CA_NAME = "Microsoft Azure RSA TLS Issuing CA 03"
+
+
+def lookalike_cas(name: str, key: rsa.RSAPrivateKey, count: int = 8) -> list[Issued]:
+    """Issue 8's reproducer: ``count`` self-issued CAs sharing one name and one key."""
+    return [issue_ca(name, key=key) for _ in range(count)]
+
+
+def huge_exponent_key(bits: int = 3072) -> rsa.RSAPrivateKey:
+    """A real RSA key pair whose public exponent is about ``bits`` long: every verify with
+    it costs as much as a private-key operation (issue 8's chain-building CPU sink).
+    cryptography only generates e = 3 or 65537, so the exponent is chosen here and ``d``
+    derived from the primes of a normally generated key."""
+    base = rsa.generate_private_key(public_exponent=65537, key_size=bits).private_numbers()
+    p, q = base.p, base.q
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    while True:
+        e = (secrets.randbits(bits) | 1 | (1 << (bits - 2))) % lam
+        if e.bit_length() > bits - 16 and math.gcd(e, lam) == 1:
+            break
+    d = pow(e, -1, lam)
+    public = rsa.RSAPublicNumbers(e, p * q)
+    return rsa.RSAPrivateNumbers(
+        p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public
+    ).private_key()
+
+
+def with_x509_version(der: bytes, version: int) -> bytes:
+    """``der`` with its TBSCertificate's version INTEGER set to ``version`` (0 = v1 ... 4 =
+    the "v5" that ``load_der_x509_certificate`` answers with ``InvalidVersion``)."""
+    marker = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2 (v3), first in the TBS
+    at = der.index(marker)
+    return der[:at] + marker[:-1] + bytes([version]) + der[at + len(marker) :]
+
+
 @dataclass(frozen=True)
 class Pki:
     root: Issued
@@ -199,10 +255,15 @@ class Pki:
         return self.root.pem
 
 
+# The forged intermediate's CN: not an Azure name, so verifiers that should accept it from a
+# request are told it (``AttestedVerifier(known_issuer_names=...)``).
+INTERMEDIATE_CN = "Forged Azure Issuing CA 99"
+
+
 def make_pki(*, leaf_aia_urls: Sequence[str] = (), root_cn: str = "Forged Root G9") -> Pki:
     """root → intermediate → leaf ``metadata.azure.com`` (SANs, serverAuth), valid around T0."""
     root = _ca(root_cn, _key(), None, T0 - timedelta(days=3650), 7300)
-    inter = _ca("Forged Azure Issuing CA 99", _key(), root, T0 - timedelta(days=365), 1825)
+    inter = _ca(INTERMEDIATE_CN, _key(), root, T0 - timedelta(days=365), 1825)
     leaf = issue_leaf(inter, aia_urls=leaf_aia_urls)
     return Pki(root=root, intermediate=inter, leaf=leaf)
 

@@ -17,7 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-__all__ = ["b64url", "decode_part", "hs256_with", "resign", "unsigned"]
+__all__ = ["b64url", "decode_part", "hs256_with", "replace_segments", "resign", "unsigned"]
 
 Claims = dict[str, Any]
 
@@ -79,3 +79,22 @@ def hs256_with(token: str, secret: bytes) -> str:
     signing_input = _encode(h, c)
     mac = hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest()
     return signing_input + "." + b64url(mac)
+
+
+def replace_segments(
+    token: str,
+    *,
+    header: bytes | None = None,
+    payload: bytes | None = None,
+    signature: str | None = None,
+) -> str:
+    """``token`` with raw segments swapped in: ``header``/``payload`` are the bytes to
+    base64url-encode (any bytes, JSON or not), ``signature`` the segment text as sent."""
+    h, c, sig = token.split(".")
+    return ".".join(
+        (
+            b64url(header) if header is not None else h,
+            b64url(payload) if payload is not None else c,
+            signature if signature is not None else sig,
+        )
+    )

@@ -63,9 +63,16 @@ async def wait_ready(url: str, ssl_ctx: ssl.SSLContext, within: float = 30.0) ->
 
 @asynccontextmanager
 async def gateway_process(
-    config: Config, workdir: Path, ca_file: Path, *, workers: int = 2, **overrides: object
+    config: Config,
+    workdir: Path,
+    ca_file: Path,
+    *,
+    workers: int = 2,
+    port: int | None = None,
+    **overrides: object,
 ) -> AsyncIterator[GatewayProcess]:
-    port, mport = free_port(), free_port()
+    """``port``: listen there (a restart on the same address); default a free one."""
+    port, mport = port or free_port(), free_port()
     config = dataclasses.replace(
         config,
         listeners=(ListenerConfig(f"127.0.0.1:{port}"),),

@@ -5,8 +5,15 @@ from __future__ import annotations
 SUBSCRIPTION = "11111111-1111-1111-1111-111111111111"
 
 
-def azure_token_yaml(subscription: str = SUBSCRIPTION, *, name: str = "azure-token") -> str:
-    """One azure token for the ``Node`` role allowing one whole subscription."""
+def azure_token_yaml(
+    subscription: str = SUBSCRIPTION,
+    *,
+    name: str = "azure-token",
+    resource_groups: tuple[str, ...] = (),
+) -> str:
+    """One azure token for the ``Node`` role allowing one subscription (all of it, or only
+    ``resource_groups``)."""
+    groups = f"\n        resource_groups: [{', '.join(resource_groups)}]" if resource_groups else ""
     return f"""\
 kind: token
 version: v2
@@ -17,7 +24,7 @@ spec:
   join_method: azure
   azure:
     allow:
-      - subscription: {subscription}
+      - subscription: {subscription}{groups}
 """
 
 

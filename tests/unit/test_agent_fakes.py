@@ -16,7 +16,7 @@ import ipaddress
 import json
 import secrets
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
+from gateway.core.clock import Clock
+
 __all__ = [
     "FakeGateway",
     "FakeImds",
@@ -39,6 +41,7 @@ __all__ = [
     "make_ca",
     "make_tls_server_cert",
     "serve",
+    "ssh_ca_line",
 ]
 
 NOW = dt.datetime.now(dt.UTC)
@@ -312,7 +315,12 @@ class FakeGateway:
 
     ``issue_mode``: ``ok``; ``rogue_ca`` (a CA that is not ``ca``, listed alone);
     ``rogue_leaf`` (lists the real CA but signs with another); ``other_key`` (certifies a key
-    that is not the node's).
+    that is not the node's); ``extra_ca`` (signs with ``ca``, lists ``rogue`` beside it);
+    ``rogue_ssh_ca`` (SSH certificate by ``rogue_ssh_ca``, listed alone); ``rogue_ssh_leaf``
+    (lists the real SSH CA, signs with the rogue one); ``extra_ssh_ca`` (lists the rogue SSH
+    CA beside the real one); ``forged_ssh_signature`` (names the real SSH CA as signer, the
+    signature bytes are wrong); ``user_ssh_cert`` (a user certificate, not a host one).
+    ``cert_ttl`` (default one day around a fixed time) makes certificates that start now.
     """
 
     def __init__(self) -> None:
@@ -325,6 +333,10 @@ class FakeGateway:
         self.ca = make_ca("Fake Cluster Host CA")
         self.rogue = make_ca("Rogue CA")
         self.ssh_ca = ed25519.Ed25519PrivateKey.generate()
+        self.rogue_ssh_ca = ed25519.Ed25519PrivateKey.generate()
+        self.cert_ttl: dt.timedelta | None = None
+        self.clock: Clock | None = None  # with cert_ttl: what "now" is (default: real time)
+        self.hang: Callable[[web.Request], Awaitable[None]] | None = None  # awaited per join
         self.base_url = ""
 
     def app(self) -> web.Application:
@@ -382,6 +394,8 @@ class FakeGateway:
     async def _join(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests.append(_record(request, body))
+        if self.hang is not None:
+            await self.hang(request)
         if self.script:
             return self._answer(self.script.pop(0))
         if body["challenge"] not in self.issued:
@@ -401,6 +415,14 @@ class FakeGateway:
             self.rogue if self.issue_mode in ("rogue_ca", "rogue_leaf") else self.ca
         )
         listed = [self.rogue[0]] if self.issue_mode == "rogue_ca" else [ca_cert]
+        if self.issue_mode == "extra_ca":
+            listed.append(self.rogue[0])
+        start, end = NOW - dt.timedelta(minutes=1), NOW + dt.timedelta(days=1)
+        if self.cert_ttl is not None:
+            now = (self.clock.now() if self.clock else dt.datetime.now(dt.UTC)).replace(
+                microsecond=0
+            )
+            start, end = now - dt.timedelta(minutes=5), now + self.cert_ttl
         assert isinstance(tls_pub, ec.EllipticCurvePublicKey)
         tls = (
             x509.CertificateBuilder()
@@ -408,38 +430,44 @@ class FakeGateway:
             .issuer_name(signer_cert.subject)
             .public_key(tls_pub)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - dt.timedelta(minutes=1))
-            .not_valid_after(NOW + dt.timedelta(days=1))
+            .not_valid_before(start)
+            .not_valid_after(end)
             .sign(signer_key, hashes.SHA256())
         )
         assert isinstance(ssh_pub, ed25519.Ed25519PublicKey)
-        ssh = (
+        mode = self.issue_mode
+        ssh_signer = (
+            self.rogue_ssh_ca if mode in ("rogue_ssh_ca", "rogue_ssh_leaf") else self.ssh_ca
+        )
+        ssh_listed = [self.rogue_ssh_ca] if mode == "rogue_ssh_ca" else [self.ssh_ca]
+        if mode == "extra_ssh_ca":
+            ssh_listed.append(self.rogue_ssh_ca)
+        kind = serialization.SSHCertificateType
+        ssh_line = (
             serialization.SSHCertificateBuilder()
             .public_key(ssh_pub)
-            .serial(1)
-            .type(serialization.SSHCertificateType.HOST)
+            .serial(secrets.randbits(64))
+            .type(kind.USER if mode == "user_ssh_cert" else kind.HOST)
             .key_id(b"host")
             .valid_principals([host["node_name"].encode()])
-            .valid_after(int(NOW.timestamp()) - 60)
-            .valid_before(int(NOW.timestamp()) + 86400)
-            .sign(self.ssh_ca)
+            .valid_after(int(start.timestamp()))
+            .valid_before(int(end.timestamp()))
+            .sign(ssh_signer)
+            .public_bytes()
+            .decode()
         )
+        if mode == "forged_ssh_signature":
+            ssh_line = _flip_last_signature_byte(ssh_line)
         host_id = f"host-{len(self.redeemed)}-{secrets.token_hex(4)}"
         return {
             "host_id": host_id,
             "certs": {
-                "ssh": ssh.public_bytes().decode(),
+                "ssh": ssh_line,
                 "tls": tls.public_bytes(serialization.Encoding.PEM).decode(),
                 "tls_ca_certs": [
                     c.public_bytes(serialization.Encoding.PEM).decode() for c in listed
                 ],
-                "ssh_ca_keys": [
-                    self.ssh_ca.public_key()
-                    .public_bytes(
-                        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-                    )
-                    .decode()
-                ],
+                "ssh_ca_keys": [ssh_ca_line(k) for k in ssh_listed],
             },
             "join": {
                 "method": "azure",
@@ -451,6 +479,23 @@ class FakeGateway:
                 "Microsoft.Compute/virtualMachines/web-1",
             },
         }
+
+
+def ssh_ca_line(key: ed25519.Ed25519PrivateKey) -> str:
+    """The ``ssh-ed25519 AAAA...`` line of an SSH CA key."""
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
+
+
+def _flip_last_signature_byte(line: str) -> str:
+    """The certificate with one bit of its CA signature flipped (the blob ends in it)."""
+    kind, b64 = line.split()[:2]
+    blob = bytearray(base64.b64decode(b64))
+    blob[-1] ^= 0x01
+    return f"{kind} {base64.b64encode(bytes(blob)).decode()}"
 
 
 # -- the fakes' own checks -------------------------------------------------------------------

@@ -128,6 +128,30 @@ def test_a_list_of_pins_is_accepted() -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "pins"),
+    [
+        (None, ()),
+        (f'"{PIN}"', (PIN,)),
+        (f'["{PIN}", "SHA256:{"CD" * 32}"]', (PIN, "sha256:" + "cd" * 32)),
+    ],
+    ids=[
+        "without teleport.ssh_ca_pin the SSH CA is not pinned",
+        "one SSH CA pin is read",
+        "a list of SSH CA pins is read and lower-cased",
+    ],
+)
+def test_the_ssh_ca_pin_is_read(value: str | None, pins: tuple[str, ...]) -> None:
+    line = f"\n          ssh_ca_pin: {value}" if value is not None else ""
+    s = parse(f"""\
+        version: v3
+        teleport:
+          join_params: {{token_name: t, method: azure}}
+          proxy_server: gw:443{line}
+        """)
+    assert s.ssh_ca_pins == pins and s.ca_pins == ()
+
+
+@pytest.mark.parametrize(
     ("text", "line", "fragment"),
     [
         (
@@ -214,6 +238,17 @@ def test_a_list_of_pins_is_accepted() -> None:
             """\
          version: v3
          teleport:
+           join_params: {token_name: t, method: azure}
+           proxy_server: gw:443
+           ssh_ca_pin: "SHA256:Q3Jvd3MgYXJlIG5vdCBhIGhleCBkaWdlc3Q"
+         """,
+            5,
+            "teleport.ssh_ca_pin",
+        ),
+        (
+            """\
+         version: v3
+         teleport:
            join_params: {token_name: t, method: azure, azure: {client_id: not-a-guid}}
            proxy_server: gw:443
          """,
@@ -281,6 +316,7 @@ def test_a_list_of_pins_is_accepted() -> None:
         "a missing proxy_server is refused",
         "a version other than v3 is refused",
         "a pin that is not sha256 hex is refused",
+        "an SSH CA pin in ssh-keygen's base64 form is refused, naming ssh_ca_pin",
         "a client_id that is not a GUID is refused",
         "a plain-HTTP proxy_server is refused: the access token must not travel in clear",
         "a port out of range is refused",

@@ -16,18 +16,21 @@ import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.agent.errors import JoinFailed
 from gateway.agent.keys import load_or_create_keys
 from gateway.agent.nodeconfig import AgentSettings
 from gateway.agent.runner import DATA_FILES, run_join
 from gateway.core.clock import FixedClock
+from gateway.core.tlsutil import ssh_key_pin
 from tests.unit.test_agent_fakes import (
     FakeGateway,
     FakeImds,
     Scripted,
     SleepRecorder,
     make_tls_server_cert,
+    ssh_ca_line,
 )
 
 CLIENT_ID = "11111111-1111-1111-1111-111111111111"
@@ -65,9 +68,15 @@ async def test_a_join_writes_private_files_for_our_keys(tmp_path: Path) -> None:
     assert outcome.join.resource_group == "group1" and outcome.join.method == "azure"
     assert (data / "host_id").read_text().strip() == outcome.host_id
     assert mode(data) == 0o700
-    for p in data.iterdir():
-        assert mode(p) == 0o600, p.name
-    assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
+    for p in data.rglob("*"):
+        if not p.is_symlink():
+            assert mode(p) == (0o700 if p.is_dir() else 0o600), p
+    assert not [p for p in data.rglob("*") if p.name.endswith(".tmp")]
+    # The stable names lead through ``current`` to one set directory.
+    [one_set] = (data / "sets").iterdir()
+    assert (data / "current").resolve() == one_set
+    for name in DATA_FILES:
+        assert (data / name).resolve() == one_set / name
     keys = load_or_create_keys(data)
     cert = x509.load_pem_x509_certificate((data / "tls.crt").read_bytes())
     assert (
@@ -232,6 +241,77 @@ async def test_returned_certificates_are_checked_before_anything_is_written(
     assert err.value.attempts == 1 and len(gw.joins) == 1
     for name in DATA_FILES:
         assert not (settings.data_dir / name).exists(), name
+
+
+def _ssh_pin(key: ed25519.Ed25519PrivateKey) -> str:
+    return ssh_key_pin(key.public_key())
+
+
+@pytest.mark.parametrize(
+    ("mode", "tls_pin", "ssh_pin", "code", "tls_cas", "ssh_cas"),
+    [
+        ("extra_ca", True, False, None, 1, 1),
+        ("extra_ca", False, False, None, 2, 1),
+        ("ok", False, True, None, 1, 1),
+        ("extra_ssh_ca", True, True, None, 1, 1),
+        ("extra_ssh_ca", False, False, None, 1, 2),
+        ("rogue_ssh_ca", False, True, "ssh_ca_pin_mismatch", 0, 0),
+        ("rogue_ssh_leaf", False, True, "ssh_ca_pin_mismatch", 0, 0),
+        ("forged_ssh_signature", False, True, "ssh_ca_pin_mismatch", 0, 0),
+        ("user_ssh_cert", False, True, "bad_response", 0, 0),
+        ("rogue_ssh_ca", False, False, None, 1, 1),
+        ("ok", False, "other", "ssh_ca_pin_mismatch", 0, 0),
+    ],
+    ids=[
+        "with a CA pin an unpinned extra CA is left out of the trust file",
+        "without a CA pin every returned CA is written, as before",
+        "a host certificate signed by the pinned SSH CA is accepted",
+        "with an SSH CA pin an unpinned extra SSH CA is left out of ssh_ca.pub",
+        "without an SSH CA pin every returned SSH CA is written, as before",
+        "an SSH CA that does not match the pin is refused and nothing is written",
+        "listing the pinned SSH CA while signing with another is refused",
+        "a certificate naming the pinned SSH CA with a forged signature is refused",
+        "a user certificate from the pinned SSH CA is not a host certificate",
+        "without an SSH CA pin any signer is accepted (with a warning)",
+        "an SSH CA pin for some other key refuses the real SSH CA",
+    ],
+)
+async def test_only_pinned_cas_are_trusted(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+    tls_pin: bool,
+    ssh_pin: bool | str,
+    code: str | None,
+    tls_cas: int,
+    ssh_cas: int,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.agent")
+    async with world(tmp_path) as (_imds, gw, settings):
+        gw.issue_mode = mode
+        pin = _ssh_pin(gw.ssh_ca) if ssh_pin is True else "sha256:" + "00" * 32
+        settings = replace(
+            settings,
+            ca_pins=(gw.ca_pin,) if tls_pin else (),
+            ssh_ca_pins=(pin,) if ssh_pin else (),
+        )
+        if code is not None:
+            with pytest.raises(JoinFailed) as err:
+                await run_join(settings, sleep=SleepRecorder())
+            assert err.value.code == code
+            for name in DATA_FILES:
+                assert not (settings.data_dir / name).exists(), name
+            return
+        await run_join(settings, sleep=SleepRecorder())
+    data = settings.data_dir
+    written = x509.load_pem_x509_certificates((data / "tls_ca.crt").read_bytes())
+    assert len(written) == tls_cas and written[0] == gw.ca[0]
+    lines = (data / "ssh_ca.pub").read_text().splitlines()
+    assert len(lines) == ssh_cas
+    assert lines[0] == ssh_ca_line(gw.rogue_ssh_ca if mode == "rogue_ssh_ca" else gw.ssh_ca)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert ("teleport.ssh_ca_pin is not set" in warned) == (not ssh_pin)
+    assert ("teleport.ca_pin is not set" in warned) == (not tls_pin)
 
 
 @pytest.mark.parametrize(

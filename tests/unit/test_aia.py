@@ -14,6 +14,7 @@ from datetime import timedelta
 import aiohttp
 import pytest
 from aiohttp import web
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
 from gateway.azure.aia import DEFAULT_AIA_PREFIXES, AiaFetcher
@@ -23,7 +24,15 @@ from gateway.core.cache import MemoryCache
 from gateway.core.clock import FixedClock
 from gateway.core.cloud import CLOUDS
 from gateway.core.errors import Code, JoinRejected, Overloaded
-from tests.support.cms_forge import T0, Pki, forge, issue_leaf, make_pki
+from tests.support.cms_forge import (
+    T0,
+    Pki,
+    forge,
+    issue_ca,
+    issue_leaf,
+    make_pki,
+    with_x509_version,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +82,8 @@ async def server(pki: Pki) -> AsyncIterator[AiaServer]:
             return resp
         if name == "junk.crt":
             return web.Response(body=b"not a certificate")
+        if name == "v5.crt":
+            return web.Response(body=with_x509_version(inter.der, 4))
         if name == "redirect-off":
             raise web.HTTPFound(f"{state.base}/elsewhere/inter.crt")
         if name == "redirect-on":
@@ -183,6 +194,20 @@ async def test_refused_responses_yield_nothing(
     # negative-cached: asking again costs nothing
     assert await fetcher.fetch(server.prefix + name) == []
     assert server.requested == requested
+
+
+async def test_refusals_cannot_evict_the_certificates_real_leaves_need(
+    server: AiaServer, session: aiohttp.ClientSession
+) -> None:
+    """Issue 8: each hostile request may name a new URL under an allowed prefix. Refusals
+    live in their own bounded cache: a flood of them leaves the good entry in place."""
+    fetcher = _fetcher(session, server, cache=MemoryCache("aia", max_entries=4))
+    assert len(await fetcher.fetch(server.prefix + "inter.crt")) == 1
+    for i in range(40):
+        assert await fetcher.fetch(server.prefix + f"missing-{i}.crt") == []
+    assert len(await fetcher.fetch(server.prefix + "inter.crt")) == 1
+    assert server.requested.count("/pkiops/certs/inter.crt") == 1
+    assert len(server.requested) == 41
 
 
 async def test_a_redirect_within_the_prefixes_is_followed(
@@ -350,6 +375,95 @@ async def test_verifier_fails_closed_when_aia_is_refused(
         await verifier.verify(forge(leaf), expected_nonce="nonce-0123456789")
     assert info.value.code == Code.ATTESTED_CHAIN_UNTRUSTED
     assert server.requested == []
+
+
+def _offline_verifier(
+    pki: Pki, trust: list[x509.Certificate], aia: AiaFetcher, **kw: object
+) -> AttestedVerifier:
+    return AttestedVerifier(
+        cloud=CLOUDS["public"],
+        trust=TrustStore.from_certificates(trust),
+        aia=aia,
+        chain_cache=None,
+        clock=FixedClock(T0 + timedelta(hours=1)),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(
+    ("urls", "fetched"),
+    [
+        ([f"missing-{i}.crt" for i in range(300)], ["missing-0.crt"]),
+        (["/elsewhere/a.crt", *(f"missing-{i}.crt" for i in range(299))], ["missing-0.crt"]),
+        (["inter.crt", "inter.pem", "inter.p7c"], ["inter.crt"]),
+    ],
+    ids=[
+        "a leaf with 300 caIssuers URLs costs one fetch",
+        "the first *allowed* URL is the one fetched, and only it",
+        "Azure's two URLs for one file cost one fetch",
+    ],
+)
+async def test_one_aia_fetch_per_request(
+    pki: Pki,
+    server: AiaServer,
+    session: aiohttp.ClientSession,
+    urls: list[str],
+    fetched: list[str],
+) -> None:
+    full = [u if u.startswith("/") else server.prefix + u for u in urls]
+    full = [server.base + u if u.startswith("/") else u for u in full]
+    leaf = issue_leaf(pki.intermediate, aia_urls=full)
+    verifier = _offline_verifier(pki, [pki.root.cert], _fetcher(session, server))
+    try:
+        await verifier.verify(forge(leaf), expected_nonce="nonce-0123456789")
+    except JoinRejected as exc:
+        assert exc.code == Code.ATTESTED_CHAIN_UNTRUSTED
+    assert server.requested == ["/pkiops/certs/" + f for f in fetched]
+    assert verifier.aia_fetches == 1
+    assert verifier.path_builder_calls <= 2
+
+
+async def test_no_aia_fetch_when_the_leafs_issuer_is_already_known(
+    pki: Pki, server: AiaServer, session: aiohttp.ClientSession
+) -> None:
+    """The issuer is in the trust store, yet the chain fails (the leaf expired): fetching
+    the issuer again could not help, so nothing is fetched."""
+    leaf = issue_leaf(
+        pki.intermediate,
+        aia_urls=[server.prefix + "inter.crt"],
+        not_before=T0 - timedelta(days=400),
+        days=30,
+    )
+    verifier = _offline_verifier(
+        pki, [pki.root.cert, pki.intermediate.cert], _fetcher(session, server)
+    )
+    with pytest.raises(JoinRejected) as info:
+        await verifier.verify(forge(leaf), expected_nonce="nonce-0123456789")
+    assert info.value.code == Code.ATTESTED_CHAIN_UNTRUSTED
+    assert (server.requested, verifier.aia_fetches, verifier.path_builder_calls) == ([], 0, 1)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["v5.crt", "junk.crt"],
+    ids=["an AIA answer claiming X.509 v5 is no certificate", "junk is no certificate"],
+)
+async def test_unreadable_aia_answers_fail_closed(
+    pki: Pki, server: AiaServer, session: aiohttp.ClientSession, name: str
+) -> None:
+    assert await _fetcher(session, server).fetch(server.prefix + name) == []
+
+
+async def test_an_aia_answer_that_is_not_the_leafs_issuer_is_not_a_candidate(
+    pki: Pki, server: AiaServer, session: aiohttp.ClientSession
+) -> None:
+    """The URL serves a real CA certificate, but not one named as the leaf's issuer."""
+    other = issue_ca("Microsoft Azure RSA TLS Issuing CA 08", issuer=pki.root)
+    leaf = issue_leaf(other, aia_urls=[server.prefix + "inter.crt"])
+    verifier = _offline_verifier(pki, [pki.root.cert], _fetcher(session, server))
+    with pytest.raises(JoinRejected):
+        await verifier.verify(forge(leaf), expected_nonce="nonce-0123456789")
+    assert (verifier.aia_fetches, verifier.path_builder_calls) == (1, 1)
 
 
 def test_a_der_certificate_ending_in_a_whitespace_byte_is_parsed_whole() -> None:

@@ -278,6 +278,44 @@ async def test_after_a_429_the_subscription_is_left_alone_until_retry_after(
     assert c.calls == {"get_vm": 3}
 
 
+async def test_a_list_429_with_reads_left_holds_list_calls_only(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    # Compute's list budget is spent, the subscription's reads are not (the fake reports
+    # reads left): point reads go on, list pages wait for Retry-After.
+    arm.vms["group1"] = [vm_model("group1", "web-1", 1)]
+    arm.list_status, arm.status_headers = 429, {"Retry-After": "10"}
+    clock = FixedClock(NOW)
+    c = client(session, arm, clock)
+    with pytest.raises(Overloaded) as info:
+        await c.list_vms(SUB, "group1", bearer=BEARER)
+    assert info.value.code == Code.AZURE_BUDGET_EXHAUSTED
+    assert c.ready_in(SUB, kind="list") == pytest.approx(10.0)
+    assert c.ready_in(SUB) == 0.0
+    assert await c.get_vm(VM1, bearer=BEARER) is not None
+    with pytest.raises(Overloaded):
+        await c.list_vms(SUB, "group1", bearer=BEARER)
+    assert c.calls == {"list_vms": 1, "get_vm": 1}, "the held list call was not sent"
+    arm.list_status = None
+    clock.advance(10)
+    assert len(await c.list_vms(SUB, "group1", bearer=BEARER)) == 1
+
+
+async def test_a_list_429_with_no_reads_left_holds_everything(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    arm.vms["group1"] = [vm_model("group1", "web-1", 1)]
+    arm.list_status, arm.status_headers = 429, {"Retry-After": "10"}
+    arm.reads_left = 1  # the fake reports 0 reads left with this answer
+    c = client(session, arm, FixedClock(NOW))
+    with pytest.raises(Overloaded):
+        await c.list_vms(SUB, "group1", bearer=BEARER)
+    with pytest.raises(Overloaded) as info:
+        await c.get_vm(VM1, bearer=BEARER)
+    assert info.value.retry_after == pytest.approx(10.0)
+    assert c.calls == {"list_vms": 1}
+
+
 class RecordingBudget:
     def __init__(self, refuse: bool = False) -> None:
         self.acquired: list[str] = []
@@ -285,6 +323,9 @@ class RecordingBudget:
         self.kinds: list[ArmReadKind] = []
         self.lists_left: list[int | None] = []
         self.refuse = refuse
+
+    def ready_in(self, subscription: str, *, kind: ArmReadKind = "read", ahead: int = 0) -> float:
+        return 0.0
 
     async def acquire(self, subscription: str, *, kind: ArmReadKind = "read") -> None:
         self.acquired.append(subscription)
@@ -299,6 +340,7 @@ class RecordingBudget:
         remaining_reads: int | None,
         retry_after: float | None,
         remaining_lists: int | None = None,
+        closes: ArmReadKind = "read",
     ) -> None:
         self.observed.append((subscription, remaining_reads, retry_after))
         self.lists_left.append(remaining_lists)

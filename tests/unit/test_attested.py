@@ -6,13 +6,21 @@ chain (tests/support/cms_forge.py), byte-shaped like Azure's by default.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,15 +34,23 @@ from gateway.azure.certs import TrustStore, VerifiedChain
 from gateway.core.cache import MemoryCache
 from gateway.core.clock import FixedClock
 from gateway.core.cloud import CLOUDS
-from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected
+from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected, Overloaded
 from tests.support.cms_forge import (
+    AZURE_CA_NAME,
+    INTERMEDIATE_CN,
     T0,
+    Issued,
     Pki,
     azure_content,
     forge,
+    huge_exponent_key,
+    issue_ca,
     issue_leaf,
+    lookalike_cas,
     make_pki,
+    with_x509_version,
 )
+from tests.support.executors import GatedExecutor
 
 NONCE = "nonce-0123456789"
 NOW = T0 + timedelta(hours=1)
@@ -70,6 +86,7 @@ def _verifier(
         chain_cache=cache,
         clock=clock or FixedClock(s.now),
         require_subscription=s.require_subscription,
+        known_issuer_names=(INTERMEDIATE_CN,),
     )
 
 
@@ -460,3 +477,275 @@ def test_decode_signature_only_raises_malformed(text: str) -> None:
         decode_signature(text)
     except BadRequest as exc:
         assert exc.code == Code.ATTESTED_MALFORMED
+
+
+# ------------------------------------------------------------------ bounded cost (issue 8)
+
+KNOWN_NAME = AZURE_CA_NAME
+
+
+@pytest.fixture(scope="module")
+def huge_key() -> rsa.RSAPrivateKey:
+    return huge_exponent_key()
+
+
+def _public_only_ca(cn: str, public_key: rsa.RSAPublicKey, issuer: Issued) -> bytes:
+    """A CA certificate for a key nobody holds (any modulus will do: it is never used)."""
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)]))
+        .issuer_name(issuer.cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(T0 - timedelta(days=1))
+        .not_valid_after(T0 + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(issuer.key, hashes.SHA256())
+    )
+    return cert.public_bytes(Encoding.DER)
+
+
+def _signed_by(leaf: Issued, *intermediates: bytes) -> Scenario:
+    return Scenario(forge(leaf), intermediates=intermediates)
+
+
+CostBuild = Callable[[Pki, rsa.RSAPrivateKey], Scenario]
+
+
+def _reproducer(name: str, *, huge: bool) -> CostBuild:
+    """Issue 8: eight self-issued CAs sharing one name and one key; the leaf names them."""
+
+    def build(p: Pki, huge_key: rsa.RSAPrivateKey) -> Scenario:
+        cas = lookalike_cas(name, huge_key if huge else p.intermediate.key)
+        return _signed_by(issue_leaf(cas[0]), *(c.der for c in cas))
+
+    return build
+
+
+def _distinct_known(count: int) -> CostBuild:
+    def build(p: Pki, huge_key: rsa.RSAPrivateKey) -> Scenario:
+        key = p.intermediate.key
+        untrusted_root = issue_ca("Microsoft RSA Root Certificate Authority 2017", key=key)
+        cas = [issue_ca(KNOWN_NAME, key=key, issuer=untrusted_root) for _ in range(count)]
+        return _signed_by(issue_leaf(cas[0]), *(c.der for c in cas))
+
+    return build
+
+
+def _intermediate_with(public_key: Callable[[], rsa.RSAPublicKey]) -> CostBuild:
+    def build(p: Pki, huge_key: rsa.RSAPrivateKey) -> Scenario:
+        return _signed_by(p.leaf, _public_only_ca(KNOWN_NAME, public_key(), p.root))
+
+    return build
+
+
+def _odd_modulus(bits: int) -> rsa.RSAPublicKey:
+    return rsa.RSAPublicNumbers(65537, (1 << (bits - 1)) | 0xF00D | 1).public_key()
+
+
+def _leaf_key(make: Callable[[rsa.RSAPrivateKey], rsa.RSAPrivateKey]) -> CostBuild:
+    def build(p: Pki, huge_key: rsa.RSAPrivateKey) -> Scenario:
+        return Scenario(forge(issue_leaf(p.intermediate, key=make(huge_key))))
+
+    return build
+
+
+# (id, build, code, path-builder calls, untrusted candidates handed to it)
+COST: list[tuple[str, CostBuild, Code | None, int, int]] = [
+    (
+        "a signer with a 3,070-bit public exponent is refused before any RSA verify",
+        _leaf_key(lambda huge: huge),
+        Code.ATTESTED_SIGNER_INVALID,
+        0,
+        0,
+    ),
+    (
+        "a 1024-bit signer is refused",
+        _leaf_key(lambda _: rsa.generate_private_key(public_exponent=65537, key_size=1024)),  # noqa: S505
+        Code.ATTESTED_SIGNER_INVALID,
+        0,
+        0,
+    ),
+    (
+        "a signer with e = 3 is refused",
+        _leaf_key(lambda _: rsa.generate_private_key(public_exponent=3, key_size=2048)),
+        Code.ATTESTED_SIGNER_INVALID,
+        0,
+        0,
+    ),
+    (
+        "issue 8's reproducer under a known name: refused on the key, no path search",
+        _reproducer(KNOWN_NAME, huge=True),
+        Code.ATTESTED_CHAIN_UNTRUSTED,
+        0,
+        0,
+    ),
+    (
+        "issue 8's reproducer under an unknown name: the CAs are dropped unread",
+        _reproducer("Totally Azure Issuing CA", huge=True),
+        Code.ATTESTED_CHAIN_UNTRUSTED,
+        1,
+        0,
+    ),
+    (
+        "eight self-issued known-named CAs with cheap keys are dropped",
+        _reproducer(KNOWN_NAME, huge=False),
+        Code.ATTESTED_CHAIN_UNTRUSTED,
+        1,
+        0,
+    ),
+    (
+        "five distinct known-named intermediates are too many",
+        _distinct_known(5),
+        Code.ATTESTED_CHAIN_UNTRUSTED,
+        0,
+        0,
+    ),
+    (
+        "four distinct known-named intermediates all reach the path builder",
+        _distinct_known(4),
+        Code.ATTESTED_CHAIN_UNTRUSTED,
+        1,
+        4,
+    ),
+    (
+        "a known-named intermediate with a 4,200-bit key is refused",
+        _intermediate_with(lambda: _odd_modulus(4200)),
+        Code.ATTESTED_CHAIN_UNTRUSTED,
+        0,
+        0,
+    ),
+    (
+        "a known-named intermediate with a 1,024-bit key is refused",
+        _intermediate_with(lambda: _odd_modulus(1024)),
+        Code.ATTESTED_CHAIN_UNTRUSTED,
+        0,
+        0,
+    ),
+    (
+        "a request intermediate claiming X.509 v5 is dropped and the chain still builds",
+        lambda p, _: _signed_by(p.leaf, with_x509_version(p.intermediate.der, 4)),
+        None,
+        1,
+        0,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "code", "calls", "candidates"),
+    [c[1:] for c in COST],
+    ids=[c[0] for c in COST],
+)
+async def test_work_is_bounded_before_path_building(
+    pki: Pki,
+    huge_key: rsa.RSAPrivateKey,
+    build: CostBuild,
+    code: Code | None,
+    calls: int,
+    candidates: int,
+) -> None:
+    s = build(pki, huge_key)
+    verifier = _verifier(pki, s)
+    try:
+        await verifier.verify(s.signature, intermediates=s.intermediates, expected_nonce=s.nonce)
+        got: Code | None = None
+    except JoinRejected as exc:
+        got = exc.code
+    assert (got, verifier.path_builder_calls, verifier.untrusted_candidates) == (
+        code,
+        calls,
+        candidates,
+    )
+    assert verifier.aia_fetches == 0
+
+
+async def test_a_failed_chain_is_refused_from_memory_for_the_same_leaf_and_intermediates(
+    pki: Pki, huge_key: rsa.RSAPrivateKey
+) -> None:
+    s = _distinct_known(2)(pki, huge_key)
+    clock = FixedClock(NOW)
+    verifier = _verifier(pki, s, MemoryCache("chains", clock=clock), clock)
+    for _ in range(3):
+        with pytest.raises(JoinRejected):
+            await verifier.verify(s.signature, intermediates=s.intermediates, expected_nonce=NONCE)
+    assert (verifier.path_builder_calls, verifier.failed_chain_hits) == (1, 2)
+    # Other intermediates are another question: built once more, then remembered too.
+    for _ in range(2):
+        with pytest.raises(JoinRejected):
+            await verifier.verify(
+                s.signature, intermediates=s.intermediates[:1], expected_nonce=NONCE
+            )
+    assert (verifier.path_builder_calls, verifier.failed_chain_hits) == (2, 3)
+    # The memory is bounded in time: after a minute the leaf is tried again.
+    clock.advance(61)
+    with pytest.raises(JoinRejected):
+        await verifier.verify(s.signature, intermediates=s.intermediates, expected_nonce=NONCE)
+    assert verifier.path_builder_calls == 3
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.submitted = 0
+        self.threads: set[str] = set()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+
+        def run() -> Any:
+            self.threads.add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+
+        return super().submit(run)
+
+
+async def test_path_building_runs_in_the_pool_and_cached_chains_do_not(pki: Pki) -> None:
+    executor = _CountingExecutor()
+    clock = FixedClock(NOW)
+    s = Scenario(forge(pki.leaf))
+    verifier = AttestedVerifier(
+        cloud=CLOUDS["public"],
+        trust=TrustStore.from_certificates([pki.root.cert, pki.intermediate.cert]),
+        aia=None,
+        chain_cache=MemoryCache("chains", clock=clock),
+        clock=clock,
+        executor=executor,
+    )
+    try:
+        for nonce in ("one", "two", "three"):
+            await verifier.verify(forge(pki.leaf, azure_content(nonce=nonce)), expected_nonce=nonce)
+    finally:
+        executor.shutdown()
+    assert executor.submitted == 1
+    assert executor.threads and threading.current_thread().name not in executor.threads
+    assert s.signature
+
+
+async def test_builds_beyond_the_pending_cap_are_refused_as_overload(pki: Pki) -> None:
+    executor = GatedExecutor()
+    verifier = AttestedVerifier(
+        cloud=CLOUDS["public"],
+        trust=TrustStore.from_certificates([pki.root.cert, pki.intermediate.cert]),
+        aia=None,
+        chain_cache=None,
+        clock=FixedClock(NOW),
+        executor=executor,
+    )
+    try:
+        builds = [
+            asyncio.ensure_future(verifier.chain_for(pki.leaf.cert, "metadata.azure.com"))
+            for _ in range(32)
+        ]
+        await asyncio.sleep(0)  # every build is now waiting for the pool
+        with pytest.raises(Overloaded) as info:
+            await verifier.chain_for(pki.leaf.cert, "metadata.azure.com")
+        assert info.value.code == Code.OVERLOADED and info.value.retry_after
+        executor.gate.set()
+        chains = await asyncio.gather(*builds)
+        assert len(chains) == 32 and verifier.path_builder_calls == 32
+        # The queue drained: the next build is accepted again.
+        await verifier.chain_for(pki.leaf.cert, "metadata.azure.com")
+    finally:
+        executor.gate.set()
+        executor.shutdown()

@@ -14,6 +14,7 @@ import pytest
 
 from gateway.azure.arm import ArmClient
 from gateway.azure.token import TokenClaims
+from gateway.azure.vm_directory import VmDirectory
 from gateway.core.clock import FixedClock
 from gateway.core.errors import Code, GatewayError, Overloaded
 from gateway.join.binding import VmBinder, VmIdentity
@@ -75,7 +76,7 @@ def binder(
     session: aiohttp.ClientSession, arm: FakeArm, clock: FixedClock, **kw: Any
 ) -> tuple[VmBinder, ArmClient]:
     client = ArmClient(session, endpoint=arm.base, clock=clock, timeout=1.0)
-    return VmBinder(client, clock=clock, **kw), client
+    return VmBinder(VmDirectory(client, clock=clock, **kw)), client
 
 
 # (id, mirid, az_rid, doc vmId, doc subscription, expected code | expected identity fields)
@@ -353,8 +354,8 @@ async def test_binding_disabled_makes_no_arm_call(
     clock = FixedClock(NOW)
     client = ArmClient(session, endpoint=arm.base, clock=clock)
     for b in (
-        VmBinder(client, enabled=False, clock=clock),
-        VmBinder(None, enabled=False, clock=clock),
+        VmBinder(VmDirectory(client, clock=clock), enabled=False),
+        VmBinder(None, enabled=False),
     ):
         call = b.bind(
             doc_vm_id=doc_vm_id,
@@ -376,7 +377,7 @@ async def test_binding_disabled_makes_no_arm_call(
 
 def test_enabled_binding_needs_an_arm_client() -> None:
     with pytest.raises(ValueError):
-        VmBinder(None, enabled=True, clock=FixedClock(NOW))
+        VmBinder(None, enabled=True)
 
 
 async def bind_web1(b: VmBinder, vm: int = 1) -> VmIdentity:

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from gateway.azure.arm import ArmClient
+from gateway.azure.vm_directory import VmDirectory
 from gateway.core.clock import FixedClock
 from gateway.core.errors import Code, GatewayError, Overloaded
 from gateway.join.binding import VmBinder, VmIdentity
@@ -50,7 +51,12 @@ def binder(
     session: aiohttp.ClientSession, arm: FakeArm, clock: FixedClock, **kw: Any
 ) -> tuple[VmBinder, ArmClient]:
     client = ArmClient(session, endpoint=arm.base, clock=clock, timeout=2.0)
-    return VmBinder(client, clock=clock, **kw), client
+    return VmBinder(VmDirectory(client, clock=clock, **kw)), client
+
+
+async def settle(b: VmBinder) -> None:
+    assert b.directory is not None
+    await b.directory.idle()
 
 
 async def bind(b: VmBinder, i: int, *, rg: str = "group1", doc: int | None = None) -> VmIdentity:
@@ -158,6 +164,7 @@ async def test_an_unknown_vmid_rereads_the_group_once_per_interval(
     clock = FixedClock(NOW)
     b, client = binder(session, arm, clock, refresh_interval=30, list_threshold=1)
     await bind(b, 0)
+    await settle(b)  # the listing runs on after web-0's page answered it
     assert client.calls == {"list_vms": 3}
     arm.vms["group1"].append(vm_model("group1", "web-99", 99))  # created after the listing
     clock.advance(5)
@@ -188,13 +195,52 @@ async def test_a_group_this_identity_may_not_list_falls_back_to_point_gets(
     assert client.calls == {"list_vms": 1, "get_vm": 5}, "no second listing attempt"
 
 
-async def test_a_throttled_listing_is_retryable_for_every_waiter(
+async def test_a_throttled_listing_turns_its_waiters_to_point_reads(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    # Compute's list budget answers 429 while subscription reads are left: the joins that
+    # waited on the listing are point reads, and the group is not listed again until
+    # Retry-After has passed.
+    arm.list_status = 429
+    arm.status_headers = {"Retry-After": "7"}
+    clock = FixedClock(NOW)
+    b, client = binder(session, arm, clock, list_threshold=1)
+    results = await asyncio.gather(*(bind(b, i) for i in range(5)))
+    assert [r.vm_name for r in results] == [f"web-{i}" for i in range(5)]
+    assert client.calls == {"list_vms": 1, "get_vm": 5}
+    await bind(b, 6)
+    assert client.calls == {"list_vms": 1, "get_vm": 6}, "lists held: a point read"
+    arm.list_status = None
+    clock.advance(7)
+    await bind(b, 7)
+    await settle(b)
+    assert client.calls == {"list_vms": 1 + 3, "get_vm": 6}, "listed after the hold, 3 pages"
+
+
+async def test_a_throttled_subscription_refuses_every_waiter(
     session: aiohttp.ClientSession, arm: FakeArm
 ) -> None:
     arm.list_status = 429
     arm.status_headers = {"Retry-After": "7"}
+    arm.reads_left = 1  # ARM reports no subscription reads left either
     b, client = binder(session, arm, FixedClock(NOW), list_threshold=1)
     outcomes = await asyncio.gather(*(bind(b, i) for i in range(5)), return_exceptions=True)
     assert all(isinstance(o, Overloaded) for o in outcomes)
     assert {o.code for o in outcomes if isinstance(o, Overloaded)} == {Code.AZURE_BUDGET_EXHAUSTED}
+    assert client.calls == {"list_vms": 1}
+
+
+async def test_a_listing_keeps_only_vms_of_its_own_group_as_azure_compares_names(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    # The listing of "kube" answers with a VM whose ID names "\u212aube" (Kelvin sign):
+    # another group to Resource Manager, though str.lower() makes both "kube". It must not
+    # enter kube's map, or a token naming kube/web-9 would bind to the other group's VM.
+    arm.vms["kube"] = [vm_model("kube", "web-1", 1), vm_model("\u212aube", "web-9", 9)]
+    b, client = binder(session, arm, FixedClock(NOW), list_threshold=1)
+    ours, other = await asyncio.gather(
+        bind(b, 1, rg="kube", doc=1), bind(b, 9, rg="kube", doc=9), return_exceptions=True
+    )
+    assert isinstance(ours, VmIdentity) and ours.resource_group.lower() == "kube"
+    assert isinstance(other, GatewayError) and other.code == Code.VM_BINDING_FAILED
     assert client.calls == {"list_vms": 1}

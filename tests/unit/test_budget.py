@@ -214,6 +214,46 @@ async def test_list_calls_also_spend_the_list_budget() -> None:
     assert await spend(budget, 100, kind="list") == 1
 
 
+async def test_a_list_retry_after_closes_list_calls_only() -> None:
+    clock = FixedClock(0)
+    budget, _ = make(clock, burst=100, max_wait=0)
+    budget.observe(SUB, remaining_reads=90, retry_after=12.0, closes="list")
+    assert budget.ready_in(SUB, kind="list") == pytest.approx(12.0)
+    with pytest.raises(Overloaded) as info:
+        await budget.acquire(SUB, kind="list")
+    assert info.value.retry_after == pytest.approx(12.0)
+    assert budget.ready_in(SUB) == 0.0
+    assert await spend(budget, 5) == 5, "point reads go on"
+    clock.advance(12)
+    assert await spend(budget, 1, kind="list") == 1
+
+
+# (id, budget params, list pages taken first, pages ahead, seconds until the next page)
+READY: list[tuple[str, dict[str, float], int, int, float]] = [
+    ("a full bucket is ready now", {"list_per_minute": 6}, 0, 0, 0.0),
+    ("an empty list bucket is ready when a token refills", {"list_per_minute": 6}, 6, 0, 10.0),
+    ("pages already started count ahead", {"list_per_minute": 6}, 4, 3, 20.0),
+    ("reads are ready while lists are not", {"list_per_minute": 6}, 6, 0, 10.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("params", "taken", "ahead", "seconds"),
+    [c[1:] for c in READY],
+    ids=[c[0] for c in READY],
+)
+async def test_ready_in_says_when_the_next_page_is_affordable_without_spending(
+    params: dict[str, float], taken: int, ahead: int, seconds: float
+) -> None:
+    clock = FixedClock(0)
+    budget, _ = make(clock, burst=100, max_wait=0, **params)
+    assert await spend(budget, taken, kind="list") == taken
+    before = budget.available(SUB, kind="list")
+    assert budget.ready_in(SUB, kind="list", ahead=ahead) == pytest.approx(seconds)
+    assert budget.ready_in(SUB) == 0.0
+    assert budget.available(SUB, kind="list") == before, "asking spends nothing"
+
+
 @pytest.mark.parametrize(
     "kw",
     [

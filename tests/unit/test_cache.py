@@ -213,3 +213,33 @@ async def test_the_jwks_client_uses_the_cache_it_is_given() -> None:
             cache=cache,  # type: ignore[arg-type]
         )
         assert client._cache is cache
+
+
+async def test_a_cancelled_join_leaves_the_jwks_fetch_to_the_others() -> None:
+    """The single flight as the JWKS client uses it, against the emulator's Entra ID: the
+    request that started the key fetch is cancelled mid-fetch; the others get the key
+    from the same one fetch."""
+    import aiohttp
+
+    from gateway.azure.jwks import JwksClient
+    from gateway.core.cloud import CLOUDS
+    from gateway.dev.emulator import AzureEmulator, Latency
+
+    async with AzureEmulator(latency=Latency(arm=0, entra=0.2, aia=0, imds=0)) as emu:
+        tenant = emu.add_tenant()
+        kid = emu._tenant(tenant).signer.kid  # test-only: the tenant's current key id
+        connector = aiohttp.TCPConnector(ssl=emu.client_ssl_context())
+        async with aiohttp.ClientSession(connector=connector) as session:
+            jwks = JwksClient(
+                session, cloud=CLOUDS["public"], authority_host=emu.https_url, clock=FixedClock(0)
+            )
+            leader = asyncio.create_task(jwks.key_for(tenant, kid))
+            await asyncio.sleep(0.05)  # the leader's fetch is under way
+            others = [asyncio.create_task(jwks.key_for(tenant, kid)) for _ in range(3)]
+            await asyncio.sleep(0)
+            leader.cancel()
+            keys = await asyncio.gather(*others)
+            with pytest.raises(asyncio.CancelledError):
+                await leader
+    assert len({k.public_numbers() for k in keys}) == 1
+    assert emu.counters.get("entra.jwks", 0) == 1, "one fetch, run to its end"

@@ -95,7 +95,8 @@ def test_status_prints_the_auth_service_ca_pin(
     capsys.readouterr()
     assert main(["status", "--auth-data-dir", str(tmp_path / "auth")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("CA pin: sha256:") and len(out.split("sha256:")[1].strip()) == 64
+    first = out.splitlines()[0]
+    assert first.startswith("CA pin: sha256:") and len(first.split("sha256:")[1]) == 64
     assert main(["status"]) == 2
 
 

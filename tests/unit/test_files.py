@@ -15,7 +15,7 @@ import pytest
 
 from gateway.agent.errors import AgentError
 from gateway.agent.files import write_private_file
-from gateway.core.files import write_atomic
+from gateway.core.files import fsync_directory, replace_symlink, write_atomic
 from gateway.core.tlsutil import generate_ca, write_pem_files
 from gateway.join.challenge import load_keys_file, write_new_keys_file
 
@@ -201,3 +201,19 @@ def test_the_agents_files_are_private_and_failures_have_its_code(tmp_path: Path)
     with pytest.raises(AgentError) as err:
         write_private_file(tmp_path / "missing-dir" / "tls.crt", b"cert")
     assert err.value.code == "write_failed"
+
+
+def test_a_symlink_is_switched_in_one_rename_and_a_taken_name_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    link = tmp_path / "current"
+    replace_symlink(link, "a")
+    assert os.readlink(link) == "a"
+    (tmp_path / ".current.taken.tmp").symlink_to("elsewhere")
+    suffix, used = _suffixes("taken", "free")
+    replace_symlink(link, "b", suffix=suffix)
+    assert used == ["taken", "free"]
+    assert os.readlink(link) == "b"
+    assert os.readlink(tmp_path / ".current.taken.tmp") == "elsewhere"
+    fsync_directory(tmp_path)
+    assert _leftovers(tmp_path) == [".current.taken.tmp"]

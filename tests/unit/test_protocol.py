@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway.agent.errors import NodeConfigError
-from gateway.agent.nodeconfig import parse_node_config
+from gateway.agent.nodeconfig import parse_node_config, parse_proxy_server
 from gateway.authservice.wire import AuthServiceError
 from gateway.authservice.wire import decode_registration as auth_decode_registration
-from gateway.azure.attested import parse_content
+from gateway.azure.attested import parse_azure_time, parse_content
 from gateway.core.errors import BadRequest, GatewayError, PayloadTooLarge
 from gateway.http.schema import decode_join_request as http_decode_join_request
 from gateway.protocol import (
@@ -29,6 +29,7 @@ from gateway.protocol import (
     TOKEN_ROLES,
     ChallengeResponse,
     Code,
+    ErrorBody,
     HostParams,
     JoinBlock,
     JoinResponse,
@@ -364,12 +365,6 @@ def test_registration_fields(changes: dict[str, Any], outcome: str) -> None:
     assert (err.value.status, err.value.code) == (400, RegisterCode.INVALID_REQUEST)
 
 
-def test_the_auth_service_codes_are_the_gateway_codes_where_they_overlap() -> None:
-    for code in RegisterCode:
-        if code is not RegisterCode.IDEMPOTENCY_CONFLICT:
-            assert Code(code.value)
-
-
 def test_node_names_and_dns_names() -> None:
     assert is_node_name("web-1.prod")
     assert not is_node_name("web-1.prod\n")
@@ -377,3 +372,72 @@ def test_node_names_and_dns_names() -> None:
     assert not is_dns_name("a" * 64 + ".example")
     assert is_dns_name(("a" * 63 + ".") * 3 + "a" * 61)  # 253
     assert not is_dns_name(("a" * 63 + ".") * 3 + "a" * 62)  # 254
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"error": {"code": "not_allowed", "message": "No rule."}}, ("not_allowed", "No rule.")),
+        ({"error": {"code": "overloaded"}}, ("overloaded", "")),
+        ({"error": {"code": "x" * 300, "message": "m" * 900}}, ("x" * 100, "m" * 500)),
+        ({"error": {"code": "", "message": "m"}}, None),
+        ({"error": {"code": 5, "message": "m"}}, None),
+        ({"error": "overloaded"}, None),
+        ({"detail": "Bad Gateway"}, None),
+        ("<html>502 Bad Gateway</html>", None),
+    ],
+    ids=[
+        "a code and a message",
+        "a code without a message",
+        "long fields from the other end are cut",
+        "an empty code is not an error body",
+        "a numeric code is not an error body",
+        "an error that is not an object is not an error body",
+        "another JSON shape is not an error body",
+        "a proxy's page is not an error body",
+    ],
+)
+def test_error_bodies(body: object, expected: tuple[str, str] | None) -> None:
+    err = ErrorBody.from_json(body)
+    assert (None if err is None else (err.code, err.message)) == expected
+    if err is not None:
+        assert ErrorBody.from_json(err.to_json()) == err
+
+
+@pytest.mark.parametrize(
+    ("renewal", "valid"),
+    [(None, True), (True, True), (False, True), ("yes", False)],
+    ids=[
+        "an auth service that does not say is understood",
+        "a renewal round-trips",
+        "a new host round-trips",
+        "a renewal flag that is not a boolean is refused",
+    ],
+)
+def test_the_register_result_carries_the_renewal_flag(renewal: object, valid: bool) -> None:
+    result = RegisterResult(
+        host_id="h-1", ssh_cert="s", tls_cert="t", tls_ca_certs=("ca",), ssh_ca_keys=("k",)
+    )
+    body = {**result.body_json(), "renewal": renewal} if renewal is not None else result.body_json()
+    if valid:
+        assert RegisterResult.from_json(body) == replace(result, renewal=renewal)
+        assert RegisterResult.from_json(body).body_json() == body
+    else:
+        with pytest.raises(ValueError, match="renewal"):
+            RegisterResult.from_json(body)
+
+
+# --- the same newline bug in two other value checks ----------------------------------------
+
+
+def test_an_attested_timestamp_ending_in_a_newline_is_refused() -> None:
+    assert parse_azure_time("07/28/26 13:24:00 -0000").year == 2026
+    with pytest.raises(GatewayError) as err:
+        parse_azure_time("07/28/26 13:24:00 -0000\n")
+    assert err.value.code is Code.ATTESTED_CONTENT_INVALID
+
+
+def test_a_proxy_server_host_with_a_newline_is_refused() -> None:
+    assert parse_proxy_server("gw.example.com:443") == "https://gw.example.com:443"
+    with pytest.raises(NodeConfigError):
+        parse_proxy_server("gw.example.com\n:443")

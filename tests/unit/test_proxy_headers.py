@@ -10,6 +10,7 @@ from gateway.http.proxy import MAX_HOPS, TrustedProxies, effective_client_addres
 
 LB = "10.0.0.5"  # a load balancer inside the trusted range
 TRUSTED = TrustedProxies(["10.0.0.0/8", "fd00::/8", "192.168.1.1/32"])
+TRUSTED_FORWARDED = TrustedProxies(["10.0.0.0/8", "fd00::/8", "192.168.1.1/32"], header="forwarded")
 
 Pairs = list[tuple[str, str]]
 
@@ -173,6 +174,40 @@ RESOLVE_CASES: list[tuple[str, str, Pairs, str]] = [
         "198.51.100.7",
     ),
     (
+        "an unknown X-Forwarded-For hop yields the peer",
+        LB,
+        [("X-Forwarded-For", "6.6.6.6, unknown")],
+        LB,
+    ),
+    (
+        "exactly the maximum number of hops is accepted",
+        LB,
+        [("X-Forwarded-For", ", ".join(["10.0.0.1"] * MAX_HOPS))],
+        "10.0.0.1",
+    ),
+    (
+        "Forwarded is ignored when X-Forwarded-For is the configured header",
+        LB,
+        [("X-Forwarded-For", "198.51.100.7"), ("Forwarded", "for=6.6.6.6")],
+        "198.51.100.7",
+    ),
+    (
+        "a trusted peer's Forwarded alone is ignored when X-Forwarded-For is configured",
+        LB,
+        [("Forwarded", "for=203.0.113.66")],
+        LB,
+    ),
+    (
+        "a trusted peer's garbage Forwarded is ignored, not rejected, when it is not configured",
+        LB,
+        [("Forwarded", "for=;;==")],
+        LB,
+    ),
+]
+
+# The same walk through RFC 7239 Forwarded, with ``proxy.client_address_header: forwarded``.
+FORWARDED_CASES: list[tuple[str, str, Pairs, str]] = [
+    (
         "a Forwarded for= is the client",
         LB,
         [("Forwarded", "for=198.51.100.7;proto=https;by=10.0.0.5")],
@@ -183,12 +218,6 @@ RESOLVE_CASES: list[tuple[str, str, Pairs, str]] = [
         LB,
         [("Forwarded", 'for="[2001:db8:cafe::17]:4711"')],
         "2001:db8:cafe::17",
-    ),
-    (
-        "Forwarded wins over X-Forwarded-For",
-        LB,
-        [("X-Forwarded-For", "6.6.6.6"), ("Forwarded", "for=198.51.100.7")],
-        "198.51.100.7",
     ),
     (
         "a Forwarded chain is walked from the right, skipping trusted hops",
@@ -227,22 +256,22 @@ RESOLVE_CASES: list[tuple[str, str, Pairs, str]] = [
         LB,
     ),
     (
-        "an unknown X-Forwarded-For hop yields the peer",
-        LB,
-        [("X-Forwarded-For", "6.6.6.6, unknown")],
-        LB,
-    ),
-    (
         "an obfuscated port does not hide a real address",
         LB,
         [("Forwarded", 'for="198.51.100.7:_abc"')],
         "198.51.100.7",
     ),
     (
-        "exactly the maximum number of hops is accepted",
+        "X-Forwarded-For is ignored when Forwarded is the configured header",
         LB,
-        [("X-Forwarded-For", ", ".join(["10.0.0.1"] * MAX_HOPS))],
-        "10.0.0.1",
+        [("X-Forwarded-For", "6.6.6.6"), ("Forwarded", "for=198.51.100.7")],
+        "198.51.100.7",
+    ),
+    (
+        "a trusted peer's X-Forwarded-For alone is ignored when Forwarded is configured",
+        LB,
+        [("X-Forwarded-For", "203.0.113.66")],
+        LB,
     ),
 ]
 
@@ -254,6 +283,20 @@ RESOLVE_CASES: list[tuple[str, str, Pairs, str]] = [
 )
 def test_effective_client_address(peer: str, headers: Pairs, expected: str) -> None:
     assert effective_client_address(peer, headers, TRUSTED) == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "expected"),
+    [c[1:] for c in FORWARDED_CASES],
+    ids=[c[0] for c in FORWARDED_CASES],
+)
+def test_effective_client_address_from_forwarded(peer: str, headers: Pairs, expected: str) -> None:
+    assert effective_client_address(peer, headers, TRUSTED_FORWARDED) == expected
+
+
+def test_an_unknown_client_address_header_is_refused() -> None:
+    with pytest.raises(ValueError, match="x-real-ip"):
+        TrustedProxies(["10.0.0.0/8"], header="x-real-ip")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -305,8 +348,9 @@ MALFORMED_CASES: list[tuple[str, Pairs]] = [
     ids=[f"{c[0]} from a trusted peer is rejected" for c in MALFORMED_CASES],
 )
 def test_malformed_from_trusted_peer(headers: Pairs) -> None:
+    forwarded = any(name == "Forwarded" for name, _ in headers)
     with pytest.raises(BadRequest) as info:
-        effective_client_address(LB, headers, TRUSTED)
+        effective_client_address(LB, headers, TRUSTED_FORWARDED if forwarded else TRUSTED)
     assert info.value.code is Code.INVALID_FORWARDED_HEADER
     assert info.value.status == 400
 

@@ -302,6 +302,14 @@ def test_valid_token_claims_are_typed(keys: Keys) -> None:
 
 
 NOT_UTF8 = b64(bytes([0xFF, 0xFE]))
+_PARTS = (b64json({"alg": "RS256", "kid": KID}), b64json({"tid": TENANT}), "c2ln")
+
+
+def _with_part(n: int, text: str) -> str:
+    """A token whose segment ``n`` (0 header, 1 payload, 2 signature) is ``text``."""
+    return ".".join(text if i == n else part for i, part in enumerate(_PARTS))
+
+
 MALFORMED: list[tuple[str, str]] = [
     ("an empty string", ""),
     ("one part", "abc"),
@@ -322,6 +330,15 @@ MALFORMED: list[tuple[str, str]] = [
         f"{b64json({'alg': 'RS256', 'kid': KID})}.{b64json({'tid': TENANT})}.c2ln==",
     ),
     ("a token longer than 16 KiB", f"{b64json({'alg': 'RS256'})}.{'A' * 17000}.c2ln"),
+    # Issue 8's 500s, as classes: each segment's base64 and JSON, whatever the segment.
+    *(
+        (f"a {what} segment of length 4k+1", _with_part(n, "c2lnb"))
+        for n, what in enumerate(("header", "payload", "signature"))
+    ),
+    *(
+        (f"a {what} nested 2,000 deep", _with_part(n, b64(b"[" * 2000 + b"]" * 2000)))
+        for n, what in enumerate(("header", "payload"))
+    ),
 ]
 
 
