@@ -49,7 +49,9 @@ from gateway.core.tlsutil import (
 from gateway.join.forward import HostParams, RegisterResult
 
 __all__ = [
+    "ADMIN_COMMON_NAME",
     "DEFAULT_CERT_TTL",
+    "GATEWAY_COMMON_NAME",
     "AuthPaths",
     "HostAuthority",
     "ca_pin_for_data_dir",
@@ -59,6 +61,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Client certificate subjects: the gateways register nodes, the admin manages the inventory.
+GATEWAY_COMMON_NAME = "join-gateway"
+ADMIN_COMMON_NAME = "join-gateway admin"
 
 # A day: long enough that a node outlives a restart of its cluster, short enough that a
 # stolen identity dies quickly. Configurable (``--cert-ttl``).
@@ -100,6 +106,8 @@ class AuthPaths:
     client_ca_key: Path
     gateway_client_cert: Path
     gateway_client_key: Path
+    admin_cert: Path
+    admin_key: Path
     registrations_dir: Path
 
     @property
@@ -131,6 +139,8 @@ class AuthPaths:
             server_key=tls / "auth-server-key.pem",
             gateway_client_cert=tls / "gateway-client.pem",
             gateway_client_key=tls / "gateway-client-key.pem",
+            admin_cert=tls / "admin.pem",
+            admin_key=tls / "admin-key.pem",
             registrations_dir=d / "registrations",
         )
 
@@ -236,9 +246,16 @@ def init_auth_dir(
         write_pem_files(server, paths.server_cert.parent, "auth-server")
     if not (paths.gateway_client_cert.exists() and paths.gateway_client_key.exists()):
         client = issue_cert(
-            client_ca, common_name="join-gateway", server=False, client=True, clock=clock
+            client_ca, common_name=GATEWAY_COMMON_NAME, server=False, client=True, clock=clock
         )
         write_pem_files(client, paths.gateway_client_cert.parent, "gateway-client")
+    if not (paths.admin_cert.exists() and paths.admin_key.exists()):
+        # The admin API's caller (join-gateway nodes): same client CA, its own subject;
+        # the auth service tells the two apart by the certificate's CN.
+        admin = issue_cert(
+            client_ca, common_name=ADMIN_COMMON_NAME, server=False, client=True, clock=clock
+        )
+        write_pem_files(admin, paths.admin_cert.parent, "admin")
     return paths
 
 
