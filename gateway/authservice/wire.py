@@ -50,6 +50,8 @@ class ErrorCode:
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL_ERROR = "internal_error"
+    # The caller's certificate is the wrong one for this endpoint (admin vs gateway).
+    FORBIDDEN = "forbidden"
 
 
 class AuthServiceError(Exception):

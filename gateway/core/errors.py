@@ -64,6 +64,7 @@ class Code(StrEnum):
     SUBSCRIPTION_MISMATCH = "subscription_mismatch"
     VM_BINDING_FAILED = "vm_binding_failed"
     NOT_ALLOWED = "not_allowed"
+    HOST_LOCKED = "host_locked"
     # 404
     UNKNOWN_TOKEN = "unknown_token"
     NOT_FOUND = "not_found"
@@ -165,6 +166,9 @@ CODES: dict[Code, CodeInfo] = {
         403, False, "Resource Manager says the document's vmId is not the token's VM."
     ),
     Code.NOT_ALLOWED: CodeInfo(403, False, "No allow rule of the token matches this VM."),
+    Code.HOST_LOCKED: CodeInfo(
+        403, False, "An operator locked this VM out (nodes lock); the agent stops renewing."
+    ),
     Code.UNKNOWN_TOKEN: CodeInfo(404, False, "No token of that name."),
     Code.NOT_FOUND: CodeInfo(404, False, "No such endpoint."),
     Code.METHOD_NOT_ALLOWED: CodeInfo(405, False, "Method not allowed on this endpoint."),

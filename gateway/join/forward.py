@@ -30,7 +30,7 @@ from typing import Any, Self
 import aiohttp
 
 from gateway.core.clock import Clock
-from gateway.core.errors import Code, GatewayError, Overloaded, UpstreamFailed
+from gateway.core.errors import Code, GatewayError, JoinRejected, Overloaded, UpstreamFailed
 
 __all__ = [
     "AuthClient",
@@ -474,6 +474,11 @@ class AuthClient:
             if status in _RETRYABLE_STATUSES:
                 raise _Retryable(error)
             raise error
+        code, message = _error_code(raw)
+        if status == 403 and code == Code.HOST_LOCKED:
+            # An operator locked this VM (host, vmId, subscription or token): a decision,
+            # not a fault — the agent must stop, and the audit record says why.
+            raise _Rejected(JoinRejected(Code.HOST_LOCKED, f"auth service: {message}"))
         # 4xx (or any other status): our request was wrong — a bug in us, not a retry case.
         raise _Rejected(
             UpstreamFailed(f"auth service rejected the registration ({status}): {summary}")
@@ -506,6 +511,15 @@ def _parse_retry_after(value: str | None) -> float | None:
     except ValueError:
         return None
     return seconds if 0 < seconds < 3600 else None
+
+
+def _error_code(raw: bytes) -> tuple[str, str]:
+    """``(code, message)`` of an error body; empty strings when it is not one."""
+    try:
+        err = json.loads(raw)["error"]
+        return str(err["code"]), str(err["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return "", ""
 
 
 def _error_summary(raw: bytes) -> str:
