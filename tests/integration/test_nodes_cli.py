@@ -140,8 +140,9 @@ async def test_ls_shows_every_joined_vm_with_its_azure_identity(
     ],
 )
 async def test_each_kind_of_lock_refuses_and_unlock_restores(
-    stack: DevStack, tenant: str, tmp_path: Path, target: str
+    stack: DevStack, tenant: str, tmp_path: Path, target: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("INFO", logger="gateway.audit")
     sub = OTHER_SUB if target in ("subscription", "token") else SUB
     token = "other" if sub == OTHER_SUB else "fleet"
     vm = new_vm(stack, tenant, f"lock-{target}", sub)
@@ -160,6 +161,12 @@ async def test_each_kind_of_lock_refuses_and_unlock_restores(
 
     status, refused = await join(stack, vm, tmp_path, token)
     assert (status, refused["error"]["code"]) == (403, "host_locked")
+    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.audit"]
+    assert audit[-1]["code"] == "host_locked" and f"incident {target}" in audit[-1]["detail"]
+    counted = stack.gateway.metrics.registry.get_sample_value(
+        "join_gateway_joins_total", {"outcome": "rejected", "code": "host_locked"}
+    )
+    assert counted is not None and counted >= 1
 
     code, out, _ = await nodes(stack, "locks")
     assert lock_id in out and f"incident {target}" in out
