@@ -349,6 +349,10 @@ class AuthService:
         return self.authority.ca_pin()
 
     @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
     def registry(self) -> Registry:
         if self._registry is None:
             raise RuntimeError("AuthService not started")
