@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean bench fuzz
+.PHONY: demo test test-fast lint venv clean bench fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The product's unit and security tables: in-process fakes and loopback servers of our
+# own, no server binary to start (under a minute). Left out: tests marked external
+# (they start redis-server ...) and the development package's own tests (the emulator's:
+# a minute by themselves). `make test` still runs everything.
+FAST_SKIP := --ignore=tests/unit/test_emulator.py --ignore=tests/unit/test_emulator_cli.py
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit tests/security $(FAST_SKIP) \
+		-m "not integration and not external"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests benchmarks

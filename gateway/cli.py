@@ -88,7 +88,12 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.core.config import Config, ConfigError
     from gateway.join.challenge import load_keys_file
-    from gateway.join.deps import load_tokens
+    from gateway.join.deps import (
+        load_tokens,
+        outbound_ssl_context,
+        trust_store,
+        upstream_ssl_context,
+    )
 
     cfg = _load(args)
     if not isinstance(cfg, Config):
@@ -96,7 +101,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems: list[str] = []
     try:
         tokens = load_tokens(cfg)
-        print(f"tokens: {', '.join(sorted(tokens.registry.names())) or '(none)'}")
+        print(f"tokens: {', '.join(sorted(tokens.current.names())) or '(none)'}")
     except (ConfigError, OSError) as exc:
         problems.append(str(exc))
     try:
@@ -107,6 +112,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for name in (cfg.tls.cert_file, cfg.tls.key_file):
         if not cfg.path(name).is_file():
             problems.append(f"tls: {cfg.path(name)} does not exist")
+    # What `serve` reads before it opens anything: the same functions, so a file that
+    # would stop the start is found here.
+    for what, build in (
+        ("azure.extra_ca_files", trust_store),
+        ("azure.outbound_ca_file", outbound_ssl_context),
+        ("upstream TLS files", upstream_ssl_context),
+    ):
+        try:
+            build(cfg)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{what}: {exc}")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not problems:
@@ -264,15 +280,15 @@ def _configure_install(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from gateway.agent.errors import ConfigError
+    from gateway.agent.errors import NodeConfigError
     from gateway.agent.nodeconfig import load_node_config
     from gateway.agent.systemd import UNIT_NAME, default_executable, render_unit, unit_warnings
-    from gateway.core.tlsutil import atomic_write
+    from gateway.core.files import write_atomic
 
     config = args.config.absolute()
     try:
         settings = load_node_config(config)
-    except ConfigError as exc:
+    except NodeConfigError as exc:
         print(f"join-gateway install: {exc.message}", file=sys.stderr)
         return 2
     executable = args.executable or default_executable()
@@ -294,7 +310,8 @@ def cmd_install(args: argparse.Namespace) -> int:
         print(text, end="")
         return 0
     try:
-        atomic_write(args.output, text.encode())
+        # A unit file is configuration, not a secret: systemd and admins read it.
+        write_atomic(args.output, text.encode(), mode=0o644, make_parents=True)
     except OSError as exc:
         print(f"join-gateway install: {exc}", file=sys.stderr)
         return 1

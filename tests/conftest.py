@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.minter import TokenMinter
+
 # A JWT: three base64url parts, the first two JSON objects ("eyJ" is base64 of '{"').
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
 PRIVATE_KEY = re.compile(r"-----BEGIN (?:[A-Z ]+ )?PRIVATE KEY-----")
@@ -56,3 +58,12 @@ def no_secrets_in_logs() -> Iterator[None]:
         root.removeHandler(collector)
         root.setLevel(old_level)
     assert not collector.leaks, f"secrets in log records: {collector.leaks[:5]}"
+
+
+# --- shared fixtures ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def minter() -> TokenMinter:
+    """The one access-token minter (tenant ``tests.support.ids.TENANT``, kid ``k1``)."""
+    return TokenMinter()

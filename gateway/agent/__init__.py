@@ -12,11 +12,11 @@ from gateway.agent.client import GatewayClient, HostParams, build_join_body
 from gateway.agent.errors import (
     AgentCode,
     AgentError,
-    ConfigError,
     ImdsError,
     JoinError,
     JoinFailed,
     KeyFileError,
+    NodeConfigError,
 )
 from gateway.agent.identity import Identity, load_identity
 from gateway.agent.imds import ImdsClient
@@ -32,7 +32,6 @@ __all__ = [
     "AgentError",
     "AgentSettings",
     "Backoff",
-    "ConfigError",
     "GatewayClient",
     "HostParams",
     "Identity",
@@ -45,6 +44,7 @@ __all__ = [
     "JoinOutcome",
     "KeyFileError",
     "NodeAgent",
+    "NodeConfigError",
     "NodeKeys",
     "build_join_body",
     "load_identity",

@@ -9,13 +9,11 @@ spreads them out. A ``Retry-After`` from the gateway is a floor: we never come b
 from __future__ import annotations
 
 import random
-from datetime import datetime
-from email.utils import parsedate_to_datetime
+
+# A gateway asking for more than an hour is misconfigured; do not park the node for hours.
+from gateway.core.httputil import MAX_RETRY_AFTER, parse_retry_after
 
 __all__ = ["Backoff", "parse_retry_after"]
-
-# A gateway asking for more than this is misconfigured; do not park the node for hours.
-MAX_RETRY_AFTER = 3600.0
 
 
 class Backoff:
@@ -46,30 +44,3 @@ class Backoff:
 
     def __repr__(self) -> str:
         return f"Backoff(base={self._base}, cap={self._cap})"
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds, or an HTTP-date (needs ``now``); else ``None``."""
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = None
-    if seconds is not None:
-        # RFC 9110 says an integer; accept a decimal, refuse nonsense.
-        if seconds != seconds or seconds < 0:
-            return None
-        return min(seconds, MAX_RETRY_AFTER)
-    if now is None:
-        return None
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return min(max(0.0, (when - now).total_seconds()), MAX_RETRY_AFTER)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.agent.errors import AgentError, ConfigError, JoinFailed
+from gateway.agent.errors import AgentError, JoinFailed, NodeConfigError
 from gateway.agent.nodeconfig import AgentSettings, load_node_config
 from gateway.agent.renew import EXIT_REFUSED, NodeAgent
 from gateway.agent.runner import run_join
@@ -111,12 +111,12 @@ def run(args: argparse.Namespace) -> int:
     """Run the join; the process exit code."""
     try:
         settings = build_settings(args)
-    except ConfigError as exc:
+    except NodeConfigError as exc:
         print(f"join-gateway join: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     try:
         outcome = asyncio.run(run_join(settings))
-    except ConfigError as exc:
+    except NodeConfigError as exc:
         print(f"join-gateway join: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     except JoinFailed as exc:
@@ -148,7 +148,7 @@ def run_agent(args: argparse.Namespace) -> int:
     """Keep the node's identity fresh until SIGTERM; the process exit code."""
     try:
         settings = build_settings(args)
-    except ConfigError as exc:
+    except NodeConfigError as exc:
         print(f"join-gateway agent: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     if args.retry_cap <= 0:

@@ -10,15 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from gateway.agent.backoff import parse_retry_after
 from gateway.agent.errors import AgentCode, JoinError
 from gateway.agent.transport import read_capped
 from gateway.core.clock import Clock, SystemClock
+from gateway.core.httputil import TRANSPORT_ERRORS, Failure, classify, describe, parse_retry_after
+from gateway.protocol import (
+    CHALLENGE_PATH,
+    JOIN_PATH,
+    ChallengeResponse,
+    ErrorBody,
+    HostParams,
+    WireError,
+    build_join_body,
+)
 
 __all__ = [
     "CHALLENGE_PATH",
@@ -30,54 +38,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHALLENGE_PATH = "/v1/join/azure/challenge"
-JOIN_PATH = "/v1/join/azure"
 MAX_RESPONSE = 1024 * 1024  # certificates for one node are a few KiB
-_CHALLENGE_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-
-
-@dataclass(frozen=True)
-class HostParams:
-    """The ``host`` block of the join request: what the node asks to be certified as."""
-
-    node_name: str
-    role: str
-    public_ssh_key: str
-    public_tls_key: str
-    additional_principals: tuple[str, ...] = ()
-    dns_names: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "node_name": self.node_name,
-            "role": self.role,
-            "public_ssh_key": self.public_ssh_key,
-            "public_tls_key": self.public_tls_key,
-            "additional_principals": list(self.additional_principals),
-            "dns_names": list(self.dns_names),
-        }
-
-
-def build_join_body(
-    *,
-    token_name: str,
-    challenge: str,
-    attested_data: dict[str, Any],
-    access_token: str,
-    host: HostParams,
-    intermediates: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """The DESIGN §2 join body. ``intermediates`` (base64 DER) is left out when empty."""
-    body: dict[str, Any] = {
-        "token_name": token_name,
-        "challenge": challenge,
-        "attested_data": attested_data,
-        "access_token": access_token,
-        "host": host.to_json(),
-    }
-    if intermediates:
-        body["intermediates"] = list(intermediates)
-    return body
 
 
 class GatewayClient:
@@ -112,23 +73,36 @@ class GatewayClient:
     async def challenge(self) -> str:
         """A fresh challenge (the IMDS nonce for this attempt)."""
         body = await self._post(CHALLENGE_PATH, {})
-        challenge = body.get("challenge")
-        if (
-            not isinstance(challenge, str)
-            or not 0 < len(challenge) <= 32
-            or not set(challenge) <= _CHALLENGE_ALPHABET
-        ):
-            raise JoinError(
-                200,
-                AgentCode.BAD_RESPONSE,
-                "challenge response lacks a valid challenge",
-                transient=False,
-            )
-        return challenge
+        try:
+            return ChallengeResponse.from_json(body).challenge
+        except WireError as exc:
+            raise JoinError(200, AgentCode.BAD_RESPONSE, exc.message, transient=False) from exc
 
     async def join(self, body: dict[str, Any]) -> dict[str, Any]:
         """Submit the join; the ``200`` body (``host_id``, ``certs``, ``join``)."""
         return await self._post(JOIN_PATH, body)
+
+    def _transport_error(self, path: str, exc: BaseException) -> JoinError:
+        failure = classify(exc)
+        if failure is Failure.TLS:
+            # A certificate we do not trust is not going to fix itself on retry.
+            return JoinError(
+                0,
+                AgentCode.TLS_VERIFY_FAILED,
+                f"TLS to {self._base} failed: {exc}",
+                transient=False,
+            )
+        if failure is Failure.TIMEOUT:
+            return JoinError(
+                0,
+                AgentCode.TIMEOUT,
+                f"{path}: no answer within {self._timeout.total}s",
+                transient=True,
+            )
+        where = f"cannot connect to {self._base}" if failure is Failure.CONNECT else "failed"
+        return JoinError(
+            0, AgentCode.CONNECTION_FAILED, f"{path}: {where}: {describe(exc)}", transient=True
+        )
 
     async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         url = self._base + path
@@ -145,35 +119,8 @@ class GatewayClient:
                     resp.headers.get("Retry-After"), now=self._clock.now()
                 )
                 raw = await read_capped(resp, MAX_RESPONSE)
-        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
-            # A certificate we do not trust is not going to fix itself on retry.
-            raise JoinError(
-                0,
-                AgentCode.TLS_VERIFY_FAILED,
-                f"TLS to {self._base} failed: {exc}",
-                transient=False,
-            ) from exc
-        except TimeoutError as exc:
-            raise JoinError(
-                0,
-                AgentCode.TIMEOUT,
-                f"{path}: no answer within {self._timeout.total}s",
-                transient=True,
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise JoinError(
-                0,
-                AgentCode.CONNECTION_FAILED,
-                f"{path}: cannot connect to {self._base}: {exc.os_error}",
-                transient=True,
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise JoinError(
-                0,
-                AgentCode.CONNECTION_FAILED,
-                f"{path}: {type(exc).__name__}: {exc}",
-                transient=True,
-            ) from exc
+        except TRANSPORT_ERRORS as exc:
+            raise self._transport_error(path, exc) from exc
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -197,9 +144,7 @@ def _error_fields(body: object, status: int) -> tuple[str, str]:
 
     A proxy's HTML error page has no code: it becomes ``http_<status>``.
     """
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict) and isinstance(err.get("code"), str) and err["code"]:
-            msg = err.get("message")
-            return err["code"][:100], (msg if isinstance(msg, str) else "")[:500]
-    return f"http_{status}", f"HTTP {status} without an error body"
+    err = ErrorBody.from_json(body)
+    if err is None:
+        return f"http_{status}", f"HTTP {status} without an error body"
+    return err.code, err.message

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from gateway.core.errors import CODES, Code
+from gateway.protocol import CODES, Code
 
 __all__ = [
     "FINAL_CODES",
@@ -19,11 +19,11 @@ __all__ = [
     "RETRYABLE_STATUSES",
     "AgentCode",
     "AgentError",
-    "ConfigError",
     "ImdsError",
     "JoinError",
     "JoinFailed",
     "KeyFileError",
+    "NodeConfigError",
 ]
 
 
@@ -46,7 +46,7 @@ class AgentCode(StrEnum):
 
 
 # A fresh attempt (new challenge, new document, new token) can cure these. The gateway's
-# codes table (gateway.core.errors.CODES, "whether an agent should retry") is consulted as well,
+# codes table (gateway.protocol.CODES, "whether an agent should retry") is consulted as well,
 # so a code the table marks retryable (internal_error, shutting_down ...) is retried too.
 RETRYABLE_STATUSES: frozenset[int] = frozenset({429, 502, 503, 504})
 RETRYABLE_GATEWAY_CODES: frozenset[str] = frozenset(
@@ -92,7 +92,7 @@ class AgentError(Exception):
         return False
 
 
-class ConfigError(AgentError):
+class NodeConfigError(AgentError):
     """The node config (or a CLI override) is invalid; the message names file and line."""
 
     def __init__(self, message: str, *, source: str = "", line: int | None = None) -> None:

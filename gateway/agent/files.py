@@ -1,18 +1,17 @@
 """Private files in the agent's data_dir: directory 0700, files 0600, written atomically.
 
 A node that crashes half-way through writing its certificate must not come back with a
-truncated one, so every file is written to a temporary file in the same directory, flushed,
-and renamed over the target (rename is atomic within one file system).
+truncated one, so every file goes through the one atomic writer (``gateway.core.files``:
+a temporary file created with O_EXCL, fsync, rename, fsync of the directory).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 from gateway.agent.errors import AgentCode, AgentError
+from gateway.core.files import write_atomic
 
 __all__ = ["ensure_private_dir", "write_private_file"]
 
@@ -30,24 +29,8 @@ def ensure_private_dir(path: Path) -> None:
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600, atomically (temp file + rename)."""
-    fd, tmp = -1, ""
+    """Write ``data`` to ``path`` with mode 0600, atomically (``gateway.core.files``)."""
     try:
-        # mkstemp creates the file 0600 and O_EXCL, so nobody can open it in between.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fd = -1
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-        tmp = ""
+        write_atomic(path, data, mode=FILE_MODE)
     except OSError as exc:
         raise AgentError(AgentCode.WRITE_FAILED, f"cannot write {path}: {exc}") from exc
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)

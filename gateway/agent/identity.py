@@ -23,10 +23,8 @@ keys again, so they never change under a reader.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from cryptography.hazmat.primitives.serialization import SSHCertificate
 from gateway.agent.errors import AgentCode, AgentError
 from gateway.agent.files import ensure_private_dir, write_private_file
 from gateway.agent.keys import NodeKeys
+from gateway.core.files import fsync_directory, replace_symlink
 
 __all__ = [
     "CURRENT_LINK",
@@ -148,26 +147,6 @@ def load_identity(data_dir: Path, keys: NodeKeys | None = None) -> Identity | No
         return None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_symlink(link: Path, target: str) -> None:
-    """Point ``link`` at ``target`` in one rename: readers see the old target or the new."""
-    tmp = link.parent / f".{link.name}.{secrets.token_hex(6)}.tmp"
-    os.symlink(target, tmp)
-    try:
-        os.replace(tmp, link)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _adopt_plain_files(data_dir: Path, sets: Path) -> None:
     """A data_dir from before sets (plain files) becomes a set without a mixed moment.
 
@@ -181,8 +160,8 @@ def _adopt_plain_files(data_dir: Path, sets: Path) -> None:
     for name in plain:
         shutil.copy2(data_dir / name, old / name)
         os.chmod(old / name, 0o600)
-    _fsync_dir(old)
-    _replace_symlink(data_dir / CURRENT_LINK, f"{SETS_DIR}/{old.name}")
+    fsync_directory(old)
+    replace_symlink(data_dir / CURRENT_LINK, f"{SETS_DIR}/{old.name}")
 
 
 def write_identity_set(data_dir: Path, contents: dict[str, bytes]) -> tuple[Path, ...]:
@@ -201,17 +180,17 @@ def write_identity_set(data_dir: Path, contents: dict[str, bytes]) -> tuple[Path
         new = Path(tempfile.mkdtemp(prefix="set-", dir=sets))
         for name in DATA_FILES:
             write_private_file(new / name, contents[name])
-        _fsync_dir(new)
+        fsync_directory(new)
         read_set(new)  # complete and parseable, before anyone can see it
         _adopt_plain_files(data_dir, sets)
         current = data_dir / CURRENT_LINK
         previous = current.resolve().name if current.is_symlink() else None
-        _replace_symlink(current, f"{SETS_DIR}/{new.name}")
+        replace_symlink(current, f"{SETS_DIR}/{new.name}")
         for name in DATA_FILES:
             stable = data_dir / name
             if not (stable.is_symlink() and os.readlink(stable) == f"{CURRENT_LINK}/{name}"):
-                _replace_symlink(stable, f"{CURRENT_LINK}/{name}")
-        _fsync_dir(data_dir)
+                replace_symlink(stable, f"{CURRENT_LINK}/{name}")
+        fsync_directory(data_dir)
     except OSError as exc:
         if new is not None:
             shutil.rmtree(new, ignore_errors=True)

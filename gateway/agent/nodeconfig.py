@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from gateway.agent.errors import ConfigError
+from gateway.agent.errors import NodeConfigError
+from gateway.protocol import is_guid
 
 __all__ = [
     "DEFAULT_AIA_PREFIXES",
@@ -47,7 +48,6 @@ DEFAULT_AIA_PREFIXES: tuple[str, ...] = (
 _JOIN_PARAMS_KEYS = frozenset({"token_name", "method", "azure"})
 _AZURE_KEYS = frozenset({"client_id"})
 _PIN_RE = re.compile(r"^sha256:([0-9a-f]{64})$", re.IGNORECASE)
-_GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -91,31 +91,32 @@ class AgentSettings:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+            raise NodeConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.backoff_base < 0 or self.backoff_cap < 0 or self.total_timeout <= 0:
-            raise ConfigError("backoff_base/backoff_cap must be >= 0 and total_timeout > 0")
+            raise NodeConfigError("backoff_base/backoff_cap must be >= 0 and total_timeout > 0")
         if not self.node_name:
-            raise ConfigError("node_name must not be empty")
+            raise NodeConfigError("node_name must not be empty")
 
 
 def parse_ca_pin(
     value: object, *, source: str = "", line: int | None = None, key: str = "teleport.ca_pin"
 ) -> str:
-    """``sha256:<64 hex>`` → normalised lower-case pin, or :class:`ConfigError` naming ``key``."""
+    """``sha256:<64 hex>`` → normalised lower-case pin, or :class:`NodeConfigError` naming
+    ``key``."""
     if not isinstance(value, str) or not (m := _PIN_RE.match(value.strip())):
-        raise ConfigError(f"{key} must be 'sha256:<64 hex digits>'", source=source, line=line)
+        raise NodeConfigError(f"{key} must be 'sha256:<64 hex digits>'", source=source, line=line)
     return "sha256:" + m.group(1).lower()
 
 
 def parse_proxy_server(value: object, *, source: str = "", line: int | None = None) -> str:
     """``host[:port]`` (port defaults to 443; ``[v6]:port`` accepted) → ``https://host:port``."""
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError("teleport.proxy_server must be 'host:port'", source=source, line=line)
+        raise NodeConfigError("teleport.proxy_server must be 'host:port'", source=source, line=line)
     text = value.strip()
     if "://" in text:
         # The gateway is always HTTPS: an access token must never travel in clear text.
         if not text.startswith("https://"):
-            raise ConfigError(
+            raise NodeConfigError(
                 "teleport.proxy_server must be host:port (HTTPS only)", source=source, line=line
             )
         text = text[len("https://") :].rstrip("/")
@@ -123,20 +124,20 @@ def parse_proxy_server(value: object, *, source: str = "", line: int | None = No
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise ConfigError(
+            raise NodeConfigError(
                 f"bad IPv6 address in proxy_server {value!r}", source=source, line=line
             )
         host, rest = text[: end + 1], text[end + 1 :]
         if rest:
             if not rest.startswith(":"):
-                raise ConfigError(f"bad proxy_server {value!r}", source=source, line=line)
+                raise NodeConfigError(f"bad proxy_server {value!r}", source=source, line=line)
             port_text = rest[1:]
     elif ":" in text:
         host, port_text = text.rsplit(":", 1)
-    if not host.startswith("[") and not _HOST_RE.match(host):
-        raise ConfigError(f"bad host in proxy_server {value!r}", source=source, line=line)
+    if not host.startswith("[") and not _HOST_RE.fullmatch(host):
+        raise NodeConfigError(f"bad host in proxy_server {value!r}", source=source, line=line)
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"bad port in proxy_server {value!r}", source=source, line=line)
+        raise NodeConfigError(f"bad port in proxy_server {value!r}", source=source, line=line)
     return f"https://{host}:{int(port_text)}"
 
 
@@ -154,7 +155,7 @@ class _Doc:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark is not None else None
-            raise ConfigError(f"not valid YAML: {exc}", source=source, line=line) from exc
+            raise NodeConfigError(f"not valid YAML: {exc}", source=source, line=line) from exc
         finally:
             loader.dispose()
 
@@ -196,7 +197,7 @@ class _Doc:
             for k, v in node.value:
                 if isinstance(k, yaml.ScalarNode):
                     if k.value in seen:
-                        raise ConfigError(
+                        raise NodeConfigError(
                             f"duplicate key {k.value!r} in {'.'.join(path)}",
                             source=self.source,
                             line=k.start_mark.line + 1,
@@ -204,8 +205,8 @@ class _Doc:
                     seen.add(k.value)
                 stack.append(v)
 
-    def error(self, message: str, *path: str) -> ConfigError:
-        return ConfigError(message, source=self.source, line=self.line(*path))
+    def error(self, message: str, *path: str) -> NodeConfigError:
+        return NodeConfigError(message, source=self.source, line=self.line(*path))
 
 
 def _mapping(doc: _Doc, value: object, *path: str) -> dict[str, Any]:
@@ -290,7 +291,7 @@ def parse_node_config(
             client_id = _string(
                 doc, az["client_id"], "teleport", "join_params", "azure", "client_id"
             )
-            if not _GUID_RE.match(client_id):
+            if not is_guid(client_id):
                 raise doc.error(
                     "teleport.join_params.azure.client_id must be a GUID",
                     "teleport",
@@ -329,5 +330,5 @@ def load_node_config(
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read: {exc}", source=str(path)) from exc
+        raise NodeConfigError(f"cannot read: {exc}", source=str(path)) from exc
     return parse_node_config(text, source=str(path), hostname=hostname)

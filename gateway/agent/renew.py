@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from gateway.agent.backoff import Backoff
-from gateway.agent.errors import FINAL_CODES, AgentError, ConfigError, JoinFailed
+from gateway.agent.errors import FINAL_CODES, AgentError, JoinFailed, NodeConfigError
 from gateway.agent.identity import Identity, load_identity
 from gateway.agent.keys import load_or_create_keys
 from gateway.agent.nodeconfig import AgentSettings
@@ -189,7 +189,7 @@ class NodeAgent:
             due = None
             try:
                 outcome = await self._join_unless_stopped()
-            except ConfigError as exc:
+            except NodeConfigError as exc:
                 log.error("join-gateway agent: %s", exc.message)
                 return EXIT_USAGE
             except JoinFailed as exc:

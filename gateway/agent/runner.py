@@ -378,7 +378,7 @@ async def run_join(
 ) -> JoinOutcome:
     """Join the cluster through the gateway; :class:`JoinFailed` when it cannot.
 
-    Raises :class:`JoinFailed` for every failure of the join itself, :class:`ConfigError`
+    Raises :class:`JoinFailed` for every failure of the join itself, :class:`NodeConfigError`
     when ``settings.ca_file`` cannot be loaded.
 
     ``session`` lets the demo and benchmarks share a connector; without one the agent makes

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.agent.errors import AgentCode, ConfigError, JoinError
+from gateway.agent.errors import AgentCode, JoinError, NodeConfigError
+from gateway.core import httputil
 
 __all__ = ["make_session", "make_ssl_context", "read_capped"]
 
@@ -25,7 +26,7 @@ def make_ssl_context(ca_file: Path | None = None) -> ssl.SSLContext:
         try:
             ctx.load_verify_locations(cafile=str(ca_file))
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load CA file: {exc}", source=str(ca_file)) from exc
+            raise NodeConfigError(f"cannot load CA file: {exc}", source=str(ca_file)) from exc
     return ctx
 
 
@@ -44,16 +45,7 @@ def make_session(
 
 async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The response body, or :class:`JoinError` ``bad_response`` if it exceeds ``limit`` bytes."""
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in resp.content.iter_chunked(16384):
-        total += len(chunk)
-        if total > limit:
-            raise JoinError(
-                resp.status,
-                AgentCode.BAD_RESPONSE,
-                f"response body exceeds {limit} bytes",
-                transient=False,
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await httputil.read_capped(resp, limit)
+    except httputil.ResponseTooLarge as exc:
+        raise JoinError(resp.status, AgentCode.BAD_RESPONSE, str(exc), transient=False) from exc

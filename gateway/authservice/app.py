@@ -48,8 +48,9 @@ from gateway.authservice.wire import (
     request_digest,
 )
 from gateway.core.clock import Clock, SystemClock
-from gateway.core.tlsutil import atomic_write, server_ssl_context
-from gateway.join.forward import RegisterResult
+from gateway.core.files import write_atomic
+from gateway.core.tlsutil import server_ssl_context
+from gateway.protocol import RegisterResult
 
 __all__ = [
     "AUTH_SETTINGS_KEY",
@@ -311,7 +312,7 @@ class AuthService:
         self._url = f"https://{host}:{port}"
         # Where `join-gateway nodes --data-dir` finds this service (the admin API).
         await asyncio.to_thread(
-            atomic_write, self._data_dir / "auth.url", (self._url + "\n").encode(), mode=0o644
+            write_atomic, self._data_dir / "auth.url", (self._url + "\n").encode(), mode=0o644
         )
         log.info("auth service listening on %s (CA pin %s)", self._url, self.ca_pin())
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,11 +33,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway.core.clock import Clock, SystemClock
+from gateway.core.files import write_atomic
 from gateway.core.tlsutil import (
     CaMaterial,
     CertifiablePublicKey,
     KeyType,
-    atomic_write,
     generate_ca,
     issue_cert,
     load_ca,
@@ -46,7 +45,7 @@ from gateway.core.tlsutil import (
     spki_pin,
     write_pem_files,
 )
-from gateway.join.forward import HostParams, RegisterResult
+from gateway.protocol import HostParams, RegisterResult, is_dns_name
 
 __all__ = [
     "ADMIN_COMMON_NAME",
@@ -57,7 +56,6 @@ __all__ = [
     "ca_pin_for_data_dir",
     "ensure_authorities",
     "init_auth_dir",
-    "is_dns_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,14 +69,6 @@ ADMIN_COMMON_NAME = "join-gateway admin"
 DEFAULT_CERT_TTL = timedelta(hours=24)
 # Issued certificates start a little in the past to absorb clock skew between machines.
 _BACKDATE = timedelta(minutes=5)
-
-_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DNS_NAME = re.compile(rf"^{_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?$")
-
-
-def is_dns_name(value: str) -> bool:
-    """A hostname an X.509 dNSName may carry (LDH labels, no wildcard)."""
-    return len(value) <= 253 and bool(_DNS_NAME.match(value))
 
 
 def _is_ip(value: str) -> bool:
@@ -160,7 +150,7 @@ def _ensure_ssh_ca(paths: AuthPaths) -> None:
     if paths.ssh_ca_key.exists() and paths.ssh_ca_pub.exists():
         return
     key = ed25519.Ed25519PrivateKey.generate()
-    atomic_write(
+    write_atomic(
         paths.ssh_ca_key,
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -172,7 +162,7 @@ def _ensure_ssh_ca(paths: AuthPaths) -> None:
     pub = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    atomic_write(paths.ssh_ca_pub, pub + b" join-gateway-ssh-host-ca\n")
+    write_atomic(paths.ssh_ca_pub, pub + b" join-gateway-ssh-host-ca\n", mode=0o644)
     log.info("created SSH host CA at %s", paths.ssh_ca_key)
 
 

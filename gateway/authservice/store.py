@@ -5,8 +5,9 @@ the registry imports such a directory once, at its first start, and keeps each r
 this same JSON form. Each file (``registrations/<host_id>.json``) holds who asked (gateway
 certificate subject, client address), what was verified (the join block), what was asked
 for (host params), what was issued (the response), when, and the idempotency key with a
-digest of the request. Files are written atomically (temp file, fsync, rename) so a crash leaves the
-old state or the new, never half a record.
+digest of the request. Files are written with ``gateway.core.files.write_atomic`` (temp
+file, fsync, rename, fsync of the directory) so a crash leaves the old state or the new,
+never half a record.
 
 """
 
@@ -19,8 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.core.tlsutil import atomic_write
-from gateway.join.forward import HostParams, JoinBlock, RegisterResult, Registration
+from gateway.core.files import write_atomic
+from gateway.protocol import HostParams, JoinBlock, RegisterResult, Registration
 
 __all__ = ["RegistrationRecord", "read_records", "write_record"]
 
@@ -110,6 +111,5 @@ def write_record(directory: str | os.PathLike[str], record: RegistrationRecord) 
     import tests make such directories with it)."""
     data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
     path = Path(directory) / f"{record.host_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(path, data + b"\n", mode=0o600)
+    write_atomic(path, data + b"\n", mode=0o600, make_parents=True)
     return path

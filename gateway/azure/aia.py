@@ -42,6 +42,7 @@ from gateway.azure.certs import CERTIFICATE_ERRORS, CertificateUnreadable, load_
 from gateway.core.cache import Cache, MemoryCache
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.errors import Code, Overloaded
+from gateway.core.httputil import ResponseTooLarge, read_capped
 
 __all__ = ["DEFAULT_AIA_PREFIXES", "AiaFetcher", "AiaRefused"]
 
@@ -245,14 +246,11 @@ class AiaFetcher:
                     )
                 if resp.status != 200:
                     raise AiaRefused(f"HTTP {resp.status}")
-                if (resp.content_length or 0) > self._max_bytes:
-                    raise AiaRefused(f"body of {resp.content_length} bytes exceeds the cap")
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(16 * 1024):
-                    body += chunk
-                    if len(body) > self._max_bytes:
-                        raise AiaRefused(f"body exceeds {self._max_bytes} bytes")
-                return _parse_certificates(bytes(body))
+                try:
+                    body = await read_capped(resp, self._max_bytes)
+                except ResponseTooLarge as exc:  # a policy refusal (cached), not an outage
+                    raise AiaRefused(str(exc)) from exc
+                return _parse_certificates(body)
         raise AiaRefused("too many redirects")
 
 

@@ -27,7 +27,6 @@ logged.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import logging
 from collections import Counter
@@ -42,8 +41,17 @@ from gateway.azure.resource_id import ResourceId, azure_name_key, parse_resource
 from gateway.azure.token import normalize_guid
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, JoinRejected, Overloaded
+from gateway.core.httputil import parse_retry_after, read_capped
 
-__all__ = ["ArmBudget", "ArmClient", "ArmReadKind", "NoBudget", "VmPage", "VmRecord"]
+__all__ = [
+    "ArmBudget",
+    "ArmClient",
+    "ArmLimitsObserver",
+    "ArmReadKind",
+    "NoBudget",
+    "VmPage",
+    "VmRecord",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +115,20 @@ class ArmBudget(Protocol):
     ) -> None: ...
 
 
+class ArmLimitsObserver(Protocol):
+    """Told what each ARM answer said about our rate limits (``Metrics`` is one): the
+    headers are parsed here once, never by the observer."""
+
+    def arm_limits(
+        self,
+        *,
+        status: int,
+        remaining_reads: int | None,
+        remaining_resource: Mapping[str, int],
+        retry_after: float | None,
+    ) -> None: ...
+
+
 class NoBudget:
     """A budget that never refuses (``--mode naive`` and unit tests of the client)."""
 
@@ -129,24 +151,6 @@ class NoBudget:
 
     def __repr__(self) -> str:
         return "NoBudget()"
-
-
-def _parse_retry_after(value: str | None, now: float) -> float | None:
-    """``Retry-After`` is delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - now
-    if seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
 
 
 def _parse_remaining_resource(value: str | None) -> dict[str, int]:
@@ -173,6 +177,7 @@ class ArmClient:
     * timeout — total seconds per HTTP request.
     * max_concurrency — in-flight ARM requests from this process.
     * budget — per-subscription read budget (default ``NoBudget``).
+    * observer — told every answer's rate-limit headers (metrics); none by default.
     """
 
     def __init__(
@@ -185,6 +190,7 @@ class ArmClient:
         timeout: float = 10.0,
         max_concurrency: int = 16,
         budget: ArmBudget | None = None,
+        observer: ArmLimitsObserver | None = None,
     ) -> None:
         endpoint = endpoint.rstrip("/")
         parts = urlsplit(endpoint)
@@ -199,6 +205,7 @@ class ArmClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._sem = asyncio.Semaphore(max_concurrency)
         self._budget: ArmBudget = budget or NoBudget()
+        self._observer = observer
         # (subscription, "read" | "list") -> until: a "read" hold stops every request of
         # the subscription, a "list" hold list pages only (see _read_limits).
         self._blocked_until: dict[tuple[str, ArmReadKind], float] = {}
@@ -434,13 +441,23 @@ class ArmClient:
             self.remaining_subscription_reads = remaining
         resource = resp.headers.get("x-ms-ratelimit-remaining-resource")
         remaining_lists: int | None = None
+        resource_now: dict[str, int] = {}
         if resource is not None:
-            self.remaining_resource = _parse_remaining_resource(resource)
+            self.remaining_resource = resource_now = _parse_remaining_resource(resource)
             if is_list and self.remaining_resource:
                 remaining_lists = min(self.remaining_resource.values())
-        retry_after = _parse_retry_after(resp.headers.get("Retry-After"), self._clock.time())
+        retry_after = parse_retry_after(
+            resp.headers.get("Retry-After"), now=self._clock.now(), cap=_MAX_RETRY_AFTER
+        )
         if retry_after is not None:
             self.last_retry_after = retry_after
+        if self._observer is not None:
+            self._observer.arm_limits(
+                status=resp.status,
+                remaining_reads=remaining,
+                remaining_resource=resource_now,
+                retry_after=retry_after,
+            )
         # Compute's list calls have a budget of their own (HighCostGet), and Azure's answer
         # when it is spent still reports subscription reads left: then only list calls
         # must wait, and point reads may go on (https://learn.microsoft.com/troubleshoot/
@@ -484,7 +501,7 @@ class ArmClient:
                     retry_after, closes = self._read_limits(subscription, resp, is_list=is_list)
                     status = resp.status
                     if status == 200:
-                        body = await _read_capped(resp, _MAX_BODY)
+                        body = await read_capped(resp, _MAX_BODY)
                     else:
                         body = b""
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -525,20 +542,3 @@ class ArmClient:
             retry_after=retry_after if retry_after is not None else _DEFAULT_RETRY_AFTER,
             detail=f"ARM {kind} answered HTTP {status}",
         )
-
-
-class _TooLarge(aiohttp.ClientPayloadError):
-    pass
-
-
-async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise _TooLarge(f"body of {resp.content_length} bytes exceeds {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge(f"body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)

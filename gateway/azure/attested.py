@@ -24,9 +24,9 @@ import logging
 import re
 from collections.abc import Collection, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -52,9 +52,20 @@ from gateway.azure.cms_shape import fingerprint, read_signed_data
 from gateway.core.cache import MemoryCache
 from gateway.core.clock import Clock
 from gateway.core.cloud import CloudProfile
-from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected, Overloaded
+from gateway.core.errors import BadRequest, Code, JoinRejected, Overloaded
+from gateway.core.steps import (
+    Detail,
+    Skip,
+    Step,
+    StepResult,
+    StepTable,
+    run_fail_fast,
+    run_recording,
+)
+from gateway.protocol import is_guid
 
 __all__ = [
+    "DOCUMENT_STEPS",
     "MAX_REQUEST_INTERMEDIATES",
     "MAX_SIGNATURE_CHECKS",
     "AttestedContent",
@@ -106,7 +117,6 @@ _RSA_SIGNATURE_OIDS = frozenset({OID_RSA_ENCRYPTION, OID_SHA256_WITH_RSA})
 # Azure's timeStamp format, e.g. "07/28/26 13:24:00 -0000" (two-digit year, UTC offset).
 # https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service#attested-data
 _AZURE_TIME = re.compile(r"^(\d{2})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})$")
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # Some captures wrap the base64 in PEM-style armour without spaces or newlines (the real
 # fixture negative-taskcluster-wrong-subject-synthetic.json); accept exactly that shape.
 _ARMOUR = re.compile(
@@ -272,7 +282,7 @@ def check_signer_name(cert: x509.Certificate, cloud: CloudProfile) -> str:
 
 def parse_azure_time(value: object) -> datetime:
     """``MM/DD/YY HH:MM:SS -0000`` → aware datetime. Anything else → CONTENT_INVALID."""
-    match = _AZURE_TIME.match(value) if isinstance(value, str) else None
+    match = _AZURE_TIME.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail=f"bad timestamp {value!r}")
     mo, d, y, h, mi, s, sign, oh, om = match.groups()
@@ -290,7 +300,8 @@ def parse_azure_time(value: object) -> datetime:
 
 
 def _guid(value: object, name: str) -> str:
-    if not isinstance(value, str) or not _GUID.match(value):
+    # The protocol's one GUID rule (fullmatch): re.match with "$" let "<vmId>\n" through.
+    if not is_guid(value):
         raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail=f"{name} is not a GUID")
     return value
 
@@ -365,63 +376,176 @@ def check_content(
     return content
 
 
-# ----------------------------------------------------------------------- inspection
+# ----------------------------------------------------------------------- the steps
 
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    status: Literal["ok", "failed", "skipped"]
-    detail: str
-    code: Code | None = None
+# ``inspect`` rows are the shared step rows; the old name stays importable.
+CheckResult = StepResult
 
 
 @dataclass(frozen=True)
 class Inspection:
-    """Every step's outcome, for ``inspect``. ``error`` is the first failure (the verdict);
-    ``content`` is shown even when unverified, ``document`` only when everything passed."""
+    """Every step's outcome, for ``inspect``. ``content`` is shown even when unverified,
+    ``document`` only when everything passed."""
 
-    checks: tuple[CheckResult, ...]
-    error: GatewayError | None
+    checks: tuple[StepResult, ...]
     document: AttestedDocument | None
     content: AttestedContent | None
     signer_cn: str | None
     chain: VerifiedChain | None
 
-
-_CRYPTO_STEPS = ("signer", "digest", "signature", "signer_name", "chain")
+    @property
+    def code(self) -> Code | None:
+        """The verdict: the first failed step's code, None when nothing failed."""
+        return next((c.code for c in self.checks if c.status == "failed"), None)
 
 
 @dataclass
-class _Recorder:
-    """Mutable while the steps run; frozen into an :class:`Inspection` at the end."""
+class _DocRun:
+    """One document's evidence as the steps establish it (one per call, never shared)."""
 
-    checks: list[CheckResult] = field(default_factory=list)
-    error: GatewayError | None = None
-    content: AttestedContent | None = None
-    signer_cn: str | None = None
+    verifier: AttestedVerifier
+    signature: str
+    intermediates: Sequence[bytes]
+    expected_nonce: str | None
+    der: bytes = b""
+    view: SignedDataView | None = None
+    signer: SignerInfoView | None = None
+    cert: x509.Certificate | None = None
+    cn: str | None = None
+    signer_fingerprint: bytes = b""
     chain: VerifiedChain | None = None
+    content: AttestedContent | None = None
 
-    def ok(self, name: str, detail: str) -> None:
-        self.checks.append(CheckResult(name, "ok", detail))
+    # Accessors for steps that run only after the step that set the field (``needs``).
+    def _view(self) -> SignedDataView:
+        assert self.view is not None
+        return self.view
 
-    def skip(self, name: str, detail: str) -> None:
-        self.checks.append(CheckResult(name, "skipped", detail))
+    def _signed_by(self) -> tuple[SignerInfoView, x509.Certificate]:
+        assert self.signer is not None and self.cert is not None
+        return self.signer, self.cert
 
-    def fail(self, name: str, exc: GatewayError) -> None:
-        self.checks.append(CheckResult(name, "failed", exc.detail, exc.code))
-        if self.error is None:
-            self.error = exc
+    def _content(self) -> AttestedContent:
+        assert self.content is not None
+        return self.content
 
-    def freeze(self, document: AttestedDocument | None = None) -> Inspection:
-        return Inspection(
-            checks=tuple(self.checks),
-            error=self.error,
-            document=document,
-            content=self.content,
-            signer_cn=self.signer_cn,
-            chain=self.chain,
-        )
+    def document(self) -> AttestedDocument:
+        assert self.cn is not None and self.chain is not None
+        return _document(self._content(), self.cn, self.signer_fingerprint, self.chain)
+
+
+async def _step_base64(run: _DocRun) -> str:
+    run.der = decode_signature(run.signature)
+    return f"{len(run.der)} bytes"
+
+
+async def _step_cms(run: _DocRun) -> Detail:
+    view = run.view = read_signed_data(run.der)
+    return lambda: (
+        f"SignedData, {len(view.certificates)} certificate(s), "
+        f"{len(view.signer_infos)} signer(s), content {len(view.content)} bytes"
+    )
+
+
+async def _step_signer(run: _DocRun) -> Detail:
+    view = run._view()
+    run.signer = check_single_signer(view)
+    cert = run.cert = find_signer_certificate(view, run.signer)
+    return lambda: f"{_subject(cert)} (serial {cert.serial_number:x})"
+
+
+def _subject(cert: x509.Certificate) -> str:
+    # cryptography parses a subject lazily: a name it cannot parse fails only here, and a
+    # report line must not turn a readable document into a crash.
+    try:
+        return cert.subject.rfc4514_string()
+    except ValueError:
+        return "(unparseable subject)"
+
+
+async def _step_digest(run: _DocRun) -> str:
+    signer, _ = run._signed_by()
+    check_digest_algorithm(signer)
+    return f"{signer.digest_algorithm} means SHA-256"
+
+
+async def _step_signature(run: _DocRun) -> str:
+    signer, cert = run._signed_by()
+    check_signature(run._view(), signer, cert)
+    attrs = "signed attributes" if signer.signed_attrs else "content (no signed attributes)"
+    return f"RSA PKCS#1 v1.5 over {attrs}"
+
+
+async def _step_signer_name(run: _DocRun) -> str:
+    _, cert = run._signed_by()
+    run.cn, run.signer_fingerprint = run.verifier.signer_facts(cert)
+    return f"CN {run.cn} under {run.verifier.cloud.metadata_domain}"
+
+
+async def _step_chain(run: _DocRun) -> Detail:
+    _, cert = run._signed_by()
+    assert run.cn is not None
+    chain = run.chain = await run.verifier.chain_for(cert, run.cn, run.intermediates)
+    return lambda: " > ".join(chain.subjects)
+
+
+async def _step_content(run: _DocRun) -> Detail:
+    content = run.content = parse_content(
+        run._view().content, require_subscription=run.verifier.require_subscription
+    )
+    return lambda: f"vmId {content.vm_id}, subscriptionId {content.subscription_id}"
+
+
+async def _step_window(run: _DocRun) -> Detail:
+    now = run.verifier.clock.now()
+    skew = run.verifier.skew
+    check_window(run._content(), now, skew)
+    return lambda: f"{now.isoformat()} within createdOn..expiresOn (±{skew:g}s)"
+
+
+async def _step_nonce(run: _DocRun) -> str:
+    content = run._content()
+    if run.expected_nonce is None:
+        raise Skip(f"no expected nonce given (document has {content.nonce!r})")
+    check_nonce(content, run.expected_nonce)
+    return "matches"
+
+
+_C = Code
+# The document's checks, cheap first (DESIGN §3 step 4). ``verify`` runs them fail-fast,
+# ``inspect`` records them all: the crypto steps stop at the first failure (each needs the
+# one before), the content steps need only the envelope, so an operator sees the
+# vmId/nonce/window of a document whose signature is bad.
+DOCUMENT_STEPS: StepTable[_DocRun] = (
+    Step("base64", _step_base64, codes=frozenset({_C.ATTESTED_MALFORMED})),
+    Step("cms", _step_cms, ("base64",), frozenset({_C.ATTESTED_MALFORMED})),
+    Step("signer", _step_signer, ("cms",), frozenset({_C.ATTESTED_SIGNER_INVALID})),
+    Step("digest", _step_digest, ("signer",), frozenset({_C.ATTESTED_DIGEST_UNSUPPORTED})),
+    Step(
+        "signature",
+        _step_signature,
+        ("digest",),
+        # A signer key refused before the verify (its exponent or size) is a signer fault.
+        frozenset({_C.ATTESTED_SIGNATURE_INVALID, _C.ATTESTED_SIGNER_INVALID}),
+    ),
+    Step("signer_name", _step_signer_name, ("signature",), frozenset({_C.ATTESTED_SIGNER_INVALID})),
+    Step(
+        "chain",
+        _step_chain,
+        ("signer_name",),
+        # AIA (when on) may fail to fetch, and the build pool may be full: both are ours
+        # to retry (503), not the VM's fault.
+        frozenset({_C.ATTESTED_CHAIN_UNTRUSTED, _C.DEPENDENCY_UNAVAILABLE, _C.OVERLOADED}),
+    ),
+    Step(
+        "content",
+        _step_content,
+        ("cms",),
+        frozenset({_C.ATTESTED_MALFORMED, _C.ATTESTED_CONTENT_INVALID}),
+    ),
+    Step("window", _step_window, ("content",), frozenset({_C.ATTESTED_EXPIRED})),
+    Step("nonce", _step_nonce, ("content",), frozenset({_C.NONCE_MISMATCH})),
+)
 
 
 # --------------------------------------------------------------------------- shell
@@ -505,37 +629,44 @@ class AttestedVerifier:
             f"pending={self._pending_builds} failed_cached={len(self._failed)}>"
         )
 
-    async def verify(
-        self,
-        signature_b64: str,
-        *,
-        intermediates: Sequence[bytes] = (),
-        expected_nonce: str | None,
-    ) -> AttestedDocument:
-        """Every check, in order; the first failure raises. ``expected_nonce`` is required
-        by the join pipeline (None only makes sense for inspect)."""
-        der = decode_signature(signature_b64)
-        view = read_signed_data(der)
-        signer = check_single_signer(view)
-        cert = find_signer_certificate(view, signer)
-        check_digest_algorithm(signer)
-        check_signature(view, signer, cert)
+    @property
+    def cloud(self) -> CloudProfile:
+        return self._cloud
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def skew(self) -> float:
+        return self._skew
+
+    @property
+    def require_subscription(self) -> bool:
+        return self._require_subscription
+
+    def signer_facts(self, cert: x509.Certificate) -> tuple[str, bytes]:
+        """The signer's checked name and its fingerprint, remembered per certificate
+        (Azure signs with a few leaves a year): a steady stream of joins does not redo them."""
         known = self._signers.get(cert)
         if known is None:
             known = (check_signer_name(cert, self._cloud), fingerprint(cert))
             if len(self._signers) >= 64:
                 self._signers.clear()
             self._signers[cert] = known
-        cn, signer_fingerprint = known
-        chain = await self.chain_for(cert, cn, intermediates)
-        content = check_content(
-            view.content,
-            now=self._clock.now(),
-            skew=self._skew,
-            expected_nonce=expected_nonce,
-            require_subscription=self._require_subscription,
-        )
-        return _document(content, cn, signer_fingerprint, chain)
+        return known
+
+    async def verify(
+        self,
+        signature_b64: str,
+        *,
+        intermediates: Sequence[bytes] = (),
+        expected_nonce: str,
+    ) -> AttestedDocument:
+        """Every check of :data:`DOCUMENT_STEPS`, in order; the first failure raises."""
+        run = _DocRun(self, signature_b64, intermediates, expected_nonce)
+        await run_fail_fast(DOCUMENT_STEPS, run)
+        return run.document()
 
     async def inspect(
         self,
@@ -544,84 +675,17 @@ class AttestedVerifier:
         intermediates: Sequence[bytes] = (),
         expected_nonce: str | None,
     ) -> Inspection:
-        """Run the same steps as :meth:`verify`, recording each. The crypto steps stop at
-        the first failure (later ones need their result); the content steps run whenever
-        the envelope parsed, so an operator sees the vmId/nonce/window of a bad document."""
-        out = _Recorder()
-        try:
-            der = decode_signature(signature_b64)
-            out.ok("base64", f"{len(der)} bytes")
-            view = read_signed_data(der)
-            out.ok(
-                "cms",
-                f"SignedData, {len(view.certificates)} certificate(s), "
-                f"{len(view.signer_infos)} signer(s), content {len(view.content)} bytes",
-            )
-        except GatewayError as exc:
-            out.fail("base64" if not out.checks else "cms", exc)
-            return out.freeze()
-        cert: x509.Certificate | None = None
-        step = "signer"
-        try:
-            signer = check_single_signer(view)
-            cert = find_signer_certificate(view, signer)
-            out.ok(step, f"{cert.subject.rfc4514_string()} (serial {cert.serial_number:x})")
-            step = "digest"
-            check_digest_algorithm(signer)
-            out.ok(step, f"{signer.digest_algorithm} means SHA-256")
-            step = "signature"
-            check_signature(view, signer, cert)
-            attrs = "signed attributes" if signer.signed_attrs else "content (no signed attributes)"
-            out.ok(step, f"RSA PKCS#1 v1.5 over {attrs}")
-            step = "signer_name"
-            cn = check_signer_name(cert, self._cloud)
-            out.signer_cn = cn
-            out.ok(step, f"CN {cn} under {self._cloud.metadata_domain}")
-            step = "chain"
-            chain = await self.chain_for(cert, cn, intermediates)
-            out.chain = chain
-            out.ok(step, " > ".join(chain.subjects))
-        except GatewayError as exc:
-            out.fail(step, exc)
-            for later in _CRYPTO_STEPS[_CRYPTO_STEPS.index(step) + 1 :]:
-                out.skip(later, f"not run: {step} failed")
-        now = self._clock.now()
-        content: AttestedContent | None = None
-        try:
-            content = parse_content(view.content, require_subscription=self._require_subscription)
-            out.content = content
-            out.ok(
-                "content",
-                f"vmId {content.vm_id}, subscriptionId {content.subscription_id}",
-            )
-        except GatewayError as exc:
-            out.fail("content", exc)
-        if content is not None:
-            try:
-                check_window(content, now, self._skew)
-                out.ok(
-                    "window",
-                    f"{now.isoformat()} within createdOn..expiresOn (±{self._skew:g}s)",
-                )
-            except GatewayError as exc:
-                out.fail("window", exc)
-            if expected_nonce is None:
-                out.skip("nonce", f"no expected nonce given (document has {content.nonce!r})")
-            else:
-                try:
-                    check_nonce(content, expected_nonce)
-                    out.ok("nonce", "matches")
-                except GatewayError as exc:
-                    out.fail("nonce", exc)
-        if (
-            out.error is None
-            and content is not None
-            and cert is not None
-            and out.chain is not None
-            and out.signer_cn is not None
-        ):
-            return out.freeze(_document(content, out.signer_cn, fingerprint(cert), out.chain))
-        return out.freeze()
+        """The same steps as :meth:`verify`, each recorded instead of raised."""
+        run = _DocRun(self, signature_b64, intermediates, expected_nonce)
+        checks = await run_recording(DOCUMENT_STEPS, run)
+        passed = not any(c.status == "failed" for c in checks)
+        return Inspection(
+            checks=checks,
+            document=run.document() if passed else None,
+            content=run.content,
+            signer_cn=run.cn,
+            chain=run.chain,
+        )
 
     async def chain_for(
         self, leaf: x509.Certificate, dns_name: str, request_intermediates: Sequence[bytes] = ()

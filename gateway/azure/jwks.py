@@ -23,7 +23,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -40,10 +40,13 @@ from gateway.core.cache import Cache, MemoryCache
 from gateway.core.clock import Clock
 from gateway.core.cloud import CloudProfile
 from gateway.core.errors import Code, JoinRejected, Overloaded
+from gateway.core.httputil import read_capped
 
 __all__ = [
     "JwksClient",
     "KeySet",
+    "KeySource",
+    "StaticKeys",
     "TokenVerifier",
     "keyset_from_json",
     "keyset_to_json",
@@ -298,7 +301,7 @@ class JwksClient:
                     raise _TenantUnknown
                 if resp.status != 200:
                     raise _FetchError(f"{kind} answered HTTP {resp.status}")
-                body = await _read_capped(resp, _MAX_BODY)
+                body = await read_capped(resp, _MAX_BODY)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _FetchError(f"{kind}: {type(exc).__name__}: {exc}") from exc
         try:
@@ -311,17 +314,29 @@ class JwksClient:
         return value
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise _FetchError(f"body of {resp.content_length} bytes exceeds {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise _FetchError(f"body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+class KeySource(Protocol):
+    """Where ``TokenVerifier`` gets a tenant's signing key: ``JwksClient`` (Entra, cached)
+    or ``StaticKeys`` (a JWKS file: ``inspect``, offline)."""
+
+    async def key_for(self, tid: str, kid: str) -> RSAPublicKey: ...
+
+
+class StaticKeys:
+    """A fixed key set for any tenant (``inspect --jwks FILE``): nothing is fetched.
+    ``problem`` says why the set is empty when the file held no usable JWKS."""
+
+    def __init__(self, keys: Mapping[str, RSAPublicKey], *, problem: str | None = None) -> None:
+        self._keys = dict(keys)
+        self._problem = problem
+
+    async def key_for(self, tid: str, kid: str) -> RSAPublicKey:
+        key = self._keys.get(kid)
+        if key is None:
+            why = f" ({self._problem})" if self._problem else ""
+            raise JoinRejected(
+                Code.ACCESS_TOKEN_KEY_UNKNOWN, f"no key {kid!r} in the JWKS given{why}"
+            )
+        return key
 
 
 class TokenVerifier:
@@ -333,7 +348,7 @@ class TokenVerifier:
 
     def __init__(
         self,
-        jwks: JwksClient,
+        jwks: KeySource,
         *,
         cloud: CloudProfile,
         clock: Clock,

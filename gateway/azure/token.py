@@ -27,6 +27,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from gateway.core.cloud import CloudProfile
 from gateway.core.errors import BadRequest, Code, JoinRejected
+from gateway.protocol import GUID_RE, normalize_guid  # re-exported: the one GUID rule
 
 __all__ = [
     "GUID_RE",
@@ -41,9 +42,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-)
 # Entra signs with RSA-2048; anything weaker in a key set is dropped, not trusted.
 MIN_RSA_BITS = 2048
 # A JWT from IMDS is a few KiB; the request body cap bounds it anyway, this bounds peeking.
@@ -52,13 +50,6 @@ _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
 # The only algorithm a token is ever verified with (RS256: RSASSA-PKCS1-v1_5, SHA-256).
 _RS256 = RSAAlgorithm(RSAAlgorithm.SHA256)
 _REQUIRED_CLAIMS = ("exp", "iat", "nbf", "iss", "aud", "tid")
-
-
-def normalize_guid(value: object) -> str | None:
-    """The lowercase GUID, or None when ``value`` is not a GUID string."""
-    if isinstance(value, str) and GUID_RE.fullmatch(value):
-        return value.lower()
-    return None
 
 
 @dataclass(frozen=True)

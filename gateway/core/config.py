@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -341,48 +343,124 @@ def _convert(tp: Any, node: yaml.Node, source: str, name: str) -> Any:
         raise TypeError(f"unsupported config type {tp}")
     if not ok:
         raise ConfigError(f"{_where(source, node)}: {name} must be a {tp.__name__}, got {value!r}")
+    problem = _value_problem(name, value)
+    if problem is not None:
+        raise ConfigError(f"{_where(source, node)}: {name} {problem}")
     return value
 
 
+def _value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one well-typed value (checked where it is read, so the error
+    names its line); None when nothing is. Cross-key rules stay in ``_validate``."""
+    # A list item's checks are declared once for the list: "listeners[2].address" is
+    # checked as "listeners[].address".
+    check = _VALUE_CHECKS.get(re.sub(r"\[\d+\]", "[]", name))
+    if check is not None:
+        return check(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # No count, size, rate or duration of ours means anything below zero.
+        if value < 0:
+            return f"must be >= 0, got {value!r}"
+        if name.endswith("timeout_seconds") and value == 0:
+            return "must be > 0 (a zero timeout fails every call)"
+    return None
+
+
+def _redis_url(value: str) -> str | None:
+    # redis-py's own parser, so what passes here is what redis_client() accepts; it lets
+    # a host-less URL or a non-numeric database through silently, we do not.
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parsed = parse_url(value)
+    except ValueError as exc:
+        return f"is not a Redis URL ({exc})"
+    parts = urlsplit(value)
+    if parts.scheme == "unix":
+        return None if parsed.get("path") else "names no socket path (unix:///path)"
+    if not parsed.get("host"):
+        return "names no host (redis://host:port/db)"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"database {db!r} is not a number"
+    return None
+
+
+def _https_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        return f"must be https:// with a host, got {value!r}"
+    return None
+
+
+def _optional_https_url(value: str) -> str | None:
+    return None if value == "" else _https_url(value)
+
+
+def _one_of(choices: Sequence[str]) -> typing.Callable[[Any], str | None]:
+    return lambda value: None if value in choices else f"must be one of {sorted(choices)}"
+
+
+def _within(
+    low: float, high: float, *, low_open: bool = False
+) -> typing.Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        ok = (low < value if low_open else low <= value) and value <= high
+        return None if ok else f"must be within {low:g}..{high:g}"
+
+    return check
+
+
+def _at_least(low: int) -> typing.Callable[[Any], str | None]:
+    return lambda value: None if value >= low else f"must be >= {low}"
+
+
+def _cidr(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"{value!r} is not a CIDR"
+    return None
+
+
+def _hostport(value: str) -> str | None:
+    try:
+        split_hostport(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _optional_hostport(value: str) -> str | None:
+    return None if value == "" else _hostport(value)
+
+
+_VALUE_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
+    "azure.cloud": _one_of(tuple(CLOUDS)),
+    "proxy.trusted_cidrs[]": _cidr,
+    "listeners[].address": _hostport,
+    "metrics.listen": _optional_hostport,
+    "workers": _at_least(1),
+    "shutdown_grace_seconds": _within(0, 10),
+    "challenge.ttl_seconds": _within(5, 3600),
+    "limits.max_body_bytes": _within(1024, 1024 * 1024),
+    "limits.max_in_flight": _at_least(1),
+    "limits.max_connections": _at_least(1),
+    "limits.header_read_timeout_seconds": _within(0, 300, low_open=True),
+    "limits.keepalive_timeout_seconds": _within(0, 3600, low_open=True),
+    "cache.redis_url": _redis_url,
+    # The auth service is reached over mTLS only.
+    "upstream.url": _https_url,
+    "azure.authority_host": _optional_https_url,
+    "azure.arm_endpoint": _optional_https_url,
+}
+
+
 def _validate(cfg: Config, source: str) -> None:
+    """Rules across keys (one key's own value is checked where it is read, with its line)."""
     problems: list[str] = []
-    if cfg.azure.cloud not in CLOUDS:
-        problems.append(f"azure.cloud must be one of {sorted(CLOUDS)}")
-    for cidr in cfg.proxy.trusted_cidrs:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            problems.append(f"proxy.trusted_cidrs: {cidr!r} is not a CIDR")
-    for listener in cfg.listeners:
-        try:
-            split_hostport(listener.address)
-        except ValueError as exc:
-            problems.append(f"listeners: {exc}")
-    if cfg.metrics.listen:
-        try:
-            split_hostport(cfg.metrics.listen)
-        except ValueError as exc:
-            problems.append(f"metrics.listen: {exc}")
     if not cfg.listeners:
         problems.append("listeners: at least one listener is needed")
-    if cfg.workers < 1:
-        problems.append("workers must be >= 1")
-    if not 0 < cfg.limits.header_read_timeout_seconds <= 300:
-        problems.append("limits.header_read_timeout_seconds must be within 0..300")
-    if not 0 < cfg.limits.keepalive_timeout_seconds <= 3600:
-        problems.append("limits.keepalive_timeout_seconds must be within 0..3600")
-    if cfg.limits.max_connections < 1:
-        problems.append("limits.max_connections must be >= 1")
-    if not 0 <= cfg.shutdown_grace_seconds <= 10:
-        problems.append("shutdown_grace_seconds must be within 0..10")
-    if not 5 <= cfg.challenge.ttl_seconds <= 3600:
-        problems.append("challenge.ttl_seconds must be within 5..3600")
-    if not 1024 <= cfg.limits.max_body_bytes <= 1024 * 1024:
-        problems.append("limits.max_body_bytes must be within 1024..1048576")
-    if cfg.limits.max_in_flight < 1 or cfg.limits.max_queue < 0:
-        problems.append("limits.max_in_flight must be >= 1 and limits.max_queue >= 0")
-    if not cfg.upstream.url.startswith("https://"):
-        problems.append("upstream.url must be https:// (the auth service is reached over mTLS)")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
 

@@ -8,7 +8,9 @@ gauge declares how it aggregates across workers.
 
 Outbound calls (Entra ID, AIA, ARM, the auth service) are measured in one place: an
 aiohttp ``TraceConfig`` on the clients' sessions (:meth:`Metrics.trace_config`), which
-sees every request's target, status and duration without the clients knowing.
+sees every request's target, status and duration without the clients knowing. ARM's
+rate-limit headers are parsed by the ARM client alone, which reports them to an injected
+observer: :meth:`Metrics.arm_limits` is one.
 
 Per-request histograms are batched. In multiprocess mode every update of a prometheus
 value takes a lock, checks the pid (a system call) and writes the mmapped file; a join
@@ -27,7 +29,7 @@ import asyncio
 import os
 import time
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
@@ -67,7 +69,7 @@ class Metrics:
         self.step_latency = Histogram(
             "join_gateway_join_step_duration_seconds",
             "Time spent in each verification step (challenge, token, document, access_token, "
-            "binding, rules, redeem, upstream).",
+            "identity, binding, rules, arm, rules_arm, redeem, upstream).",
             ["step"],
             buckets=_STEP_BUCKETS,
             registry=r,
@@ -249,18 +251,6 @@ class Metrics:
         ) -> None:
             status = params.response.status
             self._outbound_done(ctx.target, str(status), time.perf_counter() - ctx.started)
-            if ctx.target == "arm":
-                if status == 429:
-                    self.arm_throttled.inc()
-                headers = params.response.headers
-                for header, kind in (
-                    ("x-ms-ratelimit-remaining-subscription-reads", "subscription_reads"),
-                    ("x-ms-ratelimit-remaining-resource", "resource"),
-                ):
-                    value = headers.get(header)
-                    remaining = _last_number(value) if value else None
-                    if remaining is not None:
-                        self.arm_remaining.labels(kind=kind).set(remaining)
 
         async def on_error(
             session: aiohttp.ClientSession,
@@ -274,6 +264,23 @@ class Metrics:
         trace.on_request_end.append(on_end)
         trace.on_request_exception.append(on_error)
         return trace
+
+    def arm_limits(
+        self,
+        *,
+        status: int,
+        remaining_reads: int | None,
+        remaining_resource: Mapping[str, int],
+        retry_after: float | None,
+    ) -> None:
+        """The ARM client's observer (``gateway.azure.arm.ArmLimitsObserver``): it parses
+        the rate-limit headers, we only export them."""
+        if status == 429:
+            self.arm_throttled.inc()
+        if remaining_reads is not None:
+            self.arm_remaining.labels(kind="subscription_reads").set(remaining_reads)
+        if remaining_resource:
+            self.arm_remaining.labels(kind="resource").set(min(remaining_resource.values()))
 
     def _outbound_done(self, target: str, status: str, seconds: float) -> None:
         key = (target, status)
@@ -365,15 +372,3 @@ class _BatchedHistogram:
                 self._counts[index] = 0
         self._total = 0.0
         self._observed = 0
-
-
-def _last_number(value: str) -> float | None:
-    """ARM's remaining-resource header is ``Policy;N[,Policy;N]``: the smallest N counts."""
-    numbers: list[float] = []
-    for part in value.split(","):
-        tail = part.rsplit(";", 1)[-1].strip()
-        try:
-            numbers.append(float(tail))
-        except ValueError:
-            continue
-    return min(numbers) if numbers else None

@@ -14,12 +14,10 @@ the ``sha256:<hex>`` SPKI pin operators copy into node configs (DESIGN §7).
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import ipaddress
 import os
 import ssl
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.core.clock import Clock, SystemClock
+from gateway.core.files import write_atomic
 
 __all__ = [
     "CaMaterial",
@@ -39,7 +38,6 @@ __all__ = [
     "CertifiablePublicKey",
     "KeyType",
     "PrivateKey",
-    "atomic_write",
     "client_ssl_context",
     "generate_ca",
     "generate_private_key",
@@ -253,27 +251,6 @@ def issue_cert(
     return CertMaterial(cert=cert, key=key)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half.
-
-    The temporary file is created with ``mode`` from the start (a private key is never
-    readable by others, not even for a moment), fsynced, then renamed over ``path``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_pem_files(
     material: CertMaterial, directory: str | os.PathLike[str], stem: str
 ) -> tuple[Path, Path]:
@@ -281,8 +258,8 @@ def write_pem_files(
     d = Path(directory)
     cert_path = d / f"{stem}.pem"
     key_path = d / f"{stem}-key.pem"
-    atomic_write(key_path, material.key_pem(), mode=0o600)
-    atomic_write(cert_path, material.cert_pem(), mode=0o644)
+    write_atomic(key_path, material.key_pem(), mode=0o600, make_parents=True)
+    write_atomic(cert_path, material.cert_pem(), mode=0o644, make_parents=True)
     return cert_path, key_path
 
 

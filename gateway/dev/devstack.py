@@ -44,7 +44,8 @@ from gateway.core.config import (
     UpstreamConfig,
     dump_config,
 )
-from gateway.core.tlsutil import atomic_write, generate_ca, issue_cert, write_pem_files
+from gateway.core.files import write_atomic
+from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
 from gateway.dev.emulator import AzureEmulator, EmulatedVm, Latency
 from gateway.dev.emulator.pki import INTERMEDIATE_CN
 from gateway.dev.redis_server import RedisServer, find_redis_server
@@ -112,8 +113,8 @@ def agent_settings(
 
 
 def _write(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    raw = data if isinstance(data, bytes) else data.encode()
+    write_atomic(path, raw, mode=0o644, make_parents=True)
     return path
 
 
@@ -249,13 +250,13 @@ def write_stack_files(
     on the terminal by the time a script sees the file)."""
     wd = stack.workdir
     config_path = wd / "gateway" / "gateway.yaml"
-    atomic_write(config_path, dump_config(config).encode())
+    write_atomic(config_path, dump_config(config).encode(), mode=0o644, make_parents=True)
     emu = stack.emulator
     nodes = []
     for vm in vms:
         node_config = wd / "nodes" / f"{vm.name}.yaml"
         node_config.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(node_config, _node_config(stack, vm, gateway_url).encode())
+        write_atomic(node_config, _node_config(stack, vm, gateway_url).encode(), mode=0o644)
         data_dir = wd / "vms" / vm.name
         command = [
             "join-gateway", "join",
@@ -307,7 +308,7 @@ def write_stack_files(
     path = wd / "stack.json"
     if announce is not None:
         announce(info)
-    atomic_write(path, json.dumps(info, indent=2).encode() + b"\n")
+    write_atomic(path, json.dumps(info, indent=2).encode() + b"\n", mode=0o644)
     return path
 
 
@@ -343,7 +344,7 @@ async def _gateway_process(
     port = _free_port()
     config = dataclasses.replace(config, listeners=(ListenerConfig(f"127.0.0.1:{port}"),))
     config_path = stack.workdir / "gateway" / "gateway.yaml"
-    atomic_write(config_path, dump_config(config).encode())
+    write_atomic(config_path, dump_config(config).encode(), mode=0o644, make_parents=True)
     log_path = stack.workdir / "gateway" / "gateway.log"
     with log_path.open("ab") as log_file:
         proc = await asyncio.create_subprocess_exec(

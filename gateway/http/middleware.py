@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.core.errors import Code, GatewayError, NotFound, PayloadTooLarge
+from gateway.protocol import ErrorBody
 
 __all__ = ["REQUEST_ID", "error_middleware", "render_error"]
 
@@ -28,9 +29,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def render_error(err: GatewayError) -> web.Response:
-    resp = web.json_response(
-        {"error": {"code": str(err.code), "message": err.message}}, status=err.status
-    )
+    resp = web.json_response(ErrorBody(str(err.code), err.message).to_json(), status=err.status)
     if err.retry_after is not None:
         resp.headers["Retry-After"] = str(max(1, round(err.retry_after)))
     return resp

@@ -23,6 +23,7 @@ from gateway.http.middleware import REQUEST_ID
 from gateway.http.proxy import client_address_for, transport_peer
 from gateway.http.schema import decode_challenge_request, decode_join_request
 from gateway.join.pipeline import JoinTrace, admit_join
+from gateway.protocol import CHALLENGE_PATH, JOIN_PATH, ChallengeResponse
 
 __all__ = ["client_address", "read_body", "routes"]
 
@@ -62,16 +63,16 @@ async def read_body(request: web.Request) -> bytes:
         raise BodyTimeout(f"body not received within {limit}s") from exc
 
 
-@routes.post("/v1/join/azure/challenge")
+@routes.post(CHALLENGE_PATH)
 async def challenge(request: web.Request) -> web.Response:
     limited(request, client_address(request))
     decode_challenge_request(await read_body(request))
     issued = request.app[DEPS].challenges.issue()
     request.app[METRICS].challenges.inc()
-    return web.json_response({"challenge": issued.value, "expires_at": issued.expires_at_rfc3339()})
+    return web.json_response(ChallengeResponse(issued.value, issued.expires_at_rfc3339()).to_json())
 
 
-@routes.post("/v1/join/azure")
+@routes.post(JOIN_PATH)
 async def join(request: web.Request) -> web.Response:
     app = request.app
     metrics = app[METRICS]

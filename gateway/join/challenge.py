@@ -21,7 +21,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import secrets
 import struct
 from collections.abc import Sequence
@@ -31,6 +30,8 @@ from pathlib import Path
 
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, JoinRejected
+from gateway.core.files import SECRET_MODE, write_atomic
+from gateway.protocol import CHALLENGE_ALPHABET, CHALLENGE_LENGTH
 
 __all__ = [
     "CHALLENGE_LENGTH",
@@ -45,11 +46,9 @@ __all__ = [
     "write_new_keys_file",
 ]
 
-CHALLENGE_LENGTH = 32
 _RAW_LENGTH = 24
 _TAG_LENGTH = 12
 _MIN_KEY_BYTES = 32
-_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ class ChallengeCodec:
         Raises ``JoinRejected`` with ``challenge_invalid`` (format, MAC, retired key) or
         ``challenge_expired``. Single use is the replay store's job, after verification.
         """
-        if len(value) != CHALLENGE_LENGTH or not _ALPHABET.issuperset(value):
+        if len(value) != CHALLENGE_LENGTH or not CHALLENGE_ALPHABET.issuperset(value):
             raise JoinRejected(Code.CHALLENGE_INVALID, "challenge is not 32 base64url characters")
         try:
             raw = base64.urlsafe_b64decode(value)
@@ -187,8 +186,5 @@ def retire_keys(path: Path) -> int:
 def write_keys_file(path: Path, keys: Sequence[bytes]) -> None:
     lines = ["# join-gateway challenge keys: the first signs, all verify"]
     lines += [base64.b64encode(k).decode("ascii") for k in keys]
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    # A secret shared by the replicas: 0600, and a crash leaves the old file or the new.
+    write_atomic(path, ("\n".join(lines) + "\n").encode("ascii"), mode=SECRET_MODE)

@@ -1,20 +1,33 @@
-"""``production_deps(config)``: the real ``JoinDeps`` for a config (our checkAndSetDefaults).
+"""The composition root: ``production_deps(config)`` builds the real ``JoinDeps``.
+
+One factory per resource, each an async context manager that closes what it opened, and
+entered one by one on an ``AsyncExitStack`` (aiohttp's ``cleanup_ctx`` discipline): a
+failure at any step closes exactly what the steps before it opened, in reverse order. The
+order is the dependency order:
+
+1. files: token registry, challenge keys, trust store (nothing to close; a bad file stops
+   the start with its path);
+2. the outbound HTTPS session (Entra, ARM, AIA) — system trust plus
+   ``azure.outbound_ca_file``;
+3. the auth service's client (its own pooled mTLS session);
+4. the Redis client, with ``cache.backend: redis``;
+5. the replay store (on Redis, or in memory);
+6. the Azure clients and caches (nothing to close: they borrow the session and Redis);
+7. the attested-document verifier (its chain-building thread pool).
 
 Tests build ``JoinDeps`` themselves with fakes that do real crypto; the server uses this.
-Every outbound client shares one aiohttp session whose TLS trust is the system store
-plus ``azure.outbound_ca_file`` (the emulator's CA in tests and demos).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
+from redis import asyncio as aioredis
 
 from gateway.azure.aia import DEFAULT_AIA_PREFIXES, AiaFetcher
 from gateway.azure.arm import ArmBudget, ArmClient, NoBudget
@@ -35,6 +48,7 @@ from gateway.core.redis_tier import (
     TieredCache,
     redis_client,
 )
+from gateway.core.reload import Reloadable
 from gateway.core.tlsutil import client_ssl_context
 from gateway.join.binding import VmBinder
 from gateway.join.challenge import ChallengeCodec, load_keys_file
@@ -43,38 +57,157 @@ from gateway.join.pipeline import JoinDeps
 from gateway.join.replay import MemoryReplayStore, RedisReplayStore, ReplayStore
 from gateway.join.rules import TokenRegistry, load_token_files
 
-__all__ = ["TokenHolder", "load_tokens", "outbound_ssl_context", "production_deps"]
+__all__ = [
+    "SessionFactory",
+    "attested_verifier",
+    "auth_client",
+    "challenge_keys",
+    "load_tokens",
+    "outbound_session",
+    "outbound_ssl_context",
+    "production_deps",
+    "redis_connection",
+    "replay_store",
+    "trust_store",
+    "upstream_ssl_context",
+    "vm_binder",
+]
 
 log = logging.getLogger(__name__)
 
-
-class TokenHolder:
-    """The current token registry; ``reload`` swaps it whole, so a join sees one version."""
-
-    def __init__(self, paths: Sequence[Path], registry: TokenRegistry) -> None:
-        self.paths = tuple(paths)
-        self._registry = registry
-
-    @property
-    def registry(self) -> TokenRegistry:
-        return self._registry
-
-    def reload(self) -> None:
-        """Re-read the token files; on any error keep the old registry and raise."""
-        self._registry = load_token_files(self.paths)
+# Opens an aiohttp session (the default is ``aiohttp.ClientSession`` itself); tests pass
+# one that counts what was opened and closed.
+SessionFactory = Callable[..., aiohttp.ClientSession]
 
 
-def load_tokens(config: Config) -> TokenHolder:
-    paths = [config.path(p) for p in config.tokens.files]
-    return TokenHolder(paths, load_token_files(paths))
+# -- 1. files --------------------------------------------------------------------------
+
+
+def load_tokens(config: Config) -> Reloadable[TokenRegistry]:
+    """The token registry, re-read whole from ``tokens.files`` on SIGHUP."""
+    paths = tuple(config.path(p) for p in config.tokens.files)
+    return Reloadable("token", lambda: load_token_files(paths))
+
+
+def challenge_keys(config: Config, clock: Clock) -> Reloadable[ChallengeCodec]:
+    """The challenge codec, rebuilt from ``challenge.keys_file`` on SIGHUP."""
+    path = config.path(config.challenge.keys_file)
+    ttl = config.challenge.ttl_seconds
+    return Reloadable(
+        "challenge keys", lambda: ChallengeCodec(load_keys_file(path), ttl=ttl, clock=clock)
+    )
+
+
+def trust_store(config: Config) -> TrustStore:
+    """The attested document's pinned roots: bundled (unless turned off) plus
+    ``azure.extra_ca_files``."""
+    return TrustStore.load(
+        extra_pem_files=[config.path(p) for p in config.azure.extra_ca_files],
+        include_bundled=config.azure.bundled_roots,
+    )
 
 
 def outbound_ssl_context(config: Config) -> ssl.SSLContext:
+    """Trust for Entra, ARM and AIA: the system store plus ``azure.outbound_ca_file``."""
     ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if config.azure.outbound_ca_file:
         ctx.load_verify_locations(cafile=str(config.path(config.azure.outbound_ca_file)))
     return ctx
+
+
+def upstream_ssl_context(config: Config) -> ssl.SSLContext:
+    """mTLS to the auth service: its CA, and the gateway's client certificate."""
+    upstream = config.upstream
+    return client_ssl_context(
+        ca_file=config.path(upstream.ca_file) if upstream.ca_file else None,
+        cert_file=config.path(upstream.client_cert_file) if upstream.client_cert_file else None,
+        key_file=config.path(upstream.client_key_file) if upstream.client_key_file else None,
+    )
+
+
+# -- 2..5. resources that must be closed ---------------------------------------------------
+
+
+@asynccontextmanager
+async def outbound_session(
+    config: Config, trace: aiohttp.TraceConfig, open_session: SessionFactory
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """The one session every Azure client shares (Entra, ARM, AIA)."""
+    ctx = outbound_ssl_context(config)  # before opening: a bad CA file opens nothing
+    connector = aiohttp.TCPConnector(ssl=ctx, limit=256, ttl_dns_cache=300)
+    session = open_session(connector=connector, trust_env=False, trace_configs=[trace])
+    try:
+        yield session
+    finally:
+        await session.close()
+
+
+@asynccontextmanager
+async def auth_client(
+    config: Config, clock: Clock, trace: aiohttp.TraceConfig, open_session: SessionFactory
+) -> AsyncIterator[AuthClient]:
+    """The auth service's client on its own pooled mTLS session (``upstream.*``)."""
+    upstream = config.upstream
+    ctx = upstream_ssl_context(config)  # before opening: bad files open nothing
+    # The pool bound lives on the connector we open here; the client uses ``ctx`` on every
+    # request (so the mTLS identity is the one configured even on a shared session).
+    session = open_session(
+        connector=aiohttp.TCPConnector(limit=upstream.max_connections, ssl=ctx),
+        trust_env=False,
+        trace_configs=[trace],
+    )
+    try:
+        client = AuthClient(
+            url=upstream.url,
+            ssl_context=ctx,
+            clock=clock,
+            timeout=upstream.timeout_seconds,
+            session=session,
+            breaker=CircuitBreaker(
+                failure_threshold=upstream.breaker_failures,
+                reset_timeout=upstream.breaker_reset_seconds,
+                clock=clock,
+            ),
+        )
+        async with client:
+            yield client
+    finally:
+        await session.close()
+
+
+@asynccontextmanager
+async def redis_connection(config: Config) -> AsyncIterator[aioredis.Redis | None]:
+    """One Redis client per process (bounded blocking pool, fail-fast timeouts), shared by
+    the replay store and the cache tiers; None with ``cache.backend: memory``."""
+    if config.cache.backend != "redis":
+        yield None
+        return
+    client = redis_client(config.cache.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def replay_store(
+    redis: aioredis.Redis | None, clock: Clock, given: ReplayStore | None = None
+) -> AsyncIterator[ReplayStore]:
+    """Redeemed challenges: the one given, else on Redis, else in this process's memory."""
+    if given is not None:
+        store = given
+    elif redis is not None:
+        store = RedisReplayStore(redis)
+    else:
+        store = MemoryReplayStore(clock=clock)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+# -- 6. the Azure side: clients over the session, and their caches --------------------------
 
 
 def _caches(
@@ -90,73 +223,12 @@ def _caches(
     return make
 
 
-@asynccontextmanager
-async def production_deps(
+def _shared_caches(
     config: Config,
-    *,
-    clock: Clock | None = None,
-    replay: ReplayStore | None = None,
-    metrics: Metrics | None = None,
-) -> AsyncIterator[JoinDeps]:
-    clock = clock or SystemClock()
-    metrics = metrics or Metrics()
-    cache = _caches(config, clock, metrics)
-    az = config.azure
-    cloud = config.cloud
-    authority = (az.authority_host or cloud.authority_host).rstrip("/")
-    arm_endpoint = (az.arm_endpoint or cloud.arm_endpoint).rstrip("/")
-    aia_prefixes = (*DEFAULT_AIA_PREFIXES, *az.aia.extra_allowed_prefixes)
-    trace = metrics.trace_config(
-        [(authority, "entra"), (arm_endpoint, "arm"), (config.upstream.url, "auth")]
-        + [(prefix, "aia") for prefix in aia_prefixes]
-    )
-    challenges = ChallengeCodec(
-        load_keys_file(config.path(config.challenge.keys_file)),
-        ttl=config.challenge.ttl_seconds,
-        clock=clock,
-    )
-    tokens = load_tokens(config)
-    trust = TrustStore.load(
-        extra_pem_files=[config.path(p) for p in az.extra_ca_files],
-        include_bundled=az.bundled_roots,
-    )
-    connector = aiohttp.TCPConnector(ssl=outbound_ssl_context(config), limit=256, ttl_dns_cache=300)
-    session = aiohttp.ClientSession(connector=connector, trust_env=False, trace_configs=[trace])
-    upstream = config.upstream
-    upstream_ssl = client_ssl_context(
-        ca_file=config.path(upstream.ca_file) if upstream.ca_file else None,
-        cert_file=config.path(upstream.client_cert_file) if upstream.client_cert_file else None,
-        key_file=config.path(upstream.client_key_file) if upstream.client_key_file else None,
-    )
-    auth_session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=upstream.max_connections, ssl=upstream_ssl),
-        trust_env=False,
-        trace_configs=[trace],
-    )
-    auth = AuthClient(
-        url=upstream.url,
-        ssl_context=upstream_ssl,
-        clock=clock,
-        timeout=upstream.timeout_seconds,
-        max_connections=upstream.max_connections,
-        session=auth_session,
-        breaker=CircuitBreaker(
-            failure_threshold=upstream.breaker_failures,
-            reset_timeout=upstream.breaker_reset_seconds,
-            clock=clock,
-        ),
-    )
-    # One Redis client per process (bounded blocking pool, fail-fast timeouts), shared by
-    # the replay store and the cache tiers; closed last, after everything using it.
-    redis = redis_client(config.cache.redis_url) if config.cache.backend == "redis" else None
-    replay_store: ReplayStore
-    if replay is not None:
-        replay_store = replay
-    elif redis is not None:
-        replay_store = RedisReplayStore(redis)
-    else:
-        replay_store = MemoryReplayStore(clock=clock)
-
+    clock: Clock,
+    redis: aioredis.Redis | None,
+    cache: Callable[[str], MemoryCache[Any, Any]],
+) -> Callable[[str, Codec[Any]], Cache[str, Any]]:
     def shared(name: str, codec: Codec[Any]) -> Cache[str, Any]:
         """With Redis, a cache whose loads other replicas reuse (JWKS, AIA); else the
         in-process one. VM maps stay per process: they are cheap to rebuild from one
@@ -165,7 +237,125 @@ async def production_deps(
             return cache(name)
         return TieredCache(cache(name), SharedTier(redis, name, clock=clock), codec)
 
+    return shared
+
+
+def _arm_budget(config: Config, clock: Clock) -> ArmBudget:
+    # The naive baseline (caches off) spends without a budget, as a gateway without one
+    # would; otherwise every ARM request is paid for from our own bucket first.
+    if not config.cache.enabled:
+        return NoBudget()
+    b = config.azure.arm_budget
+    return SubscriptionBudget(
+        burst=b.burst,
+        refill_per_s=b.refill_per_second,
+        list_per_minute=b.list_per_minute,
+        safety_margin=b.safety_margin,
+        max_wait=b.max_wait_seconds,
+        clock=clock,
+    )
+
+
+def vm_binder(
+    config: Config,
+    arm: ArmClient,
+    clock: Clock,
+    cache: Callable[[str], MemoryCache[Any, Any]],
+    metrics: Metrics,
+) -> VmBinder:
+    """The binding decision over the ARM read strategy (``cache.*`` tunes the reads)."""
+    c = config.cache
+    return VmBinder(
+        VmDirectory(
+            arm,
+            clock=clock,
+            vm_cache_ttl=c.vm_ttl_seconds,
+            negative_ttl=c.negative_ttl_seconds,
+            refresh_interval=c.map_refresh_seconds,
+            list_window=c.list_window_seconds,
+            # Without caches a listing would be redone per join: naive mode reads VMs.
+            list_threshold=c.list_threshold if c.enabled else 10**9,
+            list_wait=config.azure.arm_budget.max_wait_seconds,
+            cache_maps=c.enabled,
+            vm_cache=cache("vms"),
+            group_observer=metrics.cache_observer("resource_group_maps"),
+            set_observer=metrics.cache_observer("scale_set_maps"),
+        ),
+        enabled=config.azure.vm_binding,
+    )
+
+
+@asynccontextmanager
+async def attested_verifier(
+    config: Config,
+    trust: TrustStore,
+    aia: AiaFetcher | None,
+    chain_cache: MemoryCache[Any, Any],
+    clock: Clock,
+) -> AsyncIterator[AttestedVerifier]:
+    """The attested-document verifier; its chain-building thread pool is shut down on exit."""
+    verifier = AttestedVerifier(
+        cloud=config.cloud,
+        trust=trust,
+        aia=aia,
+        chain_cache=chain_cache,
+        clock=clock,
+        skew=config.azure.clock_skew_seconds,
+        known_issuer_names=config.azure.known_issuer_names,
+    )
     try:
+        yield verifier
+    finally:
+        verifier.close()
+
+
+# -- the root --------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def production_deps(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    replay: ReplayStore | None = None,
+    metrics: Metrics | None = None,
+    open_session: SessionFactory | None = None,
+) -> AsyncIterator[JoinDeps]:
+    """Parameters:
+
+    * config — the loaded config (its values were validated at load).
+    * clock, metrics — injected; default the system clock and a fresh registry.
+    * replay — a replay store to use instead of the configured one (it is closed on exit).
+    * open_session — opens the aiohttp sessions (default ``aiohttp.ClientSession``).
+    """
+    clock = SystemClock() if clock is None else clock
+    metrics = Metrics() if metrics is None else metrics
+    open_session = aiohttp.ClientSession if open_session is None else open_session
+    az = config.azure
+    cloud = config.cloud
+    authority = (az.authority_host or cloud.authority_host).rstrip("/")
+    arm_endpoint = (az.arm_endpoint or cloud.arm_endpoint).rstrip("/")
+    aia_prefixes = (*DEFAULT_AIA_PREFIXES, *az.aia.extra_allowed_prefixes)
+
+    # 1. Files first: a bad one stops the start before anything is opened.
+    tokens = load_tokens(config)
+    keys = challenge_keys(config, clock)
+    trust = trust_store(config)
+    trace = metrics.trace_config(
+        [(authority, "entra"), (arm_endpoint, "arm"), (config.upstream.url, "auth")]
+        + [(prefix, "aia") for prefix in aia_prefixes]
+    )
+
+    async with AsyncExitStack() as stack:
+        # 2..5. Each resource closes itself; LIFO on the way out, or on a failure here.
+        session = await stack.enter_async_context(outbound_session(config, trace, open_session))
+        auth = await stack.enter_async_context(auth_client(config, clock, trace, open_session))
+        redis = await stack.enter_async_context(redis_connection(config))
+        replay_store_ = await stack.enter_async_context(replay_store(redis, clock, replay))
+
+        # 6. Clients over the session and Redis: nothing of their own to close.
+        cache = _caches(config, clock, metrics)
+        shared = _shared_caches(config, clock, redis, cache)
         aia = None
         if az.aia.enabled:
             aia = AiaFetcher(
@@ -188,39 +378,23 @@ async def production_deps(
             cache=shared("jwks", JsonCodec(keyset_to_json, keyset_from_json)),
             on_refresh=metrics.key_refreshes.inc,
         )
-        # The naive baseline (caches off) spends without a budget, as a gateway without
-        # one would; otherwise every ARM request is paid for from our own bucket first.
-        budget: ArmBudget = NoBudget()
-        if config.cache.enabled:
-            b = az.arm_budget
-            budget = SubscriptionBudget(
-                burst=b.burst,
-                refill_per_s=b.refill_per_second,
-                list_per_minute=b.list_per_minute,
-                safety_margin=b.safety_margin,
-                max_wait=b.max_wait_seconds,
-                clock=clock,
-            )
         arm = ArmClient(
             session,
             endpoint=arm_endpoint,
             clock=clock,
             timeout=az.request_timeout_seconds,
-            budget=budget,
+            budget=_arm_budget(config, clock),
+            observer=metrics,
+        )
+        # 7. The document verifier owns the thread pool its chain builds run in.
+        attested = await stack.enter_async_context(
+            attested_verifier(config, trust, aia, cache("chains"), clock)
         )
         yield JoinDeps(
             clock=clock,
-            challenges=challenges,
+            challenge_keys=keys,
             tokens=tokens,
-            attested=AttestedVerifier(
-                cloud=cloud,
-                trust=trust,
-                aia=aia,
-                chain_cache=cache("chains"),
-                clock=clock,
-                skew=az.clock_skew_seconds,
-                known_issuer_names=az.known_issuer_names,
-            ),
+            attested=attested,
             access_tokens=TokenVerifier(
                 jwks,
                 cloud=cloud,
@@ -228,31 +402,7 @@ async def production_deps(
                 leeway=az.token_leeway_seconds,
                 allowed_tenants=az.allowed_tenants,
             ),
-            binder=VmBinder(
-                VmDirectory(
-                    arm,
-                    clock=clock,
-                    vm_cache_ttl=config.cache.vm_ttl_seconds,
-                    negative_ttl=config.cache.negative_ttl_seconds,
-                    refresh_interval=config.cache.map_refresh_seconds,
-                    list_window=config.cache.list_window_seconds,
-                    # Without caches a listing would be redone per join: naive mode reads VMs.
-                    list_threshold=config.cache.list_threshold if config.cache.enabled else 10**9,
-                    list_wait=az.arm_budget.max_wait_seconds,
-                    cache_maps=config.cache.enabled,
-                    vm_cache=cache("vms"),
-                    group_observer=metrics.cache_observer("resource_group_maps"),
-                    set_observer=metrics.cache_observer("scale_set_maps"),
-                ),
-                enabled=az.vm_binding,
-            ),
-            replay=replay_store,
+            binder=vm_binder(config, arm, clock, cache, metrics),
+            replay=replay_store_,
             auth=auth,
         )
-    finally:
-        await auth.aclose()
-        await auth_session.close()
-        await session.close()
-        await replay_store.aclose()
-        if redis is not None:
-            await redis.aclose()

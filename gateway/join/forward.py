@@ -1,5 +1,8 @@
 """Forwarding an approved registration to the auth service (DESIGN §4).
 
+The registration API itself (``Registration``, ``RegisterResult``, paths, rules) is
+``gateway.protocol``'s; this module is the gateway's client for it.
+
 ``AuthClient.register`` is the gateway's one call to the auth service: ``POST
 {upstream}/v1/register`` over mTLS, with the challenge as idempotency key. Because the
 key makes the call idempotent, a retry can never register a node twice, so the client
@@ -23,24 +26,24 @@ import json
 import logging
 import random
 import ssl
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Self
+from typing import Self
 
 import aiohttp
 
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, GatewayError, JoinRejected, Overloaded, UpstreamFailed
+from gateway.core.httputil import (
+    TRANSPORT_ERRORS,
+    Failure,
+    classify,
+    describe,
+    parse_retry_after,
+    read_capped,
+)
+from gateway.protocol import HEALTH_PATH, REGISTER_PATH, ErrorBody, RegisterResult, Registration
 
-__all__ = [
-    "AuthClient",
-    "BreakerState",
-    "CircuitBreaker",
-    "HostParams",
-    "JoinBlock",
-    "RegisterResult",
-    "Registration",
-]
+__all__ = ["AuthClient", "BreakerState", "CircuitBreaker"]
 
 log = logging.getLogger(__name__)
 
@@ -48,130 +51,6 @@ _RETRYABLE_STATUSES = frozenset({502, 503, 504})
 _MAX_RESPONSE_BYTES = 1 << 20
 # When a failure gives no better hint, agents are told to come back after this long.
 _DEFAULT_RETRY_AFTER = 1.0
-
-
-@dataclass(frozen=True)
-class JoinBlock:
-    """The verified Azure identity of the joining VM (all from signed evidence or ARM)."""
-
-    method: str
-    tenant: str
-    subscription: str
-    resource_group: str
-    vm_id: str
-    resource_id: str
-
-    def to_json(self) -> dict[str, str]:
-        return {
-            "method": self.method,
-            "tenant": self.tenant,
-            "subscription": self.subscription,
-            "resource_group": self.resource_group,
-            "vm_id": self.vm_id,
-            "resource_id": self.resource_id,
-        }
-
-
-@dataclass(frozen=True)
-class HostParams:
-    """What the node asks to be certified: its names and public keys."""
-
-    node_name: str
-    role: str
-    public_ssh_key: str
-    public_tls_key: str
-    additional_principals: tuple[str, ...] = ()
-    dns_names: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "node_name": self.node_name,
-            "role": self.role,
-            "public_ssh_key": self.public_ssh_key,
-            "public_tls_key": self.public_tls_key,
-            "additional_principals": list(self.additional_principals),
-            "dns_names": list(self.dns_names),
-        }
-
-
-@dataclass(frozen=True)
-class Registration:
-    """One approved join, as sent to ``POST /v1/register``."""
-
-    idempotency_key: str
-    token_name: str
-    role: str
-    client_address: str
-    join: JoinBlock
-    host: HostParams
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "idempotency_key": self.idempotency_key,
-            "token_name": self.token_name,
-            "role": self.role,
-            "client_address": self.client_address,
-            "join": self.join.to_json(),
-            "host": self.host.to_json(),
-        }
-
-
-@dataclass(frozen=True)
-class RegisterResult:
-    """The auth service's answer: the node's host ID and certificates."""
-
-    host_id: str
-    ssh_cert: str
-    tls_cert: str
-    tls_ca_certs: tuple[str, ...]
-    ssh_ca_keys: tuple[str, ...]
-    # Whether the auth service treated the join as a renewal of an existing host (same
-    # host ID) or as a new host; None when the auth service does not say (optional field).
-    renewal: bool | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """The wire ``certs`` object of the join response."""
-        return {
-            "ssh": self.ssh_cert,
-            "tls": self.tls_cert,
-            "tls_ca_certs": list(self.tls_ca_certs),
-            "ssh_ca_keys": list(self.ssh_ca_keys),
-        }
-
-    @classmethod
-    def from_json(cls, body: object) -> RegisterResult:
-        """Decode the auth service's 200 body; raises ``ValueError`` on any deviation."""
-        if not isinstance(body, dict):
-            raise ValueError("body is not an object")
-        host_id = body.get("host_id")
-        certs = body.get("certs")
-        if not isinstance(host_id, str) or not host_id:
-            raise ValueError("host_id missing or not a string")
-        if not isinstance(certs, dict):
-            raise ValueError("certs missing or not an object")
-        ssh_cert = certs.get("ssh")
-        tls_cert = certs.get("tls")
-        if not isinstance(ssh_cert, str) or not ssh_cert:
-            raise ValueError("certs.ssh missing or not a string")
-        if not isinstance(tls_cert, str) or not tls_cert:
-            raise ValueError("certs.tls missing or not a string")
-        renewal = body.get("renewal")
-        if renewal is not None and not isinstance(renewal, bool):
-            raise ValueError("renewal must be a boolean")
-        return cls(
-            host_id=host_id,
-            ssh_cert=ssh_cert,
-            tls_cert=tls_cert,
-            tls_ca_certs=_str_list(certs.get("tls_ca_certs"), "certs.tls_ca_certs"),
-            ssh_ca_keys=_str_list(certs.get("ssh_ca_keys"), "certs.ssh_ca_keys"),
-            renewal=renewal,
-        )
-
-
-def _str_list(value: object, name: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{name} must be a non-empty list of strings")
-    return tuple(value)
 
 
 class BreakerState(StrEnum):
@@ -320,8 +199,8 @@ class AuthClient:
             raise ValueError("retries must be >= 0")
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
-        self._endpoint = url.rstrip("/") + "/v1/register"
-        self._health_url = url.rstrip("/") + "/healthz"
+        self._endpoint = url.rstrip("/") + REGISTER_PATH
+        self._health_url = url.rstrip("/") + HEALTH_PATH
         self._ssl = ssl_context
         self._clock = clock
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -402,8 +281,8 @@ class AuthClient:
             ) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.info("auth service health probe failed: %s: %s", type(exc).__name__, exc)
+        except TRANSPORT_ERRORS as exc:
+            log.info("auth service health probe failed: %s", describe(exc))
             return False
 
     def _delay(self, attempt: int) -> float:
@@ -423,40 +302,10 @@ class AuthClient:
                 allow_redirects=False,
             ) as resp:
                 status = resp.status
-                retry_after = _parse_retry_after(resp.headers.get("Retry-After"))
-                raw = await _read_capped(resp)
-        except aiohttp.ClientSSLError as exc:
-            # Wrong trust or certificate: retrying cannot help.
-            raise Overloaded(
-                Code.UPSTREAM_UNAVAILABLE,
-                retry_after=_DEFAULT_RETRY_AFTER,
-                detail=f"TLS with auth service failed: {exc}",
-            ) from exc
-        except (
-            aiohttp.ClientConnectorError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-        ) as exc:
-            # Refused or reset before an answer: safe to retry (idempotency key).
-            raise _Retryable(
-                Overloaded(
-                    Code.UPSTREAM_UNAVAILABLE,
-                    retry_after=_DEFAULT_RETRY_AFTER,
-                    detail=f"auth service unreachable: {type(exc).__name__}: {exc}",
-                )
-            ) from exc
-        except TimeoutError as exc:
-            raise Overloaded(
-                Code.UPSTREAM_UNAVAILABLE,
-                retry_after=_DEFAULT_RETRY_AFTER,
-                detail=f"auth service timed out after {self._timeout.total}s",
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise Overloaded(
-                Code.UPSTREAM_UNAVAILABLE,
-                retry_after=_DEFAULT_RETRY_AFTER,
-                detail=f"auth service call failed: {type(exc).__name__}: {exc}",
-            ) from exc
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                raw = await read_capped(resp, _MAX_RESPONSE_BYTES)
+        except TRANSPORT_ERRORS as exc:
+            raise _transport_error(exc, self._timeout.total) from exc
 
         if status == 200:
             try:
@@ -474,11 +323,11 @@ class AuthClient:
             if status in _RETRYABLE_STATUSES:
                 raise _Retryable(error)
             raise error
-        code, message = _error_code(raw)
-        if status == 403 and code == Code.HOST_LOCKED:
+        err = _error_body(raw)
+        if status == 403 and err is not None and err.code == Code.HOST_LOCKED:
             # An operator locked this VM (host, vmId, subscription or token): a decision,
             # not a fault — the agent must stop, and the audit record says why.
-            raise _Rejected(JoinRejected(Code.HOST_LOCKED, f"auth service: {message}"))
+            raise _Rejected(JoinRejected(Code.HOST_LOCKED, f"auth service: {err.message[:300]}"))
         # 4xx (or any other status): our request was wrong — a bug in us, not a retry case.
         raise _Rejected(
             UpstreamFailed(f"auth service rejected the registration ({status}): {summary}")
@@ -488,44 +337,42 @@ class AuthClient:
         return f"<AuthClient {self._endpoint} breaker={self.breaker.state}>"
 
 
-async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
-    """The whole body, refusing more than ``_MAX_RESPONSE_BYTES`` (a bounded answer)."""
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in resp.content.iter_chunked(65536):
-        total += len(chunk)
-        if total > _MAX_RESPONSE_BYTES:
-            raise UpstreamFailed(
-                f"auth service response exceeds {_MAX_RESPONSE_BYTES} bytes",
+def _transport_error(exc: BaseException, timeout: float | None) -> Exception:
+    """What a failed attempt means for the caller (``exc`` is one of TRANSPORT_ERRORS)."""
+    failure = classify(exc)
+    if failure is Failure.TOO_LARGE:
+        # The service answered, with more than a node's certificates can be: a broken
+        # upstream, not an unreachable one.
+        return UpstreamFailed(
+            f"auth service response exceeds {_MAX_RESPONSE_BYTES} bytes",
+            retry_after=_DEFAULT_RETRY_AFTER,
+        )
+    if failure is Failure.TLS:
+        why = f"TLS with auth service failed: {exc}"  # wrong trust or certificate: no retry
+    elif failure is Failure.TIMEOUT:
+        why = f"auth service timed out after {timeout}s"  # the budget is spent: no retry
+    elif failure in (Failure.CONNECT, Failure.DISCONNECTED):
+        # Refused or reset before an answer: safe to retry (idempotency key).
+        return _Retryable(
+            Overloaded(
+                Code.UPSTREAM_UNAVAILABLE,
                 retry_after=_DEFAULT_RETRY_AFTER,
+                detail=f"auth service unreachable: {describe(exc)}",
             )
-        chunks.append(chunk)
-    return b"".join(chunks)
+        )
+    else:
+        why = f"auth service call failed: {describe(exc)}"
+    return Overloaded(Code.UPSTREAM_UNAVAILABLE, retry_after=_DEFAULT_RETRY_AFTER, detail=why)
 
 
-def _parse_retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
+def _error_body(raw: bytes) -> ErrorBody | None:
     try:
-        seconds = float(value)
-    except ValueError:
+        return ErrorBody.from_json(json.loads(raw))
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError
         return None
-    return seconds if 0 < seconds < 3600 else None
-
-
-def _error_code(raw: bytes) -> tuple[str, str]:
-    """``(code, message)`` of an error body; empty strings when it is not one."""
-    try:
-        err = json.loads(raw)["error"]
-        return str(err["code"]), str(err["message"])[:300]
-    except (ValueError, KeyError, TypeError):
-        return "", ""
 
 
 def _error_summary(raw: bytes) -> str:
     """``code: message`` from an error body, or a short prefix of whatever came back."""
-    try:
-        err = json.loads(raw)["error"]
-        return f"{err['code']}: {err['message']}"[:300]
-    except (ValueError, KeyError, TypeError):
-        return repr(raw[:200])
+    err = _error_body(raw)
+    return f"{err.code}: {err.message}"[:300] if err is not None else repr(raw[:200])

@@ -1,9 +1,14 @@
 """The Azure join, as DESIGN §3 lists it: one pipeline, cheap checks first.
 
-``verify_join`` is the whole verification and reads top-down like the design:
-challenge → token → (document ∥ access token) → binding → allow rules. Each step is a
-function in its own module returning typed evidence or raising ``JoinRejected``.
-``admit_join`` adds step 7: single-use redemption, then forwarding to the auth service.
+One declared step table, :data:`JOIN_STEPS`, reads top-down like the design:
+challenge → token → (document ∥ access token) → identity → binding → allow rules →
+Resource Manager → allow rules again. ``verify_join`` runs it fail-fast; ``inspect``
+(:func:`inspect_evidence`) runs the very same table recording every step, so the two
+cannot disagree. Each step calls the check of its own module (typed evidence, or
+``JoinRejected``). The allow rules run first on the signed token's resource ID — a join
+no rule allows costs no Resource Manager call — and again on what ARM answered.
+``admit_join`` adds step 7 (:data:`ADMIT_STEPS`): single-use redemption, then forwarding
+to the auth service.
 
 Every Azure dependency arrives through :class:`JoinDeps` (our ``AzureJoinConfig``):
 production code and tests fill the same dataclass; nothing here reaches for a global.
@@ -11,47 +16,56 @@ production code and tests fill the same dataclass; nothing here reaches for a gl
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
-from gateway.azure.attested import AttestedDocument, AttestedVerifier
+from gateway.azure.attested import DOCUMENT_STEPS, AttestedDocument, AttestedVerifier, Inspection
 from gateway.azure.jwks import TokenVerifier
-from gateway.azure.token import TokenClaims
+from gateway.azure.resource_id import ResourceId
+from gateway.azure.token import TokenClaims, normalize_guid
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, GatewayError, JoinRejected
-from gateway.join.binding import VmBinder, VmIdentity
+from gateway.core.reload import Reloadable
+from gateway.core.steps import (
+    Detail,
+    Skip,
+    Step,
+    StepResult,
+    StepTable,
+    codes_of,
+    run_fail_fast,
+    run_recording,
+)
+from gateway.join.binding import IdentityKind, VmBinder, VmIdentity, resource_from_claims
 from gateway.join.challenge import ChallengeCodec
-from gateway.join.forward import AuthClient, HostParams, JoinBlock, RegisterResult, Registration
+from gateway.join.forward import AuthClient
 from gateway.join.replay import ReplayStore
-from gateway.join.rules import AllowRule, TokenRegistry, check_token, match_allow_rules
+from gateway.join.rules import (
+    AllowRule,
+    ProvisionToken,
+    TokenRegistry,
+    check_token,
+    match_allow_rules,
+)
+from gateway.protocol import JoinBlock, JoinRequest, JoinResponse, RegisterResult, Registration
 
 __all__ = [
+    "ADMIT_STEPS",
+    "JOIN_STEPS",
+    "PIPELINE_CODES",
+    "AdmittedJoin",
+    "EvidenceReport",
     "JoinAttrs",
     "JoinDeps",
-    "JoinOutcome",
     "JoinRequest",
     "JoinTrace",
-    "TokenSource",
     "admit_join",
+    "inspect_evidence",
     "verify_join",
 ]
-
-
-@dataclass(frozen=True)
-class JoinRequest:
-    """A decoded, schema-checked ``POST /v1/join/azure`` (nothing in it is trusted yet)."""
-
-    token_name: str
-    challenge: str
-    attested_signature: str
-    intermediates: tuple[bytes, ...]
-    access_token: str = field(repr=False)  # a live credential: never in a repr or a log
-    host: HostParams
-    client_address: str
 
 
 @dataclass(frozen=True)
@@ -82,24 +96,14 @@ class JoinAttrs:
 
 
 @dataclass(frozen=True)
-class JoinOutcome:
+class AdmittedJoin:
+    """A join verified, redeemed and registered: what the gateway answers with."""
+
     attrs: JoinAttrs
     result: RegisterResult
 
     def to_json(self) -> dict[str, object]:
-        block = self.attrs.join_block()
-        return {
-            "host_id": self.result.host_id,
-            "certs": self.result.to_json(),
-            "join": {
-                "method": block.method,
-                "tenant": block.tenant,
-                "subscription": block.subscription,
-                "resource_group": block.resource_group,
-                "vm_id": block.vm_id,
-                "resource_id": block.resource_id,
-            },
-        }
+        return JoinResponse(self.result, self.attrs.join_block()).to_json()
 
 
 class JoinTrace:
@@ -120,66 +124,306 @@ class JoinTrace:
             self.steps[name] = time.perf_counter() - start
 
 
-class TokenSource(Protocol):
-    """Where the current token registry lives; SIGHUP swaps it atomically."""
-
-    @property
-    def registry(self) -> TokenRegistry: ...
-
-
-@dataclass
+@dataclass(frozen=True)
 class JoinDeps:
+    """Everything a join needs (our ``AzureJoinConfig``); frozen after construction.
+
+    What may change at run time — the token registry and the challenge keys — sits in
+    ``Reloadable`` holders that SIGHUP swaps whole; the deps object itself never changes.
+    """
+
     clock: Clock
-    challenges: ChallengeCodec
-    tokens: TokenSource
+    challenge_keys: Reloadable[ChallengeCodec]
+    tokens: Reloadable[TokenRegistry]
     attested: AttestedVerifier
     access_tokens: TokenVerifier
     binder: VmBinder
     replay: ReplayStore
     auth: AuthClient
 
+    @property
+    def challenges(self) -> ChallengeCodec:
+        """The current challenge codec (read once per use: a reload swaps it whole)."""
+        return self.challenge_keys.current
+
+    def reloadables(self) -> tuple[Reloadable[Any], ...]:
+        """What SIGHUP re-reads, each on its own: a bad file keeps only its own old value."""
+        return (self.tokens, self.challenge_keys)
+
+
+@dataclass
+class _Run:
+    """One join's (or one inspection's) inputs and the evidence its steps establish.
+
+    Made per call and never shared. A ``None`` dependency or input means "not here": the
+    step that needs it is skipped with the reason (``inspect`` has no challenge, no token
+    files and no Resource Manager), never silently passed in the gateway, where every one
+    is set.
+    """
+
+    clock: Clock
+    trace: JoinTrace
+    challenges: ChallengeCodec | None = None
+    registry: TokenRegistry | None = None
+    attested: AttestedVerifier | None = None
+    access_tokens: TokenVerifier | None = None
+    binder: VmBinder | None = None
+    # inputs
+    token_name: str = ""
+    role: str = ""
+    challenge: str | None = None
+    signature: str | None = None
+    document_error: GatewayError | None = None  # inspect: the file held no usable signature
+    intermediates: tuple[bytes, ...] = ()
+    expected_nonce: str | None = None
+    access_token: str | None = field(default=None, repr=False)
+    # evidence, in the order the steps establish it
+    challenge_expires: float = 0.0
+    token: ProvisionToken | None = None
+    doc: AttestedDocument | None = None
+    inspection: Inspection | None = None
+    claims: TokenClaims | None = None
+    resource: ResourceId | None = None
+    identity_kind: IdentityKind | None = None
+    identity: VmIdentity | None = None
+    rule: AllowRule | None = None
+
+    # Each accessor is called only by a step whose ``needs`` guarantee the field is set.
+    def _token(self) -> ProvisionToken:
+        assert self.token is not None
+        return self.token
+
+    def _doc(self) -> AttestedDocument:
+        assert self.doc is not None
+        return self.doc
+
+    def _claims(self) -> TokenClaims:
+        assert self.claims is not None
+        return self.claims
+
+    def _resource(self) -> ResourceId:
+        assert self.resource is not None
+        return self.resource
+
+    def _identity(self) -> VmIdentity:
+        assert self.identity is not None
+        return self.identity
+
+
+# -- the steps (DESIGN §3), each an adapter over the check of its own module ---------------
+
+
+async def _step_challenge(run: _Run) -> Detail:
+    # 2. Challenge MAC and expiry: a forged or stale challenge costs one HMAC.
+    if run.challenges is None or run.challenge is None:
+        raise Skip("no challenge: inspect checks the evidence, not a join request")
+    run.challenge_expires = run.challenges.verify(run.challenge)
+    return "issued by this gateway, not expired"
+
+
+async def _step_token(run: _Run) -> Detail:
+    # 3. The token exists, is an azure token, is not expired, allows the role.
+    if run.registry is None:
+        raise Skip("no token files: the join token and its allow rules are not checked")
+    token = run.registry.get(run.token_name)
+    check_token(token, role=run.role, now=run.clock.now())
+    run.token = token
+    return lambda: f"{token.name} ({token.source}) grants {run.role}"
+
+
+async def _step_document(run: _Run) -> Detail:
+    # 4a. The attested document (runs beside the access token: they are independent).
+    if run.document_error is not None:
+        raise run.document_error
+    if run.signature is None or run.attested is None or run.expected_nonce is None:
+        raise Skip("no attested document or no challenge given")
+    doc = run.doc = await run.attested.verify(
+        run.signature, intermediates=run.intermediates, expected_nonce=run.expected_nonce
+    )
+    run.trace.facts.update(vm_id=doc.vm_id, subscription=doc.subscription_id or "")
+    return lambda: f"vmId {doc.vm_id}, signer {doc.signer_cn}"
+
+
+async def _record_document(run: _Run) -> tuple[StepResult, ...]:
+    """``inspect``: the document's own step rows instead of one row."""
+    if run.document_error is not None:
+        err = run.document_error
+        return (StepResult("document", "failed", err.detail, err.code),)
+    if run.signature is None or run.attested is None:
+        return (StepResult("document", "skipped", "no attested document given"),)
+    inspection = run.inspection = await run.attested.inspect(
+        run.signature, intermediates=run.intermediates, expected_nonce=run.expected_nonce
+    )
+    run.doc = inspection.document
+    return inspection.checks
+
+
+async def _step_access_token(run: _Run) -> Detail:
+    # 4b. The managed-identity access token: signature, issuer, audience, lifetime, tenant.
+    if run.access_token is None or run.access_tokens is None:
+        raise Skip("no access token given")
+    claims = run.claims = await run.access_tokens.verify(run.access_token)
+    run.trace.facts.update(tenant=claims.tid)
+    return lambda: f"tenant {claims.tid}, issuer {claims.iss}"
+
+
+async def _step_identity(run: _Run) -> Detail:
+    # 5a. Which VM or scale set the token speaks for (a storage account's token does not).
+    run.resource, run.identity_kind = resource_from_claims(run._claims())
+    rid, kind = run.resource, run.identity_kind
+    return lambda: f"{kind.replace('_', '-')} identity of {rid.raw}"
+
+
+async def _step_binding(run: _Run) -> Detail:
+    # 5b. Offline binding: the token's resource is in the document's subscription.
+    doc, rid = run._doc(), run._resource()
+    if doc.subscription_id is None:
+        raise JoinRejected(
+            Code.ATTESTED_CONTENT_INVALID, "attested document carries no subscriptionId"
+        )
+    if normalize_guid(doc.subscription_id) != rid.subscription:
+        raise JoinRejected(
+            Code.SUBSCRIPTION_MISMATCH,
+            f"token resource is in subscription {rid.subscription}, "
+            f"the document in {doc.subscription_id!r}",
+        )
+    run.trace.facts.update(resource_id=rid.raw, resource_group=rid.resource_group)
+    return f"subscription {rid.subscription} in both"
+
+
+def _match(run: _Run, subscription: str, resource_group: str) -> AllowRule:
+    return match_allow_rules(
+        run._token(),
+        tenant=run._claims().tid,
+        subscription=subscription,
+        resource_group=resource_group,
+    )
+
+
+async def _step_rules(run: _Run) -> Detail:
+    # 6a. Cheap refusal first: the signed resource ID already names tenant, subscription
+    # and resource group, so a join no rule allows costs no Resource Manager call.
+    rid = run._resource()
+    run.rule = _match(run, rid.subscription, rid.resource_group)
+    return f"rule {run.rule} admits the token's resource"
+
+
+async def _step_arm(run: _Run) -> Detail:
+    # 5c. Resource Manager: the resource the token names has the document's vmId.
+    if run.binder is None:
+        raise Skip(
+            "offline: Resource Manager is not asked, so the document's vmId is not proven "
+            "to be the token's VM (the gateway asks unless azure.vm_binding is off)"
+        )
+    doc = run._doc()
+    assert doc.subscription_id is not None  # the binding step refused a document without
+    identity = run.identity = await run.binder.bind(
+        doc_vm_id=doc.vm_id,
+        doc_subscription=doc.subscription_id,
+        claims=run._claims(),
+        bearer=run.access_token or "",
+    )
+    run.trace.facts.update(resource_id=identity.resource_id, resource_group=identity.resource_group)
+    if not identity.arm_verified:
+        return "azure.vm_binding is off: the vmId is not checked with Resource Manager"
+    return lambda: f"{identity.resource_id} has vmId {identity.vm_id}"
+
+
+async def _step_rules_arm(run: _Run) -> Detail:
+    # 6b. The same rules against what Resource Manager answered (which decides).
+    identity = run._identity()
+    run.rule = _match(run, identity.subscription_id, identity.resource_group)
+    return f"rule {run.rule} admits {identity.resource_group}"
+
+
+_C = Code
+# The join's verification, as DESIGN §3 lists it, cheap first. ``verify_join`` runs it
+# fail-fast (the document and the access token at once); ``inspect`` records every step.
+JOIN_STEPS: StepTable[_Run] = (
+    Step(
+        "challenge", _step_challenge, codes=frozenset({_C.CHALLENGE_INVALID, _C.CHALLENGE_EXPIRED})
+    ),
+    Step(
+        "token",
+        _step_token,
+        codes=frozenset(
+            {_C.UNKNOWN_TOKEN, _C.TOKEN_WRONG_METHOD, _C.TOKEN_EXPIRED, _C.ROLE_NOT_ALLOWED}
+        ),
+    ),
+    (
+        Step(
+            "document",
+            _step_document,
+            codes=codes_of(DOCUMENT_STEPS),
+            record=_record_document,
+        ),
+        Step(
+            "access_token",
+            _step_access_token,
+            codes=frozenset(
+                {
+                    _C.ACCESS_TOKEN_MALFORMED,
+                    _C.ACCESS_TOKEN_INVALID,
+                    _C.ACCESS_TOKEN_EXPIRED,
+                    _C.ACCESS_TOKEN_KEY_UNKNOWN,
+                    _C.ACCESS_TOKEN_ISSUER_INVALID,
+                    _C.ACCESS_TOKEN_AUDIENCE_INVALID,
+                    _C.TENANT_NOT_ALLOWED,
+                    _C.DEPENDENCY_UNAVAILABLE,  # Entra's keys cannot be fetched
+                }
+            ),
+        ),
+    ),
+    Step("identity", _step_identity, ("access_token",), frozenset({_C.IDENTITY_UNSUPPORTED})),
+    Step(
+        "binding",
+        _step_binding,
+        ("document", "identity"),
+        frozenset({_C.ATTESTED_CONTENT_INVALID, _C.SUBSCRIPTION_MISMATCH}),
+    ),
+    Step("rules", _step_rules, ("token", "binding"), frozenset({_C.NOT_ALLOWED})),
+    Step(
+        "arm",
+        _step_arm,
+        ("binding",),
+        frozenset({_C.VM_BINDING_FAILED, _C.AZURE_BUDGET_EXHAUSTED, _C.DEPENDENCY_UNAVAILABLE}),
+    ),
+    Step("rules_arm", _step_rules_arm, ("rules", "arm"), frozenset({_C.NOT_ALLOWED})),
+)
+
+
+def _run_for(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> _Run:
+    return _Run(
+        clock=deps.clock,
+        trace=trace,
+        challenges=deps.challenges,
+        registry=deps.tokens.current,
+        attested=deps.attested,
+        access_tokens=deps.access_tokens,
+        binder=deps.binder,
+        token_name=req.token_name,
+        role=req.host.role,
+        challenge=req.challenge,
+        signature=req.attested_signature,
+        intermediates=req.intermediates,
+        expected_nonce=req.challenge,
+        access_token=req.access_token,
+    )
+
 
 async def verify_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> JoinAttrs:
-    # 2. Challenge MAC and expiry: a forged or stale challenge costs one HMAC.
-    with trace.step("challenge"):
-        challenge_expires = deps.challenges.verify(req.challenge)
+    """Every step of :data:`JOIN_STEPS`, fail-fast: the first rejection is raised."""
+    run = _run_for(req, deps, trace)
+    await run_fail_fast(JOIN_STEPS, run, timer=trace.step)
+    return _attrs(run)
 
-    # 3. The token exists, is an azure token, is not expired, allows the role.
-    with trace.step("token"):
-        token = deps.tokens.registry.get(req.token_name)
-        check_token(token, role=req.host.role, now=deps.clock.now())
 
-    # 4. The attested document and the access token are independent: check both at once.
-    doc, claims = await _evidence(req, deps, trace)
-    trace.facts.update(tenant=claims.tid, vm_id=doc.vm_id, subscription=doc.subscription_id or "")
-
-    # 5. Bind them: the token's VM is the document's VM (ARM, unless turned off).
-    with trace.step("binding"):
-        if doc.subscription_id is None:
-            raise JoinRejected(
-                Code.ATTESTED_CONTENT_INVALID, "attested document carries no subscriptionId"
-            )
-        identity: VmIdentity = await deps.binder.bind(
-            doc_vm_id=doc.vm_id,
-            doc_subscription=doc.subscription_id,
-            claims=claims,
-            bearer=req.access_token,
-        )
-
-    trace.facts.update(resource_id=identity.resource_id, resource_group=identity.resource_group)
-
-    # 6. Allow rules: only signed evidence and ARM feed them, never the request body.
-    with trace.step("rules"):
-        rule = match_allow_rules(
-            token,
-            tenant=claims.tid,
-            subscription=identity.subscription_id,
-            resource_group=identity.resource_group,
-        )
-
+def _attrs(run: _Run) -> JoinAttrs:
+    token, claims, doc, identity = run._token(), run._claims(), run._doc(), run._identity()
+    assert run.rule is not None
     return JoinAttrs(
         token_name=token.name,
-        role=req.host.role,
+        role=run.role,
         tenant=claims.tid,
         subscription=identity.subscription_id,
         resource_group=identity.resource_group,
@@ -187,91 +431,117 @@ async def verify_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> Joi
         resource_id=identity.resource_id,
         identity_kind=identity.identity_kind,
         arm_verified=identity.arm_verified,
-        rule=rule,
-        challenge_expires=challenge_expires,
+        rule=run.rule,
+        challenge_expires=run.challenge_expires,
     )
 
 
-async def _evidence(
-    req: JoinRequest, deps: JoinDeps, trace: JoinTrace
-) -> tuple[AttestedDocument, TokenClaims]:
-    async def document() -> AttestedDocument:
-        with trace.step("document"):
-            return await deps.attested.verify(
-                req.attested_signature,
-                intermediates=req.intermediates,
-                expected_nonce=req.challenge,
-            )
+@dataclass(frozen=True)
+class EvidenceReport:
+    """What ``inspect_evidence`` found: one row per step, and the facts it could read."""
 
-    async def access_token() -> TokenClaims:
-        with trace.step("access_token"):
-            return await deps.access_tokens.verify(req.access_token)
+    checks: tuple[StepResult, ...]
+    document: Inspection | None  # the document's facts, even unverified; None: none given
+    claims: TokenClaims | None  # only when the token verified
+    resource: ResourceId | None  # the VM or scale set the token names, when supported
 
-    tasks: list[asyncio.Task[object]] = []
-    try:
-        async with asyncio.TaskGroup() as tg:
-            doc_task = tg.create_task(document())
-            token_task = tg.create_task(access_token())
-            tasks += [doc_task, token_task]
-    except BaseExceptionGroup as group:
-        raise _first_error(group, tasks) from None
-    return doc_task.result(), token_task.result()
+    @property
+    def code(self) -> Code | None:
+        """The verdict: the first failed step's code (table order), None if none failed."""
+        return next((c.code for c in self.checks if c.status == "failed"), None)
 
 
-def _first_error(
-    group: BaseExceptionGroup[BaseException], tasks: list[asyncio.Task[object]]
-) -> BaseException:
-    """The error to report when a parallel step failed.
+async def inspect_evidence(
+    *,
+    clock: Clock,
+    attested: AttestedVerifier | None,
+    access_tokens: TokenVerifier | None,
+    signature: str | None,
+    document_error: GatewayError | None = None,
+    expected_nonce: str | None = None,
+    access_token: str | None = None,
+) -> EvidenceReport:
+    """The join's steps over captured evidence, each recorded (``join-gateway inspect``).
 
-    A bug (anything not ours) wins so that it is never disguised as a rejection;
-    otherwise the first task's in DESIGN §3's order (the document before the token).
+    No challenge, no token files, no Resource Manager: those steps are reported skipped
+    with the reason, and every other step is the gateway's own.
     """
-    leaves = list(_leaves(group))
-    for exc in leaves:
-        if not isinstance(exc, GatewayError):
-            return exc
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            err = task.exception()
-            assert err is not None
-            return err
-    return leaves[0]
+    run = _Run(
+        clock=clock,
+        trace=JoinTrace(),
+        attested=attested,
+        access_tokens=access_tokens,
+        signature=signature,
+        document_error=document_error,
+        expected_nonce=expected_nonce,
+        access_token=access_token,
+    )
+    checks = await run_recording(JOIN_STEPS, run)
+    return EvidenceReport(
+        checks=checks, document=run.inspection, claims=run.claims, resource=run.resource
+    )
 
 
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            yield from _leaves(sub)
-    else:
-        yield exc
+@dataclass
+class _AdmitRun:
+    req: JoinRequest
+    deps: JoinDeps
+    attrs: JoinAttrs
+    result: RegisterResult | None = None
 
 
-async def admit_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> JoinOutcome:
-    attrs = await verify_join(req, deps, trace)
-
+async def _step_redeem(run: _AdmitRun) -> Detail:
     # 7. Single use, only now: a request that fails verification must not burn the challenge.
-    with trace.step("redeem"):
-        ttl = max(attrs.challenge_expires - deps.clock.time(), 1.0)
-        if not await deps.replay.redeem(req.challenge, ttl):
-            raise JoinRejected(Code.CHALLENGE_REUSED, "challenge already redeemed")
+    ttl = max(run.attrs.challenge_expires - run.deps.clock.time(), 1.0)
+    if not await run.deps.replay.redeem(run.req.challenge, ttl):
+        raise JoinRejected(Code.CHALLENGE_REUSED, "challenge already redeemed")
+    return "first redemption"
 
-    with trace.step("upstream"):
-        try:
-            result = await deps.auth.register(
-                Registration(
-                    idempotency_key=req.challenge,
-                    token_name=attrs.token_name,
-                    role=attrs.role,
-                    client_address=req.client_address,
-                    join=attrs.join_block(),
-                    host=req.host,
-                )
+
+async def _step_upstream(run: _AdmitRun) -> Detail:
+    req, attrs = run.req, run.attrs
+    try:
+        run.result = await run.deps.auth.register(
+            Registration(
+                idempotency_key=req.challenge,
+                token_name=attrs.token_name,
+                role=attrs.role,
+                client_address=req.client_address,
+                join=attrs.join_block(),
+                host=req.host,
             )
-        except GatewayError as err:
-            if err.retryable:
-                # Verified, but not forwarded (or the answer was lost): let the agent send
-                # this very request again, so the auth service sees the same idempotency
-                # key instead of a second registration under a new challenge.
-                await deps.replay.release(req.challenge)
-            raise
-    return JoinOutcome(attrs=attrs, result=result)
+        )
+    except GatewayError as err:
+        if err.retryable:
+            # Verified, but not forwarded (or the answer was lost): let the agent send
+            # this very request again, so the auth service sees the same idempotency
+            # key instead of a second registration under a new challenge.
+            await run.deps.replay.release(req.challenge)
+        raise
+    return "registered"
+
+
+ADMIT_STEPS: StepTable[_AdmitRun] = (
+    Step(
+        "redeem",
+        _step_redeem,
+        codes=frozenset({_C.CHALLENGE_REUSED, _C.REPLAY_STORE_UNAVAILABLE}),
+    ),
+    Step(
+        "upstream",
+        _step_upstream,
+        codes=frozenset({_C.UPSTREAM_UNAVAILABLE, _C.UPSTREAM_FAILED}),
+    ),
+)
+
+# Every code a join can end with: what the pipeline's table test must reach, each one.
+PIPELINE_CODES: frozenset[Code] = codes_of(JOIN_STEPS) | codes_of(ADMIT_STEPS)
+
+
+async def admit_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> AdmittedJoin:
+    """:func:`verify_join`, then single-use redemption and forwarding (step 7)."""
+    attrs = await verify_join(req, deps, trace)
+    run = _AdmitRun(req, deps, attrs)
+    await run_fail_fast(ADMIT_STEPS, run, timer=trace.step)
+    assert run.result is not None
+    return AdmittedJoin(attrs=attrs, result=run.result)

@@ -31,9 +31,9 @@ from gateway.azure.resource_id import azure_name_key
 from gateway.azure.token import normalize_guid
 from gateway.core.config import ConfigError
 from gateway.core.errors import Code, JoinRejected, UnknownToken
+from gateway.protocol import TOKEN_ROLES, canonical_role
 
 __all__ = [
-    "JOIN_ROLES",
     "AllowRule",
     "ConfigError",
     "ProvisionToken",
@@ -46,21 +46,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Teleport's system roles a provisioning token may grant, as Teleport spells them.
-JOIN_ROLES: tuple[str, ...] = (
-    "Node",
-    "Proxy",
-    "Kube",
-    "App",
-    "Db",
-    "WindowsDesktop",
-    "Discovery",
-    "Bot",
-    "Instance",
-    "MDM",
-    "Okta",
-)
-_ROLE_BY_LOWER = {r.lower(): r for r in JOIN_ROLES}
 
 _TOP_KEYS = frozenset({"kind", "version", "metadata", "spec"})
 _METADATA_KEYS = frozenset({"name", "description", "labels", "expires", "namespace", "revision"})
@@ -287,10 +272,10 @@ def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
     roles: list[str] = []
     for i, item in enumerate(roles_node.value):
         raw = doc.string(item, f"spec.roles[{i}]")
-        role = _ROLE_BY_LOWER.get(raw.lower())
+        role = canonical_role(raw)
         if role is None:
             raise doc.error(
-                item, f"spec.roles[{i}]: unknown role {raw!r} (one of {', '.join(JOIN_ROLES)})"
+                item, f"spec.roles[{i}]: unknown role {raw!r} (one of {', '.join(TOKEN_ROLES)})"
             )
         if role not in roles:
             roles.append(role)
@@ -383,7 +368,7 @@ def check_token(token: ProvisionToken, *, role: str, now: datetime) -> None:
         raise JoinRejected(
             Code.TOKEN_EXPIRED, f"token {token.name!r} expired at {token.expires.isoformat()}"
         )
-    canonical = _ROLE_BY_LOWER.get(role.lower()) if isinstance(role, str) else None
+    canonical = canonical_role(role) if isinstance(role, str) else None
     if canonical is None or canonical not in token.roles:
         raise JoinRejected(
             Code.ROLE_NOT_ALLOWED, f"token {token.name!r} does not grant role {role[:50]!r}"

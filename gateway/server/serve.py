@@ -36,8 +36,7 @@ from gateway.http.keys import RuntimeState
 from gateway.http.listener import Listener
 from gateway.http.proxy import TrustedProxies
 from gateway.http.proxyproto import serve_proxy_protocol
-from gateway.join.challenge import ChallengeCodec, load_keys_file
-from gateway.join.deps import TokenHolder, production_deps
+from gateway.join.deps import production_deps
 from gateway.join.pipeline import JoinDeps
 from gateway.server.supervisor import supervise
 
@@ -236,34 +235,9 @@ class GatewayServer:
         self.metrics_port = sock.getsockname()[1]
 
     def reload(self) -> bool:
-        """SIGHUP: re-read the token files and the challenge keys file. Each part that
-        fails to load keeps its previous version (and says why); joins are not dropped."""
-        return self.reload_tokens() & self.reload_challenge_keys()
-
-    def reload_tokens(self) -> bool:
-        tokens = self.deps.tokens
-        if not isinstance(tokens, TokenHolder):
-            return False
-        try:
-            tokens.reload()
-        except (ConfigError, OSError, ValueError) as exc:
-            log.error("token reload failed, keeping the previous tokens: %s", exc)
-            return False
-        log.info("tokens reloaded from %s", ", ".join(str(p) for p in tokens.paths))
-        return True
-
-    def reload_challenge_keys(self) -> bool:
-        deps = self.deps
-        path = self.config.path(self.config.challenge.keys_file)
-        try:
-            keys = load_keys_file(path)
-        except (OSError, ValueError) as exc:
-            log.error("challenge keys reload failed, keeping the previous keys: %s", exc)
-            return False
-        # One attribute swap: a join in flight keeps the codec it started with.
-        deps.challenges = ChallengeCodec(keys, ttl=deps.challenges.ttl, clock=deps.clock)
-        log.info("challenge keys reloaded: %d key(s)", len(keys))
-        return True
+        """SIGHUP: re-read the token files and the challenge keys file. Each holder swaps
+        whole or, when its file is bad, keeps its previous version (and says why)."""
+        return all([holder.reload() for holder in self.deps.reloadables()])
 
     async def stop(self) -> None:
         """Drain and close: unready; stop accepting; connections without a complete

@@ -47,7 +47,8 @@ from gateway.core.tlsutil import (
     spki_pin,
     write_pem_files,
 )
-from gateway.join.forward import AuthClient, HostParams, JoinBlock, Registration
+from gateway.join.forward import AuthClient
+from gateway.protocol import HostParams, JoinBlock, Registration
 
 pytestmark = pytest.mark.integration
 
@@ -491,6 +492,26 @@ BAD = [
         BadCase(_j(_body(host__node_name="web 1")), 400, "invalid_request"),
     ),
     (
+        "a node name ending in a newline is refused",
+        BadCase(_j(_body(host__node_name="web-1\n")), 400, "invalid_request"),
+    ),
+    (
+        "a vmId ending in a newline is refused",
+        BadCase(
+            _j(_body(join__vm_id="22222222-2222-2222-2222-222222222222\n")),
+            400,
+            "invalid_request",
+        ),
+    ),
+    (
+        "an idempotency key ending in a newline is refused",
+        BadCase(_j(_body(idempotency_key="challenge-1\n")), 400, "invalid_request"),
+    ),
+    (
+        "Bot is a token role, not a host role",
+        BadCase(_j(_body(role="Bot", host__role="Bot")), 400, "invalid_request"),
+    ),
+    (
         "an SSH key that does not parse is refused",
         BadCase(_j(_body(host__public_ssh_key="ssh-ed25519 !!!")), 400, "invalid_request"),
     ),
@@ -560,6 +581,15 @@ async def test_a_valid_raw_body_is_accepted(service: AuthService, paths: AuthPat
     assert set(body) == {"host_id", "certs", "renewal"}
     assert body["renewal"] is False
     assert set(body["certs"]) == {"ssh", "tls", "tls_ca_certs", "ssh_ca_keys"}
+
+
+async def test_every_token_name_the_gateway_accepts_the_auth_service_accepts(
+    service: AuthService, paths: AuthPaths
+) -> None:
+    # The gateway allows token names of 254 characters; the auth service once stopped at
+    # 253 and answered a verified join with a 400 (both now use the protocol's rule).
+    status, _ = await post_raw(service, gateway_ctx(paths), _j(_body(token_name="t" * 254)))
+    assert status == 200
 
 
 # --- CLI ---------------------------------------------------------------------------------

@@ -8,8 +8,13 @@ recorded. The real agent then joins VMs of every kind and is refused where it mu
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import base64
+import dataclasses
+import io
 import json
+import signal
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +33,7 @@ from gateway.dev.devstack import DevStack, agent_settings, dev_stack
 from gateway.dev.emulator import EmulatedVm
 from gateway.http.schema import decode_join_request
 from gateway.join.pipeline import JoinTrace, admit_join
+from tests.support.forge_tokens import resign
 from tests.support.tokens import refusal_tokens_yaml
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -497,3 +503,243 @@ async def test_sighup_reload_picks_up_rotated_challenge_keys(stack: DevStack) ->
     finally:
         keys_file.write_bytes(original)
         server.reload()
+
+
+# --- the gateway and inspect agree ---------------------------------------------------------
+#
+# One table of evidence, run through the gateway over HTTPS and through `join-gateway
+# inspect` on the same files: both read one step table, so they must give the same verdict
+# and code. (inspect has no challenge, token files or Resource Manager: the cases are about
+# the evidence, which both check the same way.)
+
+
+def _resigned(ctx: Ctx, vm: EmulatedVm, **claims: Any) -> str:
+    """``vm``'s own token with ``claims`` changed, signed by its tenant's current key."""
+    signer = ctx.stack.emulator._tenant(vm.tenant).signer  # no public way to edit claims
+
+    def edit(c: dict[str, Any]) -> None:
+        for name, value in claims.items():
+            if value is None:
+                c.pop(name, None)
+            else:
+                c[name] = value
+
+    return resign(ctx.stack.emulator.token_for(vm), signer.key, claims=edit)
+
+
+def _storage_rid(vm: EmulatedVm) -> str:
+    return (
+        f"/subscriptions/{vm.subscription}/resourceGroups/{vm.resource_group}"
+        "/providers/Microsoft.Storage/storageAccounts/logs"
+    )
+
+
+Evidence = Callable[[Ctx, dict[str, Any]], None]  # edits a join body in place
+
+
+def _token_of(pick: Callable[[Fleet], EmulatedVm]) -> Evidence:
+    def edit(ctx: Ctx, body: dict[str, Any]) -> None:
+        body["access_token"] = ctx.stack.emulator.token_for(pick(ctx.fleet))
+
+    return edit
+
+
+AGREE: list[tuple[str, Evidence | None, str | None]] = [
+    ("a VM's own document and token are accepted by both", None, None),
+    (
+        "a token whose VM is in another subscription than the document",
+        _token_of(lambda f: f.other_sub_vm),
+        "subscription_mismatch",
+    ),
+    (
+        "a storage account's token",
+        lambda ctx, body: body.update(
+            access_token=_resigned(
+                ctx,
+                ctx.fleet.user_vm,
+                xms_mirid=_storage_rid(ctx.fleet.user_vm),
+                xms_az_rid=None,
+            )
+        ),
+        "identity_unsupported",
+    ),
+    (
+        "a document signed for another nonce",
+        lambda ctx, body: body.update(
+            attested_data=ctx.stack.emulator.attested_document_for(
+                ctx.fleet.user_vm, nonce="another-nonce"
+            )
+        ),
+        "nonce_mismatch",
+    ),
+    (
+        "a token for another audience",
+        lambda ctx, body: body.update(
+            access_token=_resigned(ctx, ctx.fleet.user_vm, aud="https://vault.azure.net")
+        ),
+        "access_token_audience_invalid",
+    ),
+    (
+        "a document that is base64 but not CMS",
+        lambda ctx, body: body["attested_data"].update(
+            signature=base64.b64encode(b"hello").decode()
+        ),
+        "attested_malformed",
+    ),
+    (
+        "an access token that is not a JWT",
+        lambda ctx, body: body.update(access_token="not-a-jwt"),
+        "access_token_malformed",
+    ),
+]
+
+
+async def _jwks_file(ctx: Ctx, tid: str, path: Path) -> Path:
+    emu = ctx.stack.emulator
+    tls = ssl.create_default_context(cadata=emu.tls_ca_pem.decode())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{emu.https_url}/{tid}/discovery/keys", ssl=tls) as resp,
+    ):
+        assert resp.status == 200
+        path.write_bytes(await resp.read())
+    return path
+
+
+def _inspect(argv: list[str]) -> tuple[int, dict[str, Any]]:
+    from gateway.join.inspect import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = io.StringIO()
+    rc = run(parser.parse_args([*argv, "--json"]), out=out, err=io.StringIO())
+    return rc, json.loads(out.getvalue())
+
+
+@pytest.mark.parametrize(("edit", "code"), [a[1:] for a in AGREE], ids=[a[0] for a in AGREE])
+async def test_the_gateway_and_inspect_give_the_same_verdict(
+    ctx: Ctx, tmp_path: Path, edit: Evidence | None, code: str | None
+) -> None:
+    vm = ctx.fleet.user_vm
+    challenge = ctx.challenge()
+    body = ctx.body(vm, challenge)
+    if edit is not None:
+        edit(ctx, body)
+
+    ssl_ctx = ssl.create_default_context(cafile=str(ctx.stack.gateway_ca_file))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(ctx.stack.gateway_url + "/v1/join/azure", json=body, ssl=ssl_ctx) as resp,
+    ):
+        answer = await resp.json()
+    gateway_code = None if resp.status == 200 else answer["error"]["code"]
+
+    emu = ctx.stack.emulator
+    (tmp_path / "doc.json").write_text(json.dumps(body["attested_data"]))
+    (tmp_path / "token.jwt").write_text(body["access_token"])
+    (tmp_path / "root.pem").write_bytes(emu.attestation_root_pem)
+    (tmp_path / "intermediate.pem").write_bytes(emu.intermediate_pem)
+    jwks = await _jwks_file(ctx, vm.tenant, tmp_path / "jwks.json")
+    rc, report = await asyncio.to_thread(
+        _inspect,
+        [
+            "--attested", str(tmp_path / "doc.json"),
+            "--nonce", challenge,
+            "--ca-bundle", str(tmp_path / "root.pem"),
+            "--ca-bundle", str(tmp_path / "intermediate.pem"),
+            "--token", str(tmp_path / "token.jwt"),
+            "--jwks", str(jwks),
+        ],
+    )  # fmt: skip
+
+    assert gateway_code == code, answer
+    assert report["code"] == code, report["checks"]
+    assert (rc, report["verdict"]) == ((0, "accepted") if code is None else (1, "rejected"))
+    if code is None:
+        arm = next(c for c in report["checks"] if c["name"] == "arm")
+        assert arm["status"] == "skipped"  # the gateway asked ARM; inspect says it did not
+
+
+async def test_joins_no_rule_allows_cost_the_emulated_resource_manager_nothing(
+    ctx: Ctx,
+) -> None:
+    """Over HTTPS against the emulator: refused from the signed resource ID alone."""
+    emu = ctx.stack.emulator
+
+    def arm_calls() -> int:
+        return sum(n for name, n in emu.counters.items() if name.startswith("arm."))
+
+    before = arm_calls()
+    ssl_ctx = ssl.create_default_context(cafile=str(ctx.stack.gateway_ca_file))
+    async with aiohttp.ClientSession() as session:
+        for vm in (ctx.fleet.other_sub_vm, ctx.fleet.group3_vm, ctx.fleet.other_sub_vm):
+            body = ctx.body(vm, ctx.challenge())
+            async with session.post(
+                ctx.stack.gateway_url + "/v1/join/azure", json=body, ssl=ssl_ctx
+            ) as resp:
+                answer = await resp.json()
+            assert (resp.status, answer["error"]["code"]) == (403, "not_allowed")
+    assert arm_calls() == before
+
+
+async def test_sighup_swaps_the_challenge_keys_of_a_running_gateway(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """A real ``serve`` process and a real SIGHUP: the keys swap whole; a bad file keeps
+    the ones in use."""
+    from gateway.core.clock import SystemClock
+    from gateway.core.config import ChallengeConfig
+    from gateway.join.challenge import ChallengeCodec, load_keys_file, write_new_keys_file
+    from tests.support.gateway_proc import gateway_process
+
+    keys_file = tmp_path / "challenge-keys"
+    write_new_keys_file(keys_file, keep_existing=False)
+    first = load_keys_file(keys_file)
+    config = dataclasses.replace(stack.config, challenge=ChallengeConfig(keys_file=str(keys_file)))
+    ssl_ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
+    # gateway_process points prometheus_client at this directory; with one worker no
+    # supervisor creates it.
+    (tmp_path / "gw" / "prom").mkdir(parents=True)
+
+    def signed_by(keys: list[bytes], challenge: str) -> bool:
+        try:
+            ChallengeCodec(keys, ttl=60, clock=SystemClock()).verify(challenge)
+        except GatewayError:
+            return False
+        return True
+
+    async with (
+        gateway_process(config, tmp_path / "gw", stack.gateway_ca_file, workers=1) as gp,
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def challenge() -> str:
+            async with session.post(
+                gp.url + "/v1/join/azure/challenge", json={}, ssl=ssl_ctx
+            ) as resp:
+                value = (await resp.json())["challenge"]
+                assert isinstance(value, str)
+                return value
+
+        assert signed_by(first, await challenge())
+        write_new_keys_file(keys_file, keep_existing=False)  # a new key, the old one gone
+        second = load_keys_file(keys_file)
+        gp.send(signal.SIGHUP)
+        for _ in range(100):
+            issued = await challenge()
+            if signed_by(second, issued):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the gateway never swapped to the new challenge key")
+        assert not signed_by(first, issued)
+
+        keys_file.write_text("not base64!!\n")
+        gp.send(signal.SIGHUP)
+        for _ in range(100):
+            if "challenge keys reload failed" in gp.log():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the broken keys file was not reported")
+        assert signed_by(second, await challenge())  # the keys in use stay

@@ -35,7 +35,8 @@ from gateway.authservice.registry.db import execute
 from gateway.authservice.store import write_record
 from gateway.authservice.wire import request_digest
 from gateway.core.clock import SystemClock
-from gateway.join.forward import AuthClient, Registration
+from gateway.join.forward import AuthClient
+from gateway.protocol import Registration
 from tests.integration.test_authservice import (
     auth_serve,
     gateway_ctx,

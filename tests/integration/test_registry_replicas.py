@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.authservice import AuthService, init_auth_dir
-from gateway.join.forward import RegisterResult
+from gateway.protocol import RegisterResult
 from tests.integration.test_authservice import auth_client
 from tests.integration.test_registry import vm_reg
 from tests.support.postgres import PostgresCluster

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.agent.cli import add_arguments, build_settings, run
-from gateway.agent.errors import ConfigError
+from gateway.agent.errors import NodeConfigError
 from gateway.agent.nodeconfig import (
     DEFAULT_AIA_PREFIXES,
     DEFAULT_DATA_DIR,
@@ -326,7 +326,7 @@ def test_the_ssh_ca_pin_is_read(value: str | None, pins: tuple[str, ...]) -> Non
     ],
 )
 def test_config_errors_name_file_and_line(text: str, line: int, fragment: str) -> None:
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(NodeConfigError) as err:
         parse(text)
     assert err.value.code == "config_invalid"
     assert err.value.line == line
@@ -412,7 +412,7 @@ def test_cli_exits_1_and_prints_the_code_when_the_join_fails(
 
 
 def test_settings_refuse_nonsense_limits() -> None:
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(NodeConfigError) as err:
         AgentSettings(token_name="t", gateway_url="https://g:443", node_name="n", max_attempts=0)
     assert err.value.code == "config_invalid"
 

@@ -50,6 +50,7 @@ from tests.support.cms_forge import (
     make_pki,
     with_x509_version,
 )
+from tests.support.executors import GatedExecutor
 
 NONCE = "nonce-0123456789"
 NOW = T0 + timedelta(hours=1)
@@ -667,9 +668,7 @@ async def test_a_failed_chain_is_refused_from_memory_for_the_same_leaf_and_inter
     verifier = _verifier(pki, s, MemoryCache("chains", clock=clock), clock)
     for _ in range(3):
         with pytest.raises(JoinRejected):
-            await verifier.verify(
-                s.signature, intermediates=s.intermediates, expected_nonce=NONCE
-            )
+            await verifier.verify(s.signature, intermediates=s.intermediates, expected_nonce=NONCE)
     assert (verifier.path_builder_calls, verifier.failed_chain_hits) == (1, 2)
     # Other intermediates are another question: built once more, then remembered too.
     for _ in range(2):
@@ -723,23 +722,8 @@ async def test_path_building_runs_in_the_pool_and_cached_chains_do_not(pki: Pki)
     assert s.signature
 
 
-class _GatedExecutor(ThreadPoolExecutor):
-    """Runs nothing until ``gate`` opens: builds pile up as pending."""
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=2)
-        self.gate = threading.Event()
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-        def run() -> Any:
-            self.gate.wait(10)
-            return fn(*args, **kwargs)
-
-        return super().submit(run)
-
-
 async def test_builds_beyond_the_pending_cap_are_refused_as_overload(pki: Pki) -> None:
-    executor = _GatedExecutor()
+    executor = GatedExecutor()
     verifier = AttestedVerifier(
         cloud=CLOUDS["public"],
         trust=TrustStore.from_certificates([pki.root.cert, pki.intermediate.cert]),

@@ -32,15 +32,8 @@ from gateway.core.tlsutil import (
     server_ssl_context,
     write_pem_files,
 )
-from gateway.join.forward import (
-    AuthClient,
-    BreakerState,
-    CircuitBreaker,
-    HostParams,
-    JoinBlock,
-    RegisterResult,
-    Registration,
-)
+from gateway.join.forward import AuthClient, BreakerState, CircuitBreaker
+from gateway.protocol import HostParams, JoinBlock, RegisterResult, Registration
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 

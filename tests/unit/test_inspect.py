@@ -7,17 +7,29 @@ import base64
 import io
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.azure.attested import DOCUMENT_STEPS
+from gateway.core.steps import step_names
 from gateway.join.inspect import add_arguments, run
 from tests.support.data import REAL as REAL_DIR
+from tests.support.ids import (
+    OTHER_SUBSCRIPTION,
+    OTHER_TENANT,
+    TENANT,
+    identity_rid,
+    storage_rid,
+    vm_rid,
+    vmss_rid,
+)
+from tests.support.minter import TokenMinter
 
 REAL = REAL_DIR
+DOC_STEPS = set(step_names(DOCUMENT_STEPS))
 INDEX = {e["file"]: e for e in json.loads((REAL / "index.json").read_text())}
 CURRENT = "attested-taskcluster-2026-07-28.json"
 TAMPERED = "negative-taskcluster-tampered-signature-2019-12-13.json"
@@ -37,6 +49,11 @@ def _json(*argv: str) -> tuple[int, dict[str, Any]]:
     return code, json.loads(out)
 
 
+def _check(report: dict[str, Any], name: str) -> dict[str, Any]:
+    (row,) = [c for c in report["checks"] if c["name"] == name]
+    return row
+
+
 def test_accepted_real_document_reports_every_field() -> None:
     entry = INDEX[CURRENT]
     code, report = _json(
@@ -53,6 +70,8 @@ def test_accepted_real_document_reports_every_field() -> None:
     assert report["chain"][1].startswith("CN=Microsoft TLS G2 RSA CA OCSP 02,")
     names = [(c["name"], c["status"]) for c in report["checks"]]
     assert names == [
+        ("challenge", "skipped"),
+        ("token", "skipped"),
         ("base64", "ok"),
         ("cms", "ok"),
         ("signer", "ok"),
@@ -63,6 +82,12 @@ def test_accepted_real_document_reports_every_field() -> None:
         ("content", "ok"),
         ("window", "ok"),
         ("nonce", "ok"),
+        ("access_token", "skipped"),
+        ("identity", "skipped"),
+        ("binding", "skipped"),
+        ("rules", "skipped"),
+        ("arm", "skipped"),
+        ("rules_arm", "skipped"),
     ]
 
 
@@ -88,7 +113,9 @@ def test_tampered_document_is_rejected_with_the_signature_code() -> None:
     assert report["code"] == "attested_signature_invalid"
     failed = [c for c in report["checks"] if c["status"] == "failed"]
     assert [c["name"] for c in failed] == ["signature"]
-    skipped = [c["name"] for c in report["checks"] if c["status"] == "skipped"]
+    skipped = [
+        c["name"] for c in report["checks"] if c["status"] == "skipped" and c["name"] in DOC_STEPS
+    ]
     assert skipped == ["signer_name", "chain", "nonce"]
     # The content is still shown to the operator (unverified), and the window still checked.
     assert report["vm_id"] == INDEX[TAMPERED]["vmId"]
@@ -129,7 +156,7 @@ def test_bare_base64_file_is_accepted(tmp_path: Path) -> None:
     bare.write_text(sig + "\n")
     code, report = _json("--attested", str(bare), "--at-created")
     assert code == 0
-    assert report["checks"][-1] == {
+    assert _check(report, "nonce") == {
         "name": "nonce",
         "status": "skipped",
         "detail": f"no expected nonce given (document has {INDEX[CURRENT]['nonce']!r})",
@@ -168,45 +195,34 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
     assert err.startswith("inspect: ")
 
 
-def test_json_object_without_signature_is_a_usage_error(tmp_path: Path) -> None:
+MALFORMED_FILES = [
+    ("a JSON object without a signature", '{"encoding": "pkcs7"}'),
+    ("an encoding other than pkcs7", '{"encoding": "jws", "signature": "AAAA"}'),
+    ("a file that starts like JSON but is not", '{"encoding": "pkcs7", '),
+    ("an empty file", "\n"),
+    ("a JSON array", "[1, 2]"),
+]
+
+
+@pytest.mark.parametrize(
+    "text", [t for _, t in MALFORMED_FILES], ids=[i for i, _ in MALFORMED_FILES]
+)
+def test_readable_but_wrong_document_is_a_rejection_not_a_usage_error(
+    tmp_path: Path, text: str
+) -> None:
     bad = tmp_path / "doc.json"
-    bad.write_text('{"encoding": "pkcs7"}')
-    code, _, err = _run("--attested", str(bad))
-    assert code == 2 and "signature" in err
+    bad.write_text(text)
+    code, report = _json("--attested", str(bad))
+    assert code == 1
+    assert report["verdict"] == "rejected" and report["code"] == "attested_malformed"
 
 
 # ----------------------------------------------------------------------- token part
 
 
-TID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
-VM_RID = "/subscriptions/x/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/vm"
-
-
-@pytest.fixture(scope="module")
-def token_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, rsa.RSAPrivateKey]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-    jwk.update(kid="k1", use="sig", alg="RS256")
-    d = tmp_path_factory.mktemp("token")
-    (d / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
-    return d / "token.jwt", d / "jwks.json", key
-
-
-def _token(key: rsa.RSAPrivateKey, **over: Any) -> str:
-    now = int(time.time())
-    claims = {
-        "aud": "https://management.azure.com/",
-        "iss": f"https://sts.windows.net/{TID}/",
-        "iat": now - 60,
-        "nbf": now - 60,
-        "exp": now + 3600,
-        "tid": TID,
-        "oid": "11111111-2222-3333-4444-555555555555",
-        "sub": "11111111-2222-3333-4444-555555555555",
-        "xms_mirid": VM_RID,
-    }
-    claims.update(over)
-    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+@pytest.fixture
+def jwks_file(minter: TokenMinter, tmp_path: Path) -> Path:
+    return minter.write_jwks(tmp_path / "jwks.json")
 
 
 TOKENS = [
@@ -218,6 +234,27 @@ TOKENS = [
         "access_token_audience_invalid",
     ),
     ("an expired token is rejected", {"exp": int(time.time()) - 3600}, 1, "access_token_expired"),
+    (
+        "a storage account's token names no VM",
+        {"xms_mirid": storage_rid()},
+        1,
+        "identity_unsupported",
+    ),
+    (
+        "a user-assigned identity's token without xms_az_rid says no VM",
+        {"xms_mirid": identity_rid()},
+        1,
+        "identity_unsupported",
+    ),
+    (
+        "a user-assigned identity's token for a scale set is accepted",
+        {"xms_mirid": identity_rid(), "xms_az_rid": vmss_rid()},
+        0,
+        None,
+    ),
+    ("a token of a tenant not listed is rejected", {"tid": OTHER_TENANT}, 1, "issuer_or_tenant"),
+    ("a text that is not a JWT is malformed", "not-a-jwt", 1, "access_token_malformed"),
+    ("an empty token file is malformed", "", 1, "access_token_malformed"),
 ]
 
 
@@ -227,18 +264,121 @@ TOKENS = [
     ids=[i for i, _, _, _ in TOKENS],
 )
 def test_token(
-    token_files: tuple[Path, Path, rsa.RSAPrivateKey],
+    minter: TokenMinter,
+    jwks_file: Path,
+    tmp_path: Path,
+    over: dict[str, Any] | str,
+    exit_code: int,
+    code: str | None,
+) -> None:
+    token = over if isinstance(over, str) else minter.mint(now=time.time(), **over)
+    token_path = tmp_path / "token.jwt"
+    token_path.write_text(token)
+    extra = ["--tenant", TENANT] if code == "issuer_or_tenant" else []
+    rc, out, _ = _run("--token", str(token_path), "--jwks", str(jwks_file), "--json", *extra)
+    report = json.loads(out)
+    if code == "issuer_or_tenant":
+        # Its issuer names its tenant, so the listed tenant decides: either code refuses.
+        assert report["code"] in ("tenant_not_allowed", "access_token_issuer_invalid")
+        assert rc == 1
+        return
+    assert rc == exit_code, report
+    assert report["code"] == code
+    if token:
+        assert token not in out  # a live credential is never echoed
+    if code is None:
+        assert report["token"]["tid"] == TENANT
+        # Without a document the binding cannot run; the rest say why they did not.
+        assert _check(report, "identity")["status"] == "ok"
+        assert _check(report, "binding")["detail"] == "not run: document skipped"
+
+
+def _real_token(minter: TokenMinter, tmp_path: Path, **over: Any) -> Path:
+    """A token minted at the real document's createdOn (inspect runs --at-created)."""
+    entry = INDEX[CURRENT]
+    created = datetime(2026, 7, 28, 13, 24, tzinfo=UTC).timestamp()
+    path = tmp_path / "token.jwt"
+    path.write_text(
+        minter.mint(now=created, xms_mirid=vm_rid(subscription=entry["subscriptionId"]), **over)
+    )
+    return path
+
+
+BINDING = [
+    ("a token of the document's subscription binds", {}, 0, None),
+    (
+        "a token whose VM is in another subscription than the document is refused",
+        {"xms_mirid": vm_rid(subscription=OTHER_SUBSCRIPTION)},
+        1,
+        "subscription_mismatch",
+    ),
+    (
+        "a storage account's token is refused before any binding",
+        {"xms_mirid": storage_rid()},
+        1,
+        "identity_unsupported",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("over", "exit_code", "code"),
+    [(o, e, c) for _, o, e, c in BINDING],
+    ids=[i for i, _, _, _ in BINDING],
+)
+def test_document_and_token_run_the_offline_binding(
+    minter: TokenMinter,
+    jwks_file: Path,
+    tmp_path: Path,
     over: dict[str, Any],
     exit_code: int,
     code: str | None,
 ) -> None:
-    token_path, jwks_path, key = token_files
-    token = _token(key, **over)
-    token_path.write_text(token)
-    rc, out, _ = _run("--token", str(token_path), "--jwks", str(jwks_path), "--json")
-    assert rc == exit_code
-    report = json.loads(out)
+    entry = INDEX[CURRENT]
+    token_path = _real_token(minter, tmp_path)
+    if over:
+        created = datetime(2026, 7, 28, 13, 24, tzinfo=UTC).timestamp()
+        token_path.write_text(minter.mint(now=created, **over))
+    rc, report = _json(
+        "--attested",
+        str(REAL / "attested" / CURRENT),
+        "--nonce",
+        entry["nonce"],
+        "--at-created",
+        "--token",
+        str(token_path),
+        "--jwks",
+        str(jwks_file),
+    )
+    assert rc == exit_code, report
     assert report["code"] == code
-    assert token not in out  # a live credential is never echoed
+    arm = _check(report, "arm")
     if code is None:
-        assert report["token"]["tid"] == TID
+        assert _check(report, "binding")["status"] == "ok"
+        # Offline: the ARM step is skipped, and the report says why.
+        assert arm["status"] == "skipped"
+        assert arm["detail"].startswith("offline: Resource Manager is not asked")
+        assert report["resource_id"] == vm_rid(subscription=entry["subscriptionId"])
+    else:
+        assert arm["status"] == "skipped" and arm["detail"].startswith("not run:")
+
+
+BAD_JWKS = [
+    ("a JWKS file that is not JSON", "{not json"),
+    ("a JWKS without a keys list", '{"kids": []}'),
+    ("a JWKS whose keys are not RSA", '{"keys": [{"kid": "k1", "kty": "EC"}]}'),
+]
+
+
+@pytest.mark.parametrize("text", [t for _, t in BAD_JWKS], ids=[i for i, _ in BAD_JWKS])
+def test_a_readable_but_wrong_jwks_refuses_the_token_for_an_unknown_key(
+    minter: TokenMinter, tmp_path: Path, text: str
+) -> None:
+    (tmp_path / "jwks.json").write_text(text)
+    (tmp_path / "token.jwt").write_text(minter.mint(now=time.time()))
+    rc, report = _json(
+        "--token", str(tmp_path / "token.jwt"), "--jwks", str(tmp_path / "jwks.json")
+    )
+    assert rc == 1
+    assert report["code"] == "access_token_key_unknown"
+    assert _check(report, "access_token")["status"] == "failed"

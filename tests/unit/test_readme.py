@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gateway.core.errors import CODES
+from gateway.protocol import CODES
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -32,6 +32,9 @@ from gateway.core.redis_tier import (
 )
 from tests.support.redis_server import RedisServer
 
+# A redis-server of its own per test: outside `make test-fast`.
+pytestmark = pytest.mark.external
+
 
 @dataclass(frozen=True)
 class VmRecord:

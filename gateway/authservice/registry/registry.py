@@ -55,8 +55,8 @@ from gateway.authservice.registry.model import (
 )
 from gateway.authservice.registry.schema import migrate, serialize_startup
 from gateway.authservice.store import RegistrationRecord, read_records
-from gateway.core.tlsutil import atomic_write
-from gateway.join.forward import RegisterResult, Registration
+from gateway.core.files import write_atomic
+from gateway.protocol import RegisterResult, Registration
 
 __all__ = ["Registry", "open_registry"]
 
@@ -152,7 +152,7 @@ class Registry:
 
         added = await self._db.run(body)
         stamp = json.dumps({"records": len(records), "added": added}).encode() + b"\n"
-        await asyncio.to_thread(atomic_write, marker, stamp, mode=0o600)
+        await asyncio.to_thread(write_atomic, marker, stamp, mode=0o600)
         if records:
             log.info(
                 "imported %s JSON registration records from %s (%s new to the registry)",
