@@ -306,6 +306,8 @@ class PhaseResult:
     floor: Floor | None = None
     # Per-stage CPU samples taken during the storm (--stage-cpu), None when not sampled.
     stage_samples: Counter[str] | None = None
+    # The renewal profile (--renewal-rounds): the same fleet re-joining on a schedule.
+    renewal: RenewalResult | None = None
 
     def figures(self, floor: Floor) -> dict[str, Any]:
         recs = self.outcome.records
@@ -360,6 +362,49 @@ class PhaseResult:
         }
 
 
+@dataclass
+class RenewalResult:
+    """Renewal rounds after the first storm: every VM re-joins once a round, the fleet's
+    renewals spread evenly over the round (as nodes that joined at different times renew
+    at two thirds of their certificates' lifetime)."""
+
+    rounds: int
+    interval_s: float
+    outcome: StormOutcome
+    counters: dict[str, int]  # the emulator's, during the rounds only
+    gateway_cpu_s: float
+    auth_cpu_s: float
+    wall_s: float
+
+    def figures(self, first_join_cpu_s: float) -> dict[str, Any]:
+        ok = [r for r in self.outcome.records if r.ok]
+        n = max(len(ok), 1)
+        arm_calls, arm_429 = arm_call_count(self.counters)
+        lat = [r.latency * 1000.0 for r in ok]
+        per_renewal = self.gateway_cpu_s / n
+        return {
+            "rounds": self.rounds,
+            "interval_s": self.interval_s,
+            "renewed": len(ok),
+            "failed": len(self.outcome.records) - len(ok),
+            "failure_codes": {k: v for k, v in self.outcome.codes.items() if k != "ok"},
+            "renewals_per_s": round(len(ok) / self.wall_s, 2) if self.wall_s > 0 else 0.0,
+            "latency_ms": {
+                "p50": round(percentile(lat, 50), 1),
+                "p99": round(percentile(lat, 99), 1),
+            },
+            "arm_calls": arm_calls,
+            "arm_calls_per_renewal": round(arm_calls / n, 5),
+            "emulator_429s": arm_429,
+            "gateway_cpu_s_per_renewal": _significant(per_renewal),
+            "gateway_cpu_s_per_first_join": _significant(first_join_cpu_s),
+            "renewal_vs_first_join_cpu": round(per_renewal / first_join_cpu_s, 2)
+            if first_join_cpu_s
+            else None,
+            "auth_cpu_s_per_renewal": _significant(self.auth_cpu_s / n),
+        }
+
+
 def _get_json(
     url: str, ctx: ssl.SSLContext | None = None, headers: dict[str, str] | None = None
 ) -> Any:
@@ -408,6 +453,8 @@ def run_phase(
     profile_gateway: Path | None = None,
     stage_cpu: bool = False,
     arm_list_per_minute: int | None = None,
+    renewal_rounds: int = 0,
+    renewal_interval: float = 10.0,
 ) -> PhaseResult:
     """Fresh emulator, auth service and gateway; the storm; everything stopped again.
 
@@ -488,6 +535,18 @@ def run_phase(
         )
         stages1 = _stage_counts(stages_dir)
         counters = _get_json(info.http_url + "/_emulator/counters")
+        renewal = None
+        if renewal_rounds:
+            renewal = _renewal_rounds(
+                info,
+                url,
+                files.ca_file,
+                keys,
+                rounds=renewal_rounds,
+                interval=renewal_interval,
+                concurrency=concurrency,
+                pids=(gw.pid, auth.pid),
+            )
         floor = None
         if measure_floor_samples:
             print(f"[{mode}] measuring the floor ...", flush=True)
@@ -508,10 +567,62 @@ def run_phase(
             fleet=plan,
             floor=floor,
             stage_samples=None if stages1 is None or stages0 is None else stages1 - stages0,
+            renewal=renewal,
         )
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def _renewal_rounds(
+    info: EmulatorInfo,
+    url: str,
+    ca_file: Path,
+    keys: NodeKeys,
+    *,
+    rounds: int,
+    interval: float,
+    concurrency: int,
+    pids: tuple[int, int],
+) -> RenewalResult:
+    """``rounds`` rounds in which every VM renews by a full re-join, spread over
+    ``interval`` seconds (time compressed: Teleport's bots renew 1 h certificates every
+    20 minutes; here a round is that schedule's 20 minutes)."""
+    print(f"[renewal] {rounds} rounds, every VM once per {interval:g} s ...", flush=True)
+    before = _get_json(info.http_url + "/_emulator/counters")
+    cpu0 = (process_cpu_seconds(pids[0]), process_cpu_seconds(pids[1]))
+    started = time.perf_counter()
+    records: list[JoinRecord] = []
+    samples: list[Sample] = []
+    codes: Counter[str] = Counter()
+    for _ in range(rounds):
+        out = _run_async(
+            run_storm(
+                info.vms,
+                gateway_url=url,
+                gateway_ca=ca_file,
+                emulator_http=info.http_url,
+                keys=keys,
+                arrival=Arrival("ramp", interval),
+                concurrency=concurrency,
+            )
+        )
+        records += out.records
+        samples += out.samples
+        codes.update(out.codes)
+    wall = time.perf_counter() - started
+    cpu1 = (process_cpu_seconds(pids[0]), process_cpu_seconds(pids[1]))
+    after = _get_json(info.http_url + "/_emulator/counters")
+    delta = {str(k): int(v) - int(before.get(k, 0)) for k, v in after.items()}
+    return RenewalResult(
+        rounds=rounds,
+        interval_s=interval,
+        outcome=StormOutcome(records, samples, codes),
+        counters={k: v for k, v in delta.items() if v},
+        gateway_cpu_s=cpu1[0] - cpu0[0],
+        auth_cpu_s=cpu1[1] - cpu0[1],
+        wall_s=wall,
+    )
 
 
 def _stage_counts(stages_dir: Path | None) -> Counter[str] | None:
@@ -627,7 +738,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "stage_sampler.py), printed and saved as cpu_stages; costs the gateway ~1%% CPU "
         "(off with --profile-gateway)",
     )
+    p.add_argument(
+        "--renewal-rounds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the storm, N rounds in which every VM renews by a full re-join",
+    )
+    p.add_argument(
+        "--renewal-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="one renewal round's length: the fleet's renewals spread evenly over it "
+        "(time-compressed 20-minute renewals of 1-hour certificates)",
+    )
     args = p.parse_args(argv)
+    if args.renewal_rounds < 0 or args.renewal_interval <= 0:
+        p.error("--renewal-rounds must be >= 0 and --renewal-interval > 0")
     if args.profile_gateway is not None:
         args.stage_cpu = False  # one profiler at a time
     if args.profile_gateway is not None and args.workers != 1:
@@ -658,6 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             measure_floor_samples=args.floor_samples,
             profile_gateway=args.profile_gateway,
             stage_cpu=args.stage_cpu,
+            renewal_rounds=args.renewal_rounds,
+            renewal_interval=args.renewal_interval,
         )
         baseline_phase = None
         if args.mode == "tuned" and not args.no_baseline:
@@ -715,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             "latency_p99_ms": _ratio(baseline["latency_ms"]["p99"], result["latency_ms"]["p99"]),
         }
+    if main_phase.renewal is not None:
+        result["renewal"] = main_phase.renewal.figures(result["gateway_cpu_s_per_join"])
     if tight_phase is not None:
         result["tight_list_budget"] = tight_phase.figures(floor)
         result["tight_list_budget"]["arm_list_per_minute"] = args.arm_list_per_minute
@@ -754,6 +886,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             "naive / tuned:",
             json.dumps({k: v for k, v in result["ratios"].items() if k != "description"}),
+        )
+    if "renewal" in result:
+        r = result["renewal"]
+        print(
+            f"renewals: {r['renewed']} in {r['rounds']} rounds of {r['interval_s']:g} s "
+            f"({r['failed']} failed), {r['renewals_per_s']}/s, gateway CPU "
+            f"{r['gateway_cpu_s_per_renewal'] * 1e3:.2f} ms/renewal vs "
+            f"{r['gateway_cpu_s_per_first_join'] * 1e3:.2f} ms/first join "
+            f"({r['renewal_vs_first_join_cpu']}x), ARM calls/renewal {r['arm_calls_per_renewal']}"
+            f", auth CPU {r['auth_cpu_s_per_renewal'] * 1e3:.2f} ms/renewal"
         )
     if tight_phase is not None:
         t, c = result["tight_list_budget"], tight_phase.counters

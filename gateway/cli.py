@@ -351,6 +351,10 @@ COMMANDS: dict[str, tuple[str, Configure]] = {
         _delegate("gateway.dev.emulator.cli"),
     ),
     "status": ("the auth service's CA pins and the gateway's health", _configure_status),
+    "nodes": (
+        "the auth service's inventory of hosts, and locks (admin API)",
+        _delegate("gateway.authservice.nodes_cli"),
+    ),
     "dev": (
         "the whole system on loopback (emulator, auth service, gateway) until stopped; "
         "writes WORKDIR/stack.json for joining emulated VMs by hand",

@@ -30,14 +30,13 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.authservice.authority import ADMIN_COMMON_NAME, GATEWAY_COMMON_NAME
+from gateway.authservice.authority import ADMIN_COMMON_NAME
 from gateway.authservice.registry import HostRecord, Lock, LockTarget, Registry
-from gateway.authservice.wire import AuthServiceError
+from gateway.authservice.wire import AuthServiceError, ErrorCode
 from gateway.core.clock import Clock
 
 __all__ = [
     "ADMIN_COMMON_NAME",
-    "GATEWAY_COMMON_NAME",
     "AdminError",
     "add_admin_routes",
     "host_json",
@@ -150,7 +149,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _admin_only(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         if peer_common_name(request) != ADMIN_COMMON_NAME:
-            raise AdminError(403, "admin_only", "the admin API needs the admin certificate")
+            raise AdminError(403, ErrorCode.FORBIDDEN, "the admin API needs the admin certificate")
         try:
             return await handler(request)
         except AdminError:

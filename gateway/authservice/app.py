@@ -24,7 +24,9 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from gateway.authservice.admin import add_admin_routes
 from gateway.authservice.authority import (
+    ADMIN_COMMON_NAME,
     DEFAULT_CERT_TTL,
     AuthPaths,
     HostAuthority,
@@ -46,6 +48,7 @@ from gateway.authservice.wire import (
     request_digest,
 )
 from gateway.core.clock import Clock, SystemClock
+from gateway.core.files import write_atomic
 from gateway.core.tlsutil import server_ssl_context
 from gateway.protocol import RegisterResult
 
@@ -128,10 +131,13 @@ async def _register(request: web.Request) -> web.Response:
         raise AuthServiceError(
             415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json"
         )
+    gateway = _peer_subject(request)
+    if gateway == ADMIN_COMMON_NAME:
+        # The admin certificate manages the inventory; it does not register nodes.
+        raise AuthServiceError(403, ErrorCode.FORBIDDEN, "the admin certificate cannot register")
     raw = await request.read()
     reg = decode_registration(raw)
     digest = request_digest(reg)
-    gateway = _peer_subject(request)
     now = state.clock.now()
 
     def issue(host_id: str) -> RegisterResult:
@@ -213,6 +219,7 @@ def make_auth_app(
     app[AUTH_SETTINGS_KEY] = settings
     app.router.add_post("/v1/register", _register)
     app.router.add_get("/healthz", _healthz)
+    add_admin_routes(app, registry=registry, clock=app[AUTH_STATE_KEY].clock)
     return app
 
 
@@ -303,6 +310,10 @@ class AuthService:
         port = runner.addresses[0][1]
         host = f"[{self._host}]" if ":" in self._host else self._host
         self._url = f"https://{host}:{port}"
+        # Where `join-gateway nodes --data-dir` finds this service (the admin API).
+        await asyncio.to_thread(
+            write_atomic, self._data_dir / "auth.url", (self._url + "\n").encode(), mode=0o644
+        )
         log.info("auth service listening on %s (CA pin %s)", self._url, self.ca_pin())
 
     async def aclose(self) -> None:
@@ -337,6 +348,10 @@ class AuthService:
     def ca_pin(self) -> str:
         """``sha256:<hex>`` of the host CA's SubjectPublicKeyInfo."""
         return self.authority.ca_pin()
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     @property
     def registry(self) -> Registry:

@@ -18,6 +18,7 @@ from pathlib import Path
 from gateway.authservice import vault_setup
 from gateway.authservice.app import AuthService, AuthSettings
 from gateway.authservice.authority import AuthPaths, HostAuthority, init_auth_dir
+from gateway.authservice.registry import RegistryError
 from gateway.authservice.signing import Signer
 from gateway.authservice.vault import (
     AppRoleAuth,
@@ -27,7 +28,6 @@ from gateway.authservice.vault import (
     VaultSettings,
     VaultSigner,
 )
-from gateway.authservice.registry import RegistryError
 
 __all__ = ["add_arguments", "run"]
 

@@ -6,7 +6,8 @@ set, several subscriptions and resource groups — joins concurrently through th
 agent code (``run_join``). VMs that must be refused try too: a subscription no rule
 allows, a resource group outside its rule, a replayed challenge, and a document from
 another VM. It prints what happened and exits 0 only if every outcome is the expected
-one.
+one. Then the life goes on: one node is locked by an operator, and every node renews by a
+full re-join — each keeps its host ID, and the locked one is refused ``host_locked``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from gateway.agent import (
     make_ssl_context,
     run_join,
 )
+from gateway.authservice.registry import LockTarget
 from gateway.dev.devstack import DevStack, agent_settings, dev_stack
 from gateway.dev.emulator import EmulatedVm, Latency
 
@@ -71,6 +73,7 @@ class Outcome:
     got: str
     seconds: float
     attempts: int = 1
+    host_id: str = ""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -220,7 +223,9 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
                     out = await run_join(agent_settings(stack, vm), ssl_context=ssl_ctx)
                 except JoinFailed as exc:
                     return Outcome(vm.name, expected, exc.code, time.perf_counter() - t0)
-                return Outcome(vm.name, expected, "joined", out.elapsed, out.attempts)
+                return Outcome(
+                    vm.name, expected, "joined", out.elapsed, out.attempts, host_id=out.host_id
+                )
 
         tasks = [agent(vm, "joined") for vm in fleet.joiners]
         tasks += [agent(vm, code) for vm, code in fleet.refused]
@@ -231,7 +236,26 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> int:
         outcomes = await asyncio.gather(*tasks)
         storm = time.perf_counter() - storm_start
         issued = await _check_issued(stack, workdir, fleet.joiners)
-        return _report(stack, outcomes, issued, storm, time.perf_counter() - started)
+        first = _report(stack, outcomes, issued, storm, time.perf_counter() - started)
+
+        # The node's life goes on: an operator locks one node out, then every node renews
+        # by re-joining (fresh challenge, document and token) and keeps its host ID.
+        hosts = {o.name: o.host_id for o in outcomes if o.got == "joined"}
+        locked = fleet.joiners[0]
+        await stack.auth.registry.add_lock(
+            LockTarget.HOST,
+            hosts[locked.name],
+            reason="demo: decommissioned by an operator",
+            now=stack.auth.clock.now(),
+        )
+        print(f"renewal round: every node re-joins; {locked.name} was locked beforehand\n")
+        renew_start = time.perf_counter()
+        renewals = await asyncio.gather(
+            *(agent(vm, "host_locked" if vm is locked else "joined") for vm in fleet.joiners)
+        )
+        renew_time = time.perf_counter() - renew_start
+        second = await _report_renewals(stack, renewals, hosts, renew_time)
+        return 1 if first or second else 0
 
 
 async def _manual_join(
@@ -313,6 +337,37 @@ def _pct(values: list[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+async def _report_renewals(
+    stack: DevStack, renewals: Sequence[Outcome], hosts: dict[str, str], seconds: float
+) -> int:
+    """The renewal round's table and the inventory's counts; 0 when all is as expected."""
+    renewed = [o for o in renewals if o.got == "joined"]
+    same = sum(1 for o in renewed if o.host_id == hosts.get(o.name))
+    refused = Counter(o.got for o in renewals if o.got != "joined")
+    wrong = [o for o in renewals if o.got != o.expected]
+    inventory = await stack.auth.registry.hosts()
+    now = stack.auth.clock.now()
+    locks = await stack.auth.registry.locks(now=now)
+    locked_hosts = {lk.value for lk in locks if lk.target is LockTarget.HOST}
+    print("renewal                          count")
+    print("-------------------------------- -----")
+    print(f"{'renewed, same host ID':32} {same:5}")
+    print(f"{'renewed, another host ID':32} {len(renewed) - same:5}")
+    for code, count in sorted(refused.items()):
+        print(f"{'refused: ' + code:32} {count:5}")
+    print(
+        f"\ninventory (nodes ls)       {len(inventory)} hosts, "
+        f"{sum(1 for h in inventory if h.host_id in locked_hosts)} locked, "
+        f"{sum(h.renewals for h in inventory)} renewals recorded"
+    )
+    print(f"time                       renewal round {seconds:.2f} s\n")
+    ok = not wrong and same == len(renewed) and len(renewed) == len(hosts) - 1
+    for o in wrong:
+        print(f"UNEXPECTED  {o.name}: expected {o.expected}, got {o.got}")
+    print("every renewal as expected" if ok else "SOME RENEWALS WERE NOT AS EXPECTED")
+    return 0 if ok else 1
 
 
 def _report(

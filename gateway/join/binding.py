@@ -21,6 +21,7 @@ How ARM is read (point reads, group and scale-set listings, budgets) is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 

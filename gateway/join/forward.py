@@ -32,7 +32,7 @@ from typing import Self
 import aiohttp
 
 from gateway.core.clock import Clock
-from gateway.core.errors import Code, GatewayError, Overloaded, UpstreamFailed
+from gateway.core.errors import Code, GatewayError, JoinRejected, Overloaded, UpstreamFailed
 from gateway.core.httputil import (
     TRANSPORT_ERRORS,
     Failure,
@@ -323,6 +323,11 @@ class AuthClient:
             if status in _RETRYABLE_STATUSES:
                 raise _Retryable(error)
             raise error
+        err = _error_body(raw)
+        if status == 403 and err is not None and err.code == Code.HOST_LOCKED:
+            # An operator locked this VM (host, vmId, subscription or token): a decision,
+            # not a fault — the agent must stop, and the audit record says why.
+            raise _Rejected(JoinRejected(Code.HOST_LOCKED, f"auth service: {err.message[:300]}"))
         # 4xx (or any other status): our request was wrong — a bug in us, not a retry case.
         raise _Rejected(
             UpstreamFailed(f"auth service rejected the registration ({status}): {summary}")
@@ -360,10 +365,14 @@ def _transport_error(exc: BaseException, timeout: float | None) -> Exception:
     return Overloaded(Code.UPSTREAM_UNAVAILABLE, retry_after=_DEFAULT_RETRY_AFTER, detail=why)
 
 
+def _error_body(raw: bytes) -> ErrorBody | None:
+    try:
+        return ErrorBody.from_json(json.loads(raw))
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError
+        return None
+
+
 def _error_summary(raw: bytes) -> str:
     """``code: message`` from an error body, or a short prefix of whatever came back."""
-    try:
-        err = ErrorBody.from_json(json.loads(raw))
-    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError
-        err = None
+    err = _error_body(raw)
     return f"{err.code}: {err.message}"[:300] if err is not None else repr(raw[:200])

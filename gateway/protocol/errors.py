@@ -55,6 +55,7 @@ class Code(StrEnum):
     VM_BINDING_FAILED = "vm_binding_failed"
     NOT_ALLOWED = "not_allowed"
     NAME_NOT_ALLOWED = "name_not_allowed"
+    HOST_LOCKED = "host_locked"
     # 404
     UNKNOWN_TOKEN = "unknown_token"
     NOT_FOUND = "not_found"
@@ -159,6 +160,9 @@ CODES: dict[Code, CodeInfo] = {
     Code.NAME_NOT_ALLOWED: CodeInfo(
         403, False, "A requested node name, principal or DNS name is outside the token's policy."
     ),
+    Code.HOST_LOCKED: CodeInfo(
+        403, False, "An operator locked this VM out (nodes lock); the agent stops renewing."
+    ),
     Code.UNKNOWN_TOKEN: CodeInfo(404, False, "No token of that name."),
     Code.NOT_FOUND: CodeInfo(404, False, "No such endpoint."),
     Code.METHOD_NOT_ALLOWED: CodeInfo(405, False, "Method not allowed on this endpoint."),
@@ -205,6 +209,8 @@ class RegisterCode(StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL_ERROR = "internal_error"
+    # The caller's certificate is the wrong one for this endpoint (admin vs gateway).
+    FORBIDDEN = "forbidden"
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,11 @@ class GatewayServer:
         assert self._deps is not None, "start() first"
         return self._deps
 
+    @property
+    def metrics(self) -> Metrics:
+        """This process's metrics (what ``/metrics`` serves)."""
+        return self._metrics
+
     def url(self, index: int = 0) -> str:
         listener = self.listeners[index]
         host, _ = split_hostport(listener.address)

@@ -41,6 +41,10 @@ def storm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
             "20",
             "--floor-samples",
             "50",
+            "--renewal-rounds",
+            "1",
+            "--renewal-interval",
+            "1",
             "--out",
             str(out),
         ],
@@ -83,6 +87,18 @@ def test_every_vm_joined(
     # Every join needs the emulator's IMDS document and token: the counters are the storm's.
     assert fig["emulator_counters"]["imds.attested"] >= vms
     assert fig["arm_calls"] == arm_call_count(fig["emulator_counters"])[0]
+
+
+def test_the_renewal_profile_reports_renewals_cpu_and_arm_calls(
+    storm: tuple[Path, dict[str, Any]],
+) -> None:
+    _, res = storm
+    r = res["renewal"]
+    assert (r["rounds"], r["renewed"], r["failed"]) == (1, 60, 0)
+    assert r["renewals_per_s"] > 0 and r["gateway_cpu_s_per_renewal"] > 0
+    assert r["gateway_cpu_s_per_first_join"] == res["gateway_cpu_s_per_join"]
+    # The VM records are cached from the first joins: renewals reach ARM (almost) never.
+    assert r["arm_calls_per_renewal"] <= 0.05
 
 
 def test_floor_is_the_sum_of_its_parts(storm: tuple[Path, dict[str, Any]]) -> None:

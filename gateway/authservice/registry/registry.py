@@ -226,6 +226,46 @@ class Registry:
         row = await self._db.run(body, write=False)
         return _host(row) if row is not None else None
 
+    async def remove_host(self, host_id: str, *, now: datetime) -> bool:
+        """Mark a live host removed (kept for the record); its VM's next join is a new host.
+        False when there is no such live host."""
+
+        def body() -> Body[int]:
+            count: int = yield execute(
+                "UPDATE hosts SET removed_at = ? WHERE host_id = ? AND removed_at IS NULL",
+                now,
+                host_id,
+            )
+            return count
+
+        removed = await self._db.run(body)
+        if removed:
+            log.info("host %s removed", host_id)
+        return removed > 0
+
+    async def prune(self, *, stale_before: datetime, now: datetime) -> list[str]:
+        """Remove every live host last renewed before ``stale_before``; their IDs."""
+
+        def body() -> Body[list[str]]:
+            found: list[Row] = yield rows(
+                "SELECT host_id FROM hosts WHERE removed_at IS NULL AND last_renewed < ? "
+                "ORDER BY last_renewed, host_id",
+                stale_before,
+            )
+            ids = [str(r[0]) for r in found]
+            for host_id in ids:
+                yield execute(
+                    "UPDATE hosts SET removed_at = ? WHERE host_id = ? AND removed_at IS NULL",
+                    now,
+                    host_id,
+                )
+            return ids
+
+        pruned = await self._db.run(body)
+        if pruned:
+            log.info("pruned %s hosts not renewed since %s", len(pruned), stale_before.isoformat())
+        return pruned
+
     # --- locks ------------------------------------------------------------------------------
 
     async def add_lock(
