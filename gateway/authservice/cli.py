@@ -13,21 +13,11 @@ import logging
 import signal
 import sys
 from datetime import timedelta
-from pathlib import Path
 
 from gateway.authservice import vault_setup
 from gateway.authservice.app import AuthService, AuthSettings
 from gateway.authservice.authority import AuthPaths, HostAuthority, init_auth_dir
 from gateway.authservice.registry import RegistryError
-from gateway.authservice.signing import Signer
-from gateway.authservice.vault import (
-    AppRoleAuth,
-    TokenFileAuth,
-    VaultAuth,
-    VaultClient,
-    VaultSettings,
-    VaultSigner,
-)
 
 __all__ = ["add_arguments", "run"]
 
@@ -72,76 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--tls-cert", help="server certificate (default: from init)")
     serve.add_argument("--tls-key", help="server key (default: from init)")
     serve.add_argument("--client-ca", help="CA of accepted gateway certs (default: from init)")
-    serve.add_argument(
-        "--require-csr",
-        action="store_true",
-        help="refuse registrations without a CSR and an SSH key proof (proof of possession)",
-    )
-    _add_vault_arguments(serve)
 
     setup = sub.add_parser(
         "vault-setup", help="configure Vault/OpenBao's PKI and SSH mounts and an AppRole"
     )
     vault_setup.add_arguments(setup)
-
-
-def _add_vault_arguments(serve: argparse.ArgumentParser) -> None:
-    g = serve.add_argument_group("signing backend")
-    g.add_argument(
-        "--ca-backend",
-        choices=("local", "vault"),
-        default="local",
-        help="local: CA keys in --data-dir (default); vault: HashiCorp Vault or OpenBao",
-    )
-    g.add_argument("--vault-addr", help="https://vault:8200")
-    g.add_argument("--vault-namespace", default=None)
-    g.add_argument("--vault-ca-file", type=Path, default=None, help="CA of Vault's TLS cert")
-    g.add_argument("--vault-pki-mount", default="pki")
-    g.add_argument("--vault-pki-role", default="join-node")
-    g.add_argument("--vault-ssh-mount", default="ssh")
-    g.add_argument("--vault-ssh-role", default="join-host")
-    g.add_argument("--vault-timeout", type=float, default=5.0, metavar="SECONDS")
-    g.add_argument("--vault-token-file", type=Path, help="re-read whenever it changes")
-    g.add_argument("--vault-approle-role-id")
-    g.add_argument("--vault-approle-secret-id-file", type=Path)
-
-
-def signer_from_args(args: argparse.Namespace) -> Signer | None:
-    """The Vault signer the flags describe, or None for the local backend. Raises
-    ``ValueError`` (exit 2) when the flags do not describe one way to log in."""
-    if args.ca_backend == "local":
-        return None
-    if not args.vault_addr:
-        raise ValueError("--ca-backend vault needs --vault-addr")
-    approle = args.vault_approle_role_id or args.vault_approle_secret_id_file
-    if bool(args.vault_token_file) == bool(approle):
-        raise ValueError(
-            "--ca-backend vault needs exactly one of --vault-token-file or "
-            "--vault-approle-role-id with --vault-approle-secret-id-file"
-        )
-    auth: VaultAuth
-    if args.vault_token_file:
-        auth = TokenFileAuth(args.vault_token_file)
-    else:
-        if not (args.vault_approle_role_id and args.vault_approle_secret_id_file):
-            raise ValueError(
-                "AppRole needs both --vault-approle-role-id and --vault-approle-secret-id-file"
-            )
-        auth = AppRoleAuth(
-            role_id=args.vault_approle_role_id,
-            secret_id_file=args.vault_approle_secret_id_file,
-        )
-    settings = VaultSettings(
-        addr=args.vault_addr,
-        namespace=args.vault_namespace,
-        ca_file=args.vault_ca_file,
-        pki_mount=args.vault_pki_mount,
-        pki_role=args.vault_pki_role,
-        ssh_mount=args.vault_ssh_mount,
-        ssh_role=args.vault_ssh_role,
-        timeout=args.vault_timeout,
-    )
-    return VaultSigner(VaultClient(settings, auth), settings)
 
 
 def _parse_listen(value: str) -> tuple[str, int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -40,7 +40,6 @@ from gateway.join.allow import (
     VmFacts,
     evaluate,
 )
-from gateway.join.names import HostNamePolicy, check_template
 from gateway.protocol import TOKEN_ROLES, canonical_role
 
 __all__ = [
@@ -88,8 +87,7 @@ _SPEC_KEYS = frozenset(
         "bound_keypair",
     }
 )
-# Beyond Teleport's "allow": how certificates are named and which tags become labels.
-_AZURE_KEYS = frozenset({"allow", "node_name", "host_names", "labels_from_tags"})
+_AZURE_KEYS = frozenset({"allow"})
 _RULE_KEYS = frozenset(
     {
         "subscription",
@@ -135,8 +133,6 @@ class ProvisionToken:
     allow: tuple[AllowRule, ...] = ()
     expires: datetime | None = None  # aware, UTC
     source: str = ""  # "file:line", for the audit log and error messages
-    names: HostNamePolicy = field(default_factory=HostNamePolicy)
-    labels_from_tags: tuple[str, ...] = ()
 
 
 class TokenRegistry:
@@ -313,23 +309,6 @@ def _parse_rule(doc: _Doc, node: Node, where: str) -> AllowRule:
     )
 
 
-def _parse_names(doc: _Doc, azure: Mapping[str, Node]) -> HostNamePolicy:
-    node_name: str | None = None
-    if "node_name" in azure:
-        node_name = doc.string(azure["node_name"], "spec.azure.node_name")
-        problem = check_template(node_name)
-        if problem:
-            raise doc.error(azure["node_name"], f"spec.azure.node_name: {problem}")
-    host_names: tuple[str, ...] = ()
-    if "host_names" in azure:
-        host_names = doc.strings(azure["host_names"], "spec.azure.host_names")
-        for i, template in enumerate(host_names):
-            problem = check_template(template)
-            if problem:
-                raise doc.error(azure["host_names"], f"spec.azure.host_names[{i}]: {problem}")
-    return HostNamePolicy(node_name=node_name, host_names=host_names)
-
-
 def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
     top = doc.mapping(node, "token", _TOP_KEYS)
     for key in ("kind", "version", "metadata", "spec"):
@@ -375,14 +354,9 @@ def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
             raise doc.error(spec["join_method"], f"spec.join_method {join_method!r} is malformed")
 
     allow: tuple[AllowRule, ...] = ()
-    names = HostNamePolicy()
-    labels_from_tags: tuple[str, ...] = ()
     allow_where: Node = spec.get("azure", top["spec"])
     if "azure" in spec:
         azure = doc.mapping(spec["azure"], "spec.azure", _AZURE_KEYS)
-        names = _parse_names(doc, azure)
-        if "labels_from_tags" in azure:
-            labels_from_tags = doc.strings(azure["labels_from_tags"], "spec.azure.labels_from_tags")
         if "allow" not in azure:
             raise doc.error(spec["azure"], "spec.azure: missing 'allow'")
         rules_node = allow_where = azure["allow"]
@@ -401,8 +375,6 @@ def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
         allow=allow,
         expires=expires,
         source=f"{doc.path}:{node.start_mark.line + 1}",
-        names=names,
-        labels_from_tags=labels_from_tags,
     )
 
 

@@ -54,7 +54,6 @@ class Code(StrEnum):
     SUBSCRIPTION_MISMATCH = "subscription_mismatch"
     VM_BINDING_FAILED = "vm_binding_failed"
     NOT_ALLOWED = "not_allowed"
-    NAME_NOT_ALLOWED = "name_not_allowed"
     HOST_LOCKED = "host_locked"
     # 404
     UNKNOWN_TOKEN = "unknown_token"
@@ -157,9 +156,6 @@ CODES: dict[Code, CodeInfo] = {
         403, False, "Resource Manager says the document's vmId is not the token's VM."
     ),
     Code.NOT_ALLOWED: CodeInfo(403, False, "No allow rule of the token matches this VM."),
-    Code.NAME_NOT_ALLOWED: CodeInfo(
-        403, False, "A requested node name, principal or DNS name is outside the token's policy."
-    ),
     Code.HOST_LOCKED: CodeInfo(
         403, False, "An operator locked this VM out (nodes lock); the agent stops renewing."
     ),
