@@ -552,7 +552,8 @@ ADMIT_STEPS: StepTable[_AdmitRun] = (
     Step(
         "upstream",
         _step_upstream,
-        codes=frozenset({_C.UPSTREAM_UNAVAILABLE, _C.UPSTREAM_FAILED}),
+        # The auth service refuses a VM an operator locked (403, not retryable).
+        codes=frozenset({_C.UPSTREAM_UNAVAILABLE, _C.UPSTREAM_FAILED, _C.HOST_LOCKED}),
     ),
 )
 

@@ -134,6 +134,8 @@ class FakeAuth:
         self.registrations.append(reg)
         if reg.host.node_name == "upstream-down":
             raise Overloaded(Code.UPSTREAM_UNAVAILABLE, retry_after=5.0, detail="circuit open")
+        if reg.host.node_name == "locked":
+            raise JoinRejected(Code.HOST_LOCKED, "auth service: locked by an operator")
         if reg.host.node_name == "upstream-error":
             raise UpstreamFailed("auth service answered 500")
         return RegisterResult(
@@ -492,6 +494,7 @@ CASES: list[tuple[str, Case, Code | None]] = [
         Code.UPSTREAM_UNAVAILABLE,
     ),
     ("an auth service that fails", Case(node_name="upstream-error"), Code.UPSTREAM_FAILED),
+    ("a VM an operator locked", Case(node_name="locked"), Code.HOST_LOCKED),
 ]
 
 
