@@ -11,7 +11,6 @@ register nodes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import ssl
 import sys
@@ -23,10 +22,10 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from gateway.agent.keys import load_or_create_keys
 from gateway.authservice.authority import AuthPaths
 from gateway.dev.devstack import DevStack, dev_stack
 from gateway.dev.emulator import EmulatedVm
+from tests.support.joins import post_join
 from tests.support.tokens import azure_token_yaml
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -58,29 +57,7 @@ def new_vm(stack: DevStack, tenant: str, name: str, sub: str = SUB) -> EmulatedV
 async def join(
     stack: DevStack, vm: EmulatedVm, keys: Path, token: str = "fleet"
 ) -> tuple[int, dict[str, Any]]:
-    emu = stack.emulator
-    challenge = stack.gateway.deps.challenges.issue().value
-    k = load_or_create_keys(keys)
-    pem = [ln for ln in emu.intermediate_pem.decode().splitlines() if not ln.startswith("-")]
-    body = {
-        "token_name": token,
-        "challenge": challenge,
-        "attested_data": emu.attested_document_for(vm, nonce=challenge),
-        "intermediates": [base64.b64encode(base64.b64decode("".join(pem))).decode()],
-        "access_token": emu.token_for(vm),
-        "host": {
-            "node_name": vm.name,
-            "role": "Node",
-            "public_ssh_key": k.public_ssh_key,
-            "public_tls_key": k.public_tls_key,
-        },
-    }
-    ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(stack.gateway_url + "/v1/join/azure", json=body, ssl=ctx) as r,
-    ):
-        return r.status, await r.json()
+    return await post_join(stack, vm, keys, token=token)
 
 
 async def nodes(stack: DevStack, *args: str) -> tuple[int, str, str]:

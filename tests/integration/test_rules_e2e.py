@@ -8,20 +8,17 @@ code the rules say. Joins from a subscription no rule names cost no Resource Man
 
 from __future__ import annotations
 
-import base64
-import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 
-from gateway.agent.keys import load_or_create_keys
 from gateway.dev.devstack import DevStack, dev_stack
 from gateway.dev.emulator import EmulatedVm
+from tests.support.joins import post_join
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -137,36 +134,9 @@ CASES: list[tuple[str, str, int, str | None]] = [
 ]
 
 
-def _body(stack: DevStack, vm: EmulatedVm, keys_dir: Path) -> dict[str, Any]:
-    emu = stack.emulator
-    challenge = stack.gateway.deps.challenges.issue().value
-    keys = load_or_create_keys(keys_dir)
-    lines = [ln for ln in emu.intermediate_pem.decode().splitlines() if not ln.startswith("-")]
-    return {
-        "token_name": "rules",
-        "challenge": challenge,
-        "attested_data": emu.attested_document_for(vm, nonce=challenge),
-        "intermediates": [base64.b64encode(base64.b64decode("".join(lines))).decode()],
-        "access_token": emu.token_for(vm),
-        "host": {
-            "node_name": vm.name,
-            "role": "Node",
-            "public_ssh_key": keys.public_ssh_key,
-            "public_tls_key": keys.public_tls_key,
-        },
-    }
-
-
 async def _join(stack: DevStack, vm: EmulatedVm, keys_dir: Path) -> tuple[int, str | None]:
-    ssl_ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            stack.gateway_url + "/v1/join/azure", json=_body(stack, vm, keys_dir), ssl=ssl_ctx
-        ) as resp,
-    ):
-        data = await resp.json()
-        return resp.status, (data.get("error") or {}).get("code")
+    status, data = await post_join(stack, vm, keys_dir, token="rules")
+    return status, (data.get("error") or {}).get("code")
 
 
 @pytest.mark.parametrize(
