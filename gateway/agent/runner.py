@@ -52,6 +52,7 @@ from gateway.agent.nodeconfig import AgentSettings
 from gateway.agent.transport import make_session, make_ssl_context
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.tlsutil import spki_pin, ssh_key_pin
+from gateway.protocol.possession import make_csr, sign_ssh_possession
 
 __all__ = [
     "DATA_FILES",
@@ -325,6 +326,7 @@ class _Joiner:
         # challenge = same idempotency key at the auth service) while the challenge lives,
         # so a registration whose answer was lost is not made twice.
         self._pending: dict[str, Any] | None = None
+        self._csr_pem: str | None = None
 
     async def attempt(self) -> dict[str, Any]:
         if self._pending is not None:
@@ -354,9 +356,18 @@ class _Joiner:
                 public_tls_key=self._keys.public_tls_key,
                 additional_principals=self._s.additional_principals,
                 dns_names=self._s.dns_names,
+                # Proof that this node holds both private keys (the CSR is made once per
+                # key set: its signature does not depend on the challenge).
+                csr=self._csr(),
+                ssh_key_proof=sign_ssh_possession(self._keys.ssh_key, challenge),
             ),
         )
         return await self._submit(body)
+
+    def _csr(self) -> str:
+        if self._csr_pem is None:
+            self._csr_pem = make_csr(self._keys.tls_key)
+        return self._csr_pem
 
     async def _submit(self, body: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -50,7 +50,8 @@ from gateway.authservice.wire import (
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.files import write_atomic
 from gateway.core.tlsutil import server_ssl_context
-from gateway.protocol import RegisterResult
+from gateway.protocol import RegisterResult, Registration
+from gateway.protocol.possession import PossessionError, verify_csr, verify_ssh_possession
 
 __all__ = [
     "AUTH_SETTINGS_KEY",
@@ -70,6 +71,8 @@ MAX_BODY = 64 * 1024
 class AuthSettings:
     cert_ttl: timedelta = DEFAULT_CERT_TTL
     max_body: int = MAX_BODY
+    # Refuse a registration without a CSR and an SSH key proof (auth serve --require-csr).
+    require_csr: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,27 @@ def _peer_subject(request: web.Request) -> str:
     return ""
 
 
+def _check_possession(reg: Registration, *, required: bool) -> None:
+    """The node holds the keys it asks to have certified: its CSR (signed by the TLS key)
+    and its signature over the challenge (the idempotency key) with the SSH key. The
+    gateway checked them already; the auth service signs, so it checks again."""
+    host = reg.host
+    if host.csr is None or host.ssh_key_proof is None:
+        if required:
+            raise AuthServiceError(
+                400, ErrorCode.CSR_REQUIRED, "a CSR and an SSH key proof are required"
+            )
+        if host.csr is None and host.ssh_key_proof is None:
+            return
+    try:
+        if host.csr is not None:
+            verify_csr(host.csr, host.public_tls_key)
+        if host.ssh_key_proof is not None:
+            verify_ssh_possession(host.public_ssh_key, reg.idempotency_key, host.ssh_key_proof)
+    except PossessionError as exc:
+        raise AuthServiceError(400, ErrorCode(exc.code), str(exc)) from None
+
+
 async def _register(request: web.Request) -> web.Response:
     state = request.app[AUTH_STATE_KEY]
     settings = request.app[AUTH_SETTINGS_KEY]
@@ -137,6 +161,7 @@ async def _register(request: web.Request) -> web.Response:
         raise AuthServiceError(403, ErrorCode.FORBIDDEN, "the admin certificate cannot register")
     raw = await request.read()
     reg = decode_registration(raw)
+    _check_possession(reg, required=settings.require_csr)
     digest = request_digest(reg)
     now = state.clock.now()
 

@@ -62,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--tls-cert", help="server certificate (default: from init)")
     serve.add_argument("--tls-key", help="server key (default: from init)")
     serve.add_argument("--client-ca", help="CA of accepted gateway certs (default: from init)")
+    serve.add_argument(
+        "--require-csr",
+        action="store_true",
+        help="refuse registrations without the node's CSR and SSH key proof (possession)",
+    )
 
     setup = sub.add_parser(
         "vault-setup", help="configure Vault/OpenBao's PKI and SSH mounts and an AppRole"
@@ -116,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             client_ca=args.client_ca,
-            settings=AuthSettings(cert_ttl=timedelta(hours=args.cert_ttl)),
+            settings=AuthSettings(
+                cert_ttl=timedelta(hours=args.cert_ttl), require_csr=args.require_csr
+            ),
             database=args.database,
         )
         return asyncio.run(_serve(service))

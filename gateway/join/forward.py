@@ -32,7 +32,14 @@ from typing import Self
 import aiohttp
 
 from gateway.core.clock import Clock
-from gateway.core.errors import Code, GatewayError, JoinRejected, Overloaded, UpstreamFailed
+from gateway.core.errors import (
+    BadRequest,
+    Code,
+    GatewayError,
+    JoinRejected,
+    Overloaded,
+    UpstreamFailed,
+)
 from gateway.core.httputil import (
     TRANSPORT_ERRORS,
     Failure,
@@ -328,6 +335,10 @@ class AuthClient:
             # An operator locked this VM (host, vmId, subscription or token): a decision,
             # not a fault — the agent must stop, and the audit record says why.
             raise _Rejected(JoinRejected(Code.HOST_LOCKED, f"auth service: {err.message[:300]}"))
+        if status == 400 and err is not None and err.code == Code.CSR_REQUIRED:
+            # The auth service demands proof of possession this node did not send: the
+            # node must be upgraded, not the request retried.
+            raise _Rejected(BadRequest(Code.CSR_REQUIRED, detail=f"auth service: {err.message}"))
         # 4xx (or any other status): our request was wrong — a bug in us, not a retry case.
         raise _Rejected(
             UpstreamFailed(f"auth service rejected the registration ({status}): {summary}")

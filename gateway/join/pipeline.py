@@ -27,7 +27,7 @@ from gateway.azure.jwks import TokenVerifier
 from gateway.azure.resource_id import ResourceId
 from gateway.azure.token import TokenClaims, normalize_guid
 from gateway.core.clock import Clock
-from gateway.core.errors import Code, GatewayError, JoinRejected
+from gateway.core.errors import BadRequest, Code, GatewayError, JoinRejected
 from gateway.core.reload import Reloadable
 from gateway.core.steps import (
     Detail,
@@ -52,7 +52,15 @@ from gateway.join.rules import (
     match_allow_rules,
     refuse_unless_any_rule_can_match,
 )
-from gateway.protocol import JoinBlock, JoinRequest, JoinResponse, RegisterResult, Registration
+from gateway.protocol import (
+    HostParams,
+    JoinBlock,
+    JoinRequest,
+    JoinResponse,
+    RegisterResult,
+    Registration,
+)
+from gateway.protocol.possession import PossessionError, verify_csr, verify_ssh_possession
 
 __all__ = [
     "ADMIT_STEPS",
@@ -179,6 +187,7 @@ class _Run:
     intermediates: tuple[bytes, ...] = ()
     expected_nonce: str | None = None
     access_token: str | None = field(default=None, repr=False)
+    host: HostParams | None = None
     # evidence, in the order the steps establish it
     challenge_expires: float = 0.0
     token: ProvisionToken | None = None
@@ -221,6 +230,24 @@ async def _step_challenge(run: _Run) -> Detail:
         raise Skip("no challenge: inspect checks the evidence, not a join request")
     run.challenge_expires = run.challenges.verify(run.challenge)
     return "issued by this gateway, not expired"
+
+
+async def _step_possession(run: _Run) -> Detail:
+    # 2b. The node holds the keys it asks to have certified (when it sent the proofs):
+    # pure crypto over the request, before any Azure call. The auth service checks again.
+    host = run.host
+    if host is None or run.challenge is None:
+        raise Skip("no join request: proof of possession is checked on joins only")
+    if host.csr is None and host.ssh_key_proof is None:
+        return "no proof sent (optional in join API v1; auth serve --require-csr refuses)"
+    try:
+        if host.csr is not None:
+            verify_csr(host.csr, host.public_tls_key)
+        if host.ssh_key_proof is not None:
+            verify_ssh_possession(host.public_ssh_key, run.challenge, host.ssh_key_proof)
+    except PossessionError as exc:
+        raise BadRequest(Code(exc.code), detail=str(exc)) from None
+    return "the CSR and the SSH proof match the keys to certify"
 
 
 async def _step_token(run: _Run) -> Detail:
@@ -366,6 +393,12 @@ JOIN_STEPS: StepTable[_Run] = (
         "challenge", _step_challenge, codes=frozenset({_C.CHALLENGE_INVALID, _C.CHALLENGE_EXPIRED})
     ),
     Step(
+        "possession",
+        _step_possession,
+        ("challenge",),
+        frozenset({_C.CSR_INVALID, _C.CSR_KEY_MISMATCH, _C.SSH_KEY_PROOF_INVALID}),
+    ),
+    Step(
         "token",
         _step_token,
         codes=frozenset(
@@ -430,6 +463,7 @@ def _run_for(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> _Run:
         intermediates=req.intermediates,
         expected_nonce=req.challenge,
         access_token=req.access_token,
+        host=req.host,
     )
 
 
@@ -553,7 +587,9 @@ ADMIT_STEPS: StepTable[_AdmitRun] = (
         "upstream",
         _step_upstream,
         # The auth service refuses a VM an operator locked (403, not retryable).
-        codes=frozenset({_C.UPSTREAM_UNAVAILABLE, _C.UPSTREAM_FAILED, _C.HOST_LOCKED}),
+        codes=frozenset(
+            {_C.UPSTREAM_UNAVAILABLE, _C.UPSTREAM_FAILED, _C.HOST_LOCKED, _C.CSR_REQUIRED}
+        ),
     ),
 )
 

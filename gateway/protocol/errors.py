@@ -30,6 +30,10 @@ class Code(StrEnum):
     ATTESTED_MALFORMED = "attested_malformed"
     ACCESS_TOKEN_MALFORMED = "access_token_malformed"
     INVALID_FORWARDED_HEADER = "invalid_forwarded_header"
+    CSR_INVALID = "csr_invalid"
+    CSR_KEY_MISMATCH = "csr_key_mismatch"
+    SSH_KEY_PROOF_INVALID = "ssh_key_proof_invalid"
+    CSR_REQUIRED = "csr_required"
     # 403: evidence or policy rejected
     CHALLENGE_INVALID = "challenge_invalid"
     CHALLENGE_EXPIRED = "challenge_expired"
@@ -97,6 +101,18 @@ CODES: dict[Code, CodeInfo] = {
     ),
     Code.ACCESS_TOKEN_MALFORMED: CodeInfo(
         400, False, "access_token is not a well-formed JWT (three base64url parts, JSON header)."
+    ),
+    Code.CSR_INVALID: CodeInfo(
+        400, False, "host.csr is not one PEM CSR whose self-signature verifies."
+    ),
+    Code.CSR_KEY_MISMATCH: CodeInfo(
+        400, False, "host.csr is for another key than host.public_tls_key."
+    ),
+    Code.SSH_KEY_PROOF_INVALID: CodeInfo(
+        400, False, "host.ssh_key_proof is not the SSH key's signature over this challenge."
+    ),
+    Code.CSR_REQUIRED: CodeInfo(
+        400, False, "The auth service requires host.csr and host.ssh_key_proof (--require-csr)."
     ),
     Code.INVALID_FORWARDED_HEADER: CodeInfo(
         400, False, "A trusted proxy sent a Forwarded/X-Forwarded-For header that does not parse."
@@ -200,6 +216,11 @@ class RegisterCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     BODY_TOO_LARGE = "body_too_large"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    # Proof of possession (auth serve --require-csr makes both mandatory).
+    CSR_INVALID = "csr_invalid"
+    CSR_KEY_MISMATCH = "csr_key_mismatch"
+    SSH_KEY_PROOF_INVALID = "ssh_key_proof_invalid"
+    CSR_REQUIRED = "csr_required"
     HOST_LOCKED = "host_locked"
     REGISTRY_UNAVAILABLE = "registry_unavailable"
     NOT_FOUND = "not_found"

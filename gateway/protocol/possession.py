@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 
 __all__ = [
     "MAX_CSR_BYTES",
+    "MAX_SSH_KEY_PROOF",
     "PossessionError",
     "make_csr",
     "sign_ssh_possession",
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 MAX_CSR_BYTES = 16 * 1024
-_MAX_PROOF_CHARS = 1024
+MAX_SSH_KEY_PROOF = 1024
 _CONTEXT = b"join-gateway ssh-key-possession v1\x00"
 
 SshPrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -123,7 +124,7 @@ def sign_ssh_possession(private_key: SshPrivateKey, challenge: str) -> str:
 def verify_ssh_possession(public_ssh_key: str, challenge: str, proof: str) -> None:
     """Raise :class:`PossessionError` (``ssh_key_proof_invalid``) unless ``proof`` is a
     signature over ``challenge`` by ``public_ssh_key`` (an OpenSSH public key line)."""
-    if not proof or len(proof) > _MAX_PROOF_CHARS:
+    if not proof or len(proof) > MAX_SSH_KEY_PROOF:
         raise PossessionError("ssh_key_proof_invalid", "the SSH key proof is empty or too long")
     try:
         sig = base64.b64decode(proof.encode("ascii"), validate=True)

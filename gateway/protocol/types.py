@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.protocol.possession import MAX_CSR_BYTES, MAX_SSH_KEY_PROOF
 from gateway.protocol.validators import (
     HOST_ROLES,
     MAX_NODE_NAME,
@@ -44,9 +45,13 @@ class HostParams:
     public_tls_key: str
     additional_principals: tuple[str, ...] = ()
     dns_names: tuple[str, ...] = ()
+    # Proof of possession (optional in join API v1; ``gateway/protocol/possession.py``):
+    # a PKCS#10 CSR signed by the TLS key, and a signature over the challenge by the SSH key.
+    csr: str | None = None
+    ssh_key_proof: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "node_name": self.node_name,
             "role": self.role,
             "public_ssh_key": self.public_ssh_key,
@@ -54,11 +59,27 @@ class HostParams:
             "additional_principals": list(self.additional_principals),
             "dns_names": list(self.dns_names),
         }
+        # Absent rather than null: an older peer's strict decoder never sees a new key.
+        if self.csr is not None:
+            body["csr"] = self.csr
+        if self.ssh_key_proof is not None:
+            body["ssh_key_proof"] = self.ssh_key_proof
+        return body
 
 
 _HOST_FIELDS = frozenset(
-    {"node_name", "role", "public_ssh_key", "public_tls_key", "additional_principals", "dns_names"}
+    {
+        "node_name",
+        "role",
+        "public_ssh_key",
+        "public_tls_key",
+        "additional_principals",
+        "dns_names",
+        "csr",
+        "ssh_key_proof",
+    }
 )
+_POSSESSION_FIELDS = frozenset({"csr", "ssh_key_proof"})
 _HOST_REQUIRED = frozenset({"node_name", "role", "public_ssh_key", "public_tls_key"})
 
 
@@ -69,7 +90,8 @@ def decode_host_params(value: object, where: str, *, lists_required: bool) -> Ho
     (registration API: ``lists_required``)."""
     if not isinstance(value, Mapping):
         raise invalid(f"{where} must be an object")
-    require_fields(value, _HOST_FIELDS, _HOST_FIELDS if lists_required else _HOST_REQUIRED, where)
+    required = (_HOST_FIELDS - _POSSESSION_FIELDS) if lists_required else _HOST_REQUIRED
+    require_fields(value, _HOST_FIELDS, required, where)
     node_name = require_str(value, "node_name", where, max_len=MAX_NODE_NAME)
     if not is_node_name(node_name):
         raise invalid(f"{where}.node_name must be a hostname")
@@ -89,7 +111,14 @@ def decode_host_params(value: object, where: str, *, lists_required: bool) -> Ho
             value, "additional_principals", where, rule=is_principal
         ),
         dns_names=optional_str_list(value, "dns_names", where, rule=is_dns_name),
+        csr=_optional(value, "csr", where, MAX_CSR_BYTES),
+        ssh_key_proof=_optional(value, "ssh_key_proof", where, MAX_SSH_KEY_PROOF),
     )
+
+
+def _optional(value: Mapping[str, Any], key: str, where: str, max_len: int) -> str | None:
+    """A possession field: absent, or a bounded string (its proof is checked apart)."""
+    return require_str(value, key, where, max_len=max_len) if key in value else None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import ssl
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gateway.authservice import (
     AuthPaths,
     AuthService,
+    AuthSettings,
     HostAuthority,
     ca_pin_for_data_dir,
     init_auth_dir,
@@ -49,6 +50,7 @@ from gateway.core.tlsutil import (
 )
 from gateway.join.forward import AuthClient
 from gateway.protocol import HostParams, JoinBlock, Registration
+from gateway.protocol.possession import make_csr, sign_ssh_possession
 
 pytestmark = pytest.mark.integration
 
@@ -658,3 +660,63 @@ async def test_auth_serve_runs_until_sigterm(paths: AuthPaths) -> None:
         async with client:
             result = await client.register(make_reg(new_keys()))
         assert result.host_id
+
+
+# --- proof of possession: the auth service checks again what the gateway checked -------
+
+
+def _with(reg: Registration, **host: Any) -> bytes:
+    return json.dumps(replace(reg, host=replace(reg.host, **host)).to_json()).encode()
+
+
+POSSESSION: list[tuple[str, Callable[[NodeKeys, Registration], bytes], int, str | None]] = [
+    (
+        "the node's own CSR and SSH proof are certified",
+        lambda k, r: _with(
+            r,
+            csr=make_csr(k.tls_private),
+            ssh_key_proof=sign_ssh_possession(k.ssh_private, r.idempotency_key),
+        ),
+        200,
+        None,
+    ),
+    (
+        "a CSR for another key is refused",
+        lambda k, r: _with(
+            r,
+            csr=make_csr(ec.generate_private_key(ec.SECP256R1())),
+            ssh_key_proof=sign_ssh_possession(k.ssh_private, r.idempotency_key),
+        ),
+        400,
+        "csr_key_mismatch",
+    ),
+    (
+        "an SSH proof over another idempotency key is refused",
+        lambda k, r: _with(
+            r,
+            csr=make_csr(k.tls_private),
+            ssh_key_proof=sign_ssh_possession(k.ssh_private, "x" * 32),
+        ),
+        400,
+        "ssh_key_proof_invalid",
+    ),
+    ("no proof is refused with --require-csr", lambda k, r: _with(r), 400, "csr_required"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"), [c[1:] for c in POSSESSION], ids=[c[0] for c in POSSESSION]
+)
+async def test_possession_is_checked_again_at_the_auth_service(
+    paths: AuthPaths,
+    body: Callable[[NodeKeys, Registration], bytes],
+    status: int,
+    code: str | None,
+) -> None:
+    keys = new_keys()
+    async with AuthService(data_dir=paths.data_dir, settings=AuthSettings(require_csr=True)) as svc:
+        got, data = await post_raw(svc, gateway_ctx(paths), body(keys, make_reg(keys)))
+    assert (got, (data.get("error") or {}).get("code") if isinstance(data, dict) else None) == (
+        status,
+        code,
+    )

@@ -71,6 +71,7 @@ def test_accepted_real_document_reports_every_field() -> None:
     names = [(c["name"], c["status"]) for c in report["checks"]]
     assert names == [
         ("challenge", "skipped"),
+        ("possession", "skipped"),
         ("token", "skipped"),
         ("base64", "ok"),
         ("cms", "ok"),

@@ -19,7 +19,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway.azure.arm import VmRecord
 from gateway.azure.attested import _MAX_PENDING_BUILDS, AttestedVerifier
@@ -30,7 +31,14 @@ from gateway.azure.vm_directory import VmDirectory
 from gateway.core.cache import MemoryCache
 from gateway.core.clock import FixedClock
 from gateway.core.cloud import CLOUDS
-from gateway.core.errors import Code, GatewayError, JoinRejected, Overloaded, UpstreamFailed
+from gateway.core.errors import (
+    BadRequest,
+    Code,
+    GatewayError,
+    JoinRejected,
+    Overloaded,
+    UpstreamFailed,
+)
 from gateway.core.redis_tier import redis_client
 from gateway.core.reload import Reloadable
 from gateway.join.binding import VmBinder
@@ -47,6 +55,7 @@ from gateway.join.pipeline import (
 from gateway.join.replay import MemoryReplayStore, RedisReplayStore
 from gateway.join.rules import load_token_files
 from gateway.protocol import HostParams, RegisterResult, Registration
+from gateway.protocol.possession import make_csr, sign_ssh_possession
 from tests.support.cms_forge import INTERMEDIATE_CN, T0, Pki, azure_content, forge, make_pki
 from tests.support.executors import GatedExecutor
 from tests.support.ids import (
@@ -136,6 +145,8 @@ class FakeAuth:
             raise Overloaded(Code.UPSTREAM_UNAVAILABLE, retry_after=5.0, detail="circuit open")
         if reg.host.node_name == "locked":
             raise JoinRejected(Code.HOST_LOCKED, "auth service: locked by an operator")
+        if reg.host.node_name == "unproved":
+            raise BadRequest(Code.CSR_REQUIRED, detail="auth service: --require-csr")
         if reg.host.node_name == "upstream-error":
             raise UpstreamFailed("auth service answered 500")
         return RegisterResult(
@@ -238,6 +249,8 @@ class Case:
     claims: dict[str, Any] = field(default_factory=dict)
     deps: Callable[[World], JoinDeps] | None = None
     replayed: bool = False
+    # (challenge) -> the host block with its proofs of possession; None: no proofs sent
+    host: Callable[[str], HostParams] | None = None
 
 
 def _content(challenge: str, **over: Any) -> bytes:
@@ -281,7 +294,9 @@ def _request(w: World, case: Case) -> JoinRequest:
         attested_signature=signature,
         intermediates=(w.pki.intermediate.der,),
         access_token=token,
-        host=HostParams(
+        host=case.host(challenge)
+        if case.host
+        else HostParams(
             node_name=case.node_name,
             role=case.role,
             public_ssh_key="ssh-ed25519 AAAA",
@@ -289,6 +304,40 @@ def _request(w: World, case: Case) -> JoinRequest:
         ),
         client_address="127.0.0.1",
     )
+
+
+# Real keys for the proof-of-possession cases: the proofs are real signatures.
+_TLS = ec.generate_private_key(ec.SECP256R1())
+_SSH = ed25519.Ed25519PrivateKey.generate()
+
+
+def _proved(
+    *, csr_key: ec.EllipticCurvePrivateKey = _TLS, ssh_key: ed25519.Ed25519PrivateKey = _SSH
+) -> Callable[[str], HostParams]:
+    """The host block an agent sends, with a CSR by ``csr_key`` and a proof by ``ssh_key``
+    (the node's own keys unless a case swaps one)."""
+
+    def build(challenge: str) -> HostParams:
+        return HostParams(
+            node_name="node-0",
+            role="Node",
+            public_ssh_key=_SSH.public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode(),
+            public_tls_key=_TLS.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode(),
+            csr=make_csr(csr_key),
+            ssh_key_proof=sign_ssh_possession(ssh_key, challenge),
+        )
+
+    return build
+
+
+def _garbled_csr(challenge: str) -> HostParams:
+    return dataclasses.replace(_proved()(challenge), csr="-----BEGIN CERTIFICATE REQUEST-----x")
 
 
 def _stranger_leaf(w: World, challenge: str) -> str:
@@ -340,6 +389,19 @@ SIGNED_AS_NONCE = "nonce-of-another-challenge"
 
 CASES: list[tuple[str, Case, Code | None]] = [
     ("a VM whose evidence all holds joins", Case(), None),
+    ("a VM that proves it holds its keys joins", Case(host=_proved()), None),
+    # 2b. proof of possession
+    ("a CSR that does not parse", Case(host=_garbled_csr), Code.CSR_INVALID),
+    (
+        "a CSR for another key than the one to certify",
+        Case(host=_proved(csr_key=ec.generate_private_key(ec.SECP256R1()))),
+        Code.CSR_KEY_MISMATCH,
+    ),
+    (
+        "an SSH proof made by another key",
+        Case(host=_proved(ssh_key=ed25519.Ed25519PrivateKey.generate())),
+        Code.SSH_KEY_PROOF_INVALID,
+    ),
     # 2. challenge
     (
         "a challenge this gateway did not issue",
@@ -495,6 +557,11 @@ CASES: list[tuple[str, Case, Code | None]] = [
     ),
     ("an auth service that fails", Case(node_name="upstream-error"), Code.UPSTREAM_FAILED),
     ("a VM an operator locked", Case(node_name="locked"), Code.HOST_LOCKED),
+    (
+        "no proof of possession where the auth service requires one",
+        Case(node_name="unproved"),
+        Code.CSR_REQUIRED,
+    ),
 ]
 
 
@@ -586,6 +653,7 @@ async def test_the_audit_facts_of_a_cheap_refusal_name_the_resource(world: World
     assert trace.facts["tenant"] == TENANT and trace.facts["vm_id"] == VM_ID
     assert list(trace.steps) == [
         "challenge",
+        "possession",
         "token",
         "document",
         "access_token",
