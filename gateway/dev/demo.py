@@ -1,13 +1,14 @@
 """``join-gateway demo``: the whole system on loopback, then a fleet joins.
 
-Starts the Azure emulator, the reference auth service and the gateway (real HTTPS),
-then a fleet of emulated VMs — user- and system-assigned identities, a uniform scale
-set, several subscriptions and resource groups — joins concurrently through the real
-agent code (``run_join``). VMs that must be refused try too: a subscription no rule
-allows, a resource group outside its rule, a replayed challenge, and a document from
-another VM. It prints what happened and exits 0 only if every outcome is the expected
-one. Then the life goes on: one node is locked by an operator, and every node renews by a
-full re-join — each keeps its host ID, and the locked one is refused ``host_locked``.
+Starts the Azure emulator, the reference auth service and the gateway (real HTTPS), then a
+fleet of emulated VMs — user- and system-assigned identities, a uniform scale set, several
+subscriptions and resource groups — joins concurrently through the real agent code
+(``run_join``). VMs that must be refused try too: a subscription no rule allows, a
+resource group outside its rule, a VM whose tags a tag rule refuses, a managed identity an
+identity rule refuses, a replayed challenge, and a document from another VM. It prints
+what happened and exits 0 only if every outcome is the expected one. Then the life goes
+on: one node is locked by an operator, and every node renews by a full re-join — each
+keeps its host ID, and the locked one is refused ``host_locked``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -49,6 +51,10 @@ __all__ = ["add_arguments", "run"]
 S_OPEN = "11111111-1111-1111-1111-111111111111"
 S_GROUPS = "33333333-3333-3333-3333-333333333333"
 S_CLOSED = "55555555-5555-5555-5555-555555555555"
+S_TAGGED = "66666666-6666-6666-6666-666666666666"  # admits VMs tagged env=prod only
+# Admits one managed identity only (its client ID), whatever the VM.
+S_IDENTITY = "77777777-7777-7777-7777-777777777777"
+ALLOWED_CLIENT_ID = "aaaaaaaa-0000-4000-8000-0000000000a1"
 
 TOKENS = f"""\
 kind: token
@@ -63,6 +69,11 @@ spec:
       - subscription: {S_OPEN}
       - subscription: {S_GROUPS}
         resource_groups: ["group1", "group2"]
+      - subscription: {S_TAGGED}
+        tags:
+          env: prod
+      - subscription: {S_IDENTITY}
+        identities: ["{ALLOWED_CLIENT_ID}"]
 """
 
 
@@ -184,6 +195,53 @@ def _fleet(stack: DevStack, n: int) -> DemoFleet:
                 "not_allowed",
             )
         )
+    # A tag-based and an identity-based refusal: ARM says the VM is tagged env=dev; the
+    # token says another managed identity joined.
+    refused.append(
+        (
+            emu.add_vm(
+                subscription=S_TAGGED,
+                resource_group="rg-tagged",
+                name="tagged-dev",
+                tenant=tenant,
+                identity="system",
+                tags={"env": "dev"},
+            ),
+            "not_allowed",
+        )
+    )
+    refused.append(
+        (
+            emu.add_vm(
+                subscription=S_IDENTITY,
+                resource_group="rg-ids",
+                name="other-identity",
+                tenant=tenant,
+                identity="user",
+            ),
+            "not_allowed",
+        )
+    )
+    joiners.append(
+        emu.add_vm(
+            subscription=S_TAGGED,
+            resource_group="rg-tagged",
+            name="tagged-prod",
+            tenant=tenant,
+            identity="system",
+            tags={"env": "prod"},
+        )
+    )
+    joiners.append(
+        emu.add_vm(
+            subscription=S_IDENTITY,
+            resource_group="rg-ids",
+            name="allowed-identity",
+            tenant=tenant,
+            identity="user",
+            client_id=ALLOWED_CLIENT_ID,
+        )
+    )
     replay_vm = emu.add_vm(
         subscription=S_OPEN,
         resource_group="rg-edge",
@@ -385,6 +443,8 @@ def _report(
     print(f"{'joined':32} {len(joined):5}")
     for code, count in sorted(refused.items()):
         print(f"{'refused: ' + code:32} {count:5}")
+    names = ", ".join(f"{o.name} ({o.got})" for o in outcomes if o.got != "joined")
+    print(textwrap.fill(names, 88, initial_indent="refused VMs: ", subsequent_indent="  "))
     print()
     print(
         f"join latency (agent, ms)   p50 {_pct(lat, 50):7.1f}   p99 {_pct(lat, 99):7.1f}"

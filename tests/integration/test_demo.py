@@ -22,7 +22,12 @@ def test_the_demo_shows_the_birth_and_the_life_of_the_nodes() -> None:
     text = out.stdout
     assert "every outcome as expected" in text
     assert "every renewal as expected" in text
-    assert re.search(r"joined\s+20\n", text)
-    assert re.search(r"renewed, same host ID\s+19\n", text)
+    # 20 VMs plus one a tag rule admits and one an identity rule admits.
+    assert re.search(r"joined\s+22\n", text)
+    assert re.search(r"refused: not_allowed\s+8\n", text)
+    # The tag-based and the identity-based refusals are among them.
+    flat = " ".join(text.split())  # the list of refused VMs is wrapped
+    assert "tagged-dev (not_allowed)" in flat and "other-identity (not_allowed)" in flat
+    assert re.search(r"renewed, same host ID\s+21\n", text)
     assert re.search(r"refused: host_locked\s+1\n", text)
-    assert re.search(r"inventory \(nodes ls\)\s+21 hosts, 1 locked, 19 renewals recorded", text)
+    assert re.search(r"inventory \(nodes ls\)\s+23 hosts, 1 locked, 21 renewals recorded", text)
