@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -169,78 +169,26 @@ def _fleet(stack: DevStack, n: int) -> DemoFleet:
             )
             client_id = vm.client_id  # one user-assigned identity per group, as operators do
             joiners.append(vm)
+
+    def add(
+        sub: str, rg: str, name: str, identity: Literal["user", "system"], **kw: Any
+    ) -> EmulatedVm:
+        return emu.add_vm(
+            subscription=sub, resource_group=rg, name=name, tenant=tenant, identity=identity, **kw
+        )
+
     refused: list[tuple[EmulatedVm, str]] = []
     for j in range(3):
-        refused.append(
-            (
-                emu.add_vm(
-                    subscription=S_CLOSED,
-                    resource_group="rg-x",
-                    name=f"closed-{j}",
-                    tenant=tenant,
-                    identity="user",
-                ),
-                "not_allowed",
-            )
-        )
-        refused.append(
-            (
-                emu.add_vm(
-                    subscription=S_GROUPS,
-                    resource_group="group3",
-                    name=f"group3-{j}",
-                    tenant=tenant,
-                    identity="system",
-                ),
-                "not_allowed",
-            )
-        )
+        refused.append((add(S_CLOSED, "rg-x", f"closed-{j}", "user"), "not_allowed"))
+        refused.append((add(S_GROUPS, "group3", f"group3-{j}", "system"), "not_allowed"))
     # A tag-based and an identity-based refusal: ARM says the VM is tagged env=dev; the
-    # token says another managed identity joined.
-    refused.append(
-        (
-            emu.add_vm(
-                subscription=S_TAGGED,
-                resource_group="rg-tagged",
-                name="tagged-dev",
-                tenant=tenant,
-                identity="system",
-                tags={"env": "dev"},
-            ),
-            "not_allowed",
-        )
-    )
-    refused.append(
-        (
-            emu.add_vm(
-                subscription=S_IDENTITY,
-                resource_group="rg-ids",
-                name="other-identity",
-                tenant=tenant,
-                identity="user",
-            ),
-            "not_allowed",
-        )
-    )
+    # token says another managed identity joined. Each rule admits one VM too.
+    dev, prod = {"env": "dev"}, {"env": "prod"}
+    refused.append((add(S_TAGGED, "rg-tagged", "tagged-dev", "system", tags=dev), "not_allowed"))
+    refused.append((add(S_IDENTITY, "rg-ids", "other-identity", "user"), "not_allowed"))
+    joiners.append(add(S_TAGGED, "rg-tagged", "tagged-prod", "system", tags=prod))
     joiners.append(
-        emu.add_vm(
-            subscription=S_TAGGED,
-            resource_group="rg-tagged",
-            name="tagged-prod",
-            tenant=tenant,
-            identity="system",
-            tags={"env": "prod"},
-        )
-    )
-    joiners.append(
-        emu.add_vm(
-            subscription=S_IDENTITY,
-            resource_group="rg-ids",
-            name="allowed-identity",
-            tenant=tenant,
-            identity="user",
-            client_id=ALLOWED_CLIENT_ID,
-        )
+        add(S_IDENTITY, "rg-ids", "allowed-identity", "user", client_id=ALLOWED_CLIENT_ID)
     )
     replay_vm = emu.add_vm(
         subscription=S_OPEN,
