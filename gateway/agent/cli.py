@@ -46,7 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-addr", help="source IP for outgoing connections")
     parser.add_argument("--max-attempts", type=int, help="attempts before giving up")
     parser.add_argument("--total-timeout", type=float, help="seconds before giving up")
-    parser.add_argument("--node-name", help="node name (default: teleport.nodename or hostname)")
+    parser.add_argument(
+        "--node-name",
+        help="node name to ask for (default: teleport.nodename; unset, the gateway names the "
+        "node after the VM's Azure name)",
+    )
     parser.add_argument(
         "--principal",
         action="append",

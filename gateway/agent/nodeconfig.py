@@ -13,8 +13,6 @@ wrong identity.
 from __future__ import annotations
 
 import re
-import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,8 +92,6 @@ class AgentSettings:
             raise NodeConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.backoff_base < 0 or self.backoff_cap < 0 or self.total_timeout <= 0:
             raise NodeConfigError("backoff_base/backoff_cap must be >= 0 and total_timeout > 0")
-        if not self.node_name:
-            raise NodeConfigError("node_name must not be empty")
 
 
 def parse_ca_pin(
@@ -236,13 +232,9 @@ def _pins(doc: _Doc, tele: dict[str, Any], key: str) -> tuple[str, ...]:
     )
 
 
-def parse_node_config(
-    text: str,
-    *,
-    source: str = "<node config>",
-    hostname: Callable[[], str] = socket.gethostname,
-) -> AgentSettings:
-    """Parse the node config's text. ``hostname`` supplies the default node name."""
+def parse_node_config(text: str, *, source: str = "<node config>") -> AgentSettings:
+    """Parse the node config's text. Without ``teleport.nodename`` the node name is left
+    to the gateway (the VM's verified Azure name, or the token's template)."""
     doc = _Doc(text, source)
     top = _mapping(doc, doc.data)
     version = top.get("version")
@@ -309,7 +301,10 @@ def parse_node_config(
     data_dir = DEFAULT_DATA_DIR
     if tele.get("data_dir") is not None:
         data_dir = Path(_string(doc, tele["data_dir"], "teleport", "data_dir"))
-    node_name = hostname()
+    # Unset, the gateway names the node after the VM's verified Azure name (the hostname
+    # differs on a uniform scale set, whose instances are <set>_<id>); a configured name
+    # is sent, and the gateway accepts it only if the token's name policy gives it.
+    node_name = ""
     if tele.get("nodename") is not None:
         node_name = _string(doc, tele["nodename"], "teleport", "nodename")
     return AgentSettings(
@@ -323,12 +318,10 @@ def parse_node_config(
     )
 
 
-def load_node_config(
-    path: Path, *, hostname: Callable[[], str] = socket.gethostname
-) -> AgentSettings:
+def load_node_config(path: Path) -> AgentSettings:
     """Read and parse the node config at ``path``."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise NodeConfigError(f"cannot read: {exc}", source=str(path)) from exc
-    return parse_node_config(text, source=str(path), hostname=hostname)
+    return parse_node_config(text, source=str(path))

@@ -60,6 +60,15 @@ _MAX_BODY = 8 * 1024 * 1024  # a page of 1000 VM models is a few MiB
 _MAX_PAGES = 200
 _DEFAULT_RETRY_AFTER = 5.0
 _MAX_RETRY_AFTER = 300.0
+# Azure's largest VM sizes take 8 NICs; more in a model is a broken answer, and the cap
+# bounds the reads one join can cause.
+_MAX_NICS = 8
+_MAX_IP_CONFIGS = 256
+# Microsoft.Network's networkInterfaces, and the scale-set instance NIC path Azure serves
+# only under 2018-10-01 (https://learn.microsoft.com/rest/api/virtualnetwork/
+# network-interface-in-vm-ss/get-virtual-machine-scale-set-network-interface).
+NETWORK_API_VERSION = "2024-05-01"
+VMSS_NIC_API_VERSION = "2018-10-01"
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,9 @@ class VmRecord:
     # For the allow rules (locations, tags) — what ARM said, no extra call.
     location: str | None = None
     tags: Mapping[str, str] | None = None
+    # properties.networkProfile.networkInterfaces[].id (at most _MAX_NICS): where the
+    # VM's private IPs are, read only when a token allows IP names (get_nic_private_ips).
+    nic_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -289,6 +301,42 @@ class ArmClient:
         )
         return await self._page(url, "list_vmss_vms", subscription, bearer)
 
+    async def get_nic_private_ips(self, nic_id: str, *, bearer: str) -> tuple[str, ...] | None:
+        """The private IPs of one network interface (``properties.ipConfigurations[]
+        .properties.privateIPAddress``), or None when ARM says 404. ``nic_id`` is a VM
+        model's NIC reference: a ``Microsoft.Network/networkInterfaces`` ID, or a uniform
+        scale-set instance's ``…/virtualMachines/<i>/networkInterfaces/<nic>``."""
+        rid = parse_resource_id(nic_id)
+        shape = (azure_name_key(rid.provider), tuple(azure_name_key(t) for t in rid.types))
+        if shape == ("microsoft.network", ("networkinterfaces",)):
+            version = NETWORK_API_VERSION
+        elif shape == (
+            "microsoft.compute",
+            ("virtualmachinescalesets", "virtualmachines", "networkinterfaces"),
+        ):
+            version = VMSS_NIC_API_VERSION
+        else:
+            raise ValueError("not a network interface ID")
+        names = (rid.name, *rid.child_names)
+        path = [seg for pair in zip(rid.types, names, strict=True) for seg in pair]
+        url = self._url(
+            rid.subscription, rid.resource_group, *path, provider=rid.provider, api_version=version
+        )
+        body = await self._get(url, "get_nic", rid.subscription, bearer)
+        if body is None:
+            return None
+        props = body.get("properties")
+        configs = props.get("ipConfigurations") if isinstance(props, Mapping) else None
+        if not isinstance(configs, list) or len(configs) > _MAX_IP_CONFIGS:
+            raise self._bad_answer("get_nic", "no ipConfigurations list")
+        ips: list[str] = []
+        for config in configs:
+            cprops = config.get("properties") if isinstance(config, Mapping) else None
+            ip = cprops.get("privateIPAddress") if isinstance(cprops, Mapping) else None
+            if isinstance(ip, str) and ip:
+                ips.append(ip)
+        return tuple(ips)
+
     def ready_in(self, subscription: str, *, kind: ArmReadKind = "read", ahead: int = 0) -> float:
         """Seconds until a request of ``kind`` for ``subscription`` could be sent (after
         ``ahead`` more of them): 0 when now, else the longer of a ``Retry-After`` hold and
@@ -320,7 +368,14 @@ class ArmClient:
 
     # -- plumbing -----------------------------------------------------------------------
 
-    def _url(self, subscription: str, resource_group: str, *path: str) -> str:
+    def _url(
+        self,
+        subscription: str,
+        resource_group: str,
+        *path: str,
+        provider: str = "Microsoft.Compute",
+        api_version: str | None = None,
+    ) -> str:
         sub = normalize_guid(subscription)
         if sub is None:
             raise ValueError("subscription is not a GUID")
@@ -330,14 +385,15 @@ class ArmClient:
             "resourceGroups",
             resource_group,
             "providers",
-            "Microsoft.Compute",
+            provider,
             *path,
         ]
         for seg in segs:
             if not seg or seg in (".", ".."):
                 raise ValueError("empty or dot path segment")
         quoted = "/".join(quote(seg, safe="") for seg in segs)
-        return f"{self._endpoint}/{quoted}?api-version={quote(self._api_version, safe='')}"
+        version = self._api_version if api_version is None else api_version
+        return f"{self._endpoint}/{quoted}?api-version={quote(version, safe='')}"
 
     def _on_endpoint(self, url: str) -> bool:
         try:
@@ -508,10 +564,14 @@ class ArmClient:
         if status == 404:
             return None
         if status in (401, 403):
+            action = (
+                "Microsoft.Network/networkInterfaces/read on the VM's NICs"
+                if kind == "get_nic"
+                else "Microsoft.Compute/virtualMachines/read on the VM's scope"
+            )
             raise JoinRejected(
                 Code.VM_BINDING_FAILED,
-                f"ARM {kind} answered {status}: the identity lacks "
-                "Microsoft.Compute/virtualMachines/read on the VM's scope",
+                f"ARM {kind} answered {status}: the identity lacks {action}",
             )
         if status == 429:
             wait = retry_after if retry_after is not None else _DEFAULT_RETRY_AFTER
@@ -554,7 +614,19 @@ def vm_record_from_model(item: Mapping[str, Any]) -> VmRecord:
         instance_id=rid.instance_id,
         location=location if isinstance(location, str) else None,
         tags=_tags(item.get("tags")),
+        nic_ids=_nic_ids(props),
     )
+
+
+def _nic_ids(props: object) -> tuple[str, ...]:
+    """``properties.networkProfile.networkInterfaces[].id``: the first ``_MAX_NICS``
+    strings (a VM model without a network profile has none)."""
+    profile = props.get("networkProfile") if isinstance(props, Mapping) else None
+    nics = profile.get("networkInterfaces") if isinstance(profile, Mapping) else None
+    if not isinstance(nics, list):
+        return ()
+    ids = [n.get("id") for n in nics if isinstance(n, Mapping)]
+    return tuple(i for i in ids if isinstance(i, str) and i)[:_MAX_NICS]
 
 
 def _flexible_scale_set(props: object) -> str | None:

@@ -48,6 +48,7 @@ most recent waiter's token reads the next page (the freshest one at hand).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +60,9 @@ from gateway.core.cache import MemoryCache
 from gateway.core.clock import Clock
 from gateway.core.errors import Code, JoinRejected, Overloaded
 
-__all__ = ["DirectoryStats", "VmCacheEntry", "VmDirectory"]
+__all__ = ["DirectoryStats", "NicAddress", "VmCacheEntry", "VmDirectory"]
+
+NicAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +243,10 @@ class VmDirectory:
         # Resource group -> {VM key: monotonic time of its last miss}, oldest first.
         self._misses: dict[str, dict[str, float]] = {}
         self._unlistable: dict[str, float] = {}  # group key -> until (403 on list)
+        # vmId -> its NICs' private IPs, for as long as a VM record lives.
+        self._nic_ips: MemoryCache[str, frozenset[NicAddress]] = MemoryCache(
+            "nic_ips", clock=clock
+        )
         self._seq = 0
         self._closed = False
         self.stats = DirectoryStats()
@@ -254,6 +261,34 @@ class VmDirectory:
         if rid.is_scale_set or rid.is_scale_set_vm:
             return await self._find_in_scale_set(rid, vm_id, bearer)
         raise JoinRejected(Code.IDENTITY_UNSUPPORTED, f"{rid.raw[:200]!r} is not a VM")
+
+    async def private_ips(
+        self, *, vm_id: str, subscription: str, nic_ids: tuple[str, ...], bearer: str
+    ) -> frozenset[NicAddress]:
+        """The private IPs of the VM's network interfaces (``nic_ids``, from its record),
+        read once per ``vm_cache_ttl`` per VM like the record itself. A NIC outside the
+        VM's subscription or that ARM no longer has gives no address."""
+
+        async def load() -> tuple[frozenset[NicAddress], float]:
+            found: set[NicAddress] = set()
+            for nic_id in nic_ids:
+                try:
+                    if parse_resource_id(nic_id).subscription != subscription:
+                        continue
+                    ips = await self._arm.get_nic_private_ips(nic_id, bearer=bearer)
+                except (ValueError, JoinRejected) as exc:
+                    if isinstance(exc, JoinRejected) and exc.code is not Code.IDENTITY_UNSUPPORTED:
+                        raise
+                    logger.warning("skipping NIC reference %r: %s", nic_id[:200], exc)
+                    continue
+                for ip in ips or ():
+                    try:
+                        found.add(ipaddress.ip_address(ip))
+                    except ValueError:
+                        logger.warning("NIC %r has a malformed IP %r", nic_id[:200], ip[:64])
+            return frozenset(found), self._vm_ttl
+
+        return await self._nic_ips.get_or_load(vm_id, load)
 
     async def idle(self) -> None:
         """Wait until no page is being fetched (tests and shutdown: listings run detached

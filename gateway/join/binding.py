@@ -27,7 +27,7 @@ from typing import Literal
 
 from gateway.azure.resource_id import ResourceId, parse_resource_id
 from gateway.azure.token import TokenClaims, normalize_guid
-from gateway.azure.vm_directory import DirectoryStats, VmDirectory
+from gateway.azure.vm_directory import DirectoryStats, NicAddress, VmDirectory
 from gateway.core.errors import Code, JoinRejected
 
 __all__ = [
@@ -54,6 +54,8 @@ class VmIdentity:
     arm_verified: bool
     location: str | None = None  # None: not known (binding off)
     tags: Mapping[str, str] | None = None
+    instance_id: str | None = None  # a uniform scale-set instance's ID
+    nic_ids: tuple[str, ...] = ()  # ARM's networkProfile (empty: binding off)
 
 
 def resource_from_claims(claims: TokenClaims) -> tuple[ResourceId, IdentityKind]:
@@ -135,6 +137,7 @@ class VmBinder:
                 scale_set=rid.scale_set,
                 identity_kind=kind,
                 arm_verified=False,
+                instance_id=rid.instance_id,
             )
         record = await self._directory.find(rid, vm_id, bearer)
         if record.subscription != rid.subscription:  # ARM answered for what we asked
@@ -150,6 +153,20 @@ class VmBinder:
             arm_verified=True,
             location=record.location,
             tags=record.tags,
+            instance_id=record.instance_id,
+            nic_ids=record.nic_ids,
+        )
+
+    async def nic_ips(self, identity: VmIdentity, *, bearer: str) -> frozenset[NicAddress]:
+        """The private IPs of the bound VM's network interfaces, from Resource Manager;
+        none when the VM was not read from ARM (binding off)."""
+        if not identity.arm_verified or self._directory is None:
+            return frozenset()
+        return await self._directory.private_ips(
+            vm_id=identity.vm_id,
+            subscription=identity.subscription_id,
+            nic_ids=identity.nic_ids,
+            bearer=bearer,
         )
 
     def __repr__(self) -> str:

@@ -2,7 +2,8 @@
 
 One declared step table, :data:`JOIN_STEPS`, reads top-down like the design:
 challenge → token → (document ∥ access token) → identity → binding → allow rules →
-Resource Manager → allow rules again. ``verify_join`` runs it fail-fast; ``inspect``
+Resource Manager → allow rules again → names (what the certificates may name).
+``verify_join`` runs it fail-fast; ``inspect``
 (:func:`inspect_evidence`) runs the very same table recording every step, so the two
 cannot disagree. Each step calls the check of its own module (typed evidence, or
 ``JoinRejected``). The allow rules run first on the signed token's resource ID — a join
@@ -42,6 +43,7 @@ from gateway.core.steps import (
 from gateway.join.binding import IdentityKind, VmBinder, VmIdentity, resource_from_claims
 from gateway.join.challenge import ChallengeCodec
 from gateway.join.forward import AuthClient
+from gateway.join.names import DecidedNames, VmAttributes, decide_names, wants_nic_ips
 from gateway.join.replay import ReplayStore
 from gateway.join.rules import (
     AllowRule,
@@ -93,6 +95,8 @@ class JoinAttrs:
     arm_verified: bool
     rule: AllowRule
     challenge_expires: float
+    # What the certificates will name (gateway/join/names.py): the registration's names.
+    names: DecidedNames
 
     def join_block(self) -> JoinBlock:
         return JoinBlock(
@@ -198,6 +202,7 @@ class _Run:
     identity_kind: IdentityKind | None = None
     identity: VmIdentity | None = None
     rule: AllowRule | None = None
+    names: DecidedNames | None = None
 
     # Each accessor is called only by a step whose ``needs`` guarantee the field is set.
     def _token(self) -> ProvisionToken:
@@ -385,6 +390,34 @@ async def _step_rules_arm(run: _Run) -> Detail:
     return f"rule {run.rule.source or run.rule} admits {identity.resource_id}"
 
 
+async def _step_names(run: _Run) -> Detail:
+    # 6c. What the certificates may name: only what the token's name policy renders from
+    # verified attributes (the document, the token, ARM's record), never the request's
+    # say-so. NIC addresses are read only when the token allows them and the request asks.
+    host, token, identity = run.host, run._token(), run._identity()
+    if host is None:
+        raise Skip("no join request: the names a node asks for are checked on joins only")
+    rid, claims, doc = run._resource(), run._claims(), run._doc()
+    # With azure.vm_binding off a uniform scale set's token names the set, not the VM.
+    vm_known = identity.arm_verified or not rid.is_scale_set
+    attrs = VmAttributes(
+        vm_name=identity.vm_name if vm_known else None,
+        scale_set=identity.scale_set,
+        instance_id=identity.instance_id,
+        resource_group=identity.resource_group,
+        subscription=identity.subscription_id,
+        tenant=claims.tid,
+        location=identity.location,
+        vm_id=normalize_guid(doc.vm_id),
+    )
+    nic_ips = None
+    if wants_nic_ips(token.names, host) and run.binder is not None:
+        nic_ips = await run.binder.nic_ips(identity, bearer=run.access_token or "")
+    names = run.names = decide_names(token.names, attrs, host, nic_ips=nic_ips)
+    extra = len(names.principals) + len(names.dns_names) + len(names.ips)
+    return lambda: f"node name {names.node_name!r}, {extra} more name(s) allowed"
+
+
 _C = Code
 # The join's verification, as DESIGN §3 lists it, cheap first. ``verify_join`` runs it
 # fail-fast (the document and the access token at once); ``inspect`` records every step.
@@ -444,6 +477,12 @@ JOIN_STEPS: StepTable[_Run] = (
         frozenset({_C.VM_BINDING_FAILED, _C.AZURE_BUDGET_EXHAUSTED, _C.DEPENDENCY_UNAVAILABLE}),
     ),
     Step("rules_arm", _step_rules_arm, ("rules", "arm"), frozenset({_C.NOT_ALLOWED})),
+    Step(
+        "names",
+        _step_names,
+        ("rules_arm",),
+        frozenset({_C.NAME_NOT_ALLOWED}),
+    ),
 )
 
 
@@ -476,7 +515,7 @@ async def verify_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> Joi
 
 def _attrs(run: _Run) -> JoinAttrs:
     token, claims, doc, identity = run._token(), run._claims(), run._doc(), run._identity()
-    assert run.rule is not None
+    assert run.rule is not None and run.names is not None
     return JoinAttrs(
         token_name=token.name,
         role=run.role,
@@ -489,6 +528,7 @@ def _attrs(run: _Run) -> JoinAttrs:
         arm_verified=identity.arm_verified,
         rule=run.rule,
         challenge_expires=run.challenge_expires,
+        names=run.names,
     )
 
 
@@ -564,7 +604,7 @@ async def _step_upstream(run: _AdmitRun) -> Detail:
                 role=attrs.role,
                 client_address=req.client_address,
                 join=attrs.join_block(),
-                host=req.host,
+                host=attrs.names.apply(req.host),
             )
         )
     except GatewayError as err:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -39,6 +39,15 @@ from gateway.join.allow import (
     Verdict,
     VmFacts,
     evaluate,
+)
+from gateway.join.names import (
+    ARM_VARIABLES,
+    DEFAULT_NODE_NAME,
+    HOST_IPS,
+    HostIps,
+    NamePolicy,
+    NameTemplate,
+    parse_template,
 )
 from gateway.protocol import TOKEN_ROLES, canonical_role
 
@@ -88,6 +97,8 @@ _SPEC_KEYS = frozenset(
     }
 )
 _AZURE_KEYS = frozenset({"allow"})
+# The name policy (gateway/join/names.py): what the VM's certificates may name.
+_NAME_KEYS = frozenset({"node_name", "host_names", "host_ips"})
 _RULE_KEYS = frozenset(
     {
         "subscription",
@@ -133,6 +144,7 @@ class ProvisionToken:
     allow: tuple[AllowRule, ...] = ()
     expires: datetime | None = None  # aware, UTC
     source: str = ""  # "file:line", for the audit log and error messages
+    names: NamePolicy = field(default_factory=NamePolicy)
 
 
 class TokenRegistry:
@@ -309,6 +321,37 @@ def _parse_rule(doc: _Doc, node: Node, where: str) -> AllowRule:
     )
 
 
+def _template(doc: _Doc, node: Node, where: str) -> NameTemplate:
+    try:
+        return parse_template(doc.string(node, where))
+    except ValueError as exc:
+        raise doc.error(node, f"{where}: {exc}") from None
+
+
+def _parse_names(doc: _Doc, azure: dict[str, Node]) -> NamePolicy:
+    node_name = DEFAULT_NODE_NAME
+    if "node_name" in azure:
+        node_name = _template(doc, azure["node_name"], "spec.azure.node_name")
+    host_names: tuple[NameTemplate, ...] = ()
+    if "host_names" in azure:
+        seq = azure["host_names"]
+        if not isinstance(seq, SequenceNode) or not seq.value:
+            raise doc.error(seq, "spec.azure.host_names must be a non-empty list of templates")
+        host_names = tuple(
+            _template(doc, item, f"spec.azure.host_names[{i}]") for i, item in enumerate(seq.value)
+        )
+    host_ips: HostIps = "none"
+    if "host_ips" in azure:
+        value = doc.string(azure["host_ips"], "spec.azure.host_ips")
+        if value not in HOST_IPS:
+            raise doc.error(
+                azure["host_ips"],
+                f"spec.azure.host_ips must be one of {', '.join(HOST_IPS)}, not {value!r}",
+            )
+        host_ips = "nic" if value == "nic" else "none"
+    return NamePolicy(node_name=node_name, host_names=host_names, host_ips=host_ips)
+
+
 def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
     top = doc.mapping(node, "token", _TOP_KEYS)
     for key in ("kind", "version", "metadata", "spec"):
@@ -354,9 +397,11 @@ def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
             raise doc.error(spec["join_method"], f"spec.join_method {join_method!r} is malformed")
 
     allow: tuple[AllowRule, ...] = ()
+    names = NamePolicy()
     allow_where: Node = spec.get("azure", top["spec"])
     if "azure" in spec:
-        azure = doc.mapping(spec["azure"], "spec.azure", _AZURE_KEYS)
+        azure = doc.mapping(spec["azure"], "spec.azure", _AZURE_KEYS | _NAME_KEYS)
+        names = _parse_names(doc, azure)
         if "allow" not in azure:
             raise doc.error(spec["azure"], "spec.azure: missing 'allow'")
         rules_node = allow_where = azure["allow"]
@@ -375,6 +420,7 @@ def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
         allow=allow,
         expires=expires,
         source=f"{doc.path}:{node.start_mark.line + 1}",
+        names=names,
     )
 
 
@@ -422,6 +468,17 @@ def load_token_files(paths: Sequence[Path], *, vm_binding: bool = True) -> Token
     registry = TokenRegistry(tokens)
     if not vm_binding:
         for token in registry:
+            arm_names = sorted(token.names.variables & ARM_VARIABLES)
+            if token.names.host_ips == "nic":
+                arm_names.append("host_ips: nic")
+            if arm_names:
+                file, _, line = token.source.rpartition(":")
+                raise TokenFileError(
+                    file,
+                    int(line),
+                    f"token {token.name!r} names use {', '.join(arm_names)}, which come "
+                    "from Resource Manager: set azure.vm_binding: true or drop it",
+                )
             for i, rule in enumerate(token.allow):
                 if rule.needs_arm:
                     file, _, line = rule.source.rpartition(":")

@@ -58,6 +58,7 @@ class Code(StrEnum):
     SUBSCRIPTION_MISMATCH = "subscription_mismatch"
     VM_BINDING_FAILED = "vm_binding_failed"
     NOT_ALLOWED = "not_allowed"
+    NAME_NOT_ALLOWED = "name_not_allowed"
     HOST_LOCKED = "host_locked"
     # 404
     UNKNOWN_TOKEN = "unknown_token"
@@ -172,6 +173,9 @@ CODES: dict[Code, CodeInfo] = {
         403, False, "Resource Manager says the document's vmId is not the token's VM."
     ),
     Code.NOT_ALLOWED: CodeInfo(403, False, "No allow rule of the token matches this VM."),
+    Code.NAME_NOT_ALLOWED: CodeInfo(
+        403, False, "A requested name or IP is not one the token's name policy gives this VM."
+    ),
     Code.HOST_LOCKED: CodeInfo(
         403, False, "An operator locked this VM out (nodes lock); the agent stops renewing."
     ),

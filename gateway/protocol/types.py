@@ -37,7 +37,11 @@ __all__ = ["HostParams", "JoinBlock", "RegisterResult", "decode_host_params"]
 
 @dataclass(frozen=True)
 class HostParams:
-    """The ``host`` block: what the node asks to be certified as (its names and keys)."""
+    """The ``host`` block: what the node asks to be certified as (its names and keys).
+
+    ``node_name`` is optional in the join API (``""``: absent, the gateway decides: the
+    VM's verified Azure name, or the token's template); a registration always carries the
+    name the gateway decided."""
 
     node_name: str
     role: str
@@ -52,13 +56,14 @@ class HostParams:
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "node_name": self.node_name,
             "role": self.role,
             "public_ssh_key": self.public_ssh_key,
             "public_tls_key": self.public_tls_key,
             "additional_principals": list(self.additional_principals),
             "dns_names": list(self.dns_names),
         }
+        if self.node_name:
+            body["node_name"] = self.node_name
         # Absent rather than null: an older peer's strict decoder never sees a new key.
         if self.csr is not None:
             body["csr"] = self.csr
@@ -80,21 +85,23 @@ _HOST_FIELDS = frozenset(
     }
 )
 _POSSESSION_FIELDS = frozenset({"csr", "ssh_key_proof"})
-_HOST_REQUIRED = frozenset({"node_name", "role", "public_ssh_key", "public_tls_key"})
+_HOST_REQUIRED = frozenset({"role", "public_ssh_key", "public_tls_key"})
 
 
 def decode_host_params(value: object, where: str, *, lists_required: bool) -> HostParams:
     """The ``host`` block, every field checked; raises ``WireError`` (invalid_request).
 
-    The agent may leave out the two name lists (join API); the gateway always sends them
-    (registration API: ``lists_required``)."""
+    The agent may leave out the node name and the two name lists (join API); the gateway
+    always sends them (registration API: ``lists_required``)."""
     if not isinstance(value, Mapping):
         raise invalid(f"{where} must be an object")
     required = (_HOST_FIELDS - _POSSESSION_FIELDS) if lists_required else _HOST_REQUIRED
     require_fields(value, _HOST_FIELDS, required, where)
-    node_name = require_str(value, "node_name", where, max_len=MAX_NODE_NAME)
-    if not is_node_name(node_name):
-        raise invalid(f"{where}.node_name must be a hostname")
+    node_name = ""
+    if "node_name" in value:
+        node_name = require_str(value, "node_name", where, max_len=MAX_NODE_NAME)
+        if not is_node_name(node_name):
+            raise invalid(f"{where}.node_name must be a hostname")
     role = require_str(value, "role", where, max_len=MAX_ROLE)
     if role not in HOST_ROLES:
         raise invalid(f"{where}.role must be one of {', '.join(HOST_ROLES)}")

@@ -39,19 +39,21 @@ PIN = "sha256:" + "ab" * 32
 
 
 def parse(text: str) -> AgentSettings:
-    return parse_node_config(textwrap.dedent(text), source="node.yaml", hostname=lambda: "vm-7")
+    return parse_node_config(textwrap.dedent(text), source="node.yaml")
 
 
 def test_the_seed_node_config_parses_unchanged() -> None:
-    s = parse_node_config(SEED, source="node.yaml", hostname=lambda: "vm-7")
+    s = parse_node_config(SEED, source="node.yaml")
     assert s == AgentSettings(
         token_name="azure-token",
         client_id="11111111-1111-1111-1111-111111111111",
         gateway_url="https://teleport.example.com:443",
         imds_url=DEFAULT_IMDS_URL,
         data_dir=DEFAULT_DATA_DIR,
-        node_name="vm-7",
     )
+    # No teleport.nodename: the agent asks for no name and the gateway names the node
+    # after the VM's verified Azure name (not the hostname, which differs on a scale set).
+    assert s.node_name == ""
     assert s.ca_pins == () and s.ca_file is None and s.local_addr is None
     assert s.role == "Node" and s.collect_intermediates
     assert s.aia_allowed_prefixes == DEFAULT_AIA_PREFIXES

@@ -133,7 +133,8 @@ class FakeArm:
 
 
 class FakeAuth:
-    """The auth service: registers, or fails as ``AuthClient`` does, by node name."""
+    """The auth service: registers, or fails as ``AuthClient`` does, by the SSH key's
+    comment (the node name is the gateway's decision now, not the case's)."""
 
     def __init__(self) -> None:
         self.breaker = CircuitBreaker(clock=FixedClock(NOW))
@@ -141,13 +142,13 @@ class FakeAuth:
 
     async def register(self, reg: Registration) -> RegisterResult:
         self.registrations.append(reg)
-        if reg.host.node_name == "upstream-down":
+        if reg.host.public_ssh_key.endswith(" upstream-down"):
             raise Overloaded(Code.UPSTREAM_UNAVAILABLE, retry_after=5.0, detail="circuit open")
-        if reg.host.node_name == "locked":
+        if reg.host.public_ssh_key.endswith(" locked"):
             raise JoinRejected(Code.HOST_LOCKED, "auth service: locked by an operator")
-        if reg.host.node_name == "unproved":
+        if reg.host.public_ssh_key.endswith(" unproved"):
             raise BadRequest(Code.CSR_REQUIRED, detail="auth service: --require-csr")
-        if reg.host.node_name == "upstream-error":
+        if reg.host.public_ssh_key.endswith(" upstream-error"):
             raise UpstreamFailed("auth service answered 500")
         return RegisterResult(
             host_id=f"host-{len(self.registrations)}",
@@ -243,6 +244,7 @@ class Case:
     token_name: str = "azure-token"
     role: str = "Node"
     node_name: str = "node-0"
+    auth_says: str = ""  # the fake auth service's answer, by the SSH key's comment
     challenge: Callable[[World], str] | None = None
     document: Callable[[World, str], str] | None = None  # (world, challenge) -> signature
     access_token: Callable[[World], str] | None = None
@@ -299,7 +301,7 @@ def _request(w: World, case: Case) -> JoinRequest:
         else HostParams(
             node_name=case.node_name,
             role=case.role,
-            public_ssh_key="ssh-ed25519 AAAA",
+            public_ssh_key=f"ssh-ed25519 AAAA {case.auth_says}".strip(),
             public_tls_key="tls-key",
         ),
         client_address="127.0.0.1",
@@ -543,6 +545,10 @@ CASES: list[tuple[str, Case, Code | None]] = [
         Case(claims={"xms_mirid": vm_rid(name="budget-spent")}),
         Code.AZURE_BUDGET_EXHAUSTED,
     ),
+    # 6c. names
+    ("a VM that asks for no node name joins", Case(node_name=""), None),
+    ("a VM that asks for its own name in capitals joins", Case(node_name="NODE-0"), None),
+    ("a VM asking for another VM's name", Case(node_name="node-1"), Code.NAME_NOT_ALLOWED),
     # 7. redemption and forwarding
     ("a challenge redeemed before", Case(replayed=True), Code.CHALLENGE_REUSED),
     (
@@ -552,14 +558,14 @@ CASES: list[tuple[str, Case, Code | None]] = [
     ),
     (
         "an auth service behind an open circuit",
-        Case(node_name="upstream-down"),
+        Case(auth_says="upstream-down"),
         Code.UPSTREAM_UNAVAILABLE,
     ),
-    ("an auth service that fails", Case(node_name="upstream-error"), Code.UPSTREAM_FAILED),
-    ("a VM an operator locked", Case(node_name="locked"), Code.HOST_LOCKED),
+    ("an auth service that fails", Case(auth_says="upstream-error"), Code.UPSTREAM_FAILED),
+    ("a VM an operator locked", Case(auth_says="locked"), Code.HOST_LOCKED),
     (
         "no proof of possession where the auth service requires one",
-        Case(node_name="unproved"),
+        Case(auth_says="unproved"),
         Code.CSR_REQUIRED,
     ),
 ]
@@ -596,6 +602,8 @@ async def test_admit_join(world: World, case: Case, code: Code | None) -> None:
         assert outcome.attrs.vm_id == VM_ID and outcome.attrs.arm_verified
         assert outcome.attrs.resource_group == "kube"
         assert world.auth.registrations[-1].idempotency_key == req.challenge
+        # Whatever the request said, the registration names the VM as Azure does.
+        assert world.auth.registrations[-1].host.node_name == "node-0"
 
 
 async def test_the_table_reaches_every_code_the_pipeline_can_return(world: World) -> None:

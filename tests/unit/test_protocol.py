@@ -122,10 +122,10 @@ def test_the_node_config_applies_the_guid_rule(value: str, valid: bool) -> None:
         "  proxy_server: gw.example.com:443\n"
     )
     if valid:
-        assert parse_node_config(text, hostname=lambda: "vm-1").client_id == value.strip()
+        assert parse_node_config(text).client_id == value.strip()
     else:
         with pytest.raises(NodeConfigError) as err:
-            parse_node_config(text, hostname=lambda: "vm-1")
+            parse_node_config(text)
         assert err.value.code == "config_invalid"
 
 
