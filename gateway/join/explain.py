@@ -21,6 +21,7 @@ from gateway.azure.arm import vm_record_from_model
 from gateway.core.config import ConfigError, load_config
 from gateway.core.errors import GatewayError
 from gateway.join.allow import Verdict, VmFacts, evaluate
+from gateway.join.names import VmAttributes
 from gateway.join.rules import ProvisionToken, load_token_files
 
 __all__ = ["add_arguments", "explain", "run"]
@@ -66,10 +67,35 @@ def facts_from(vm: dict[str, Any], claims: dict[str, Any]) -> VmFacts:
     )
 
 
-def explain(token: ProvisionToken, facts: VmFacts) -> dict[str, Any]:
-    """The rules evaluated in order up to the first match (as the gateway stops there)."""
+def attributes_from(vm: dict[str, Any], claims: dict[str, Any]) -> VmAttributes:
+    """What the name templates render from, as the gateway would have it."""
+    record = vm_record_from_model(vm)
+    tid = claims.get("tid")
+    return VmAttributes(
+        vm_name=record.name,
+        scale_set=record.scale_set,
+        instance_id=record.instance_id,
+        resource_group=record.resource_group,
+        subscription=record.subscription,
+        tenant=tid.lower() if isinstance(tid, str) else None,
+        location=record.location,
+        vm_id=record.vm_id,
+    )
+
+
+def explain(
+    token: ProvisionToken, facts: VmFacts, attrs: VmAttributes | None = None
+) -> dict[str, Any]:
+    """The rules evaluated in order up to the first match (as the gateway stops there),
+    and the token's name policy: in words and, given ``attrs``, what it names this VM."""
     index, checks = evaluate(token.allow, facts)
     report: dict[str, Any] = {"token": token.name, "matched_rule": index, "rules": []}
+    report["names"] = {"policy": token.names.describe()}
+    if attrs is not None:
+        rendered = [token.names.node_name.render(attrs)]
+        rendered += [t.render(attrs) for t in token.names.host_names]
+        report["names"]["node_name"] = rendered[0]  # None: no valid name, joins refused
+        report["names"]["host_names"] = [n for n in rendered[1:] if n is not None]
     for i, (rule, check) in enumerate(zip(token.allow, checks, strict=False)):
         entry: dict[str, Any] = {"rule": i, "source": rule.source, "says": rule.describe()}
         if check.verdict is Verdict.MATCH:
@@ -88,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         registry = load_token_files(
             [config.path(p) for p in config.tokens.files], vm_binding=config.azure.vm_binding
         )
-        facts = facts_from(_read_json(args.vm_json), _read_json(args.claims_json))
+        vm, claims = _read_json(args.vm_json), _read_json(args.claims_json)
+        facts, attrs = facts_from(vm, claims), attributes_from(vm, claims)
     except (ConfigError, OSError, ValueError, GatewayError) as exc:
         print(f"rules explain: {exc}", file=sys.stderr)
         return 2
@@ -96,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"rules explain: no token named {args.token!r}", file=sys.stderr)
         return 2
     token = registry.get(args.token)
-    report = explain(token, facts)
+    report = explain(token, facts, attrs)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -111,4 +138,13 @@ def run(args: argparse.Namespace) -> int:
                 )
         if report["matched_rule"] is None:
             print(f"token {token.name!r}: no rule admits this VM (not_allowed)")
+        names = report["names"]
+        print(f"names: {names['policy']}")
+        node = names["node_name"]
+        print(
+            f"  -> this VM's node name: {node}" if node is not None
+            else "  -> this VM gets no valid node name: joins are refused (name_not_allowed)"
+        )
+        if names["host_names"]:
+            print(f"  -> other names it may ask for: {', '.join(names['host_names'])}")
     return 0 if report["matched_rule"] is not None else 1

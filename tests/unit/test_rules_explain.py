@@ -134,3 +134,51 @@ def test_check_config_says_each_rule_in_words(
         and "name is web-*" in out
         and "tags have env = one of prod, staging" in out
     )
+
+
+NAMED_TOKENS = TOKENS + f"""\
+---
+kind: token
+version: v2
+metadata:
+  name: named
+spec:
+  roles: [Node]
+  join_method: azure
+  azure:
+    node_name: "{{vm_name}}.{{resource_group}}.internal"
+    host_names: ["{{vm_name}}.prod.internal"]
+    host_ips: nic
+    allow:
+    - subscription: {SUB}
+"""
+
+
+def test_check_config_says_each_tokens_name_policy_in_words(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (config.parent / "tokens.yaml").write_text(NAMED_TOKENS)
+    main(["check-config", "-c", str(config)])
+    out = capsys.readouterr().out
+    assert "  names: node name the VM's Azure name; no other names; no IPs" in out
+    assert (
+        "  names: node name '{vm_name}.{resource_group}.internal'; "
+        "also '{vm_name}.prod.internal'; "
+        "IPs: the private IPs of the VM's own network interfaces" in out
+    )
+
+
+def test_explain_says_what_the_name_policy_names_this_vm(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (config.parent / "tokens.yaml").write_text(NAMED_TOKENS)
+    vm_file = config.parent / "vm.json"
+    vm_file.write_text(json.dumps(_vm("Web-1", tags={})))
+    args = ["rules", "explain", "-c", str(config), "--token", "named", "--vm-json", str(vm_file)]
+    args += ["--claims-json", str(config.parent / "claims.json")]
+    assert main([*args, "--json"]) == 0
+    names = json.loads(capsys.readouterr().out)["names"]
+    assert names["node_name"] == "web-1.web.internal"
+    assert names["host_names"] == ["web-1.prod.internal"]
+    assert main(args) == 0
+    assert "this VM's node name: web-1.web.internal" in capsys.readouterr().out
