@@ -30,8 +30,10 @@ from gateway.authservice.authority import (
     DEFAULT_CERT_TTL,
     AuthPaths,
     HostAuthority,
+    check_trust_domain,
     ensure_authorities,
     init_auth_dir,
+    spiffe_id,
 )
 from gateway.authservice.registry import (
     HostLocked,
@@ -73,6 +75,13 @@ class AuthSettings:
     max_body: int = MAX_BODY
     # Refuse a registration without a CSR and an SSH key proof (auth serve --require-csr).
     require_csr: bool = False
+    # Add spiffe://<td>/azure/<tenant>/<subscription>/<vmId> to every X.509 certificate
+    # (auth serve --spiffe-trust-domain); checked here, so a bad one stops the start.
+    spiffe_trust_domain: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.spiffe_trust_domain is not None:
+            check_trust_domain(self.spiffe_trust_domain)
 
 
 @dataclass(frozen=True)
@@ -165,9 +174,12 @@ async def _register(request: web.Request) -> web.Response:
     digest = request_digest(reg)
     now = state.clock.now()
 
+    td = settings.spiffe_trust_domain
+    uri_sans = (spiffe_id(td, reg.join),) if td is not None else ()
+
     def issue(host_id: str) -> RegisterResult:
         return state.authority.issue(
-            host_id=host_id, host=reg.host, now=now, ttl=settings.cert_ttl
+            host_id=host_id, host=reg.host, now=now, ttl=settings.cert_ttl, uri_sans=uri_sans
         )
 
     try:

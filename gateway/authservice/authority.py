@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from gateway.core.tlsutil import (
     spki_pin,
     write_pem_files,
 )
-from gateway.protocol import HostParams, RegisterResult, is_dns_name
+from gateway.protocol import HostParams, JoinBlock, RegisterResult, is_dns_name
 
 __all__ = [
     "ADMIN_COMMON_NAME",
@@ -61,9 +62,11 @@ __all__ = [
     "AuthPaths",
     "HostAuthority",
     "ca_pin_for_data_dir",
+    "check_trust_domain",
     "ensure_authorities",
     "init_auth_dir",
     "sign_request",
+    "spiffe_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,29 @@ ADMIN_COMMON_NAME = "join-gateway admin"
 DEFAULT_CERT_TTL = timedelta(hours=24)
 # Issued certificates start a little in the past to absorb clock skew between machines.
 _BACKDATE = timedelta(minutes=5)
+
+
+# A SPIFFE trust domain: lowercase letters, digits, '.', '-' and '_' (SPIFFE-ID §2.1,
+# https://github.com/spiffe/spiffe/blob/main/standards/SPIFFE-ID.md#21-trust-domain).
+_TRUST_DOMAIN = re.compile(r"\A[a-z0-9._-]{1,255}\Z")
+
+
+def check_trust_domain(value: str) -> str:
+    """``value`` if it is a SPIFFE trust domain name; ``ValueError`` saying why not."""
+    if not _TRUST_DOMAIN.fullmatch(value):
+        raise ValueError(
+            f"SPIFFE trust domain {value[:80]!r} must be 1..255 of lowercase letters, "
+            "digits, '.', '-' and '_' (no scheme, port or path)"
+        )
+    return value
+
+
+def spiffe_id(trust_domain: str, join: JoinBlock) -> str:
+    """The node's SPIFFE ID, ``spiffe://<td>/azure/<tenant>/<subscription>/<vmId>``: from
+    the registration's verified join block (GUIDs, checked by the decoder; lowercased
+    so that one VM has one ID)."""
+    path = "/".join(v.lower() for v in (join.tenant, join.subscription, join.vm_id))
+    return f"spiffe://{check_trust_domain(trust_domain)}/azure/{path}"
 
 
 def _is_ip(value: str) -> bool:
@@ -291,10 +317,19 @@ class HostAuthority:
         return spki_pin(self._host_ca.cert)
 
     def issue(
-        self, *, host_id: str, host: HostParams, now: datetime, ttl: timedelta
+        self,
+        *,
+        host_id: str,
+        host: HostParams,
+        now: datetime,
+        ttl: timedelta,
+        uri_sans: tuple[str, ...] = (),
     ) -> RegisterResult:
-        """Certify ``host``'s keys; ``host`` must already be validated (keys parse)."""
-        issued = self.sign(sign_request(host_id=host_id, host=host, now=now, ttl=ttl))
+        """Certify ``host``'s keys; ``host`` must already be validated (keys parse).
+        ``uri_sans``: URI SANs of the X.509 certificate (the node's SPIFFE ID)."""
+        issued = self.sign(
+            sign_request(host_id=host_id, host=host, now=now, ttl=ttl, uri_sans=uri_sans)
+        )
         bundle = self.ca_bundle()
         return RegisterResult(
             host_id=host_id,

@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="refuse registrations without the node's CSR and SSH key proof (possession)",
     )
+    serve.add_argument(
+        "--spiffe-trust-domain",
+        metavar="TD",
+        help="add the URI SAN spiffe://TD/azure/<tenant>/<subscription>/<vmId> to every "
+        "node's X.509 certificate",
+    )
 
     setup = sub.add_parser(
         "vault-setup", help="configure Vault/OpenBao's PKI and SSH mounts and an AppRole"
@@ -114,6 +120,15 @@ def run(args: argparse.Namespace) -> int:
         if args.cert_ttl <= 0:
             print("--cert-ttl must be > 0", file=sys.stderr)
             return 2
+        try:
+            settings = AuthSettings(
+                cert_ttl=timedelta(hours=args.cert_ttl),
+                require_csr=args.require_csr,
+                spiffe_trust_domain=args.spiffe_trust_domain,
+            )
+        except ValueError as exc:
+            print(f"--spiffe-trust-domain: {exc}", file=sys.stderr)
+            return 2
         service = AuthService(
             data_dir=args.data_dir,
             host=host,
@@ -121,9 +136,7 @@ def run(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             client_ca=args.client_ca,
-            settings=AuthSettings(
-                cert_ttl=timedelta(hours=args.cert_ttl), require_csr=args.require_csr
-            ),
+            settings=settings,
             database=args.database,
         )
         return asyncio.run(_serve(service))
