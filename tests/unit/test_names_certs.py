@@ -22,29 +22,19 @@ from gateway.authservice.authority import (
     spiffe_id,
 )
 from gateway.cli import main
-from gateway.join.names import NamePolicy, VmAttributes, decide_names, parse_template
+from gateway.join.names import NamePolicy, decide_names, parse_template
 from gateway.protocol import HostParams, JoinBlock
+from tests.unit.test_names import SUB, TENANT, VM_A, VM_ID
 
-SUB = "22222222-2222-2222-2222-222222222222"
-TENANT = "11111111-1111-1111-1111-111111111111"
-VM_ID = "0F3E9F3C-58A1-4F2F-9A6D-2F1E6C1E7A10"
 NOW = datetime(2026, 11, 27, 12, tzinfo=UTC)
-ATTRS = VmAttributes(
-    vm_name="Vm-A",
-    scale_set=None,
-    instance_id=None,
-    resource_group="kube",
-    subscription=SUB,
-    tenant=TENANT,
-    location="westeurope",
-    vm_id=VM_ID.lower(),
-)
+# The same VM as the names table, with its Azure name in mixed case.
+ATTRS = dataclasses.replace(VM_A, vm_name="Vm-A")
 JOIN = JoinBlock(
     method="azure",
     tenant=TENANT,
     subscription=SUB,
     resource_group="kube",
-    vm_id=VM_ID,
+    vm_id=VM_ID.upper(),
     resource_id=f"/subscriptions/{SUB}/resourceGroups/kube/providers/"
     "Microsoft.Compute/virtualMachines/Vm-A",
 )
@@ -111,7 +101,7 @@ def test_a_spiffe_trust_domain_adds_the_nodes_spiffe_id(
     authority: HostAuthority, node_host: HostParams
 ) -> None:
     uri = spiffe_id("cluster.example", JOIN)
-    assert uri == f"spiffe://cluster.example/azure/{TENANT}/{SUB}/{VM_ID.lower()}"
+    assert uri == f"spiffe://cluster.example/azure/{TENANT}/{SUB}/{VM_ID}"
     host = dataclasses.replace(node_host, additional_principals=(), dns_names=())
     host = decide_names(NamePolicy(), ATTRS, host).apply(host)
     result = authority.issue(
