@@ -1,4 +1,5 @@
-"""Azure Resource Manager's Compute reads: URL parsing, JSON shapes, throttling, errors.
+"""Azure Resource Manager's Compute (and NIC) reads: URL parsing, JSON shapes, throttling,
+errors.
 
 Pure pieces only (no HTTP): the server module wires them to aiohttp.
 
@@ -22,11 +23,13 @@ from typing import Any, Literal
 from .model import EmulatedVm, ManagedIdentity
 
 __all__ = [
+    "VMSS_NIC_API_VERSION",
     "ArmPath",
     "ArmPathKind",
     "TokenBucket",
     "arm_error",
     "arm_name_key",
+    "nic_json",
     "parse_arm_path",
     "vm_json",
     "vmss_vm_json",
@@ -43,7 +46,12 @@ def arm_name_key(name: str) -> str:
     return name.translate(_ASCII_LOWER)
 
 
-ArmPathKind = Literal["get_vm", "list_vms", "get_vmss_vm", "list_vmss_vms"]
+ArmPathKind = Literal[
+    "get_vm", "list_vms", "get_vmss_vm", "list_vmss_vms", "get_nic", "get_vmss_nic"
+]
+# A uniform scale-set instance's NIC is served under this api-version only
+# (https://learn.microsoft.com/rest/api/virtualnetwork/network-interface-in-vm-ss).
+VMSS_NIC_API_VERSION = "2018-10-01"
 
 
 @dataclass(frozen=True)
@@ -60,9 +68,26 @@ class ArmPath:
         return f"/subscriptions/{self.subscription}/resourceGroups/{self.resource_group}"
 
     @property
+    def read_action(self) -> str:
+        """The Azure RBAC action the read needs (named in a 403's message)."""
+        if self.kind in ("get_nic", "get_vmss_nic"):
+            return "Microsoft.Network/networkInterfaces/read"
+        return "Microsoft.Compute/virtualMachines/read"
+
+    @property
     def scope(self) -> str:
         """The resource (or collection) the request reads, for authorization messages."""
+        if self.kind == "get_nic":
+            return (
+                f"{self.resource_group_scope}/providers/Microsoft.Network/networkInterfaces/"
+                f"{self.name}"
+            )
         base = f"{self.resource_group_scope}/providers/Microsoft.Compute"
+        if self.kind == "get_vmss_nic":
+            return (
+                f"{base}/virtualMachineScaleSets/{self.scale_set}/virtualMachines/"
+                f"{self.instance_id}/networkInterfaces/{self.name}"
+            )
         if self.scale_set is not None:
             tail = f"/virtualMachineScaleSets/{self.scale_set}/virtualMachines"
             return base + tail + (f"/{self.instance_id}" if self.instance_id else "")
@@ -70,15 +95,30 @@ class ArmPath:
 
 
 def parse_arm_path(path: str) -> ArmPath | None:
-    """Recognise the four Compute reads; ``None`` for anything else."""
+    """Recognise the four Compute reads and the two NIC reads; ``None`` for anything
+    else."""
     seg = path.strip("/").split("/")
     low = [arm_name_key(s) for s in seg]
     if len(seg) < 7 or low[0] != "subscriptions" or low[2] != "resourcegroups":
         return None
-    if low[4] != "providers" or low[5] != "microsoft.compute" or not all(seg[:7]):
+    if low[4] != "providers" or not all(seg[:7]):
         return None
     sub, rg = seg[1], seg[3]
     rest, rest_low = seg[6:], low[6:]
+    if low[5] == "microsoft.network":
+        if len(rest) == 2 and rest_low[0] == "networkinterfaces" and rest[1]:
+            return ArmPath("get_nic", sub, rg, name=rest[1])
+        return None
+    if low[5] != "microsoft.compute":
+        return None
+    if (
+        len(rest) == 6
+        and rest_low[0::2] == ["virtualmachinescalesets", "virtualmachines", "networkinterfaces"]
+        and all(rest)
+    ):
+        return ArmPath(
+            "get_vmss_nic", sub, rg, name=rest[5], scale_set=rest[1], instance_id=rest[3]
+        )
     if rest_low == ["virtualmachines"]:
         return ArmPath("list_vms", sub, rg)
     if len(rest) == 2 and rest_low[0] == "virtualmachines" and rest[1]:
@@ -181,6 +221,7 @@ def vm_json(vm: EmulatedVm, identity: ManagedIdentity, *, time_created: str) -> 
                 "adminUsername": "azureuser",
                 "linuxConfiguration": {"disablePasswordAuthentication": True},
             },
+            "networkProfile": _network_profile(vm),
             "provisioningState": "Succeeded",
             "timeCreated": time_created,
         },
@@ -210,6 +251,7 @@ def vmss_vm_json(vm: EmulatedVm, *, time_created: str) -> str:
             "vmId": vm.vm_id,
             "hardwareProfile": {"vmSize": "Standard_D2s_v5"},
             "osProfile": {"computerName": vm.name, "adminUsername": "azureuser"},
+            "networkProfile": _network_profile(vm),
             "provisioningState": "Succeeded",
             "timeCreated": time_created,
         },
@@ -217,3 +259,43 @@ def vmss_vm_json(vm: EmulatedVm, *, time_created: str) -> str:
     if vm.tags:
         body["tags"] = dict(vm.tags)
     return json.dumps(body, separators=(",", ":"))
+
+
+def _network_profile(vm: EmulatedVm) -> dict[str, Any]:
+    return {"networkInterfaces": [{"id": vm.nic_id, "properties": {"primary": True}}]}
+
+
+def nic_json(vm: EmulatedVm) -> bytes:
+    """The VM's NIC as ``GET {nic id}`` returns it (Microsoft.Network's shape): one IP
+    configuration per private IP, the first primary."""
+    configs = [
+        {
+            "name": f"ipconfig{i + 1}",
+            "id": f"{vm.nic_id}/ipConfigurations/ipconfig{i + 1}",
+            "properties": {
+                "provisioningState": "Succeeded",
+                "privateIPAddress": ip,
+                "privateIPAllocationMethod": "Dynamic",
+                "privateIPAddressVersion": "IPv6" if ":" in ip else "IPv4",
+                "primary": i == 0,
+                "subnet": {
+                    "id": f"/subscriptions/{vm.subscription}/resourceGroups/{vm.resource_group}"
+                    "/providers/Microsoft.Network/virtualNetworks/vnet/subnets/default"
+                },
+            },
+        }
+        for i, ip in enumerate(vm.private_ips)
+    ]
+    body = {
+        "name": vm.nic_id.rsplit("/", 1)[1],
+        "id": vm.nic_id,
+        "type": "Microsoft.Network/networkInterfaces",
+        "location": vm.location,
+        "properties": {
+            "provisioningState": "Succeeded",
+            "ipConfigurations": configs,
+            "primary": True,
+            "virtualMachine": {"id": vm.resource_id},
+        },
+    }
+    return json.dumps(body, separators=(",", ":")).encode()

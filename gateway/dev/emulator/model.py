@@ -117,6 +117,21 @@ class EmulatedVm:
     # A flexible-orchestration scale set's VM is an ordinary virtualMachines resource
     # whose properties.virtualMachineScaleSet.id names its set (``scale_set`` is None).
     flexible_scale_set: str | None = None
+    # The private IPs of the VM's one network interface (``nic_id``), as Microsoft.Network
+    # reports them in its ipConfigurations.
+    private_ips: tuple[str, ...] = ()
+
+    @property
+    def nic_id(self) -> str:
+        """Its NIC, as the VM model's networkProfile references it: a Microsoft.Network
+        networkInterfaces resource, or for a uniform scale-set instance the NIC under the
+        instance (named after the scale set's NIC configuration)."""
+        if self.scale_set is not None:
+            return f"{self.resource_id}/networkInterfaces/{self.scale_set}-nic"
+        return (
+            f"/subscriptions/{self.subscription}/resourceGroups/{self.resource_group}"
+            f"/providers/Microsoft.Network/networkInterfaces/{self.name}-nic"
+        )
 
     @property
     def compute_resource_id(self) -> str:

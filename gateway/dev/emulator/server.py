@@ -42,10 +42,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from gateway.core.clock import Clock, SystemClock
 
 from .arm import (
+    VMSS_NIC_API_VERSION,
     ArmPath,
     TokenBucket,
     arm_error,
     arm_name_key,
+    nic_json,
     parse_arm_path,
     vm_json,
     vmss_vm_json,
@@ -174,6 +176,7 @@ class AzureEmulator:
         self._ec_key = generate_ec_jwk_key()
         self._ec_jwk = ec_jwk(self._ec_key)
         self._vms: dict[str, EmulatedVm] = {}
+        self._ips_given = 0  # private IPs handed out: 10.0.0.4, 10.0.0.5, … (Azure keeps .0-.3)
         self._vm_identity: dict[str, ManagedIdentity] = {}
         self._vm_text: dict[str, str] = {}
         self._identities: dict[str, ManagedIdentity] = {}  # by client_id
@@ -510,6 +513,7 @@ class AzureEmulator:
             location=location,
             tags=dict(tags or {}),
             flexible_scale_set=flexible_scale_set,
+            private_ips=(self._next_private_ip(),),
         )
         self._rg_vms.setdefault((sub_key, arm_name_key(resource_group)), []).append(vm)
         self._register(vm, mi)
@@ -573,6 +577,7 @@ class AzureEmulator:
                 imds_url=f"{self.http_url}/vm/{quote(vm_name, safe='')}",
                 location=location,
                 tags=dict(tags or {}),
+                private_ips=(self._next_private_ip(),),
             )
             self._register(vm, mi)
             out.append(vm)
@@ -637,6 +642,12 @@ class AzureEmulator:
             self._grants.pop(principal_oid, None)
         else:
             self._grants.get(principal_oid, set()).discard(arm_name_key(scope.rstrip("/")))
+
+    def _next_private_ip(self) -> str:
+        """The next private IP of the emulated VNet (10.0.0.0/8, from 10.0.0.4 on)."""
+        n = self._ips_given + 4
+        self._ips_given += 1
+        return f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
 
     def _may_read(self, oid: str, path: ArmPath) -> bool:
         target = arm_name_key(path.scope)
@@ -1053,7 +1064,7 @@ class AzureEmulator:
             self._counters["arm.403"] += 1
             msg = (
                 f"The client '{oid}' with object id '{oid}' does not have authorization to perform "
-                f"action 'Microsoft.Compute/virtualMachines/read' over scope '{path.scope}' or the "
+                f"action '{path.read_action}' over scope '{path.scope}' or the "
                 "scope is invalid. If access was recently granted, please refresh your credentials."
             )
             return _json_response(
@@ -1120,6 +1131,21 @@ class AzureEmulator:
             return 200, self._vm_text[vm.name].encode()
         if path.kind == "list_vms":
             return 200, self._page(self._rg_vms[(sub, rg)], request)
+        if path.kind == "get_nic":
+            assert path.name is not None
+            nic = arm_name_key(path.name)
+            vm = next(
+                (v for v in self._rg_vms[(sub, rg)] if arm_name_key(v.nic_id).endswith("/" + nic)),
+                None,
+            )
+            if vm is None:
+                return 404, self._not_found(
+                    "networkInterfaces",
+                    path.name,
+                    path.resource_group,
+                    provider="Microsoft.Network",
+                )
+            return 200, nic_json(vm)
         assert path.scale_set is not None
         instances = self._scale_sets.get((sub, rg, arm_name_key(path.scale_set)))
         if instances is None:
@@ -1135,13 +1161,32 @@ class AzureEmulator:
                 str(path.instance_id),
                 path.resource_group,
             )
+        if path.kind == "get_vmss_nic":
+            assert path.name is not None
+            if request.query.get("api-version") != VMSS_NIC_API_VERSION:
+                # What Azure answers for that path under any other version.
+                return 400, arm_error(
+                    "NoRegisteredProviderFound",
+                    f"No registered resource provider found for location '{vm.location}' and "
+                    f"API version '{request.query.get('api-version')}' for type "
+                    "'virtualMachineScaleSets/virtualMachines/networkInterfaces'. The "
+                    f"supported api-versions are '{VMSS_NIC_API_VERSION}'.",
+                )
+            if not arm_name_key(vm.nic_id).endswith("/" + arm_name_key(path.name)):
+                return 404, self._not_found(
+                    f"virtualMachineScaleSets/{path.scale_set}/virtualMachines/"
+                    f"{path.instance_id}/networkInterfaces",
+                    path.name,
+                    path.resource_group,
+                )
+            return 200, nic_json(vm)
         return 200, self._vm_text[vm.name].encode()
 
     @staticmethod
-    def _not_found(kind: str, name: str, rg: str) -> bytes:
+    def _not_found(kind: str, name: str, rg: str, *, provider: str = "Microsoft.Compute") -> bytes:
         return arm_error(
             "ResourceNotFound",
-            f"The Resource 'Microsoft.Compute/{kind}/{name}' under resource group '{rg}' was not "
+            f"The Resource '{provider}/{kind}/{name}' under resource group '{rg}' was not "
             "found. For more details please go to https://aka.ms/ARMResourceNotFoundFix",
         )
 
