@@ -53,6 +53,10 @@ spec:
   roles: [Node]
   join_method: azure
   azure:
+    # The names the joins below ask for: a host name per VM (a scale-set instance's
+    # with a dash: "_" is no DNS character) and the VM's own NIC address.
+    host_names: ["{{vm_name}}.internal", "{{scale_set}}-{{instance_id}}.internal"]
+    host_ips: nic
     allow:
       - subscription: {S1}
       - subscription: {S2}
@@ -160,7 +164,7 @@ class Ctx:
                 "role": role,
                 "public_ssh_key": keys.public_ssh_key,
                 "public_tls_key": keys.public_tls_key,
-                "additional_principals": ["10.0.0.4"],
+                "additional_principals": [vm.private_ips[0]],
                 "dns_names": [f"{vm.name.replace('_', '-')}.internal"],
             },
         }
