@@ -414,6 +414,7 @@ async def _step_names(run: _Run) -> Detail:
     if wants_nic_ips(token.names, host) and run.binder is not None:
         nic_ips = await run.binder.nic_ips(identity, bearer=run.access_token or "")
     names = run.names = decide_names(token.names, attrs, host, nic_ips=nic_ips)
+    run.trace.facts.update(node_name=names.node_name)  # the audit record names the decision
     extra = len(names.principals) + len(names.dns_names) + len(names.ips)
     return lambda: f"node name {names.node_name!r}, {extra} more name(s) allowed"
 

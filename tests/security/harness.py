@@ -59,6 +59,9 @@ spec:
   roles: [Node]
   join_method: azure
   azure:
+    # What the joining VM's body asks for: its host name and its own NIC address.
+    host_names: ["{{vm_name}}.internal"]
+    host_ips: nic
     allow:
       - subscription: {S1}
 ---
@@ -146,7 +149,7 @@ class Harness:
                 "role": "Node",
                 "public_ssh_key": self.keys.public_ssh_key,
                 "public_tls_key": self.keys.public_tls_key,
-                "additional_principals": ["10.0.0.4"],
+                "additional_principals": list(vm.private_ips),
                 "dns_names": [f"{vm.name}.internal"],
             },
         }

@@ -669,3 +669,14 @@ async def test_the_audit_facts_of_a_cheap_refusal_name_the_resource(world: World
         "binding",
         "rules",
     ]
+
+
+async def test_the_registration_and_the_audit_carry_the_decided_node_name(world: World) -> None:
+    # The request asks for no name: the gateway decides (the VM's Azure name), registers
+    # that, and the audit facts name it too.
+    req = _request(world, Case(node_name=""))
+    trace = JoinTrace()
+    outcome = await admit_join(req, world.deps, trace)
+    assert outcome.attrs.names.node_name == "node-0"
+    assert world.auth.registrations[-1].host.node_name == "node-0"
+    assert trace.facts["node_name"] == "node-0"
