@@ -437,3 +437,14 @@ async def test_a_second_join_reuses_the_node_keys(tmp_path: Path) -> None:
     a, b = (j.body["host"] for j in gw.joins)
     assert a["public_ssh_key"] == b["public_ssh_key"]
     assert a["public_tls_key"] == b["public_tls_key"]
+
+
+async def test_the_agent_asks_for_no_node_name_unless_one_is_configured(tmp_path: Path) -> None:
+    # The gateway names the node after the VM's verified Azure name (a uniform scale-set
+    # instance's hostname is not its Azure name); a configured name is sent as it is.
+    async with world(tmp_path, node_name="") as (_imds, gw, settings):
+        await run_join(settings, sleep=SleepRecorder())
+        assert "node_name" not in gw.joins[-1].body["host"]
+    async with world(tmp_path / "named") as (_imds, gw, settings):
+        await run_join(settings, sleep=SleepRecorder())
+        assert gw.joins[-1].body["host"]["node_name"] == "web-1"
