@@ -61,6 +61,7 @@ class FakeArm:
         self.max_in_flight = 0
         self.reads_left = 250
         self.list_status: int | None = None  # answer only the VM list calls with this
+        self.nics: dict[str, list[str]] = {}  # NIC name (lower) -> its private IPs
 
     def _headers(self) -> dict[str, str]:
         self.reads_left -= 1
@@ -140,8 +141,25 @@ class FakeArm:
                 return web.json_response(model, headers=self._headers())
         return web.json_response({}, status=404)
 
+    async def get_nic(self, request: web.Request) -> web.StreamResponse:
+        early = await self._enter(request)
+        if early is not None:
+            return early
+        ips = self.nics.get(request.match_info["nic"].lower())
+        if ips is None:
+            return web.json_response({"error": {"code": "NotFound"}}, status=404)
+        configs = [
+            {"name": f"ipconfig{i}", "properties": {"privateIPAddress": ip}}
+            for i, ip in enumerate(ips)
+        ]
+        return web.json_response(
+            {"name": request.match_info["nic"], "properties": {"ipConfigurations": configs}},
+            headers=self._headers(),
+        )
+
 
 PREFIX = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute"
+NETWORK = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network"
 
 
 def fake_arm_app(fake: FakeArm) -> web.Application:
@@ -151,6 +169,11 @@ def fake_arm_app(fake: FakeArm) -> web.Application:
     app.router.add_get(PREFIX + "/virtualMachineScaleSets/{ss}/virtualMachines", fake.list_vmss_vms)
     app.router.add_get(
         PREFIX + "/virtualMachineScaleSets/{ss}/virtualMachines/{inst}", fake.get_vmss_vm
+    )
+    app.router.add_get(NETWORK + "/networkInterfaces/{nic}", fake.get_nic)
+    app.router.add_get(
+        PREFIX + "/virtualMachineScaleSets/{ss}/virtualMachines/{inst}/networkInterfaces/{nic}",
+        fake.get_nic,
     )
     return app
 

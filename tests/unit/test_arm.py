@@ -405,3 +405,54 @@ async def test_the_bearer_token_never_reaches_logs_or_errors(
     for err in errors:
         assert BEARER not in str(err) and BEARER not in (err.detail or "")
     assert BEARER not in repr(c)
+
+
+
+NIC = (
+    f"/subscriptions/{SUB}/resourceGroups/net/providers/Microsoft.Network/"
+    "networkInterfaces/web-1-nic"
+)
+VMSS_NIC = (
+    f"/subscriptions/{SUB}/resourceGroups/uni/providers/Microsoft.Compute/"
+    "virtualMachineScaleSets/pool/virtualMachines/3/networkInterfaces/pool-nic"
+)
+
+
+async def test_a_vms_nic_references_come_with_its_record(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    model = vm_model("group1", "web-1", 1)
+    model["properties"]["networkProfile"] = {
+        "networkInterfaces": [{"id": NIC}, {"id": 5}, {"primary": True}]
+        + [{"id": f"{NIC}-{i}"} for i in range(10)]
+    }
+    arm.vms["group1"] = [model]
+    record = await client(session, arm).get_vm(VM1, bearer=BEARER)
+    assert record is not None
+    # Strings only, and at most 8: a model listing more is not trusted to bound the reads.
+    assert len(record.nic_ids) == 8 and record.nic_ids[0] == NIC
+
+
+@pytest.mark.parametrize(
+    ("nic_id", "version"),
+    [(NIC, "2024-05-01"), (VMSS_NIC, "2018-10-01")],
+    ids=["a Microsoft.Network NIC", "a uniform scale-set instance's NIC, under 2018-10-01"],
+)
+async def test_a_nics_private_ips_are_read_under_its_api_version(
+    session: aiohttp.ClientSession, arm: FakeArm, nic_id: str, version: str
+) -> None:
+    arm.nics[nic_id.rsplit("/", 1)[1]] = ["10.0.0.4", "fd00::4"]
+    c = client(session, arm)
+    assert await c.get_nic_private_ips(nic_id, bearer=BEARER) == ("10.0.0.4", "fd00::4")
+    assert arm.requests[-1].endswith(f"?api-version={version}")
+    assert arm.auth[-1] == f"Bearer {BEARER}"
+    assert c.calls == {"get_nic": 1}
+
+
+async def test_a_missing_nic_is_none_and_a_vm_id_is_no_nic(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    c = client(session, arm)
+    assert await c.get_nic_private_ips(NIC, bearer=BEARER) is None
+    with pytest.raises(ValueError):
+        await c.get_nic_private_ips(VM1.raw, bearer=BEARER)

@@ -460,6 +460,36 @@ async def test_arm_get_system_assigned_vm(world: World) -> None:
     }
 
 
+async def test_arm_serves_a_vms_nic_with_its_private_ip(world: World) -> None:
+    vm = world.user_vm
+    token = world.emu.token_for(vm)
+    _, model, _ = await world.arm(_rg_path(SUB, "rg-a") + "/virtualMachines/web-1", token)
+    [ref] = model["properties"]["networkProfile"]["networkInterfaces"]
+    assert "/providers/Microsoft.Network/networkInterfaces/" in ref["id"]
+    status, nic, _ = await world.arm(ref["id"], token, api="2024-05-01")
+    assert status == 200 and nic["type"] == "Microsoft.Network/networkInterfaces"
+    ips = [c["properties"]["privateIPAddress"] for c in nic["properties"]["ipConfigurations"]]
+    assert ips == list(vm.private_ips) and ips[0].startswith("10.")
+    assert nic["properties"]["virtualMachine"]["id"] == vm.resource_id
+
+
+async def test_arm_serves_a_scale_set_instances_nic_under_2018_10_01_only(world: World) -> None:
+    vm = world.ss_user[2]
+    token = world.emu.token_for(vm)
+    _, model, _ = await world.arm(
+        _rg_path(SUB, "rg-a") + "/virtualMachineScaleSets/pool/virtualMachines/2", token
+    )
+    [ref] = model["properties"]["networkProfile"]["networkInterfaces"]
+    assert ref["id"].startswith(vm.resource_id + "/networkInterfaces/")
+    status, nic, _ = await world.arm(ref["id"], token, api="2018-10-01")
+    assert status == 200
+    assert nic["properties"]["ipConfigurations"][0]["properties"]["privateIPAddress"] == (
+        vm.private_ips[0]
+    )
+    status, err, _ = await world.arm(ref["id"], token, api="2024-05-01")
+    assert (status, err["error"]["code"]) == (400, "NoRegisteredProviderFound")
+
+
 def _tampered(jwt: str) -> str:
     head, body, sig = jwt.split(".")
     claims = json.loads(base64.urlsafe_b64decode(body + "=="))
