@@ -273,12 +273,10 @@ class VmDirectory:
             found: set[NicAddress] = set()
             for nic_id in nic_ids:
                 try:
-                    if parse_resource_id(nic_id).subscription != subscription:
-                        continue
+                    if not _in_subscription(nic_id, subscription):
+                        raise ValueError("not in the VM's subscription")
                     ips = await self._arm.get_nic_private_ips(nic_id, bearer=bearer)
-                except (ValueError, JoinRejected) as exc:
-                    if isinstance(exc, JoinRejected) and exc.code is not Code.IDENTITY_UNSUPPORTED:
-                        raise
+                except ValueError as exc:  # a reference that is no NIC of this VM's
                     logger.warning("skipping NIC reference %r: %s", nic_id[:200], exc)
                     continue
                 for ip in ips or ():
@@ -749,6 +747,15 @@ class VmDirectory:
         logger.info(
             "cannot list resource group %s (%s): point reads instead", listing.key, exc.code
         )
+
+
+def _in_subscription(resource_id: str, subscription: str) -> bool:
+    """``resource_id`` parses and is in ``subscription`` (Azure keeps a VM's NICs in its
+    subscription: a reference elsewhere is a broken answer, never read with the token)."""
+    try:
+        return parse_resource_id(resource_id).subscription == subscription
+    except JoinRejected:
+        return False
 
 
 def _ignore(result: str) -> None:

@@ -498,3 +498,48 @@ async def test_an_unknown_vmid_in_a_scale_set_refreshes_its_map_at_most_once_per
     with pytest.raises(Overloaded):
         await bind_pool(b, 999)
     assert client.calls == {"list_vmss_vms": 2}
+
+
+async def test_nic_ips_are_read_from_the_vm_records_nics_and_cached_with_it(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    nic = f"/subscriptions/{SUB}/resourceGroups/net/providers/Microsoft.Network/networkInterfaces"
+    model = vm_model("group1", "web-1", 1)
+    model["properties"]["networkProfile"] = {
+        "networkInterfaces": [
+            {"id": f"{nic}/web-1-nic"},
+            {"id": f"{nic}/web-1-nic2"},
+            # Another subscription's NIC is never read with this VM's token.
+            {"id": nic.replace(SUB, SUB2) + "/elsewhere"},
+        ]
+    }
+    arm.vms["group1"] = [model]
+    arm.nics = {
+        "web-1-nic": ["10.0.0.4", "not-an-ip"],
+        "web-1-nic2": ["fd00::4"],
+        "elsewhere": ["10.9.9.9"],
+    }
+    clock = FixedClock(NOW)
+    b, client = binder(session, arm, clock, vm_cache_ttl=60.0)
+    identity = await b.bind(
+        doc_vm_id=vm_id(1), doc_subscription=SUB, claims=claims(mirid=WEB1), bearer=BEARER
+    )
+    ips = await b.nic_ips(identity, bearer=BEARER)
+    assert {str(ip) for ip in ips} == {"10.0.0.4", "fd00::4"}
+    assert client.calls["get_nic"] == 2
+    await b.nic_ips(identity, bearer=BEARER)
+    assert client.calls["get_nic"] == 2  # cached with the VM record's lifetime
+    clock.advance(61)
+    await b.nic_ips(identity, bearer=BEARER)
+    assert client.calls["get_nic"] == 4
+
+
+async def test_without_vm_binding_no_nic_is_read(
+    session: aiohttp.ClientSession, arm: FakeArm
+) -> None:
+    b = VmBinder(None, enabled=False)
+    identity = await b.bind(
+        doc_vm_id=vm_id(1), doc_subscription=SUB, claims=claims(mirid=WEB1), bearer=BEARER
+    )
+    assert await b.nic_ips(identity, bearer=BEARER) == frozenset()
+    assert arm.requests == []
