@@ -13,6 +13,10 @@ compared as Resource Manager compares them, ``azure_name_key``: ASCII case-insen
 since ARM returns them in varying case, and exactly outside ASCII, so that ``\u212aube``
 with a Kelvin sign is not the group ``kube``). The first match wins.
 Callers pass only values from signed evidence or ARM, never from the request body.
+
+``spec.azure`` also holds the token's name policy (``node_name``, ``host_names``,
+``host_ips``: what the VM's certificates may name), parsed here into a
+``gateway.join.names.NamePolicy`` with the same file:line errors.
 """
 
 from __future__ import annotations
