@@ -66,6 +66,7 @@ from tests.support.ids import (
     VM_ID,
     storage_rid,
     vm_rid,
+    vmss_rid,
 )
 from tests.support.minter import TokenMinter
 from tests.support.tokens import azure_token_yaml, refusal_tokens_yaml
@@ -680,3 +681,16 @@ async def test_the_registration_and_the_audit_carry_the_decided_node_name(world:
     assert outcome.attrs.names.node_name == "node-0"
     assert world.auth.registrations[-1].host.node_name == "node-0"
     assert trace.facts["node_name"] == "node-0"
+
+
+async def test_without_vm_binding_a_scale_set_token_gives_no_node_name(world: World) -> None:
+    # With azure.vm_binding off the token's resource is all that is known: for a uniform
+    # scale set that is the set, not the instance, so there is no VM name to certify.
+    deps = dataclasses.replace(world.deps, binder=VmBinder(None, enabled=False))
+    req = _request(world, Case(node_name="", claims={"xms_mirid": vmss_rid()}))
+    with pytest.raises(JoinRejected) as info:
+        await verify_join(req, deps, JoinTrace())
+    assert info.value.code is Code.NAME_NOT_ALLOWED
+    # A standalone VM's token names the VM: its name is the token's.
+    req = _request(world, Case(node_name=""))
+    assert (await verify_join(req, deps, JoinTrace())).names.node_name == "node-0"
