@@ -441,3 +441,17 @@ def test_a_proxy_server_host_with_a_newline_is_refused() -> None:
     assert parse_proxy_server("gw.example.com:443") == "https://gw.example.com:443"
     with pytest.raises(NodeConfigError):
         parse_proxy_server("gw.example.com\n:443")
+
+
+def test_node_name_is_optional_in_the_join_api_and_required_in_a_registration() -> None:
+    # Absent in a join: the gateway decides (the VM's verified Azure name); a registration
+    # always carries the name the gateway decided.
+    host = HOST.to_json()
+    del host["node_name"]
+    req = decode_join_request(_join_raw(host), client_address="203.0.113.7")
+    assert req.host.node_name == ""
+    assert "node_name" not in req.host.to_json()  # an agent's body round-trips
+    with pytest.raises(WireError):
+        decode_registration(_reg_raw(host))
+    with pytest.raises(WireError):
+        decode_join_request(_join_raw({**host, "node_name": ""}), client_address="203.0.113.7")
