@@ -68,6 +68,7 @@ FINAL_CODES: frozenset[str] = frozenset(
     {
         "host_locked",
         "not_allowed",
+        "name_not_allowed",
         "unknown_token",
         "token_expired",
         "token_wrong_method",

@@ -224,6 +224,7 @@ async def test_a_failed_renewal_backs_off_then_recovers(tmp_path: Path) -> None:
     [
         ("host_locked", 403, EXIT_REFUSED, 2),
         ("not_allowed", 403, EXIT_REFUSED, 2),
+        ("name_not_allowed", 403, EXIT_REFUSED, 2),
         ("unknown_token", 404, EXIT_REFUSED, 2),
         ("attested_signature_invalid", 403, EXIT_OK, 3),
         ("internal_error", 500, EXIT_OK, 3),
@@ -231,6 +232,7 @@ async def test_a_failed_renewal_backs_off_then_recovers(tmp_path: Path) -> None:
     ids=[
         "a locked host stops renewing with exit 4",
         "a VM no rule allows any more stops renewing with exit 4",
+        "a node name the token's policy no longer gives stops renewing with exit 4",
         "a deleted token stops renewing with exit 4",
         "an evidence failure is retried (a cloud change the gateway may catch up with)",
         "a gateway error is retried",
