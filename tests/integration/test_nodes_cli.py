@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from gateway.authservice.authority import AuthPaths
 from gateway.dev.devstack import DevStack, dev_stack
 from gateway.dev.emulator import EmulatedVm
 from tests.support.joins import post_join
+from tests.support.nodes_cli import run_nodes
 from tests.support.tokens import azure_token_yaml
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -60,22 +60,7 @@ async def join(
     return await post_join(stack, vm, keys, token=token)
 
 
-async def nodes(stack: DevStack, *args: str) -> tuple[int, str, str]:
-    data_dir = stack.auth.paths.data_dir if stack.auth.paths else ""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "nodes",
-        "--data-dir",
-        str(data_dir),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+nodes = run_nodes
 
 
 async def ls(stack: DevStack) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,6 @@ when empty, strict on decoding.
 from __future__ import annotations
 
 import json
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from gateway.join.binding import VmIdentity
 from gateway.join.labels import node_labels
 from gateway.join.rules import load_token_files
 from gateway.protocol import HostParams, JoinBlock, Registration, WireError, decode_registration
+from tests.support.tokens import azure_token_yaml
 
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 SUB = "11111111-1111-1111-1111-111111111111"
@@ -137,23 +137,10 @@ def test_a_label_left_out_is_named() -> None:
 
 
 def token_file(tmp_path: Path, labels: str | None) -> Path:
-    extra = f"\n    labels_from_tags: {labels}" if labels is not None else ""
+    """One azure token (``labelled``); ``labels_from_tags: LABELS`` on line 11 if given."""
+    extra = f"    labels_from_tags: {labels}\n" if labels is not None else ""
     path = tmp_path / "tokens.yaml"
-    path.write_text(
-        textwrap.dedent(f"""\
-            kind: token
-            version: v2
-            metadata:
-              name: labelled
-            spec:
-              roles: [Node]
-              join_method: azure
-              azure:
-                allow:
-                  - subscription: {SUB}""")
-        + extra
-        + "\n"
-    )
+    path.write_text(azure_token_yaml(SUB, name="labelled") + extra)
     return path
 
 

@@ -66,7 +66,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: each host's node labels (verified Azure attributes), a JSON object; every join
     # of the host (a renewal too) writes the labels it came with.
-    ("ALTER TABLE hosts ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",),
+    ("ALTER TABLE hosts ADD COLUMN labels TEXT NOT NULL DEFAULT '{{}}'",),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
