@@ -192,12 +192,22 @@ async def test_the_admin_api_takes_only_the_admin_certificate(stack: DevStack) -
             assert (r.status, (await r.json())["error"]["code"]) == (403, "forbidden")
         async with s.get(stack.auth.url + "/v1/admin/nodes", ssl=admin_ctx) as r:
             assert r.status == 200
+        # A label filter is KEY=VALUE (the CLI checks it too, before asking).
+        async with s.get(
+            stack.auth.url + "/v1/admin/nodes", params={"label": "azure/location"}, ssl=admin_ctx
+        ) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_request")
 
 
 @pytest.mark.parametrize(
     "args",
-    [["lock", "--vm-id", "x"], ["prune"], ["ls", "--stale", "soon"]],
-    ids=["a lock without a reason", "prune without --stale", "a duration that is not one"],
+    [["lock", "--vm-id", "x"], ["prune"], ["ls", "--stale", "soon"], ["ls", "--label", "env"]],
+    ids=[
+        "a lock without a reason",
+        "prune without --stale",
+        "a duration that is not one",
+        "a label filter that is not KEY=VALUE",
+    ],
 )
 async def test_usage_errors_are_exit_2(stack: DevStack, args: list[str]) -> None:
     assert (await nodes(stack, *args))[0] == 2
