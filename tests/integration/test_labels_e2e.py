@@ -4,12 +4,16 @@ A tagged VM joins over HTTPS with a token listing two of its tags; the labels (v
 attributes and those tags, no other) reach the auth service, which keeps them with the
 host: ``join-gateway nodes ls`` (a process, as an operator runs it) shows and filters
 them, and both audit lines — the gateway's record and the auth service's — carry them.
-A uniform scale set's instance gets its set and instance ID. A join request cannot bring
+A uniform scale set's instance gets its set and instance ID. After a tag change, the VM's
+next join (a renewal, once the gateway's cached VM record expired) replaces the host's
+labels. A join request cannot bring
 labels of its own: the join API has no such field, and an unknown field is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +22,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from gateway.core.config import Config
 from gateway.dev.devstack import DevStack, dev_stack
+from gateway.dev.emulator import EmulatedVm
 from tests.support.joins import join_body, post_join, post_join_body
 from tests.support.nodes_cli import run_nodes
 from tests.support.tokens import azure_token_yaml
@@ -26,12 +32,21 @@ from tests.support.tokens import azure_token_yaml
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SUB = "11111111-1111-1111-1111-111111111111"
+# The gateway's VM record cache: a tag change reaches the labels once it expires.
+VM_TTL = 0.5
 TOKENS = azure_token_yaml(SUB, name="labelled") + "    labels_from_tags: [env, Team]\n"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevStack]:
-    async with dev_stack(tmp_path_factory.mktemp("labels"), tokens_yaml=TOKENS) as st:
+    def short_vm_cache(config: Config) -> Config:
+        return dataclasses.replace(
+            config, cache=dataclasses.replace(config.cache, vm_ttl_seconds=VM_TTL)
+        )
+
+    async with dev_stack(
+        tmp_path_factory.mktemp("labels"), tokens_yaml=TOKENS, adjust=short_vm_cache
+    ) as st:
         yield st
 
 
@@ -41,6 +56,19 @@ def tenant(stack: DevStack) -> str:
 
 
 nodes = run_nodes
+
+
+def new_vm(stack: DevStack, tenant: str, name: str, **kw: Any) -> EmulatedVm:
+    # A resource group per VM: Resource Manager is read VM by VM (no group listing to wait
+    # for), so each join is decided on its own VM's record.
+    return stack.emulator.add_vm(
+        subscription=SUB,
+        resource_group=f"rg-{name}",
+        name=name,
+        tenant=tenant,
+        identity="system",
+        **kw,
+    )
 
 
 async def ls_json(stack: DevStack, *args: str) -> dict[str, dict[str, Any]]:
@@ -54,12 +82,10 @@ async def test_a_tagged_vm_joins_with_its_labels_in_the_inventory_and_both_audit
 ) -> None:
     caplog.set_level("INFO", logger="gateway.audit")
     caplog.set_level("INFO", logger="gateway.authservice.app")
-    vm = stack.emulator.add_vm(
-        subscription=SUB,
-        resource_group="app",
-        name="tagged-1",
-        tenant=tenant,
-        identity="system",
+    vm = new_vm(
+        stack,
+        tenant,
+        "tagged-1",
         location="northeurope",
         tags={"ENV": "prod", "team": "infra", "not-listed": "secret-ish"},
     )
@@ -68,7 +94,7 @@ async def test_a_tagged_vm_joins_with_its_labels_in_the_inventory_and_both_audit
     expected = {
         "azure/tenant": tenant,
         "azure/subscription": SUB,
-        "azure/resource_group": "app",
+        "azure/resource_group": "rg-tagged-1",
         "azure/vm_id": vm.vm_id,
         "azure/vm_name": "tagged-1",
         "azure/location": "northeurope",
@@ -121,6 +147,23 @@ async def test_a_uniform_scale_set_instance_is_labelled_with_its_set_and_instanc
     assert not any(k.startswith("azure/tag/") for k in labels)
 
 
+async def test_a_renewal_after_a_tag_change_updates_the_labels(
+    stack: DevStack, tenant: str, tmp_path: Path
+) -> None:
+    vm = new_vm(stack, tenant, "renew-1", tags={"env": "dev", "team": "a"})
+    status, first = await post_join(stack, vm, tmp_path, token="labelled")
+    assert status == 200
+    labels = (await ls_json(stack))[vm.vm_id]["labels"]
+    assert (labels["azure/tag/env"], labels["azure/tag/Team"]) == ("dev", "a")
+
+    stack.emulator.set_tags("renew-1", {"env": "prod"})  # env changed, team removed
+    await asyncio.sleep(VM_TTL * 2)  # the gateway's cached VM record expires
+    status, second = await post_join(stack, vm, tmp_path, token="labelled")
+    assert status == 200 and second["host_id"] == first["host_id"]
+    labels = (await ls_json(stack))[vm.vm_id]["labels"]
+    assert labels["azure/tag/env"] == "prod" and "azure/tag/Team" not in labels
+
+
 @pytest.mark.parametrize(
     "where",
     ["body", "host"],
@@ -129,13 +172,7 @@ async def test_a_uniform_scale_set_instance_is_labelled_with_its_set_and_instanc
 async def test_a_join_request_cannot_bring_its_own_labels(
     stack: DevStack, tenant: str, tmp_path: Path, where: str
 ) -> None:
-    vm = stack.emulator.add_vm(
-        subscription=SUB,
-        resource_group=f"inject-{where}",
-        name=f"inject-{where}",
-        tenant=tenant,
-        identity="system",
-    )
+    vm = new_vm(stack, tenant, f"inject-{where}")
     body = join_body(stack, vm, tmp_path, token="labelled")
     forged = {"labels": {"azure/tag/env": "prod", "azure/location": "westeurope"}}
     (body if where == "body" else body["host"]).update(forged)
