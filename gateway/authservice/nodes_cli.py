@@ -168,12 +168,13 @@ async def _run(args: argparse.Namespace, conn: _Conn) -> int:
         nodes = (await _call(conn, "GET", "/v1/admin/nodes" + query))["nodes"]
         if args.json:
             print(json.dumps(nodes, indent=2))
-        elif args.labels:
-            for node in nodes:
-                node["labels_text"] = ",".join(f"{k}={v}" for k, v in node["labels"].items())
-            print(_table(nodes, (*_COLUMNS, ("LABELS", "labels_text"))))
         else:
-            print(_table(nodes, _COLUMNS))
+            columns: tuple[tuple[str, str], ...] = _COLUMNS
+            if args.labels:
+                for node in nodes:
+                    node["labels_text"] = ",".join(f"{k}={v}" for k, v in node["labels"].items())
+                columns = (*_COLUMNS, ("LABELS", "labels_text"))
+            print(_table(nodes, columns))
             print(f"{len(nodes)} host(s), {sum(1 for n in nodes if n['locked'])} locked")
     elif cmd == "show":
         print(json.dumps(await _call(conn, "GET", f"/v1/admin/nodes/{args.host_id}"), indent=2))

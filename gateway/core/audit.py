@@ -3,8 +3,8 @@
 Records go to the ``gateway.audit`` logger as a JSON string, so operators route them
 like any log (a file, journald, a collector). A record names what was decided and why
 (``detail``, which a 403 body never shows) and the node labels forwarded (verified
-Azure attributes), and never carries an access token, a
-document, a key or a challenge key: it is built from an allow-list of fields.
+Azure attributes), and never carries an access token, a document, a key or a challenge
+key: it is built from an allow-list of fields.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 One declared step table, :data:`JOIN_STEPS`, reads top-down like the design:
 challenge → token → (document ∥ access token) → identity → binding → allow rules →
-Resource Manager → allow rules again → node labels. ``verify_join`` runs it fail-fast; ``inspect``
-(:func:`inspect_evidence`) runs the very same table recording every step, so the two
-cannot disagree. Each step calls the check of its own module (typed evidence, or
+Resource Manager → allow rules again → node labels. ``verify_join`` runs it fail-fast;
+``inspect`` (:func:`inspect_evidence`) runs the very same table recording every step, so
+the two cannot disagree. Each step calls the check of its own module (typed evidence, or
 ``JoinRejected``). The allow rules run first on the signed token's resource ID — a join
 no rule allows costs no Resource Manager call — and again on what ARM answered.
 ``admit_join`` adds step 7 (:data:`ADMIT_STEPS`): single-use redemption, then forwarding

@@ -112,6 +112,7 @@ async def test_a_tagged_vm_joins_with_its_labels_in_the_inventory_and_both_audit
     [line] = [ln for ln in out.splitlines() if body["host_id"] in ln]
     assert "azure/tag/env=prod" in line and "azure/location=northeurope" in line
     assert "not-listed" not in out and "secret-ish" not in out
+    assert "LABELS" in out.splitlines()[0] and "host(s)" in out.splitlines()[-1]
 
     assert set(await ls_json(stack, "--label", "azure/tag/Team=infra")) == {vm.vm_id}
     assert await ls_json(stack, "--label", "azure/tag/env=dev") == {}
