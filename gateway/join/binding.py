@@ -54,7 +54,7 @@ class VmIdentity:
     arm_verified: bool
     location: str | None = None  # None: not known (binding off)
     tags: Mapping[str, str] | None = None
-    instance_id: str | None = None  # a uniform scale-set instance's ID
+    instance_id: str | None = None  # a uniform scale set instance's, as ARM names it
     nic_ids: tuple[str, ...] = ()  # ARM's networkProfile (empty: binding off)
 
 

@@ -15,7 +15,7 @@ from gateway.agent.keys import load_or_create_keys
 from gateway.dev.devstack import DevStack
 from gateway.dev.emulator import EmulatedVm
 
-__all__ = ["join_body", "post_join"]
+__all__ = ["join_body", "post_join", "post_join_body"]
 
 
 def join_body(
@@ -63,8 +63,12 @@ async def post_join(
     host: Mapping[str, Any] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """``POST /v1/join/azure`` over HTTPS: (status, JSON body)."""
+    return await post_join_body(stack, join_body(stack, vm, keys_dir, token=token, host=host))
+
+
+async def post_join_body(stack: DevStack, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """``POST /v1/join/azure`` of ``body`` as given (a test may have changed it)."""
     ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
-    body = join_body(stack, vm, keys_dir, token=token, host=host)
     async with (
         aiohttp.ClientSession() as session,
         session.post(stack.gateway_url + "/v1/join/azure", json=body, ssl=ctx) as resp,
