@@ -511,33 +511,33 @@ def load_token_files(paths: Sequence[Path], *, vm_binding: bool = True) -> Token
             if token.names.host_ips == "nic":
                 arm_names.append("host_ips: nic")
             if arm_names:
-                file, _, line = token.source.rpartition(":")
-                raise TokenFileError(
-                    file,
-                    int(line),
-                    f"token {token.name!r} names use {', '.join(arm_names)}, which come "
-                    "from Resource Manager: set azure.vm_binding: true or drop it",
+                raise _needs_vm_binding(
+                    token.source, f"token {token.name!r} names use {', '.join(arm_names)}"
                 )
             for i, rule in enumerate(token.allow):
                 if rule.needs_arm:
-                    file, _, line = rule.source.rpartition(":")
                     arm = ", ".join(f for f in rule.fields if f in ARM_FIELDS)
-                    raise TokenFileError(
-                        file,
-                        int(line),
-                        f"token {token.name!r} allow rule {i} uses {arm}, which come from "
-                        "Resource Manager: set azure.vm_binding: true or drop the field",
+                    raise _needs_vm_binding(
+                        rule.source, f"token {token.name!r} allow rule {i} uses {arm}"
                     )
             if token.labels_from_tags:
-                file, _, line = token.labels_from_tags_source.rpartition(":")
-                raise TokenFileError(
-                    file,
-                    int(line),
-                    f"token {token.name!r} spec.azure.labels_from_tags needs the VM's tags, "
-                    "which come from Resource Manager: set azure.vm_binding: true or drop it",
+                raise _needs_vm_binding(
+                    token.labels_from_tags_source,
+                    f"token {token.name!r} spec.azure.labels_from_tags needs the VM's tags",
                 )
     logger.info("loaded %d tokens from %d files", len(tokens), len(paths))
     return registry
+
+
+def _needs_vm_binding(source: str, what: str) -> TokenFileError:
+    """``what`` uses Resource Manager's VM record, which ``azure.vm_binding: false`` never
+    reads: a key that could never take effect is an error at ``source`` (file:line)."""
+    file, _, line = source.rpartition(":")
+    return TokenFileError(
+        file,
+        int(line),
+        f"{what}, which come from Resource Manager: set azure.vm_binding: true or drop it",
+    )
 
 
 # -- checks at join time ------------------------------------------------------------------
