@@ -106,7 +106,8 @@ def agent_settings(
         imds_url=vm.imds_url,
         data_dir=stack.workdir / "vms" / vm.name,
         ca_file=stack.gateway_ca_file,
-        node_name=vm.name,
+        # No node name, as an operator's agent sends none: the gateway names the node
+        # after the VM's verified Azure name.
         aia_allowed_prefixes=(stack.emulator.aia_prefix,),
     )
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
@@ -226,7 +227,6 @@ def _node_config(stack: DevStack, vm: EmulatedVm, gateway_url: str) -> str:
     return (
         "version: v3\n"
         "teleport:\n"
-        f"  nodename: {vm.name}\n"
         f"  data_dir: {stack.workdir / 'vms' / vm.name}\n"
         f"  proxy_server: {proxy}\n"
         "  join_params:\n"
