@@ -420,9 +420,10 @@ async def _step_names(run: _Run) -> Detail:
     # 6d. What the certificates may name: only what the token's name policy renders from
     # verified attributes (the document, the token, ARM's record), never the request's
     # say-so. NIC addresses are read only when the token allows them and the request asks.
-    host, token, identity = run.host, run._token(), run._identity()
+    host = run.host
     if host is None:
         raise Skip("no join request: the names a node asks for are checked on joins only")
+    token, identity = run._token(), run._identity()
     rid, claims, doc = run._resource(), run._claims(), run._doc()
     # With azure.vm_binding off a uniform scale set's token names the set, not the VM.
     vm_known = identity.arm_verified or not rid.is_scale_set
