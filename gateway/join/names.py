@@ -53,6 +53,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from gateway.azure.resource_id import azure_name_key
 from gateway.core.errors import Code, JoinRejected
 from gateway.protocol import HostParams
 
@@ -97,12 +98,8 @@ _LITERAL = re.compile(r"[A-Za-z0-9._-]*")
 _VARIABLE = re.compile(r"\{([^{}]*)\}")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?")
 _MAX_NAME = 253
-_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
-
-
-def _ascii_lower(value: str) -> str:
-    """ASCII letters lowercased, every other character kept (the Kelvin sign stays)."""
-    return value.translate(_ASCII_LOWER)
+# ASCII letters lowercased, every other character kept (the Kelvin sign stays itself).
+_ascii_lower = azure_name_key
 
 
 def is_certifiable_name(name: str) -> bool:
