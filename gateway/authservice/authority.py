@@ -38,6 +38,7 @@ from gateway.authservice.signing import (
     SigningRefused,
     SignRequest,
     load_certifiable_tls_key,
+    register_result,
     ssh_ca_pin,
 )
 from gateway.core.clock import Clock, SystemClock
@@ -295,14 +296,7 @@ class HostAuthority:
     ) -> RegisterResult:
         """Certify ``host``'s keys; ``host`` must already be validated (keys parse)."""
         issued = self.sign(sign_request(host_id=host_id, host=host, now=now, ttl=ttl))
-        bundle = self.ca_bundle()
-        return RegisterResult(
-            host_id=host_id,
-            ssh_cert=issued.ssh_cert,
-            tls_cert=issued.tls_cert_pem,
-            tls_ca_certs=bundle.tls_ca_certs,
-            ssh_ca_keys=bundle.ssh_ca_keys,
-        )
+        return register_result(host_id, issued, self.ca_bundle())
 
     def sign(self, request: SignRequest) -> Issued:
         """The local backend's signing (:class:`~gateway.authservice.signing.LocalSigner`):

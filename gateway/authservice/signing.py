@@ -26,6 +26,8 @@ from typing import Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gateway.protocol import RegisterResult
+
 __all__ = [
     "CaBundle",
     "Issued",
@@ -36,6 +38,7 @@ __all__ = [
     "SigningRefused",
     "SigningUnavailable",
     "load_certifiable_tls_key",
+    "register_result",
     "ssh_ca_pin",
 ]
 
@@ -122,6 +125,17 @@ class Signer(Protocol):
     def ca_bundle(self) -> CaBundle: ...
 
     async def aclose(self) -> None: ...
+
+
+def register_result(host_id: str, issued: Issued, bundle: CaBundle) -> RegisterResult:
+    """The registration API's answer: the node's two certificates and what to trust."""
+    return RegisterResult(
+        host_id=host_id,
+        ssh_cert=issued.ssh_cert,
+        tls_cert=issued.tls_cert_pem,
+        tls_ca_certs=bundle.tls_ca_certs,
+        ssh_ca_keys=bundle.ssh_ca_keys,
+    )
 
 
 def ssh_ca_pin(public_key_line: str) -> str:
