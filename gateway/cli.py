@@ -193,19 +193,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     rc = 0
     if args.auth_data_dir:
-        from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-
-        from gateway.authservice import AuthPaths, ca_pin_for_data_dir
-        from gateway.core.tlsutil import ssh_key_pin
+        from gateway.authservice import ca_pins_for_data_dir
 
         try:
-            print(f"CA pin: {ca_pin_for_data_dir(args.auth_data_dir)}")
-            ssh_ca = load_ssh_public_key(
-                AuthPaths.for_dir(args.auth_data_dir).ssh_ca_pub.read_bytes()
-            )
+            pins = ca_pins_for_data_dir(args.auth_data_dir)
+            print(f"CA pin: {pins.ca_pin}")
             # The node config's teleport.ssh_ca_pin.
-            print(f"SSH CA pin: {ssh_key_pin(ssh_ca)}")
-        except (OSError, ValueError) as exc:
+            print(f"SSH CA pin: {pins.ssh_ca_pin}")
+            print(f"CA backend: {pins.backend}")
+        except (OSError, ValueError, KeyError) as exc:
             print(f"auth service: {exc}", file=sys.stderr)
             rc = 1
     if args.gateway:

@@ -37,6 +37,7 @@ from gateway.authservice.authority import (
     ensure_authorities,
     init_auth_dir,
     sign_request,
+    write_ca_pins,
 )
 from gateway.authservice.registry import (
     HostLocked,
@@ -393,6 +394,8 @@ class AuthService:
         await asyncio.to_thread(
             write_atomic, self._data_dir / "auth.url", (self._url + "\n").encode(), mode=0o644
         )
+        # What `join-gateway status --auth-data-dir` prints: this backend's pins.
+        await asyncio.to_thread(write_ca_pins, paths, signer.ca_bundle(), backend=signer.name)
         log.info("auth service listening on %s (CA pin %s)", self._url, self.ca_pin())
 
     async def aclose(self) -> None:

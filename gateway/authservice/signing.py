@@ -17,8 +17,6 @@ same reason; ``vault-setup`` writes such a role).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -26,6 +24,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gateway.core.tlsutil import ssh_key_pin
 from gateway.protocol import RegisterResult
 
 __all__ = [
@@ -139,10 +138,9 @@ def register_result(host_id: str, issued: Issued, bundle: CaBundle) -> RegisterR
 
 
 def ssh_ca_pin(public_key_line: str) -> str:
-    """``SHA256:<base64>`` of an SSH public key — the fingerprint ``ssh-keygen -l`` prints,
-    which is what operators compare and what a node's ``teleport.ssh_ca_pin`` holds."""
-    blob = base64.b64decode(public_key_line.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    """``sha256:<hex>`` of an SSH CA key's blob: what a node's ``teleport.ssh_ca_pin`` holds
+    (the digest ``ssh-keygen -l -E sha256`` prints, in hex rather than base64)."""
+    return ssh_key_pin(serialization.load_ssh_public_key(public_key_line.encode("ascii")))
 
 
 def load_certifiable_tls_key(

@@ -11,6 +11,7 @@ a revoked token, missing permissions. Certificates are checked with ``openssl ve
 from __future__ import annotations
 
 import asyncio
+import base64
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -193,9 +194,16 @@ async def test_a_signed_pair_verifies_with_openssl_and_ssh_keygen(
         text=True,
         check=True,
     ).stdout
-    assert bundle.ssh_ca_pin in fingerprint
+    assert _as_keygen_digest(bundle.ssh_ca_pin) in fingerprint
     signing_ca = shown.split("Signing CA:", 1)[1].splitlines()[0]
-    assert bundle.ssh_ca_pin in signing_ca
+    assert _as_keygen_digest(bundle.ssh_ca_pin) in signing_ca
+
+
+def _as_keygen_digest(pin: str) -> str:
+    """``sha256:<hex>`` (a node's ssh_ca_pin) as ``ssh-keygen -l`` prints it."""
+    assert pin.startswith("sha256:")
+    digest = bytes.fromhex(pin.removeprefix("sha256:"))
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 async def test_renewal_signs_again_through_vault(signer: VaultSigner) -> None:
