@@ -32,6 +32,7 @@ import aiohttp
 
 from gateway.agent import AgentSettings
 from gateway.authservice import AuthService, AuthSettings, init_auth_dir
+from gateway.authservice.signing import Signer
 from gateway.core.clock import Clock
 from gateway.core.config import (
     AiaConfig,
@@ -132,9 +133,11 @@ async def dev_stack(
     start_gateway: bool = True,
     adjust: Callable[[Config], Config] | None = None,
     auth_settings: AuthSettings | None = None,
+    signer: Signer | None = None,
 ) -> AsyncIterator[DevStack]:
     """Parameters: ``start_gateway=False`` prepares everything (files, config) but leaves
-    the gateway to the caller — e.g. a ``join-gateway serve`` subprocess with workers."""
+    the gateway to the caller — e.g. a ``join-gateway serve`` subprocess with workers.
+    ``signer``: the auth service's signing backend (a ``VaultSigner``); None: local CAs."""
     workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at set-up
     async with AsyncExitStack() as stack:
         emu = emulator
@@ -150,6 +153,7 @@ async def dev_stack(
                 tls_key=paths.server_key,
                 client_ca=paths.gateway_client_ca,
                 settings=auth_settings,
+                signer=signer,
             )
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,34 @@ import aiohttp
 from gateway.agent.keys import load_or_create_keys
 from gateway.dev.devstack import DevStack
 from gateway.dev.emulator import EmulatedVm
+from gateway.protocol.possession import make_csr, sign_ssh_possession
 
-__all__ = ["join_body", "post_join"]
+__all__ = ["JoinAnswer", "join", "join_body", "post_join"]
 
 
-def join_body(stack: DevStack, vm: EmulatedVm, keys_dir: Path, *, token: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class JoinAnswer:
+    status: int
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+def join_body(
+    stack: DevStack, vm: EmulatedVm, keys_dir: Path, *, token: str, possession: bool = False
+) -> dict[str, Any]:
     """A fresh challenge, ``vm``'s attested document and token from the emulator, keys from
-    ``keys_dir``, the emulator's intermediate, and no extra names."""
+    ``keys_dir``, the emulator's intermediate, and no extra names; with ``possession``, the
+    CSR and the SSH key's proof over the challenge, as the agent sends them."""
     emu = stack.emulator
     challenge = stack.gateway.deps.challenges.issue().value
     keys = load_or_create_keys(keys_dir)
     pem = [ln for ln in emu.intermediate_pem.decode().splitlines() if not ln.startswith("-")]
+    proof: dict[str, str] = {}
+    if possession:
+        proof = {
+            "csr": make_csr(keys.tls_key),
+            "ssh_key_proof": sign_ssh_possession(keys.ssh_key, challenge),
+        }
     return {
         "token_name": token,
         "challenge": challenge,
@@ -35,6 +53,7 @@ def join_body(stack: DevStack, vm: EmulatedVm, keys_dir: Path, *, token: str) ->
             "role": "Node",
             "public_ssh_key": keys.public_ssh_key,
             "public_tls_key": keys.public_tls_key,
+            **proof,
         },
     }
 
@@ -43,10 +62,18 @@ async def post_join(
     stack: DevStack, vm: EmulatedVm, keys_dir: Path, *, token: str
 ) -> tuple[int, dict[str, Any]]:
     """``POST /v1/join/azure`` over HTTPS: (status, JSON body)."""
+    answer = await join(stack, vm, keys_dir, token=token)
+    return answer.status, answer.body
+
+
+async def join(
+    stack: DevStack, vm: EmulatedVm, keys_dir: Path, *, token: str, possession: bool = False
+) -> JoinAnswer:
+    """``POST /v1/join/azure`` over HTTPS: status, headers and JSON body."""
     ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
-    body = join_body(stack, vm, keys_dir, token=token)
+    body = join_body(stack, vm, keys_dir, token=token, possession=possession)
     async with (
         aiohttp.ClientSession() as session,
         session.post(stack.gateway_url + "/v1/join/azure", json=body, ssl=ctx) as resp,
     ):
-        return resp.status, await resp.json()
+        return JoinAnswer(resp.status, dict(resp.headers), await resp.json())

@@ -20,13 +20,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from gateway.authservice.vault import AppRoleAuth, VaultSettings
 from tests.support.binaries import require_binary
 
-__all__ = ["OpenBao", "bao_binary"]
+__all__ = ["OpenBao", "VaultSetup", "bao_binary", "run_vault_setup"]
 
 
 def bao_binary() -> str:
@@ -173,3 +175,43 @@ class OpenBao:
 
     def __repr__(self) -> str:
         return f"<OpenBao {self.addr}>"
+
+
+@dataclass
+class VaultSetup:
+    """An OpenBao configured by ``join-gateway auth vault-setup``, and the AppRole it made."""
+
+    bao: OpenBao
+    role_id: str
+    secret_id_file: Path
+    workdir: Path
+
+    def settings(self, addr: str | None = None, *, timeout: float = 5.0) -> VaultSettings:
+        return VaultSettings(addr=addr or self.bao.addr, timeout=timeout)
+
+    def approle(self) -> AppRoleAuth:
+        return AppRoleAuth(role_id=self.role_id, secret_id_file=self.secret_id_file)
+
+
+def run_vault_setup(bao: OpenBao, workdir: Path) -> VaultSetup:
+    """``join-gateway auth vault-setup`` with the root token, as an operator runs it."""
+    token_file = workdir / "root-token"
+    token_file.write_text(bao.root_token + "\n")
+    secret_out = workdir / "secret-id"
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "gateway.cli", "auth", "vault-setup",
+            "--vault-addr", bao.addr, "--token-file", str(token_file),
+            "--secret-id-out", str(secret_out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert 'path "pki/sign/join-node"' in out.stdout  # the policy is printed
+    role_id = next(
+        line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.startswith("role_id:")
+    )
+    assert (secret_out.stat().st_mode & 0o777) == 0o600
+    return VaultSetup(bao=bao, role_id=role_id, secret_id_file=secret_out, workdir=workdir)

@@ -426,25 +426,25 @@ RETRY_CASES = [
         RetryCase((_err(503),) * 3, Overloaded, Code.UPSTREAM_UNAVAILABLE, 3, 1, 1.0),
     ),
     (
-        "the upstream's Retry-After is passed on",
+        "a 503 with Retry-After is not retried: the Retry-After is passed on",
         RetryCase(
-            (_err(503, headers={"Retry-After": "7"}),) * 3,
+            (_err(503, headers={"Retry-After": "7"}),),
             Overloaded,
             Code.UPSTREAM_UNAVAILABLE,
-            3,
+            1,
             1,
             7.0,
         ),
     ),
     (
-        "a signing backend that is unavailable is retried, then its Retry-After passed on",
+        "a signing backend that is unavailable tells the agent when to come back",
         RetryCase(
-            (_err(503, "signing_unavailable", headers={"Retry-After": "4"}),) * 3,
+            (_err(503, "signing_unavailable", headers={"Retry-After": "44"}),),
             Overloaded,
             Code.UPSTREAM_UNAVAILABLE,
-            3,
             1,
-            4.0,
+            1,
+            44.0,
         ),
     ),
     (
