@@ -240,6 +240,13 @@ def _configure_dev(p: argparse.ArgumentParser) -> None:
         help="gateway worker processes; more than 1 shares the replay store in a private "
         "redis-server (needs redis-server installed)",
     )
+    p.add_argument(
+        "--ca-backend",
+        choices=("local", "vault"),
+        default="local",
+        help="vault: the auth service signs through a throwaway `bao server -dev` "
+        "(needs OpenBao's bao on PATH)",
+    )
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     p.set_defaults(func=cmd_dev)
 
@@ -252,7 +259,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(
-            run_dev(args.workdir.resolve(), vms=args.vms, gateway_workers=args.gateway_workers)
+            run_dev(
+                args.workdir.resolve(),
+                vms=args.vms,
+                gateway_workers=args.gateway_workers,
+                ca_backend=args.ca_backend,
+            )
         )
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"join-gateway dev: failed to start: {exc}", file=sys.stderr)

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.openbao import OpenBao, VaultSetup, run_vault_setup
+from tests.support.openbao import OpenBao, VaultSetup, openbao_server, run_vault_setup
 
 
 @pytest.fixture
 def bao(tmp_path: Path) -> Iterator[OpenBao]:
     """A ``bao server -dev`` of the test's own."""
-    with OpenBao(tmp_path) as server:
+    with openbao_server(tmp_path) as server:
         yield server
 
 
