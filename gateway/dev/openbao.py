@@ -75,6 +75,7 @@ class OpenBao:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> OpenBao:
+        self._workdir.mkdir(parents=True, exist_ok=True)
         extra = []
         if self._config_hcl is not None:
             config = self._workdir / "openbao.hcl"

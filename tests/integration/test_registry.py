@@ -30,7 +30,12 @@ from gateway.authservice import (
     init_auth_dir,
     open_registry,
 )
-from gateway.authservice.registry import SCHEMA_VERSION, IdempotencyConflict, Registered
+from gateway.authservice.registry import (
+    SCHEMA_VERSION,
+    IdempotencyConflict,
+    Registered,
+    RegistryUnavailable,
+)
 from gateway.authservice.registry.db import execute
 from gateway.authservice.store import write_record
 from gateway.authservice.wire import request_digest
@@ -286,6 +291,21 @@ async def test_a_lock_added_while_signing_refuses_and_records_nothing(
     assert await registry.registration_kinds() == {"k1": "new"}
     [host] = await registry.hosts()
     assert (host.host_id, host.renewals) == (first.record.host_id, 0)
+
+
+async def test_a_host_removed_while_signing_is_retried_not_recorded(
+    registry: Registry, authority: HostAuthority
+) -> None:
+    first = await register(registry, authority, vm_reg(key="k1"))
+
+    async def remove_meanwhile(host_id: str) -> None:
+        assert await registry.remove_host(host_id, now=NOW)
+
+    with pytest.raises(RegistryUnavailable):
+        await register(registry, authority, vm_reg(key="k2"), before_issue=remove_meanwhile)
+    assert await registry.registration_kinds() == {"k1": "new"}
+    retry = await register(registry, authority, vm_reg(key="k2"))
+    assert retry.kind == "new" and retry.record.host_id != first.record.host_id
 
 
 # --- locks ---------------------------------------------------------------------------------

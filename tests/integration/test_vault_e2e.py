@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -218,24 +219,31 @@ def possessed_reg(key: str) -> Registration:
     )
 
 
+async def register_directly(vs: VaultStack, key: str) -> tuple[int, dict[str, Any], str | None]:
+    """``POST /v1/register`` to the auth service with the gateway's client certificate:
+    (status, body, Retry-After)."""
+    auth = vs.stack.auth
+    assert auth.paths is not None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            auth.url + "/v1/register",
+            json=possessed_reg(key).to_json(),
+            ssl=gateway_ctx(auth.paths),
+        ) as resp,
+    ):
+        return resp.status, await resp.json(), resp.headers.get("Retry-After")
+
+
 async def test_the_auth_service_answers_503_signing_unavailable_with_retry_after(
     setup: Setup, tmp_path: Path
 ) -> None:
     # The auth service's own answer, to a client holding the gateway's certificate.
     async with vault_stack(setup, tmp_path) as vs:
-        auth = vs.stack.auth
-        assert auth.paths is not None
         setup.bao.seal()
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                auth.url + "/v1/register",
-                json=possessed_reg("direct-key-00000000000000000000000").to_json(),
-                ssl=gateway_ctx(auth.paths),
-            ) as resp,
-        ):
-            status, payload = resp.status, await resp.json()
-            retry_after = resp.headers.get("Retry-After")
+        status, payload, retry_after = await register_directly(
+            vs, "direct-key-00000000000000000000000"
+        )
         assert (status, payload["error"]["code"]) == (503, "signing_unavailable")
         assert retry_after is not None and int(retry_after) >= 1
         assert vs.signer.sign_calls == 1
@@ -313,6 +321,8 @@ async def test_a_revoked_file_token_is_a_clear_non_retryable_error(
         # The auth service said 502 signing_refused: the gateway does not retry it.
         assert (answer.status, answer.body["error"]["code"]) == (502, "upstream_failed")
         assert vs.signer.sign_calls == 1
+        status, payload, _ = await register_directly(vs, "refused-key-0000000000000000000000")
+        assert (status, payload["error"]["code"]) == (502, "signing_refused")
         assert await vs.registrations() == 0
 
 
