@@ -106,6 +106,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"token {token.name!r} ({token.join_method}, roles {', '.join(token.roles)}):")
             for i, rule in enumerate(token.allow):
                 print(f"  rule {i}: {rule.describe()}")
+            if token.labels_from_tags:
+                print(f"  labels from tags: {', '.join(token.labels_from_tags)}")
     except (ConfigError, OSError) as exc:
         problems.append(str(exc))
     try:

@@ -7,8 +7,9 @@ register nodes. ``join-gateway nodes …`` is the client (gateway/authservice/no
 
 =========================================  =============================================
 ``GET    /v1/admin/nodes[?stale=SECONDS]``  hosts (those not renewed for SECONDS, with
-                                            ``stale``), each with ``locked`` when a lock
-                                            in force matches it
+``[&label=KEY=VALUE …]``                    ``stale``; carrying every ``label`` given),
+                                            each with its ``labels`` and ``locked`` when
+                                            a lock in force matches it
 ``GET    /v1/admin/nodes/{host_id}``        one host
 ``DELETE /v1/admin/nodes/{host_id}``        remove a host (its VM joins again as new)
 ``POST   /v1/admin/prune``                  ``{"stale_seconds": N}``: remove every host
@@ -88,6 +89,7 @@ def host_json(host: HostRecord, *, locked_by: Lock | None) -> dict[str, Any]:
         "last_renewed": _iso(host.last_renewed),
         "cert_expiry": _iso(host.cert_expiry),
         "renewals": host.renewals,
+        "labels": dict(sorted(host.labels.items())),
         "locked": locked_by is not None,
         "lock_id": locked_by.lock_id if locked_by else None,
         "lock_reason": locked_by.reason if locked_by else None,
@@ -128,6 +130,14 @@ def _seconds(value: object, what: str) -> float:
     return seconds
 
 
+def _label_filter(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (the value may be empty; the key may not): labels compare exactly."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise AdminError(400, "invalid_request", "label must be KEY=VALUE")
+    return key, value
+
+
 async def _body(request: web.Request) -> Mapping[str, Any]:
     if request.content_type != "application/json":
         raise AdminError(415, "unsupported_media_type", "Content-Type must be application/json")
@@ -166,6 +176,8 @@ async def _nodes(request: web.Request) -> web.StreamResponse:
     if "stale" in request.query:
         cutoff = now - timedelta(seconds=_seconds(request.query["stale"], "stale"))
         hosts = [h for h in hosts if h.last_renewed < cutoff]
+    wanted = [_label_filter(text) for text in request.query.getall("label", [])]
+    hosts = [h for h in hosts if all(h.labels.get(k) == v for k, v in wanted)]
     locks = await registry.locks(now=now)
     return web.json_response(
         {"nodes": [host_json(h, locked_by=_lock_for(h, locks)) for h in hosts]}

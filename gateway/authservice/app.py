@@ -17,6 +17,7 @@ the gateway client CA, so anyone else is refused during the handshake, before HT
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -240,13 +241,14 @@ async def _register(request: web.Request) -> web.Response:
     if not out.replay:
         # The audit line: a renewal keeps the host ID, a new host is minted once per VM.
         log.info(
-            "%s host %s node=%s role=%s vm=%s via %s",
+            "%s host %s node=%s role=%s vm=%s via %s labels=%s",
             "renewed" if out.kind == "renewal" else "registered",
             record.host_id,
             reg.host.node_name,
             reg.role,
             reg.join.vm_id,
             gateway or "?",
+            json.dumps(dict(reg.labels), sort_keys=True, separators=(",", ":")),
         )
     return web.json_response(
         {

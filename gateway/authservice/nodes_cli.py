@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -39,6 +40,14 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNIT[match.group(2)]
 
 
+def _label_arg(text: str) -> str:
+    """``KEY=VALUE`` (argparse type): a label the hosts listed must carry."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     conn = p.add_argument_group("connection")
     conn.add_argument("--data-dir", type=Path, help="the auth service's data dir (this host)")
@@ -54,6 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=parse_duration,
         metavar="DURATION",
         help="only hosts not renewed for DURATION",
+    )
+    ls.add_argument("--labels", action="store_true", help="add a LABELS column")
+    ls.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        type=_label_arg,
+        metavar="KEY=VALUE",
+        help="only hosts with this label (repeatable: every one must match)",
     )
     show = sub.add_parser("show", help="one host")
     show.add_argument("host_id")
@@ -143,12 +161,20 @@ def _table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> 
 async def _run(args: argparse.Namespace, conn: _Conn) -> int:
     cmd = args.nodes_command
     if cmd == "ls":
-        query = f"?stale={args.stale}" if args.stale else ""
+        params = ([("stale", str(args.stale))] if args.stale else []) + [
+            ("label", label) for label in args.label
+        ]
+        query = "?" + urlencode(params) if params else ""
         nodes = (await _call(conn, "GET", "/v1/admin/nodes" + query))["nodes"]
         if args.json:
             print(json.dumps(nodes, indent=2))
         else:
-            print(_table(nodes, _COLUMNS))
+            columns: tuple[tuple[str, str], ...] = _COLUMNS
+            if args.labels:
+                for node in nodes:
+                    node["labels_text"] = ",".join(f"{k}={v}" for k, v in node["labels"].items())
+                columns = (*_COLUMNS, ("LABELS", "labels_text"))
+            print(_table(nodes, columns))
             print(f"{len(nodes)} host(s), {sum(1 for n in nodes if n['locked'])} locked")
     elif cmd == "show":
         print(json.dumps(await _call(conn, "GET", f"/v1/admin/nodes/{args.host_id}"), indent=2))

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from gateway.core.files import write_atomic
@@ -71,6 +72,7 @@ class RegistrationRecord:
                 additional_principals=tuple(h["additional_principals"]),
                 dns_names=tuple(h["dns_names"]),
             ),
+            labels=MappingProxyType(dict(doc.get("labels", {}))),
         )
         result = RegisterResult.from_json(doc["response"])
         if result.host_id != doc["host_id"]:

@@ -49,6 +49,13 @@ def decode_registration(raw: bytes) -> Registration:
 
 
 def request_digest(reg: Registration) -> str:
-    """SHA-256 of the registration's canonical JSON: "same body" for idempotency."""
-    canonical = json.dumps(reg.to_json(), sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the registration's canonical JSON: "same body" for idempotency.
+
+    Labels are left out: they describe the VM, they are not what is certified, and a
+    gateway that re-verifies an agent's resent join may read a newer VM record (a tag
+    changed meanwhile) — that resend must get the stored answer, not a conflict. The
+    host's labels catch up at its next join."""
+    body = reg.to_json()
+    body.pop("labels", None)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -2,8 +2,9 @@
 
 Records go to the ``gateway.audit`` logger as a JSON string, so operators route them
 like any log (a file, journald, a collector). A record names what was decided and why
-(``detail``, which a 403 body never shows), and never carries an access token, a
-document, a key or a challenge key: it is built from an allow-list of fields.
+(``detail``, which a 403 body never shows) and the node labels forwarded (verified
+Azure attributes), and never carries an access token, a document, a key or a challenge
+key: it is built from an allow-list of fields.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ AUDIT_FIELDS = (
     "code",
     "detail",
     "host_id",
+    "labels",
     "duration_ms",
     "steps_ms",
 )
@@ -76,7 +78,9 @@ class Auditor:
         steps: Mapping[str, float],
         duration: float,
         host_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> dict[str, object]:
+        """``labels``: the node labels the join established (null before that step)."""
         get = facts.get
         rec: dict[str, object] = {  # keys in sorted order: see _ENCODE
             "client_address": client_address,
@@ -84,6 +88,7 @@ class Auditor:
             "detail": detail,
             "duration_ms": round(duration * 1000, 3),
             "host_id": host_id,
+            "labels": None if labels is None else dict(sorted(labels.items())),
             "node_name": get("node_name"),
             "outcome": outcome,
             "request_id": request_id,

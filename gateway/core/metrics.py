@@ -69,7 +69,7 @@ class Metrics:
         self.step_latency = Histogram(
             "join_gateway_join_step_duration_seconds",
             "Time spent in each verification step (challenge, token, document, access_token, "
-            "identity, binding, rules, arm, rules_arm, redeem, upstream).",
+            "identity, binding, rules, arm, rules_arm, labels, redeem, upstream).",
             ["step"],
             buckets=_STEP_BUCKETS,
             registry=r,

@@ -124,6 +124,7 @@ async def join(request: web.Request) -> web.Response:
             steps=trace.steps,
             duration=elapsed,
             host_id=host_id,
+            labels=trace.labels,
         )
 
 

@@ -54,6 +54,7 @@ class VmIdentity:
     arm_verified: bool
     location: str | None = None  # None: not known (binding off)
     tags: Mapping[str, str] | None = None
+    instance_id: str | None = None  # a uniform scale set instance's, as ARM names it
 
 
 def resource_from_claims(claims: TokenClaims) -> tuple[ResourceId, IdentityKind]:
@@ -150,6 +151,7 @@ class VmBinder:
             arm_verified=True,
             location=record.location,
             tags=record.tags,
+            instance_id=record.instance_id,
         )
 
     def __repr__(self) -> str:

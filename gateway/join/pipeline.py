@@ -2,9 +2,9 @@
 
 One declared step table, :data:`JOIN_STEPS`, reads top-down like the design:
 challenge → token → (document ∥ access token) → identity → binding → allow rules →
-Resource Manager → allow rules again. ``verify_join`` runs it fail-fast; ``inspect``
-(:func:`inspect_evidence`) runs the very same table recording every step, so the two
-cannot disagree. Each step calls the check of its own module (typed evidence, or
+Resource Manager → allow rules again → node labels. ``verify_join`` runs it fail-fast;
+``inspect`` (:func:`inspect_evidence`) runs the very same table recording every step, so
+the two cannot disagree. Each step calls the check of its own module (typed evidence, or
 ``JoinRejected``). The allow rules run first on the signed token's resource ID — a join
 no rule allows costs no Resource Manager call — and again on what ARM answered.
 ``admit_join`` adds step 7 (:data:`ADMIT_STEPS`): single-use redemption, then forwarding
@@ -16,10 +16,12 @@ production code and tests fill the same dataclass; nothing here reaches for a gl
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from gateway.azure.attested import DOCUMENT_STEPS, AttestedDocument, AttestedVerifier, Inspection
@@ -42,6 +44,7 @@ from gateway.core.steps import (
 from gateway.join.binding import IdentityKind, VmBinder, VmIdentity, resource_from_claims
 from gateway.join.challenge import ChallengeCodec
 from gateway.join.forward import AuthClient
+from gateway.join.labels import NodeLabels, node_labels
 from gateway.join.replay import ReplayStore
 from gateway.join.rules import (
     AllowRule,
@@ -60,6 +63,7 @@ from gateway.protocol import (
     RegisterResult,
     Registration,
 )
+from gateway.protocol.labels import Labels
 from gateway.protocol.possession import PossessionError, verify_csr, verify_ssh_possession
 
 __all__ = [
@@ -77,6 +81,8 @@ __all__ = [
     "verify_join",
 ]
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class JoinAttrs:
@@ -93,6 +99,8 @@ class JoinAttrs:
     arm_verified: bool
     rule: AllowRule
     challenge_expires: float
+    # Node labels from the verified attributes (``gateway/join/labels.py``).
+    labels: Labels = field(default_factory=lambda: MappingProxyType({}))
 
     def join_block(self) -> JoinBlock:
         return JoinBlock(
@@ -119,11 +127,13 @@ class AdmittedJoin:
 class JoinTrace:
     """What one join did, for its audit record and metrics: per-step durations (seconds)
     and the facts established so far (so a refusal half-way is still audited with the
-    tenant, VM and subscription it got to). Never holds the access token."""
+    tenant, VM and subscription it got to), and the node labels once established. Never
+    holds the access token."""
 
     def __init__(self) -> None:
         self.steps: dict[str, float] = {}
         self.facts: dict[str, str] = {}
+        self.labels: Labels | None = None
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -198,6 +208,7 @@ class _Run:
     identity_kind: IdentityKind | None = None
     identity: VmIdentity | None = None
     rule: AllowRule | None = None
+    labels: NodeLabels | None = None
 
     # Each accessor is called only by a step whose ``needs`` guarantee the field is set.
     def _token(self) -> ProvisionToken:
@@ -385,6 +396,21 @@ async def _step_rules_arm(run: _Run) -> Detail:
     return f"rule {run.rule.source or run.rule} admits {identity.resource_id}"
 
 
+async def _step_labels(run: _Run) -> Detail:
+    # 6c. Node labels from the same verified facts the rules just admitted (no Azure call).
+    identity = run._identity()
+    labels = run.labels = node_labels(
+        tenant=run._claims().tid,
+        vm_id=run._doc().vm_id,
+        identity=identity,
+        tags=run._token().labels_from_tags,
+    )
+    run.trace.labels = labels.labels
+    for why in labels.omitted:
+        logger.warning("label left out for %s: %s", identity.resource_id, why)
+    return lambda: ", ".join(f"{k}={v}" for k, v in sorted(labels.labels.items()))
+
+
 _C = Code
 # The join's verification, as DESIGN §3 lists it, cheap first. ``verify_join`` runs it
 # fail-fast (the document and the access token at once); ``inspect`` records every step.
@@ -444,6 +470,7 @@ JOIN_STEPS: StepTable[_Run] = (
         frozenset({_C.VM_BINDING_FAILED, _C.AZURE_BUDGET_EXHAUSTED, _C.DEPENDENCY_UNAVAILABLE}),
     ),
     Step("rules_arm", _step_rules_arm, ("rules", "arm"), frozenset({_C.NOT_ALLOWED})),
+    Step("labels", _step_labels, ("rules_arm",)),
 )
 
 
@@ -476,7 +503,7 @@ async def verify_join(req: JoinRequest, deps: JoinDeps, trace: JoinTrace) -> Joi
 
 def _attrs(run: _Run) -> JoinAttrs:
     token, claims, doc, identity = run._token(), run._claims(), run._doc(), run._identity()
-    assert run.rule is not None
+    assert run.rule is not None and run.labels is not None
     return JoinAttrs(
         token_name=token.name,
         role=run.role,
@@ -489,6 +516,7 @@ def _attrs(run: _Run) -> JoinAttrs:
         arm_verified=identity.arm_verified,
         rule=run.rule,
         challenge_expires=run.challenge_expires,
+        labels=run.labels.labels,
     )
 
 
@@ -565,6 +593,7 @@ async def _step_upstream(run: _AdmitRun) -> Detail:
                 client_address=req.client_address,
                 join=attrs.join_block(),
                 host=req.host,
+                labels=attrs.labels,
             )
         )
     except GatewayError as err:

@@ -41,6 +41,7 @@ from gateway.join.allow import (
     evaluate,
 )
 from gateway.protocol import TOKEN_ROLES, canonical_role
+from gateway.protocol.labels import MAX_TAG_LABELS, tag_name_problem
 
 __all__ = [
     "AllowRule",
@@ -87,7 +88,7 @@ _SPEC_KEYS = frozenset(
         "bound_keypair",
     }
 )
-_AZURE_KEYS = frozenset({"allow"})
+_AZURE_KEYS = frozenset({"allow", "labels_from_tags"})
 _RULE_KEYS = frozenset(
     {
         "subscription",
@@ -133,6 +134,10 @@ class ProvisionToken:
     allow: tuple[AllowRule, ...] = ()
     expires: datetime | None = None  # aware, UTC
     source: str = ""  # "file:line", for the audit log and error messages
+    # spec.azure.labels_from_tags: VM tags forwarded as ``azure/tag/<name>`` labels
+    # (names as the token spells them), and where the list is ("file:line").
+    labels_from_tags: tuple[str, ...] = ()
+    labels_from_tags_source: str = ""
 
 
 class TokenRegistry:
@@ -265,6 +270,27 @@ def _tags(doc: _Doc, node: Node, where: str) -> tuple[tuple[str, tuple[str, ...]
     return tuple(out)
 
 
+def _labels_from_tags(doc: _Doc, node: Node, where: str) -> tuple[str, ...]:
+    """Tag names, each a name Azure allows, no two equal as Azure compares tag names."""
+    names = doc.strings(node, where)
+    assert isinstance(node, SequenceNode)  # doc.strings refused anything else
+    if not names:
+        raise doc.error(node, f"{where} must not be empty (leave the key out instead)")
+    if len(names) > MAX_TAG_LABELS:
+        raise doc.error(node, f"{where}: a VM has at most {MAX_TAG_LABELS} tags")
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        problem = tag_name_problem(name)
+        if problem is not None:
+            raise doc.error(node.value[i], f"{where}[{i}]: {problem}")
+        if azure_name_key(name) in seen:
+            raise doc.error(
+                node.value[i], f"{where}: duplicate tag {name!r} (tag names ignore case)"
+            )
+        seen.add(azure_name_key(name))
+    return names
+
+
 def _parse_rule(doc: _Doc, node: Node, where: str) -> AllowRule:
     fields = doc.mapping(node, where, _RULE_KEYS)
     subscription = (
@@ -355,8 +381,14 @@ def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
 
     allow: tuple[AllowRule, ...] = ()
     allow_where: Node = spec.get("azure", top["spec"])
+    labels_from_tags: tuple[str, ...] = ()
+    labels_source = ""
     if "azure" in spec:
         azure = doc.mapping(spec["azure"], "spec.azure", _AZURE_KEYS)
+        if "labels_from_tags" in azure:
+            labels_node = azure["labels_from_tags"]
+            labels_from_tags = _labels_from_tags(doc, labels_node, "spec.azure.labels_from_tags")
+            labels_source = f"{doc.path}:{labels_node.start_mark.line + 1}"
         if "allow" not in azure:
             raise doc.error(spec["azure"], "spec.azure: missing 'allow'")
         rules_node = allow_where = azure["allow"]
@@ -375,6 +407,8 @@ def _parse_token(doc: _Doc, node: Node) -> ProvisionToken:
         allow=allow,
         expires=expires,
         source=f"{doc.path}:{node.start_mark.line + 1}",
+        labels_from_tags=labels_from_tags,
+        labels_from_tags_source=labels_source,
     )
 
 
@@ -406,7 +440,8 @@ def load_token_files(paths: Sequence[Path], *, vm_binding: bool = True) -> Token
     """Load every token of every file; any problem is a ``ConfigError`` with file:line.
 
     With ``vm_binding=False`` a rule that needs Resource Manager's data (locations,
-    scale_sets, vm_names, tags) is an error naming that rule: it could never match."""
+    scale_sets, vm_names, tags) is an error naming that rule: it could never match; so is
+    ``labels_from_tags`` (no tag could ever be read), naming the token."""
     tokens: dict[str, ProvisionToken] = {}
     for path in paths:
         for token in _load_file(Path(path)):
@@ -432,6 +467,14 @@ def load_token_files(paths: Sequence[Path], *, vm_binding: bool = True) -> Token
                         f"token {token.name!r} allow rule {i} uses {arm}, which come from "
                         "Resource Manager: set azure.vm_binding: true or drop the field",
                     )
+            if token.labels_from_tags:
+                file, _, line = token.labels_from_tags_source.rpartition(":")
+                raise TokenFileError(
+                    file,
+                    int(line),
+                    f"token {token.name!r} spec.azure.labels_from_tags needs the VM's tags, "
+                    "which come from Resource Manager: set azure.vm_binding: true or drop it",
+                )
     logger.info("loaded %d tokens from %d files", len(tokens), len(paths))
     return registry
 

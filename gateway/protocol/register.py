@@ -15,10 +15,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 from gateway.protocol.errors import Code, WireError
+from gateway.protocol.labels import Labels, decode_labels
 from gateway.protocol.types import HostParams, JoinBlock, RegisterResult, decode_host_params
 from gateway.protocol.validators import (
     HOST_ROLES,
@@ -51,6 +53,8 @@ _MAX_RESOURCE_GROUP = 90  # Azure's limit for a resource group name
 _MAX_RESOURCE_ID = 1024
 
 _TOP = frozenset({"idempotency_key", "token_name", "role", "client_address", "join", "host"})
+# Optional: absent when empty, so an auth service that predates labels still decodes.
+_TOP_OPTIONAL = frozenset({"labels"})
 _JOIN = frozenset({"method", "tenant", "subscription", "resource_group", "vm_id", "resource_id"})
 
 
@@ -64,9 +68,11 @@ class Registration:
     client_address: str
     join: JoinBlock
     host: HostParams
+    # Verified Azure attributes as node labels (``gateway/protocol/labels.py``).
+    labels: Labels = field(default_factory=lambda: MappingProxyType({}))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "idempotency_key": self.idempotency_key,
             "token_name": self.token_name,
             "role": self.role,
@@ -74,6 +80,9 @@ class Registration:
             "join": self.join.to_json(),
             "host": self.host.to_json(),
         }
+        if self.labels:
+            body["labels"] = dict(self.labels)
+        return body
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -89,10 +98,12 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _object(value: object, where: str, fields: frozenset[str]) -> dict[str, Any]:
+def _object(
+    value: object, where: str, fields: frozenset[str], optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise invalid(f"{where} must be an object")
-    require_fields(value, fields, fields, where)
+    require_fields(value, fields | optional, fields, where)
     return value
 
 
@@ -114,7 +125,7 @@ def decode_registration(raw: bytes) -> Registration:
         )
     except (UnicodeDecodeError, ValueError) as exc:
         raise WireError(Code.MALFORMED_BODY, f"body is not JSON: {exc}") from None
-    top = _object(body, "body", _TOP)
+    top = _object(body, "body", _TOP, _TOP_OPTIONAL)
 
     key = require_str(top, "idempotency_key", "body", max_len=128)
     if not _IDEMPOTENCY_KEY.fullmatch(key):
@@ -159,6 +170,7 @@ def decode_registration(raw: bytes) -> Registration:
         # The auth service signs the key as one line: surrounding whitespace goes here, so
         # the request digest does not depend on it either.
         host=_strip_ssh_key(host),
+        labels=decode_labels(top["labels"], "labels") if "labels" in top else MappingProxyType({}),
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from gateway.authservice.authority import AuthPaths
 from gateway.dev.devstack import DevStack, dev_stack
 from gateway.dev.emulator import EmulatedVm
 from tests.support.joins import post_join
+from tests.support.nodes_cli import run_nodes
 from tests.support.tokens import azure_token_yaml
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -60,22 +60,7 @@ async def join(
     return await post_join(stack, vm, keys, token=token)
 
 
-async def nodes(stack: DevStack, *args: str) -> tuple[int, str, str]:
-    data_dir = stack.auth.paths.data_dir if stack.auth.paths else ""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "nodes",
-        "--data-dir",
-        str(data_dir),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+nodes = run_nodes
 
 
 async def ls(stack: DevStack) -> dict[str, dict[str, Any]]:
@@ -207,12 +192,22 @@ async def test_the_admin_api_takes_only_the_admin_certificate(stack: DevStack) -
             assert (r.status, (await r.json())["error"]["code"]) == (403, "forbidden")
         async with s.get(stack.auth.url + "/v1/admin/nodes", ssl=admin_ctx) as r:
             assert r.status == 200
+        # A label filter is KEY=VALUE (the CLI checks it too, before asking).
+        async with s.get(
+            stack.auth.url + "/v1/admin/nodes", params={"label": "azure/location"}, ssl=admin_ctx
+        ) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_request")
 
 
 @pytest.mark.parametrize(
     "args",
-    [["lock", "--vm-id", "x"], ["prune"], ["ls", "--stale", "soon"]],
-    ids=["a lock without a reason", "prune without --stale", "a duration that is not one"],
+    [["lock", "--vm-id", "x"], ["prune"], ["ls", "--stale", "soon"], ["ls", "--label", "env"]],
+    ids=[
+        "a lock without a reason",
+        "prune without --stale",
+        "a duration that is not one",
+        "a label filter that is not KEY=VALUE",
+    ],
 )
 async def test_usage_errors_are_exit_2(stack: DevStack, args: list[str]) -> None:
     assert (await nodes(stack, *args))[0] == 2

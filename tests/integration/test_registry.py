@@ -35,8 +35,9 @@ from gateway.authservice.registry import (
     IdempotencyConflict,
     Registered,
     RegistryUnavailable,
+    schema,
 )
-from gateway.authservice.registry.db import execute
+from gateway.authservice.registry.db import execute, open_database
 from gateway.authservice.store import write_record
 from gateway.authservice.wire import request_digest
 from gateway.core.clock import SystemClock
@@ -379,6 +380,77 @@ async def test_bad_locks_are_refused(
 ) -> None:
     with pytest.raises(ValueError):
         await registry.add_lock(LockTarget.VM_ID, VM_A, reason=reason, now=NOW, ttl=ttl)
+
+
+# --- labels -------------------------------------------------------------------------------------
+
+LABELS_1 = {"azure/location": "westeurope", "azure/tag/env": "prod", "azure/tag/team": "a"}
+LABELS_2 = {"azure/location": "westeurope", "azure/tag/env": "staging"}
+
+
+async def test_a_host_keeps_its_labels_and_a_renewal_updates_them(
+    registry: Registry, authority: HostAuthority
+) -> None:
+    reg_1 = dataclasses.replace(vm_reg(key="k1"), labels=LABELS_1)
+    first = await register(registry, authority, reg_1)
+    [host] = await registry.hosts()
+    assert dict(host.labels) == LABELS_1
+    # A tag changed, another was removed: the renewal's labels replace the host's.
+    later = NOW + timedelta(minutes=20)
+    reg_2 = dataclasses.replace(vm_reg(key="k2"), labels=LABELS_2)
+    await register(registry, authority, reg_2, later)
+    host = await registry.host(first.record.host_id)
+    assert host is not None and dict(host.labels) == LABELS_2
+    # Each registration's record keeps the labels it came with.
+    records = {r.idempotency_key: r for r in await registry.registrations()}
+    assert dict(records["k1"].registration.labels) == LABELS_1
+    assert dict(records["k2"].registration.labels) == LABELS_2
+    # A resend of the first whose labels differ (re-verified after a tag changed) is its
+    # stored answer, not a conflict: labels are not part of the idempotency digest.
+    again = await register(registry, authority, dataclasses.replace(reg_1, labels=LABELS_2))
+    assert again.replay and again.record.host_id == first.record.host_id
+    assert dict(again.record.registration.labels) == LABELS_1
+
+
+async def test_a_registry_of_schema_1_gains_labels_and_its_hosts_have_none(
+    database: str | None, paths: AuthPaths, authority: HostAuthority
+) -> None:
+    db = await open_database(database, paths.data_dir)
+    dialect = db.dialect
+
+    def version_1():  # type: ignore[no-untyped-def]
+        yield execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for statement in schema._MIGRATIONS[0]:
+            yield execute(statement.format(ts=schema._TS[dialect]))
+        yield execute("INSERT INTO schema_version (version) VALUES (1)")
+        yield execute(
+            "INSERT INTO hosts (host_id, tenant, subscription, vm_id, resource_group, "
+            "resource_id, node_name, role, token_name, first_key, first_joined, last_renewed) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "old-host",
+            "44444444-4444-4444-4444-444444444444",
+            SUB,
+            VM_A,
+            "group1",
+            "/subscriptions/x",
+            "web-1",
+            "Node",
+            "azure-token",
+            "k0",
+            NOW,
+            NOW,
+        )
+
+    await db.run(version_1)
+    await db.aclose()
+    async with await open_registry(database, data_dir=paths.data_dir) as reg:
+        [host] = await reg.hosts()
+        assert (host.host_id, dict(host.labels)) == ("old-host", {})
+        reg_1 = dataclasses.replace(vm_reg(key="k1"), labels=LABELS_1)
+        renewed = await register(reg, authority, reg_1)
+        assert (renewed.kind, renewed.record.host_id) == ("renewal", "old-host")
+        [host] = await reg.hosts()
+        assert dict(host.labels) == LABELS_1
 
 
 # --- schema and import ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from gateway.dev.devstack import DevStack
 from gateway.dev.emulator import EmulatedVm
 from gateway.protocol.possession import make_csr, sign_ssh_possession
 
-__all__ = ["JoinAnswer", "join", "join_body", "post_join"]
+__all__ = ["JoinAnswer", "join", "join_body", "post_join", "post_join_body", "send_join"]
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,18 @@ async def join(
     stack: DevStack, vm: EmulatedVm, keys_dir: Path, *, token: str, possession: bool = False
 ) -> JoinAnswer:
     """``POST /v1/join/azure`` over HTTPS: status, headers and JSON body."""
-    ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
     body = join_body(stack, vm, keys_dir, token=token, possession=possession)
+    return await send_join(stack, body)
+
+
+async def post_join_body(stack: DevStack, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """``POST /v1/join/azure`` of ``body`` as given (a test may have changed it)."""
+    answer = await send_join(stack, body)
+    return answer.status, answer.body
+
+
+async def send_join(stack: DevStack, body: dict[str, Any]) -> JoinAnswer:
+    ctx = ssl.create_default_context(cafile=str(stack.gateway_ca_file))
     async with (
         aiohttp.ClientSession() as session,
         session.post(stack.gateway_url + "/v1/join/azure", json=body, ssl=ctx) as resp,

@@ -31,7 +31,9 @@ def _auditor(at: datetime) -> tuple[Auditor, _Lines]:
     return Auditor(clock=FixedClock(at), logger=logger), lines
 
 
-def _record(auditor: Auditor, facts: dict[str, str]) -> dict[str, object]:
+def _record(
+    auditor: Auditor, facts: dict[str, str], labels: dict[str, str] | None = None
+) -> dict[str, object]:
     return auditor.record(
         request_id="req-1",
         client_address="10.1.2.3",
@@ -42,6 +44,7 @@ def _record(auditor: Auditor, facts: dict[str, str]) -> dict[str, object]:
         steps={"upstream": 0.0021, "document": 0.00012345, "challenge": 1e-06},
         duration=0.0123456,
         host_id=None,
+        labels=labels,
     )
 
 
@@ -56,7 +59,9 @@ def _record(auditor: Auditor, facts: dict[str, str]) -> dict[str, object]:
 )
 def test_the_line_is_the_sorted_json_of_the_record(at: datetime) -> None:
     auditor, lines = _auditor(at)
-    rec = _record(auditor, {"token_name": "azure-token", "vm_id": "b1310a36"})
+    labels = {"azure/tag/env": "prod", "azure/location": "westeurope"}
+    rec = _record(auditor, {"token_name": "azure-token", "vm_id": "b1310a36"}, labels)
+    assert rec["labels"] == labels
     assert lines.lines == [json.dumps(rec, separators=(",", ":"), sort_keys=True)]
     assert rec["time"] == at.isoformat(timespec="milliseconds")
     assert sorted(rec) == sorted(AUDIT_FIELDS)
@@ -80,3 +85,8 @@ def test_nothing_is_written_when_the_audit_logger_is_off() -> None:
     rec = _record(auditor, {})
     assert lines.lines == []
     assert rec["outcome"] == "rejected"
+
+
+def test_labels_not_established_are_null() -> None:
+    auditor, _ = _auditor(datetime(2026, 1, 1, tzinfo=UTC))
+    assert _record(auditor, {})["labels"] is None

@@ -89,6 +89,7 @@ def test_accepted_real_document_reports_every_field() -> None:
         ("rules", "skipped"),
         ("arm", "skipped"),
         ("rules_arm", "skipped"),
+        ("labels", "skipped"),
     ]
 
 

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,6 +65,7 @@ from tests.support.ids import (
     SUBSCRIPTION,
     TENANT,
     VM_ID,
+    VM_NAME,
     storage_rid,
     vm_rid,
 )
@@ -124,6 +126,8 @@ class FakeArm:
             vm_id=vm_id,
             resource_group=rid.resource_group,
             subscription=rid.subscription,
+            location="westeurope",
+            tags={"env": "prod", "owner": "someone"},
         )
 
     def __getattr__(self, name: str) -> Any:
@@ -661,3 +665,32 @@ async def test_the_audit_facts_of_a_cheap_refusal_name_the_resource(world: World
         "binding",
         "rules",
     ]
+
+
+async def test_a_join_forwards_labels_from_the_verified_vm_record(
+    world: World, tmp_path: Path
+) -> None:
+    # A token listing one tag (spelled in another case than the VM's): the registration
+    # carries the verified attributes and that tag only, and so does the audit trace.
+    path = tmp_path / "labelled.yaml"
+    path.write_text(
+        azure_token_yaml(SUBSCRIPTION, name="labelled") + "    labels_from_tags: [ENV]\n"
+    )
+    deps = dataclasses.replace(
+        world.deps, tokens=Reloadable.fixed("token", load_token_files([path]))
+    )
+    trace = JoinTrace()
+    outcome = await admit_join(_request(world, Case(token_name="labelled")), deps, trace)
+    expected = {
+        "azure/tenant": TENANT,
+        "azure/subscription": SUBSCRIPTION,
+        "azure/resource_group": "kube",
+        "azure/vm_id": VM_ID,
+        "azure/vm_name": VM_NAME,
+        "azure/location": "westeurope",
+        "azure/tag/ENV": "prod",
+    }
+    assert dict(world.auth.registrations[-1].labels) == expected
+    assert dict(outcome.attrs.labels) == expected
+    assert trace.labels is not None and dict(trace.labels) == expected
+    assert "labels" in trace.steps

@@ -30,6 +30,7 @@ spec:
       vm_names: ["web-*"]
       tags:
         env: [prod, staging]
+    labels_from_tags: [env, team]
 """
 
 
@@ -129,6 +130,7 @@ def test_check_config_says_each_rule_in_words(
     main(["check-config", "-c", str(config)])
     out = capsys.readouterr().out
     assert f"rule 0: admit a VM whose subscription is {SUB}, and whose location is eastus" in out
+    assert "labels from tags: env, team" in out
     assert (
         "rule 1:" in out
         and "name is web-*" in out

@@ -8,7 +8,8 @@ name until it is removed or expires.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Literal
@@ -74,6 +75,8 @@ class HostRecord:
     cert_expiry: datetime | None
     renewals: int
     removed_at: datetime | None = None
+    # The node labels of its latest join (``gateway/protocol/labels.py``).
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

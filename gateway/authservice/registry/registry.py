@@ -74,7 +74,7 @@ _HOST_ROUNDS = 5
 
 _HOST_COLUMNS = (
     "host_id, tenant, subscription, vm_id, resource_group, resource_id, node_name, role, "
-    "token_name, first_joined, last_renewed, cert_expiry, renewals, removed_at"
+    "token_name, first_joined, last_renewed, cert_expiry, renewals, removed_at, labels"
 )
 _LOCK_COLUMNS = "lock_id, target, value, reason, created_at, expires_at"
 # Written into a JSON records directory once the registry holds its records.
@@ -440,7 +440,17 @@ def _complete(
         1 if kind == "renewal" else 0,
         host_id,
     )
+    yield from _write_labels(host_id, reg)
     return Registered(record=record, kind=kind, replay=False)
+
+
+def _write_labels(host_id: str, reg: Registration) -> Body[None]:
+    """The host's labels become this join's: a renewal updates them (a tag changed)."""
+    yield execute(
+        "UPDATE hosts SET labels = ? WHERE host_id = ?",
+        json.dumps(dict(reg.labels), sort_keys=True),
+        host_id,
+    )
 
 
 def _forget_unissued_host(host_id: str, first_key: str) -> Body[None]:
@@ -586,6 +596,7 @@ def _host(row: Row) -> HostRecord:
         cert_expiry=_opt_dt(row[11]),
         renewals=int(row[12]),
         removed_at=_opt_dt(row[13]),
+        labels=json.loads(row[14]),
     )
 
 

@@ -64,6 +64,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Markers and a trail (e.g. each JSON import: from where, how many records).
         "CREATE TABLE registry_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    # 2: each host's node labels (verified Azure attributes), a JSON object; every join
+    # of the host (a renewal too) writes the labels it came with.
+    ("ALTER TABLE hosts ADD COLUMN labels TEXT NOT NULL DEFAULT '{{}}'",),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)

@@ -620,6 +620,16 @@ class AzureEmulator:
             out.append(vm)
         return out
 
+    def set_tags(self, name: str, tags: Mapping[str, str]) -> EmulatedVm:
+        """Replace a VM's tags (``az tag update --operation replace``): Resource Manager
+        answers with the new ones from now on, in reads and listings."""
+        old = self._vms[name]
+        vm = replace(old, tags=dict(tags))
+        group = self._rg_vms[(arm_name_key(old.subscription), arm_name_key(old.resource_group))]
+        group[group.index(old)] = vm
+        self._register(vm, self._vm_identity[name])
+        return vm
+
     def _check_new_name(self, name: str) -> None:
         if not name or "/" in name:
             raise ValueError(f"invalid VM name {name!r}")
