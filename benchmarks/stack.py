@@ -382,14 +382,15 @@ class AuthEndpoint:
     cluster_ca: Path
 
 
-def start_auth(workdir: Path) -> tuple[Proc, AuthEndpoint]:
-    """``join-gateway auth serve`` on a fresh data dir (made with ``init_auth_dir``)."""
+def start_auth(workdir: Path, extra_args: Sequence[str] = ()) -> tuple[Proc, AuthEndpoint]:
+    """``join-gateway auth serve`` on a fresh data dir (made with ``init_auth_dir``);
+    ``extra_args``: its signing backend's flags, say."""
     data = workdir.resolve() / "auth"
     paths = init_auth_dir(data)
     port = free_port()
     proc = _spawn(
         "auth",
-        ["auth", "serve", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}"],
+        ["auth", "serve", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}", *extra_args],
         workdir / "auth.log",
     )
     _wait("auth service", proc, lambda: _port_open(port), 60.0)

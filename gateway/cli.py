@@ -197,19 +197,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     rc = 0
     if args.auth_data_dir:
-        from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-
-        from gateway.authservice import AuthPaths, ca_pin_for_data_dir
-        from gateway.core.tlsutil import ssh_key_pin
+        from gateway.authservice import ca_pins_for_data_dir
 
         try:
-            print(f"CA pin: {ca_pin_for_data_dir(args.auth_data_dir)}")
-            ssh_ca = load_ssh_public_key(
-                AuthPaths.for_dir(args.auth_data_dir).ssh_ca_pub.read_bytes()
-            )
+            pins = ca_pins_for_data_dir(args.auth_data_dir)
+            print(f"CA pin: {pins.ca_pin}")
             # The node config's teleport.ssh_ca_pin.
-            print(f"SSH CA pin: {ssh_key_pin(ssh_ca)}")
-        except (OSError, ValueError) as exc:
+            print(f"SSH CA pin: {pins.ssh_ca_pin}")
+            print(f"CA backend: {pins.backend}")
+        except (OSError, ValueError, KeyError) as exc:
             print(f"auth service: {exc}", file=sys.stderr)
             rc = 1
     if args.gateway:
@@ -248,6 +244,13 @@ def _configure_dev(p: argparse.ArgumentParser) -> None:
         help="gateway worker processes; more than 1 shares the replay store in a private "
         "redis-server (needs redis-server installed)",
     )
+    p.add_argument(
+        "--ca-backend",
+        choices=("local", "vault"),
+        default="local",
+        help="vault: the auth service signs through a throwaway `bao server -dev` "
+        "(needs OpenBao's bao on PATH)",
+    )
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     p.set_defaults(func=cmd_dev)
 
@@ -260,7 +263,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(
-            run_dev(args.workdir.resolve(), vms=args.vms, gateway_workers=args.gateway_workers)
+            run_dev(
+                args.workdir.resolve(),
+                vms=args.vms,
+                gateway_workers=args.gateway_workers,
+                ca_backend=args.ca_backend,
+            )
         )
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"join-gateway dev: failed to start: {exc}", file=sys.stderr)

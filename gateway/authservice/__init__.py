@@ -10,8 +10,10 @@ from gateway.authservice.app import AuthService, AuthSettings, make_auth_app
 from gateway.authservice.authority import (
     DEFAULT_CERT_TTL,
     AuthPaths,
+    CaPins,
     HostAuthority,
     ca_pin_for_data_dir,
+    ca_pins_for_data_dir,
     ensure_authorities,
     init_auth_dir,
 )
@@ -32,6 +34,7 @@ __all__ = [
     "AuthService",
     "AuthServiceError",
     "AuthSettings",
+    "CaPins",
     "ErrorCode",
     "HostAuthority",
     "HostLocked",
@@ -41,6 +44,7 @@ __all__ = [
     "RegistrationRecord",
     "Registry",
     "ca_pin_for_data_dir",
+    "ca_pins_for_data_dir",
     "decode_registration",
     "ensure_authorities",
     "init_auth_dir",

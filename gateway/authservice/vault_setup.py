@@ -31,6 +31,8 @@ from gateway.core.files import write_atomic
 
 __all__ = ["SetupPlan", "add_arguments", "policy_text", "run", "vault_setup"]
 
+_SETUP_TIMEOUT = 30.0
+
 
 @dataclass(frozen=True)
 class SetupPlan:
@@ -179,6 +181,8 @@ async def _run(args: argparse.Namespace) -> int:
         pki_role=plan.pki_role,
         ssh_mount=plan.ssh_mount,
         ssh_role=plan.ssh_role,
+        # A one-off by an operator that generates CA keys: no join waits on it.
+        timeout=_SETUP_TIMEOUT,
     )
     client = VaultClient(settings, TokenFileAuth(args.token_file))
     try:

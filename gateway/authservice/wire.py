@@ -29,11 +29,15 @@ ErrorCode = RegisterCode
 class AuthServiceError(Exception):
     """An error the auth service answers with ``{"error": {"code", "message"}}``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        # Seconds for the Retry-After header (a 503 the caller should retry later).
+        self.retry_after = retry_after
 
 
 def decode_registration(raw: bytes) -> Registration:

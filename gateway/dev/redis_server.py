@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["RedisServer", "find_redis_server"]
+__all__ = ["RedisServer", "find_redis_server", "free_port"]
 
 
 def find_redis_server() -> str | None:
@@ -26,7 +26,7 @@ def find_redis_server() -> str | None:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -83,7 +83,7 @@ class RedisServer:
         # The free port may be taken between probing and binding; try a few.
         last: Exception | None = None
         for _ in range(5):
-            port = _free_port()
+            port = free_port()
             try:
                 self._spawn(port)
             except RuntimeError as exc:

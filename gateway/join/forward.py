@@ -8,7 +8,8 @@ The registration API itself (``Registration``, ``RegisterResult``, paths, rules)
 key makes the call idempotent, a retry can never register a node twice, so the client
 retries where a retry is *safe and useful*: the connection failed or was reset before an
 answer, or the service answered 502/503/504. It never retries a 4xx (our request is wrong;
-sending it again changes nothing) nor a timeout (the budget is spent; the agent retries).
+sending it again changes nothing), a timeout (the budget is spent; the agent retries), a 503
+with ``Retry-After`` (the service said when; the agent is told) nor ``signing_refused``.
 
 A :class:`CircuitBreaker` sits in front: after ``failure_threshold`` consecutive failed
 registrations it opens, and for ``reset_timeout`` seconds every call fails at once with
@@ -48,7 +49,14 @@ from gateway.core.httputil import (
     parse_retry_after,
     read_capped,
 )
-from gateway.protocol import HEALTH_PATH, REGISTER_PATH, ErrorBody, RegisterResult, Registration
+from gateway.protocol import (
+    HEALTH_PATH,
+    REGISTER_PATH,
+    ErrorBody,
+    RegisterCode,
+    RegisterResult,
+    Registration,
+)
 
 __all__ = ["AuthClient", "BreakerState", "CircuitBreaker"]
 
@@ -322,15 +330,31 @@ class AuthClient:
                     f"auth service sent a malformed 200 body: {exc}", retry_after=1.0
                 ) from exc
         summary = _error_summary(raw)
+        err = _error_body(raw)
         if status >= 500:
-            error = UpstreamFailed(
+            error: GatewayError = UpstreamFailed(
                 f"auth service answered {status}: {summary}",
                 retry_after=retry_after or _DEFAULT_RETRY_AFTER,
             )
+            if status == 503:
+                # The auth service (its registry, its signing backend) is unavailable for
+                # now: the agent gets its Retry-After.
+                error = Overloaded(
+                    Code.UPSTREAM_UNAVAILABLE,
+                    retry_after=retry_after or _DEFAULT_RETRY_AFTER,
+                    detail=f"auth service answered 503: {summary}",
+                )
+                if retry_after is not None:
+                    # It said when to come back (Vault sealed or rate-limited): retrying
+                    # sooner would only add load where it is short; the agent waits.
+                    raise error
+            if err is not None and err.code == RegisterCode.SIGNING_REFUSED:
+                # Vault refused a well-formed request (policy, role): the same request
+                # would be refused again; an operator must act.
+                raise error
             if status in _RETRYABLE_STATUSES:
                 raise _Retryable(error)
             raise error
-        err = _error_body(raw)
         if status == 403 and err is not None and err.code == Code.HOST_LOCKED:
             # An operator locked this VM (host, vmId, subscription or token): a decision,
             # not a fault — the agent must stop, and the audit record says why.

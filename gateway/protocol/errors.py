@@ -200,7 +200,10 @@ CODES: dict[Code, CodeInfo] = {
         503, True, "The replay store (Redis) is unreachable; single use cannot be guaranteed."
     ),
     Code.UPSTREAM_UNAVAILABLE: CodeInfo(
-        503, True, "The auth service is unreachable (circuit open); honour Retry-After."
+        503,
+        True,
+        "The auth service is unreachable (circuit open) or unavailable (its registry or "
+        "signing backend); honour Retry-After.",
     ),
     Code.SHUTTING_DOWN: CodeInfo(
         503, True, "This replica is draining and did not start the request: send it again."
@@ -227,6 +230,10 @@ class RegisterCode(StrEnum):
     CSR_REQUIRED = "csr_required"
     HOST_LOCKED = "host_locked"
     REGISTRY_UNAVAILABLE = "registry_unavailable"
+    # The signing backend (Vault/OpenBao): down, sealed, rate-limited or slow (503, with
+    # Retry-After), or it refused a well-formed request (502; an operator must act).
+    SIGNING_UNAVAILABLE = "signing_unavailable"
+    SIGNING_REFUSED = "signing_refused"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INTERNAL_ERROR = "internal_error"

@@ -10,6 +10,7 @@ are not asserted here (they are figures of the 10,000-VM run, not a timed test).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from benchmarks import cms_parse
 from benchmarks.join_storm import REQUIRED_KEYS, Arrival, arm_call_count
 from benchmarks.stage_sampler import STAGES
+from tests.support.openbao import bao_binary
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -191,3 +193,27 @@ def test_arrival_refuses(text: str) -> None:
 
     with pytest.raises(argparse.ArgumentTypeError):
         Arrival.parse(text)
+
+
+@pytest.mark.timeout(300)
+def test_the_storm_compares_the_local_and_the_vault_backend(tmp_path: Path) -> None:
+    """--compare-ca-backends: the same fleet signed by the local CAs and by a real OpenBao;
+    Vault's own audit log counts one X.509 and one SSH signing per join, no more."""
+    env = {**os.environ, "PATH": f"{Path(bao_binary()).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "benchmarks" / "join_storm.py"),
+            "--vms", "20", "--workers", "1", "--no-baseline", "--floor-samples", "10",
+            "--no-stage-cpu", "--compare-ca-backends", "--out", str(tmp_path),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, check=False, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    backends = json.loads((tmp_path / "results.json").read_text())["ca_backends"]
+    local, vault = backends["local"], backends["vault"]
+    assert (local["succeeded"], vault["succeeded"]) == (20, 20)
+    assert "vault_calls" not in local
+    assert vault["vault_calls"]["pki/sign/join-node"] == 20
+    assert vault["vault_calls"]["ssh/sign/join-host"] == 20
+    assert vault["vault_sign_calls_per_join"] == 2.0
+    assert local["auth_cpu_s_per_join"] > 0 and vault["auth_cpu_s_per_join"] > 0

@@ -15,6 +15,7 @@ import os
 import signal
 import sqlite3
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 
 from gateway.core.config import load_config
 from tests.support.binaries import require_binary
+from tests.support.openbao import bao_binary
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +68,18 @@ async def wait_for_stack(path: Path, proc: asyncio.subprocess.Process, log: Path
                 return info
         await asyncio.sleep(0.1)
     pytest.fail(f"no stack.json after 90 s: {log.read_text()[-2000:]}")
+
+
+async def stop_dev(proc: asyncio.subprocess.Process, log: Path) -> int:
+    """SIGTERM, then its exit code (it must stop within a minute)."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.wait_for(proc.wait(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"join-gateway dev did not stop on SIGTERM: {log.read_text()[-2000:]}")
 
 
 async def run_cli(args: list[str]) -> tuple[int, str]:
@@ -157,14 +171,7 @@ async def test_dev_runs_the_stack_until_sigterm_and_vms_join_by_hand(
         assert hosts == {vm1["vm_id"]: 1, vm2["vm_id"]: 0}
         assert kinds == ["new", "new", "renewal"]
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            rc = await asyncio.wait_for(proc.wait(), 60)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            pytest.fail(f"join-gateway dev did not stop on SIGTERM: {log.read_text()[-2000:]}")
+        rc = await stop_dev(proc, log)
     assert rc == 0, log.read_text()[-2000:]
     assert "stopping" in log.read_text()
     assert not (workdir / "stack.json").exists(), "a stack.json of a stopped stack"
@@ -172,15 +179,73 @@ async def test_dev_runs_the_stack_until_sigterm_and_vms_join_by_hand(
     assert not left, f"processes left behind: {left}"
 
 
-async def test_several_workers_without_redis_server_are_refused_clearly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gateway-workers", "2"], "redis-server is not installed"),
+        (["--ca-backend", "vault"], "needs OpenBao's bao on PATH"),
+    ],
+    ids=[
+        "several workers without redis-server are refused clearly",
+        "the vault backend without bao is refused clearly",
+    ],
+)
+async def test_a_missing_server_binary_is_refused_clearly(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()
     proc = await asyncio.create_subprocess_exec(
-        *CLI, "dev", "--workdir", str(tmp_path / "dev"), "--gateway-workers", "2",
+        *CLI, "dev", "--workdir", str(tmp_path / "dev"), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PATH": str(empty)},
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 3
-    assert "redis-server is not installed" in out.decode()
+    assert message in out.decode()
     assert not (tmp_path / "dev" / "stack.json").exists()
+
+
+async def test_dev_with_the_vault_backend_signs_through_a_throwaway_openbao(
+    tmp_path: Path,
+) -> None:
+    openssl = require_binary("openssl")
+    bao = bao_binary()
+    workdir = tmp_path / "dev"
+    log = tmp_path / "dev.log"
+    env = {**os.environ, "PATH": f"{Path(bao).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "dev", "--workdir", str(workdir), "--vms", "1", "--ca-backend", "vault",
+            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+        )  # fmt: skip
+    children: set[int] = set()
+    try:
+        info = await wait_for_stack(workdir / "stack.json", proc, log)
+        children = descendants(proc.pid)
+        assert len(children) == 1, "bao server -dev, and nothing else"
+        vault = info["vault"]
+        assert f"openbao       {vault['addr']}" in log.read_text()
+        [vm] = info["vms"]
+        first = await join_by_hand(vm)
+        assert await join_by_hand(vm) == first, "a renewal through Vault keeps the host ID"
+        # The node's certificate is OpenBao's: it verifies against OpenBao's own chain.
+        chain = await asyncio.to_thread(_get, vault["addr"] + "/v1/pki/ca_chain")
+        (tmp_path / "bao-chain.pem").write_text(chain)
+        rc, out = await run_cli(
+            [openssl, "verify", "-CAfile", str(tmp_path / "bao-chain.pem"),
+             str(Path(vm["data_dir"]) / "tls.crt")]
+        )  # fmt: skip
+        assert rc == 0, out
+        rc, out = await run_cli([*CLI, "status", "--auth-data-dir", info["auth"]["data_dir"]])
+        assert rc == 0 and "CA backend: vault" in out, out
+    finally:
+        rc = await stop_dev(proc, log)
+    assert rc == 0, log.read_text()[-2000:]
+    left = [pid for pid in children if alive(pid)]
+    assert not left, f"OpenBao left behind: {left}"
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback dev server
+        return str(resp.read().decode())

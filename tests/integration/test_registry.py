@@ -13,7 +13,7 @@ import dataclasses
 import json
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -30,13 +30,19 @@ from gateway.authservice import (
     init_auth_dir,
     open_registry,
 )
-from gateway.authservice.registry import SCHEMA_VERSION, IdempotencyConflict, Registered, schema
+from gateway.authservice.registry import (
+    SCHEMA_VERSION,
+    IdempotencyConflict,
+    Registered,
+    RegistryUnavailable,
+    schema,
+)
 from gateway.authservice.registry.db import execute, open_database
 from gateway.authservice.store import write_record
 from gateway.authservice.wire import request_digest
 from gateway.core.clock import SystemClock
 from gateway.join.forward import AuthClient
-from gateway.protocol import Registration
+from gateway.protocol import RegisterResult, Registration
 from tests.integration.test_authservice import (
     auth_serve,
     gateway_ctx,
@@ -108,15 +114,27 @@ def vm_reg(
 
 
 async def register(
-    registry: Registry, authority: HostAuthority, reg: Registration, now: datetime = NOW
+    registry: Registry,
+    authority: HostAuthority,
+    reg: Registration,
+    now: datetime = NOW,
+    *,
+    before_issue: Callable[[str], Awaitable[None]] | None = None,
 ) -> Registered:
+    """``before_issue(host_id)`` runs where the signing backend's network call would."""
+
+    async def issue(host_id: str) -> RegisterResult:
+        if before_issue is not None:
+            await before_issue(host_id)
+        return authority.issue(host_id=host_id, host=reg.host, now=now, ttl=TTL)
+
     return await registry.register(
         reg,
         digest=request_digest(reg),
         gateway="join-gateway",
         now=now,
         cert_expiry=now + TTL,
-        issue=lambda host_id: authority.issue(host_id=host_id, host=reg.host, now=now, ttl=TTL),
+        issue=issue,
     )
 
 
@@ -190,6 +208,105 @@ async def test_concurrent_joins_of_one_vm_make_one_host(
     )
     assert len({o.record.host_id for o in outs}) == 1
     assert Counter(o.kind for o in outs) == {"new": 1, "renewal": 11}
+
+
+# --- signing between the two transactions -----------------------------------------------
+
+
+class SignerDown(Exception):
+    pass
+
+
+async def test_a_failed_signing_records_nothing_and_the_retry_is_the_first_join(
+    registry: Registry, authority: HostAuthority
+) -> None:
+    async def fail(host_id: str) -> None:
+        raise SignerDown(host_id)
+
+    reg = vm_reg(key="k1")
+    with pytest.raises(SignerDown):
+        await register(registry, authority, reg, before_issue=fail)
+    assert await registry.registrations() == []
+    assert await registry.hosts() == [], "the host this join inserted is gone again"
+    first = await register(registry, authority, reg)
+    again = await register(registry, authority, reg)
+    assert (first.kind, first.replay, again.replay) == ("new", False, True)
+    assert again.record == first.record, "the retry answers the stored certificates"
+    assert len(await registry.registrations()) == 1
+    [host] = await registry.hosts()
+    assert (host.host_id, host.renewals) == (first.record.host_id, 0)
+
+
+async def test_a_failed_renewal_keeps_the_host(
+    registry: Registry, authority: HostAuthority
+) -> None:
+    async def fail(host_id: str) -> None:
+        raise SignerDown(host_id)
+
+    first = await register(registry, authority, vm_reg(key="k1"))
+    with pytest.raises(SignerDown):
+        await register(registry, authority, vm_reg(key="k2"), before_issue=fail)
+    [host] = await registry.hosts()
+    assert (host.host_id, host.renewals) == (first.record.host_id, 0)
+    assert await registry.registration_kinds() == {"k1": "new"}
+
+
+async def test_concurrent_retries_of_one_key_sign_twice_but_record_once(
+    registry: Registry, authority: HostAuthority
+) -> None:
+    # Both retries pass the first transaction before either signs (a gateway's retry while
+    # the first attempt waits on Vault): both sign, one registration is stored, and both
+    # answer it; the loser's certificates are never delivered.
+    signing: list[str] = []
+    both_signing = asyncio.Event()
+
+    async def wait_for_the_other(host_id: str) -> None:
+        signing.append(host_id)
+        if len(signing) == 2:
+            both_signing.set()
+        await asyncio.wait_for(both_signing.wait(), 10)
+
+    reg = vm_reg(key="k1")
+    a, b = await asyncio.gather(
+        register(registry, authority, reg, before_issue=wait_for_the_other),
+        register(registry, authority, reg, before_issue=wait_for_the_other),
+    )
+    assert len(signing) == 2 and signing[0] == signing[1]
+    assert a.record == b.record
+    assert sorted([a.replay, b.replay]) == [False, True]
+    assert len(await registry.registrations()) == 1
+    [host] = await registry.hosts()
+    assert host.renewals == 0
+
+
+async def test_a_lock_added_while_signing_refuses_and_records_nothing(
+    registry: Registry, authority: HostAuthority
+) -> None:
+    first = await register(registry, authority, vm_reg(key="k1"))
+
+    async def lock_meanwhile(host_id: str) -> None:
+        await registry.add_lock(LockTarget.HOST, host_id, reason="compromised", now=NOW)
+
+    with pytest.raises(HostLocked):
+        await register(registry, authority, vm_reg(key="k2"), before_issue=lock_meanwhile)
+    assert await registry.registration_kinds() == {"k1": "new"}
+    [host] = await registry.hosts()
+    assert (host.host_id, host.renewals) == (first.record.host_id, 0)
+
+
+async def test_a_host_removed_while_signing_is_retried_not_recorded(
+    registry: Registry, authority: HostAuthority
+) -> None:
+    first = await register(registry, authority, vm_reg(key="k1"))
+
+    async def remove_meanwhile(host_id: str) -> None:
+        assert await registry.remove_host(host_id, now=NOW)
+
+    with pytest.raises(RegistryUnavailable):
+        await register(registry, authority, vm_reg(key="k2"), before_issue=remove_meanwhile)
+    assert await registry.registration_kinds() == {"k1": "new"}
+    retry = await register(registry, authority, vm_reg(key="k2"))
+    assert retry.kind == "new" and retry.record.host_id != first.record.host_id
 
 
 # --- locks ---------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ a revoked token, missing permissions. Certificates are checked with ``openssl ve
 from __future__ import annotations
 
 import asyncio
+import base64
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,72 +26,18 @@ from cryptography.x509.oid import NameOID
 
 from gateway.authservice.signing import SigningRefused, SigningUnavailable, SignRequest
 from gateway.authservice.vault import (
-    AppRoleAuth,
     TokenFileAuth,
     VaultClient,
-    VaultSettings,
     VaultSigner,
     VaultStartupError,
 )
 from tests.support.binaries import require_binary
-from tests.support.openbao import OpenBao
+from tests.support.openbao import VaultSetup as Setup
 from tests.support.slow_proxy import slow_proxy
 
 pytestmark = pytest.mark.integration
 
 HOST_ID = "5b0e4f0e-8c2a-4d55-9d3b-2f1f3c9a7e11"
-
-
-@dataclass
-class Setup:
-    bao: OpenBao
-    role_id: str
-    secret_id_file: Path
-    workdir: Path
-
-    def settings(self, addr: str | None = None, *, timeout: float = 5.0) -> VaultSettings:
-        return VaultSettings(addr=addr or self.bao.addr, timeout=timeout)
-
-    def approle(self) -> AppRoleAuth:
-        return AppRoleAuth(role_id=self.role_id, secret_id_file=self.secret_id_file)
-
-
-@pytest.fixture
-def bao(tmp_path: Path) -> Iterator[OpenBao]:
-    with OpenBao(tmp_path) as server:
-        yield server
-
-
-@pytest.fixture
-def setup(bao: OpenBao, tmp_path: Path) -> Setup:
-    token_file = tmp_path / "root-token"
-    token_file.write_text(bao.root_token + "\n")
-    secret_out = tmp_path / "secret-id"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "auth",
-            "vault-setup",
-            "--vault-addr",
-            bao.addr,
-            "--token-file",
-            str(token_file),
-            "--secret-id-out",
-            str(secret_out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    assert 'path "pki/sign/join-node"' in out.stdout  # the policy is printed
-    role_id = next(
-        line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.startswith("role_id:")
-    )
-    assert (secret_out.stat().st_mode & 0o777) == 0o600
-    return Setup(bao=bao, role_id=role_id, secret_id_file=secret_out, workdir=tmp_path)
 
 
 def _request(
@@ -170,9 +116,12 @@ async def test_a_signed_pair_verifies_with_openssl_and_ssh_keygen(
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert x509.ExtendedKeyUsageOID.SERVER_AUTH in eku
     assert x509.ExtendedKeyUsageOID.CLIENT_AUTH in eku
-    assert cert.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode() == request.tls_public_key_pem
+    assert (
+        cert.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+        == request.tls_public_key_pem
+    )
 
     (tmp_path / "host-cert.pub").write_text(issued.ssh_cert + "\n")
     shown = subprocess.run(
@@ -193,9 +142,16 @@ async def test_a_signed_pair_verifies_with_openssl_and_ssh_keygen(
         text=True,
         check=True,
     ).stdout
-    assert bundle.ssh_ca_pin in fingerprint
+    assert _as_keygen_digest(bundle.ssh_ca_pin) in fingerprint
     signing_ca = shown.split("Signing CA:", 1)[1].splitlines()[0]
-    assert bundle.ssh_ca_pin in signing_ca
+    assert _as_keygen_digest(bundle.ssh_ca_pin) in signing_ca
+
+
+def _as_keygen_digest(pin: str) -> str:
+    """``sha256:<hex>`` (a node's ssh_ca_pin) as ``ssh-keygen -l`` prints it."""
+    assert pin.startswith("sha256:")
+    digest = bytes.fromhex(pin.removeprefix("sha256:"))
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
 async def test_renewal_signs_again_through_vault(signer: VaultSigner) -> None:
@@ -350,4 +306,3 @@ async def test_vault_setup_is_idempotent(setup: Setup) -> None:
     assert "BEGIN CERTIFICATE" in before
     assert after == before
     assert f"role_id: {setup.role_id}" in out.stdout
-

@@ -422,19 +422,34 @@ RETRY_CASES = [
         RetryCase((_err(502), _err(504), ("ok",)), None, None, 3, 0),
     ),
     (
-        "three 503s exhaust the retries and report the upstream failed",
-        RetryCase((_err(503),) * 3, UpstreamFailed, Code.UPSTREAM_FAILED, 3, 1, 1.0),
+        "three 503s exhaust the retries and report the upstream unavailable",
+        RetryCase((_err(503),) * 3, Overloaded, Code.UPSTREAM_UNAVAILABLE, 3, 1, 1.0),
     ),
     (
-        "the upstream's Retry-After is passed on",
+        "a 503 with Retry-After is not retried: the Retry-After is passed on",
         RetryCase(
-            (_err(503, headers={"Retry-After": "7"}),) * 3,
-            UpstreamFailed,
-            Code.UPSTREAM_FAILED,
-            3,
+            (_err(503, headers={"Retry-After": "7"}),),
+            Overloaded,
+            Code.UPSTREAM_UNAVAILABLE,
+            1,
             1,
             7.0,
         ),
+    ),
+    (
+        "a signing backend that is unavailable tells the agent when to come back",
+        RetryCase(
+            (_err(503, "signing_unavailable", headers={"Retry-After": "44"}),),
+            Overloaded,
+            Code.UPSTREAM_UNAVAILABLE,
+            1,
+            1,
+            44.0,
+        ),
+    ),
+    (
+        "a signing backend's refusal (502 signing_refused) is not retried",
+        RetryCase((_err(502, "signing_refused"),), UpstreamFailed, Code.UPSTREAM_FAILED, 1, 1),
     ),
     (
         "a 400 is not retried and does not count against the upstream",

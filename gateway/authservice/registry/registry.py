@@ -1,20 +1,25 @@
 """The auth service's registry: one host per VM, registrations by key, locks.
 
-``Registry.register`` is the one write path of a join, one transaction:
+``Registry.register`` is the one write path of a join, in two transactions with the
+signing between them (a signing backend may be a network call — Vault — and none runs
+inside a transaction):
 
-1. a known idempotency key answers with the stored registration (a gateway's retry, on
-   this replica or another) — or a conflict if the request differs;
-2. the live host of the VM's attested identity is read, the locks matching the join are
+1. first transaction: a known idempotency key answers with the stored registration (a
+   gateway's retry, on this replica or another) — or a conflict if the request differs;
+   the live host of the VM's attested identity is read, the locks matching the join are
    checked (a match is :class:`HostLocked`), and a missing host is inserted with a fresh
    ID — ``ON CONFLICT DO NOTHING`` on the unique index, so when two replicas race, one
    inserts and the other, once the winner commits, reads the winner's host;
-3. the certificates are issued for that host ID;
-4. the registration is inserted by key (``ON CONFLICT DO NOTHING`` again: if another
-   replica stored the same key meanwhile, its answer is returned and ours is dropped,
-   never delivered) and the host's renewal time and certificate expiry are updated.
+2. outside any transaction: ``await issue(host_id)`` signs the certificates. If it
+   raises, a host this join inserted is deleted again (unless a registration refers to
+   it meanwhile) and nothing is recorded;
+3. second transaction: the host must still be live and unlocked (an operator may have
+   acted while we signed); the registration is inserted by key (``ON CONFLICT DO
+   NOTHING``: if another replica — or a concurrent retry — stored the same key meanwhile,
+   its answer is returned and ours is dropped, never delivered) and the host's renewal
+   time and certificate expiry are updated.
 
-Both databases run the transaction's body (a generator of statements, see ``db.py``):
-SQLite in its own thread in one hop, signing included; PostgreSQL statement by statement.
+So no registration is recorded without its certificates, and none twice.
 
 A host's ID is only ever read back for the same (tenant, subscription, vmId), so another
 VM can never obtain it; a new vmId (the VM was re-created) is a new host.
@@ -23,10 +28,11 @@ VM can never obtain it; a new vmId (the VM was re-created) is a new host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Self
@@ -74,7 +80,8 @@ _LOCK_COLUMNS = "lock_id, target, value, reason, created_at, expires_at"
 # Written into a JSON records directory once the registry holds its records.
 _IMPORT_MARKER = ".imported"
 
-Issue = Callable[[str], RegisterResult]
+# Signs a host's certificates (outside any transaction): host ID -> the answer.
+Issue = Callable[[str], Awaitable[RegisterResult]]
 
 
 class Registry:
@@ -177,9 +184,30 @@ class Registry:
         """Register one approved join (see the module docstring for the steps).
 
         Raises :class:`IdempotencyConflict`, :class:`HostLocked` or
-        :class:`RegistryUnavailable`.
+        :class:`RegistryUnavailable`, and whatever ``issue`` raises (nothing recorded).
         """
-        return await self._db.run(lambda: _register(reg, digest, gateway, now, cert_expiry, issue))
+        found = await self._db.run(lambda: _begin(reg, digest, now))
+        if isinstance(found, Registered):
+            return found
+        host_id, kind = found
+        try:
+            result = await issue(host_id)
+        except BaseException:
+            if kind == "new":
+                # Best effort: a host left behind is the same join's on its retry (same key).
+                with contextlib.suppress(RegistryUnavailable):
+                    await self._db.run(lambda: _forget_unissued_host(host_id, reg.idempotency_key))
+            raise
+        record = RegistrationRecord(
+            host_id=host_id,
+            idempotency_key=reg.idempotency_key,
+            request_digest=digest,
+            registered_at=now,
+            gateway=gateway,
+            registration=reg,
+            result=result,
+        )
+        return await self._db.run(lambda: _complete(record, kind, digest, now, cert_expiry))
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -363,33 +391,39 @@ async def open_registry(
 # --- transaction bodies ----------------------------------------------------------------------
 
 
-def _register(
-    reg: Registration,
-    digest: str,
-    gateway: str,
-    now: datetime,
-    cert_expiry: datetime,
-    issue: Issue,
-) -> Body[Registered]:
-    key = reg.idempotency_key
-    stored = yield from _stored(key)
+def _begin(
+    reg: Registration, digest: str, now: datetime
+) -> Body[Registered | tuple[str, JoinKind]]:
+    stored = yield from _stored(reg.idempotency_key)
     if stored is not None:
         return _replayed(stored, digest)
+    return (yield from _host_for(reg, _identity(reg), now))
 
-    ident = _identity(reg)
-    host_id, kind = yield from _host_for(reg, ident, now)
-    record = RegistrationRecord(
-        host_id=host_id,
-        idempotency_key=key,
-        request_digest=digest,
-        registered_at=now,
-        gateway=gateway,
-        registration=reg,
-        result=issue(host_id),
-    )
+
+def _complete(
+    record: RegistrationRecord,
+    kind: JoinKind,
+    digest: str,
+    now: datetime,
+    cert_expiry: datetime,
+) -> Body[Registered]:
+    reg = record.registration
+    key = record.idempotency_key
+    host_id = record.host_id
+    live = yield one("SELECT 1 FROM hosts WHERE host_id = ? AND removed_at IS NULL", host_id)
+    if live is None:
+        # Removed (nodes rm, prune, a failed sibling's clean-up) while we signed: a retry
+        # settles the VM's host afresh. The certificates we hold are never delivered.
+        stored = yield from _stored(key)
+        if stored is not None:
+            return _replayed(stored, digest)
+        raise RegistryUnavailable("the host was removed while its certificates were signed")
+    lock = yield from _matching_lock(reg, _identity(reg), host_id, now)
+    if lock is not None:
+        raise HostLocked(lock)  # locked while we signed
     if not (yield from _insert_registration(record, kind)):
-        # Another replica stored this key meanwhile (we waited for its commit): its answer
-        # is the one; ours was never delivered.
+        # Another replica (or a concurrent retry) stored this key meanwhile (we waited for
+        # its commit): its answer is the one; ours was never delivered.
         stored = yield from _stored(key)
         if stored is None:  # pragma: no cover - the conflicting row cannot vanish
             raise RegistryUnavailable("registration vanished during a conflict")
@@ -415,6 +449,18 @@ def _write_labels(host_id: str, reg: Registration) -> Body[None]:
     yield execute(
         "UPDATE hosts SET labels = ? WHERE host_id = ?",
         json.dumps(dict(reg.labels), sort_keys=True),
+        host_id,
+    )
+
+
+def _forget_unissued_host(host_id: str, first_key: str) -> Body[None]:
+    """Signing failed for the join that inserted this host: delete it again, unless a
+    registration refers to it by now (a concurrent join of the same VM succeeded)."""
+    yield execute(
+        "DELETE FROM hosts WHERE host_id = ? AND first_key = ? AND NOT EXISTS "
+        "(SELECT 1 FROM registrations WHERE registrations.host_id = ?)",
+        host_id,
+        first_key,
         host_id,
     )
 

@@ -1,0 +1,437 @@
+"""Joins through the whole system with the CA keys in a real OpenBao.
+
+gateway → auth service (``VaultSigner``, set up by ``join-gateway auth vault-setup``) →
+``bao server -dev``, all on loopback with real TLS. What a node receives is checked with
+``openssl verify`` against OpenBao's own ``ca_chain`` and with ``ssh-keygen -L``; every
+failure is produced for real (a sealed or stopped server, a revoked token, OpenBao's own
+rate-limit quota, a proxy that holds bytes), and the registry is read after each to check
+that no registration was recorded without its certificates, and none twice. Work is
+counted (Vault sign calls, logins), not timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+
+from gateway.authservice import AuthSettings
+from gateway.authservice.authority import init_auth_dir
+from gateway.authservice.vault import (
+    TokenFileAuth,
+    VaultAuth,
+    VaultClient,
+    VaultSettings,
+    VaultSigner,
+)
+from gateway.core.clock import SystemClock
+from gateway.core.tlsutil import spki_pin
+from gateway.dev.devstack import DEFAULT_TOKEN, DEV_SUBSCRIPTION, DEV_TOKENS, DevStack, dev_stack
+from gateway.dev.emulator import EmulatedVm
+from gateway.join.forward import AuthClient
+from gateway.protocol import Registration
+from gateway.protocol.possession import make_csr, sign_ssh_possession
+from tests.integration.test_authservice import (
+    ROOT,
+    auth_client,
+    gateway_ctx,
+    make_reg,
+    new_keys,
+)
+from tests.support.binaries import require_binary
+from tests.support.joins import JoinAnswer, join
+from tests.support.openbao import VaultSetup as Setup
+from tests.support.slow_proxy import slow_proxy
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class VaultStack:
+    stack: DevStack
+    signer: VaultSigner
+    setup: Setup
+    keys: Path
+
+    def vm(self, name: str) -> EmulatedVm:
+        emu = self.stack.emulator
+        return emu.add_vm(
+            subscription=DEV_SUBSCRIPTION,
+            resource_group=f"rg-{name}",
+            name=name,
+            tenant=emu.add_tenant(),
+            identity="system",
+        )
+
+    async def join(self, vm: EmulatedVm) -> JoinAnswer:
+        return await join(self.stack, vm, self.keys / vm.name, token=DEFAULT_TOKEN, possession=True)
+
+    async def registrations(self) -> int:
+        return len(await self.stack.auth.records())
+
+
+@asynccontextmanager
+async def vault_stack(
+    setup: Setup,
+    workdir: Path,
+    *,
+    addr: str | None = None,
+    auth: VaultAuth | None = None,
+    vault_timeout: float = 5.0,
+) -> AsyncIterator[VaultStack]:
+    settings = VaultSettings(addr=addr or setup.bao.addr, timeout=vault_timeout)
+    signer = VaultSigner(VaultClient(settings, auth or setup.approle()), settings)
+    async with dev_stack(
+        workdir / "stack",
+        tokens_yaml=DEV_TOKENS,
+        signer=signer,
+        auth_settings=AuthSettings(require_csr=True),
+    ) as stack:
+        yield VaultStack(stack=stack, signer=signer, setup=setup, keys=workdir / "keys")
+
+
+def _run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def _principals(ssh_keygen_l: str) -> list[str]:
+    return ssh_keygen_l.split("Principals:", 1)[1].split("Critical Options:", 1)[0].split()
+
+
+async def test_a_join_is_signed_by_openbao_and_a_renewal_signs_again(
+    setup: Setup, tmp_path: Path
+) -> None:
+    openssl = require_binary("openssl")
+    ssh_keygen = require_binary("ssh-keygen")
+    async with vault_stack(setup, tmp_path) as vs:
+        vm = vs.vm("vault-vm-1")
+        first = await vs.join(vm)
+        assert first.status == 200, first.body
+        host_id = first.body["host_id"]
+        certs = first.body["certs"]
+
+        # OpenBao's own chain, not what the auth service says it is.
+        chain = setup.bao.request("GET", "pki/ca_chain", token=None)[1]["text"]
+        (tmp_path / "bao-chain.pem").write_text(chain)
+        (tmp_path / "leaf.pem").write_text(certs["tls"])
+        verify = _run(
+            openssl,
+            "verify",
+            "-CAfile",
+            str(tmp_path / "bao-chain.pem"),
+            str(tmp_path / "leaf.pem"),
+        )
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert "".join(certs["tls_ca_certs"]).strip() == chain.strip()
+
+        (tmp_path / "host-cert.pub").write_text(certs["ssh"] + "\n")
+        shown = _run(ssh_keygen, "-L", "-f", str(tmp_path / "host-cert.pub")).stdout
+        assert "host certificate" in shown
+        assert f'Key ID: "{host_id}"' in shown
+        assert _principals(shown) == [host_id, vm.name]
+        bao_ssh_ca = setup.bao.request("GET", "ssh/public_key", token=None)[1]["text"].strip()
+        assert certs["ssh_ca_keys"] == [bao_ssh_ca]
+
+        # A renewal: the same VM joins again, Vault signs again, the host ID stays.
+        second = await vs.join(vm)
+        assert second.status == 200, second.body
+        assert second.body["host_id"] == host_id
+        assert second.body["certs"]["tls"] != certs["tls"]
+        (tmp_path / "host-cert-2.pub").write_text(second.body["certs"]["ssh"] + "\n")
+        shown = _run(ssh_keygen, "-L", "-f", str(tmp_path / "host-cert-2.pub")).stdout
+        assert f'Key ID: "{host_id}"' in shown
+        assert vs.signer.sign_calls == 2
+        assert await vs.registrations() == 2
+        [host] = await vs.stack.auth.registry.hosts()
+        assert (host.host_id, host.renewals) == (host_id, 1)
+
+        # `join-gateway status` prints the pins of OpenBao's CAs (what nodes put in their
+        # config), from the auth service's data directory.
+        status = _run(
+            sys.executable, "-m", "gateway.cli", "status", "--auth-data-dir",
+            str(vs.stack.workdir / "auth"),
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        anchor = x509.load_pem_x509_certificate(
+            ("-----BEGIN" + chain.rsplit("-----BEGIN", 1)[1]).encode()
+        )
+        assert f"CA pin: {spki_pin(anchor)}" in status.stdout
+        assert f"SSH CA pin: {vs.signer.ca_bundle().ssh_ca_pin}" in status.stdout
+        assert "CA backend: vault" in status.stdout
+        fingerprint = _run(ssh_keygen, "-l", "-E", "sha256", "-f", "/dev/stdin", stdin=bao_ssh_ca)
+        digest = fingerprint.stdout.split("SHA256:", 1)[1].split()[0]
+        assert _b64_to_hex(digest) in status.stdout
+
+
+def _b64_to_hex(b64: str) -> str:
+    return base64.b64decode(b64 + "=" * (-len(b64) % 4)).hex()
+
+
+# --- failures: the agent is told to come back; nothing is recorded ----------------------
+
+
+async def _assert_unavailable(vs: VaultStack, vm: EmulatedVm) -> JoinAnswer:
+    before = await vs.registrations()
+    answer = await vs.join(vm)
+    assert (answer.status, answer.body["error"]["code"]) == (503, "upstream_unavailable")
+    assert int(answer.headers["Retry-After"]) >= 1
+    assert await vs.registrations() == before, "no registration without certificates"
+    return answer
+
+
+async def test_a_sealed_openbao_is_503_and_unsealing_recovers(setup: Setup, tmp_path: Path) -> None:
+    async with vault_stack(setup, tmp_path) as vs:
+        vm = vs.vm("sealed-vm")
+        setup.bao.seal()
+        await _assert_unavailable(vs, vm)
+        # The auth service said when to come back: the gateway did not retry (one call).
+        assert vs.signer.sign_calls == 1
+        assert await vs.stack.auth.registry.hosts() == [], "the new host was forgotten again"
+        setup.bao.unseal()
+        answer = await vs.join(vm)
+        assert answer.status == 200, answer.body
+        assert await vs.registrations() == 1
+
+
+def possessed_reg(key: str) -> Registration:
+    """A registration as a gateway forwards it, with the node's CSR and SSH key proof."""
+    keys = new_keys()
+    reg = make_reg(keys, key=key)
+    return replace(
+        reg,
+        host=replace(
+            reg.host,
+            csr=make_csr(keys.tls_private),
+            ssh_key_proof=sign_ssh_possession(keys.ssh_private, key),
+        ),
+    )
+
+
+async def register_directly(vs: VaultStack, key: str) -> tuple[int, dict[str, Any], str | None]:
+    """``POST /v1/register`` to the auth service with the gateway's client certificate:
+    (status, body, Retry-After)."""
+    auth = vs.stack.auth
+    assert auth.paths is not None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            auth.url + "/v1/register",
+            json=possessed_reg(key).to_json(),
+            ssl=gateway_ctx(auth.paths),
+        ) as resp,
+    ):
+        return resp.status, await resp.json(), resp.headers.get("Retry-After")
+
+
+async def test_the_auth_service_answers_503_signing_unavailable_with_retry_after(
+    setup: Setup, tmp_path: Path
+) -> None:
+    # The auth service's own answer, to a client holding the gateway's certificate.
+    async with vault_stack(setup, tmp_path) as vs:
+        setup.bao.seal()
+        status, payload, retry_after = await register_directly(
+            vs, "direct-key-00000000000000000000000"
+        )
+        assert (status, payload["error"]["code"]) == (503, "signing_unavailable")
+        assert retry_after is not None and int(retry_after) >= 1
+        assert vs.signer.sign_calls == 1
+        assert await vs.registrations() == 0
+
+
+async def test_a_stopped_openbao_is_503(setup: Setup, tmp_path: Path) -> None:
+    async with vault_stack(setup, tmp_path) as vs:
+        setup.bao.stop()
+        await _assert_unavailable(vs, vs.vm("stopped-vm"))
+        assert vs.signer.sign_calls == 1
+
+
+async def test_a_slow_openbao_is_bounded_by_the_timeout(setup: Setup, tmp_path: Path) -> None:
+    async with (
+        slow_proxy("127.0.0.1", setup.bao.port) as proxy,
+        vault_stack(
+            setup, tmp_path, addr=f"http://127.0.0.1:{proxy.port}", vault_timeout=0.5
+        ) as vs,
+    ):
+        proxy.delay = 3.0
+        try:
+            await _assert_unavailable(vs, vs.vm("slow-vm"))
+        finally:
+            proxy.delay = 0.0
+        assert vs.signer.sign_calls == 1
+
+
+async def test_openbaos_rate_limit_is_503_with_its_retry_after(
+    setup: Setup, tmp_path: Path
+) -> None:
+    async with vault_stack(setup, tmp_path) as vs:
+        assert (await vs.join(vs.vm("rl-vm-0"))).status == 200
+        # With rate-limit headers on, OpenBao's 429 says how long the quota blocks.
+        setup.bao.ok("POST", "sys/quotas/config", {"enable_rate_limit_response_headers": True})
+        setup.bao.ok(
+            "POST",
+            "sys/quotas/rate-limit/pki-sign",
+            {"path": "pki/", "rate": 1, "interval": "60s", "block_interval": "45s"},
+        )
+        try:
+            first = await vs.join(vs.vm("rl-vm-1"))  # may use the quota's one call
+            calls = vs.signer.sign_calls
+            answer = await _assert_unavailable(vs, vs.vm("rl-vm-2"))
+            # OpenBao's Retry-After reaches the agent, and nobody retried before it.
+            assert 30 <= int(answer.headers["Retry-After"]) <= 45
+            assert vs.signer.sign_calls == calls + 1
+        finally:
+            setup.bao.ok("DELETE", "sys/quotas/rate-limit/pki-sign")
+        assert await vs.registrations() == (2 if first.status == 200 else 1)
+
+
+async def test_a_revoked_approle_token_means_a_fresh_login(setup: Setup, tmp_path: Path) -> None:
+    auth = setup.approle()
+    async with vault_stack(setup, tmp_path, auth=auth) as vs:
+        token = await auth.token(vs.signer.client)
+        setup.bao.ok("POST", "auth/token/revoke", {"token": token})
+        answer = await vs.join(vs.vm("revoked-vm"))
+        assert answer.status == 200, answer.body
+        assert auth.logins == 2
+        assert await vs.registrations() == 1
+
+
+async def test_a_revoked_file_token_is_a_clear_non_retryable_error(
+    setup: Setup, tmp_path: Path
+) -> None:
+    created = setup.bao.ok(
+        "POST", "auth/token/create", {"policies": ["join-auth-service"], "ttl": "1h"}
+    )
+    token_file = tmp_path / "svc-token"
+    token_file.write_text(created["auth"]["client_token"])
+    async with vault_stack(setup, tmp_path, auth=TokenFileAuth(token_file)) as vs:
+        setup.bao.ok("POST", "auth/token/revoke", {"token": created["auth"]["client_token"]})
+        answer = await vs.join(vs.vm("file-token-vm"))
+        # The auth service said 502 signing_refused: the gateway does not retry it.
+        assert (answer.status, answer.body["error"]["code"]) == (502, "upstream_failed")
+        assert vs.signer.sign_calls == 1
+        status, payload, _ = await register_directly(vs, "refused-key-0000000000000000000000")
+        assert (status, payload["error"]["code"]) == (502, "signing_refused")
+        assert await vs.registrations() == 0
+
+
+async def test_retrying_a_registration_after_success_answers_the_same_certificates(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """The gateway's retry of a registration Vault signed once: one registration, the same
+    answer, no second Vault call."""
+    async with vault_stack(setup, tmp_path) as vs:
+        assert vs.stack.auth.paths is not None
+        reg = possessed_reg("retry-key-000000000000000000000000")
+        async with auth_client(vs.stack.auth, vs.stack.auth.paths) as client:
+            first = await client.register(reg)
+            again = await client.register(reg)
+        assert again == first
+        assert vs.signer.sign_calls == 1
+        assert await vs.registrations() == 1
+
+
+# --- auth serve --ca-backend vault, the command ----------------------------------------
+
+
+def _auth_serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "auth", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+USAGE = [
+    ("a vault flag without the vault backend", ["--vault-addr", "http://127.0.0.1:1"],
+     "--vault-addr needs --ca-backend vault"),
+    ("the vault backend without an address", ["--ca-backend", "vault", "--vault-token-file", "t"],
+     "needs --vault-addr"),
+    ("no credentials", ["--ca-backend", "vault", "--vault-addr", "http://127.0.0.1:1"],
+     "exactly one of --vault-token-file or --vault-approle-role-id"),
+    ("both credentials", ["--ca-backend", "vault", "--vault-addr", "http://127.0.0.1:1",
+                          "--vault-token-file", "t", "--vault-approle-role-id", "r",
+                          "--vault-approle-secret-id-file", "s"],
+     "exactly one of"),
+    ("a role ID without its secret ID", ["--ca-backend", "vault", "--vault-addr",
+                                         "http://127.0.0.1:1", "--vault-approle-role-id", "r"],
+     "go together"),
+    ("plain http off loopback", ["--ca-backend", "vault", "--vault-addr", "http://vault:8200",
+                                 "--vault-token-file", "t"],
+     "plain http only on loopback"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "message"), [c[1:] for c in USAGE], ids=[c[0] for c in USAGE])
+def test_contradictory_or_missing_vault_flags_are_usage_errors(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = _auth_serve("--data-dir", str(tmp_path / "auth"), *args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+
+
+def test_a_token_lacking_a_capability_stops_auth_serve_naming_it(
+    setup: Setup, tmp_path: Path
+) -> None:
+    setup.bao.ok(
+        "PUT",
+        "sys/policies/acl/pki-only",
+        {"policy": 'path "pki/sign/join-node" { capabilities = ["update"] }'},
+    )
+    created = setup.bao.ok("POST", "auth/token/create", {"policies": ["pki-only"]})
+    token_file = tmp_path / "pki-only-token"
+    token_file.write_text(created["auth"]["client_token"])
+    out = _auth_serve(
+        "--data-dir", str(tmp_path / "auth"), "--ca-backend", "vault",
+        "--vault-addr", setup.bao.addr, "--vault-token-file", str(token_file),
+    )  # fmt: skip
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "'update' on ssh/sign/join-host" in out.stderr
+    assert created["auth"]["client_token"] not in out.stdout + out.stderr
+
+
+async def test_auth_serve_with_an_approle_signs_through_openbao(
+    setup: Setup, tmp_path: Path
+) -> None:
+    paths = init_auth_dir(tmp_path / "auth")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "auth", "serve", "--data-dir", str(paths.data_dir),
+        "--ca-backend", "vault", "--vault-addr", setup.bao.addr,
+        "--vault-approle-role-id", setup.role_id,
+        "--vault-approle-secret-id-file", str(setup.secret_id_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        url = line.strip().rsplit(" ", 1)[1]
+        assert (await proc.stdout.readline()).decode().strip() == "CA backend: vault"
+        client = AuthClient(url=url, ssl_context=gateway_ctx(paths), clock=SystemClock())
+        async with client:
+            result = await client.register(possessed_reg("cli-key-000000000000000000000000"))
+        chain = setup.bao.request("GET", "pki/ca_chain", token=None)[1]["text"]
+        assert "".join(result.tls_ca_certs).strip() == chain.strip()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        logs = (await proc.stderr.read()).decode()
+        assert setup.secret_id_file.read_text().strip() not in logs, "never log a secret ID"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
