@@ -90,14 +90,16 @@ async def vault_stack(
     addr: str | None = None,
     auth: VaultAuth | None = None,
     vault_timeout: float = 5.0,
+    tokens_yaml: str = DEV_TOKENS,
+    spiffe_trust_domain: str | None = None,
 ) -> AsyncIterator[VaultStack]:
     settings = VaultSettings(addr=addr or setup.bao.addr, timeout=vault_timeout)
     signer = VaultSigner(VaultClient(settings, auth or setup.approle()), settings)
     async with dev_stack(
         workdir / "stack",
-        tokens_yaml=DEV_TOKENS,
+        tokens_yaml=tokens_yaml,
         signer=signer,
-        auth_settings=AuthSettings(require_csr=True),
+        auth_settings=AuthSettings(require_csr=True, spiffe_trust_domain=spiffe_trust_domain),
     ) as stack:
         yield VaultStack(stack=stack, signer=signer, setup=setup, keys=workdir / "keys")
 
@@ -110,10 +112,23 @@ def _principals(ssh_keygen_l: str) -> list[str]:
     return ssh_keygen_l.split("Principals:", 1)[1].split("Critical Options:", 1)[0].split()
 
 
+def _verify_against_openbao(setup: Setup, workdir: Path, leaf_pem: str) -> str:
+    """``openssl verify`` of ``leaf_pem`` against OpenBao's own ``ca_chain`` (not what the
+    auth service says it is); returns that chain."""
+    chain = setup.bao.request("GET", "pki/ca_chain", token=None)[1]["text"]
+    (workdir / "bao-chain.pem").write_text(chain)
+    (workdir / "leaf.pem").write_text(leaf_pem)
+    verify = _run(
+        require_binary("openssl"), "verify", "-CAfile", str(workdir / "bao-chain.pem"),
+        str(workdir / "leaf.pem"),
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    return chain
+
+
 async def test_a_join_is_signed_by_openbao_and_a_renewal_signs_again(
     setup: Setup, tmp_path: Path
 ) -> None:
-    openssl = require_binary("openssl")
     ssh_keygen = require_binary("ssh-keygen")
     async with vault_stack(setup, tmp_path) as vs:
         vm = vs.vm("vault-vm-1")
@@ -122,18 +137,7 @@ async def test_a_join_is_signed_by_openbao_and_a_renewal_signs_again(
         host_id = first.body["host_id"]
         certs = first.body["certs"]
 
-        # OpenBao's own chain, not what the auth service says it is.
-        chain = setup.bao.request("GET", "pki/ca_chain", token=None)[1]["text"]
-        (tmp_path / "bao-chain.pem").write_text(chain)
-        (tmp_path / "leaf.pem").write_text(certs["tls"])
-        verify = _run(
-            openssl,
-            "verify",
-            "-CAfile",
-            str(tmp_path / "bao-chain.pem"),
-            str(tmp_path / "leaf.pem"),
-        )
-        assert verify.returncode == 0, verify.stdout + verify.stderr
+        chain = _verify_against_openbao(setup, tmp_path, certs["tls"])
         assert "".join(certs["tls_ca_certs"]).strip() == chain.strip()
 
         (tmp_path / "host-cert.pub").write_text(certs["ssh"] + "\n")
@@ -177,6 +181,98 @@ async def test_a_join_is_signed_by_openbao_and_a_renewal_signs_again(
 
 def _b64_to_hex(b64: str) -> str:
     return base64.b64decode(b64 + "=" * (-len(b64) % 4)).hex()
+
+
+# --- the naming policy, labels and SPIFFE IDs, signed by Vault --------------------------
+
+TD = "cluster.test"
+NAMED_TOKENS = f"""
+kind: token
+version: v2
+metadata:
+  name: named
+spec:
+  roles: [Node]
+  join_method: azure
+  azure:
+    node_name: "{{vm_name}}.{{resource_group}}.internal"
+    host_names: ["{{vm_name}}.prod.internal"]
+    host_ips: nic
+    labels_from_tags: [env]
+    allow:
+      - subscription: {DEV_SUBSCRIPTION}
+        tags: {{env: prod}}
+"""
+
+
+async def test_names_labels_and_the_spiffe_id_come_through_openbao(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """The seam between the two features: what the gateway decided (node name, host
+    names, the NIC's IP, labels) and the auth service's SPIFFE ID reach OpenBao's sign
+    calls and come back in certificates that OpenBao's own chain verifies; a name the
+    policy refuses never reaches Vault."""
+    ssh_keygen = require_binary("ssh-keygen")
+    async with vault_stack(setup, tmp_path, tokens_yaml=NAMED_TOKENS, spiffe_trust_domain=TD) as vs:
+        emu = vs.stack.emulator
+        tenant = emu.add_tenant()
+        vm = emu.add_vm(
+            subscription=DEV_SUBSCRIPTION, resource_group="App", name="Web-7", tenant=tenant,
+            identity="system", location="northeurope", tags={"ENV": "prod", "other": "x"},
+        )  # fmt: skip
+        own_ip = vm.private_ips[0]
+        answer = await join(
+            vs.stack, vm, vs.keys / vm.name, token="named", possession=True,
+            host={"node_name": None, "dns_names": ["WEB-7.prod.internal"],
+                  "additional_principals": [own_ip]},
+        )  # fmt: skip
+        assert answer.status == 200, answer.body
+        host_id = answer.body["host_id"]
+        certs = answer.body["certs"]
+
+        _verify_against_openbao(setup, tmp_path, certs["tls"])
+
+        cert = x509.load_pem_x509_certificate(certs["tls"].encode())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [
+            f"spiffe://{TD}/azure/{tenant}/{DEV_SUBSCRIPTION}/{vm.vm_id.lower()}"
+        ]
+        assert set(sans.get_values_for_type(x509.DNSName)) - {host_id} == {
+            "web-7.app.internal",
+            "web-7.prod.internal",
+        }
+        assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == [own_ip]
+
+        (tmp_path / "host-cert.pub").write_text(certs["ssh"] + "\n")
+        shown = _run(ssh_keygen, "-L", "-f", str(tmp_path / "host-cert.pub")).stdout
+        assert f'Key ID: "{host_id}"' in shown
+        assert set(_principals(shown)) == {
+            host_id,
+            "web-7.app.internal",
+            "web-7.prod.internal",
+            own_ip,
+        }
+
+        [host] = await vs.stack.auth.registry.hosts()
+        assert host.labels == {
+            "azure/tenant": tenant,
+            "azure/subscription": DEV_SUBSCRIPTION,
+            "azure/resource_group": "App",
+            "azure/vm_id": vm.vm_id,
+            "azure/vm_name": "Web-7",
+            "azure/location": "northeurope",
+            "azure/tag/env": "prod",
+        }
+        assert vs.signer.sign_calls == 1
+
+        # Another VM's name is refused by the gateway: Vault is not asked to sign it.
+        refused = await join(
+            vs.stack, vm, vs.keys / vm.name, token="named", possession=True,
+            host={"node_name": None, "dns_names": ["auth.cluster.internal"]},
+        )  # fmt: skip
+        assert (refused.status, refused.body["error"]["code"]) == (403, "name_not_allowed")
+        assert vs.signer.sign_calls == 1
+        assert await vs.registrations() == 1
 
 
 # --- failures: the agent is told to come back; nothing is recorded ----------------------
@@ -408,12 +504,15 @@ def test_a_token_lacking_a_capability_stops_auth_serve_naming_it(
 async def test_auth_serve_with_an_approle_signs_through_openbao(
     setup: Setup, tmp_path: Path
 ) -> None:
+    """``auth serve --ca-backend vault --spiffe-trust-domain TD``, as an operator runs it:
+    OpenBao signs, and the certificate carries the node's SPIFFE ID."""
     paths = init_auth_dir(tmp_path / "auth")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "auth", "serve", "--data-dir", str(paths.data_dir),
         "--ca-backend", "vault", "--vault-addr", setup.bao.addr,
         "--vault-approle-role-id", setup.role_id,
         "--vault-approle-secret-id-file", str(setup.secret_id_file),
+        "--spiffe-trust-domain", TD,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
@@ -423,10 +522,20 @@ async def test_auth_serve_with_an_approle_signs_through_openbao(
         url = line.strip().rsplit(" ", 1)[1]
         assert (await proc.stdout.readline()).decode().strip() == "CA backend: vault"
         client = AuthClient(url=url, ssl_context=gateway_ctx(paths), clock=SystemClock())
+        reg = possessed_reg("cli-key-000000000000000000000000")
         async with client:
-            result = await client.register(possessed_reg("cli-key-000000000000000000000000"))
-        chain = setup.bao.request("GET", "pki/ca_chain", token=None)[1]["text"]
+            result = await client.register(reg)
+        chain = _verify_against_openbao(setup, tmp_path, result.tls_cert)
         assert "".join(result.tls_ca_certs).strip() == chain.strip()
+        sans = (
+            x509.load_pem_x509_certificate(result.tls_cert.encode())
+            .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            .value
+        )
+        j = reg.join
+        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [
+            f"spiffe://{TD}/azure/{j.tenant}/{j.subscription}/{j.vm_id}"
+        ]
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         logs = (await proc.stderr.read()).decode()
