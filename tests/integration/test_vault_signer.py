@@ -26,13 +26,17 @@ from cryptography.x509.oid import NameOID
 
 from gateway.authservice.signing import SigningRefused, SigningUnavailable, SignRequest
 from gateway.authservice.vault import (
+    AppRoleAuth,
     TokenFileAuth,
     VaultClient,
+    VaultSettings,
     VaultSigner,
     VaultStartupError,
 )
+from gateway.core.clock import FixedClock
 from tests.support.binaries import require_binary
 from tests.support.openbao import VaultSetup as Setup
+from tests.support.openbao import run_vault_setup
 from tests.support.slow_proxy import slow_proxy
 
 pytestmark = pytest.mark.integration
@@ -306,3 +310,82 @@ async def test_vault_setup_is_idempotent(setup: Setup) -> None:
     assert "BEGIN CERTIFICATE" in before
     assert after == before
     assert f"role_id: {setup.role_id}" in out.stdout
+
+
+async def test_vault_setup_writes_least_privilege_roles_with_no_store_and_ttl_limits(
+    setup: Setup,
+) -> None:
+    """What ``vault-setup`` configured, read back from OpenBao (not from its own output)."""
+    pki = setup.bao.ok("GET", "pki/roles/join-node")["data"]
+    # Names come from the auth service only, never from the node's CSR.
+    assert (pki["use_csr_common_name"], pki["use_csr_sans"]) == (False, False)
+    assert pki["no_store"] is True, "a join storm must not grow Vault's storage"
+    assert pki["max_ttl"] == 72 * 3600
+    assert pki["allow_wildcard_certificates"] is False
+    assert (pki["server_flag"], pki["client_flag"]) == (True, True)
+    ssh = setup.bao.ok("GET", "ssh/roles/join-host")["data"]
+    assert (ssh["allow_host_certificates"], ssh["allow_user_certificates"]) == (True, False)
+    assert ssh["max_ttl"] == 72 * 3600
+    approle = setup.bao.ok("GET", "auth/approle/role/join-auth-service")["data"]
+    assert approle["token_policies"] == ["join-auth-service"]
+    assert (approle["token_ttl"], approle["token_max_ttl"]) == (3600, 24 * 3600)
+    policy = setup.bao.ok("GET", "sys/policies/acl/join-auth-service")["data"]["policy"]
+    paths = sorted(line.split('"')[1] for line in policy.splitlines() if line.startswith("path"))
+    assert paths == ["pki/sign/join-node", "ssh/sign/join-host"]
+    assert policy.count('capabilities = ["update"]') == 2
+
+
+async def test_an_approle_token_is_renewed_before_expiry_and_a_failed_renewal_logs_in_again(
+    setup: Setup,
+) -> None:
+    clock = FixedClock(datetime.now(UTC))
+    auth = AppRoleAuth(role_id=setup.role_id, secret_id_file=setup.secret_id_file, clock=clock)
+    client = VaultClient(setup.settings(), auth)
+    s = VaultSigner(client, setup.settings())
+    await s.start()
+    try:
+        first = await auth.token(client)
+        assert (auth.logins, auth.renewals) == (1, 0)
+        clock.advance(0.5 * 3600)  # half of vault-setup's 1 h lease: nothing to do
+        assert await auth.token(client) == first
+        assert auth.renewals == 0
+        clock.advance(0.2 * 3600)  # past two thirds: renew-self, the same token
+        assert await auth.token(client) == first
+        assert (auth.logins, auth.renewals) == (1, 1)
+        lookup = setup.bao.ok("POST", "auth/token/lookup", {"token": first})["data"]
+        assert lookup["ttl"] > 0.9 * 3600, "OpenBao extended the lease"
+
+        # A renewal Vault refuses (the token was revoked): one fresh login, signing works.
+        setup.bao.ok("POST", "auth/token/revoke", {"token": first})
+        clock.advance(0.7 * 3600)
+        second = await auth.token(client)
+        assert second != first
+        assert (auth.logins, auth.renewals) == (2, 1)
+        assert (await s.sign(_request()[0])).tls_cert_pem
+        assert auth.logins == 2
+    finally:
+        await s.aclose()
+
+
+async def test_a_vault_namespace_is_sent_with_every_call(setup: Setup) -> None:
+    """``--vault-namespace``: vault-setup and the signer work inside the namespace (its
+    own mounts, CA and AppRole), never in the root one."""
+    setup.bao.ok("POST", "sys/namespaces/team-a", {})
+    workdir = setup.workdir / "team-a"
+    workdir.mkdir()
+    in_ns = run_vault_setup(setup.bao, workdir, namespace="team-a")
+    settings = VaultSettings(addr=setup.bao.addr, namespace="team-a")
+    auth = in_ns.approle()
+    s = VaultSigner(VaultClient(settings, auth), settings)
+    await s.start()
+    try:
+        issued = await s.sign(_request()[0])
+    finally:
+        await s.aclose()
+    ns_chain = setup.bao.request("GET", "team-a/pki/ca_chain", token=None)[1]["text"]
+    root_chain = setup.bao.request("GET", "pki/ca_chain", token=None)[1]["text"]
+    assert "BEGIN CERTIFICATE" in ns_chain and ns_chain != root_chain
+    assert "".join(s.ca_bundle().tls_ca_certs).strip() == ns_chain.strip()
+    leaf = x509.load_pem_x509_certificate(issued.tls_cert_pem.encode())
+    anchor = x509.load_pem_x509_certificate(s.ca_bundle().tls_ca_certs[-1].encode())
+    leaf.verify_directly_issued_by(anchor)

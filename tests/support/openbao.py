@@ -55,16 +55,18 @@ class VaultSetup:
         return AppRoleAuth(role_id=self.role_id, secret_id_file=self.secret_id_file)
 
 
-def run_vault_setup(bao: OpenBao, workdir: Path) -> VaultSetup:
-    """``join-gateway auth vault-setup`` with the root token, as an operator runs it."""
+def run_vault_setup(bao: OpenBao, workdir: Path, *, namespace: str | None = None) -> VaultSetup:
+    """``join-gateway auth vault-setup`` with the root token, as an operator runs it (in
+    ``namespace``: ``--vault-namespace``)."""
     token_file = workdir / "root-token"
     token_file.write_text(bao.root_token + "\n")
     secret_out = workdir / "secret-id"
+    ns = ["--vault-namespace", namespace] if namespace is not None else []
     out = subprocess.run(
         [
             sys.executable, "-m", "gateway.cli", "auth", "vault-setup",
             "--vault-addr", bao.addr, "--token-file", str(token_file),
-            "--secret-id-out", str(secret_out),
+            "--secret-id-out", str(secret_out), *ns,
         ],
         capture_output=True,
         text=True,
