@@ -389,3 +389,15 @@ async def test_a_vault_namespace_is_sent_with_every_call(setup: Setup) -> None:
     leaf = x509.load_pem_x509_certificate(issued.tls_cert_pem.encode())
     anchor = x509.load_pem_x509_certificate(s.ca_bundle().tls_ca_certs[-1].encode())
     leaf.verify_directly_issued_by(anchor)
+
+
+async def test_the_auth_services_lifetime_reaches_both_certificates(signer: VaultSigner) -> None:
+    """The TTL is the auth service's (``--cert-ttl``), not the role's default (24 h)."""
+    request, _ = _request(ttl=timedelta(hours=2))
+    issued = await signer.sign(request)
+    cert = x509.load_pem_x509_certificate(issued.tls_cert_pem.encode())
+    # Vault back-dates not_before by 30 s (clock skew).
+    assert abs(cert.not_valid_after_utc - request.not_after) < timedelta(minutes=1)
+    ssh = serialization.load_ssh_public_identity(issued.ssh_cert.encode())
+    assert isinstance(ssh, serialization.SSHCertificate)
+    assert abs((ssh.valid_before - ssh.valid_after) - 2 * 3600) <= 60
