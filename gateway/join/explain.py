@@ -1,8 +1,11 @@
 """``join-gateway rules explain``: which allow rule admits a VM, or why none does.
 
 Input is what the gateway itself would see: the VM as Resource Manager returns it
-(``az vm show -o json``, or ``GET …/virtualMachines/<name>``) and the access token's
-claims (the decoded payload: ``tid``, ``oid``, ``appid``). The answer names the rule that
+(``GET …/virtualMachines/<name>``, or ``az vm show -o json``, which lifts ``properties``
+to the top level) and, optionally, the access token's claims (the decoded payload:
+``tid``, ``oid``, ``appid``). Without claims the tenant is the VM identity's
+``tenantId`` and the identities are every managed identity attached to the VM (any of
+them could join; the claims name the one that does). The answer names the rule that
 matched, or for each rule the first field that did not — the same evaluation the gateway
 runs (gateway/join/allow.py), with the same token files (``-c gateway.yaml``).
 
@@ -24,7 +27,7 @@ from gateway.join.allow import Verdict, VmFacts, evaluate
 from gateway.join.names import VmAttributes
 from gateway.join.rules import ProvisionToken, load_token_files
 
-__all__ = ["add_arguments", "explain", "run"]
+__all__ = ["add_arguments", "arm_model", "claims_from_vm", "explain", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--token", required=True, help="the token's name")
     e.add_argument("--vm-json", required=True, type=Path, help="the VM as ARM returns it")
     e.add_argument(
-        "--claims-json", required=True, type=Path, help="the access token's claims (tid, oid…)"
+        "--claims-json",
+        type=Path,
+        help="the access token's claims (tid, oid, appid); default: the VM's identities",
     )
     e.add_argument("--json", action="store_true", help="print the answer as JSON")
 
@@ -46,15 +51,43 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def arm_model(vm: dict[str, Any]) -> dict[str, Any]:
+    """ARM's VM model: ``az vm show -o json`` prints it with ``properties`` lifted to the
+    top level (``vmId``, ``networkProfile`` beside ``id`` and ``name``)."""
+    if "properties" not in vm and "vmId" in vm:
+        return {**vm, "properties": vm}
+    return vm
+
+
+def claims_from_vm(vm: dict[str, Any]) -> dict[str, Any]:
+    """Claims standing in for a token's when none is given: the VM identity's tenant, and
+    every identity attached to the VM (system-assigned principal; each user-assigned
+    identity's principal and client IDs) — which any of them could present."""
+    identity = vm.get("identity")
+    identity = identity if isinstance(identity, dict) else {}
+    tid = identity.get("tenantId")
+    if not isinstance(tid, str):
+        raise ValueError(
+            "the VM JSON has no identity.tenantId (a VM with user-assigned identities "
+            "only): pass --claims-json"
+        )
+    ids = [identity.get("principalId")]
+    users = identity.get("userAssignedIdentities")
+    for user in (users or {}).values() if isinstance(users, dict) else ():
+        if isinstance(user, dict):
+            ids += [user.get("principalId"), user.get("clientId")]
+    return {"tid": tid, "identities": [i for i in ids if isinstance(i, str)]}
+
+
 def facts_from(vm: dict[str, Any], claims: dict[str, Any]) -> VmFacts:
-    """The facts the gateway would use, from ARM's VM model and the token's claims."""
-    record = vm_record_from_model(vm)
+    """The facts the gateway would use, from ARM's VM model and the token's claims (or
+    ``claims_from_vm``'s, whose ``identities`` lists every attached identity)."""
+    record = vm_record_from_model(arm_model(vm))
     tid = claims.get("tid")
     if not isinstance(tid, str):
         raise ValueError("claims: 'tid' is missing")
-    identities = frozenset(
-        str(claims[k]).lower() for k in ("oid", "appid") if isinstance(claims.get(k), str)
-    )
+    ids = [claims.get(k) for k in ("oid", "appid")] + list(claims.get("identities", []))
+    identities = frozenset(i.lower() for i in ids if isinstance(i, str))
     return VmFacts(
         tenant=tid.lower(),
         subscription=record.subscription,
@@ -69,7 +102,7 @@ def facts_from(vm: dict[str, Any], claims: dict[str, Any]) -> VmFacts:
 
 def attributes_from(vm: dict[str, Any], claims: dict[str, Any]) -> VmAttributes:
     """What the name templates render from, as the gateway would have it."""
-    record = vm_record_from_model(vm)
+    record = vm_record_from_model(arm_model(vm))
     tid = claims.get("tid")
     return VmAttributes(
         vm_name=record.name,
@@ -114,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
         registry = load_token_files(
             [config.path(p) for p in config.tokens.files], vm_binding=config.azure.vm_binding
         )
-        vm, claims = _read_json(args.vm_json), _read_json(args.claims_json)
+        vm = _read_json(args.vm_json)
+        claims = (
+            _read_json(args.claims_json) if args.claims_json is not None else claims_from_vm(vm)
+        )
         facts, attrs = facts_from(vm, claims), attributes_from(vm, claims)
     except (ConfigError, OSError, ValueError, GatewayError) as exc:
         print(f"rules explain: {exc}", file=sys.stderr)
@@ -127,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        if args.claims_json is None:
+            print("identities: every one attached to the VM (--claims-json names the one)")
         for entry in report["rules"]:
             print(f"rule {entry['rule']} ({entry['source']}): {entry['says']}")
             if entry["outcome"] == "matched":
@@ -142,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"names: {names['policy']}")
         node = names["node_name"]
         print(
-            f"  -> this VM's node name: {node}" if node is not None
+            f"  -> this VM's node name: {node}"
+            if node is not None
             else "  -> this VM gets no valid node name: joins are refused (name_not_allowed)"
         )
         if names["host_names"]:

@@ -184,3 +184,67 @@ def test_explain_says_what_the_name_policy_names_this_vm(
     assert names["host_names"] == ["web-1.prod.internal"]
     assert main(args) == 0
     assert "this VM's node name: web-1.web.internal" in capsys.readouterr().out
+
+
+IDENTITY_TOKENS = TOKENS + f"""\
+---
+kind: token
+version: v2
+metadata:
+  name: by-identity
+spec:
+  roles: [Node]
+  join_method: azure
+  azure:
+    allow:
+    - tenant: {TENANT}
+      identities: [{CLIENT_ID}]
+"""
+
+
+def _az_vm_show(name: str, *, identity: dict[str, object]) -> dict[str, object]:
+    """A VM as ``az vm show -o json`` prints it: ``properties`` lifted to the top level."""
+    model = _vm(name, tags={"env": "prod"})
+    props = model.pop("properties")
+    assert isinstance(props, dict)
+    return {**model, **props, "resourceGroup": "web", "identity": identity}
+
+
+USER_ASSIGNED = {
+    "type": "UserAssigned",
+    "userAssignedIdentities": {
+        f"/subscriptions/{SUB}/resourceGroups/id/providers/Microsoft.ManagedIdentity/"
+        "userAssignedIdentities/fleet": {"clientId": CLIENT_ID, "principalId": TENANT[::-1]}
+    },
+}
+EXPLAIN_WITHOUT_CLAIMS = [
+    ("a VM with its tenant and the rule's identity attached is admitted",
+     {**USER_ASSIGNED, "type": "SystemAssigned, UserAssigned", "tenantId": TENANT,
+      "principalId": "bbbbbbbb-0000-0000-0000-000000000002"}, 0),
+    ("a VM without the rule's identity is refused",
+     {"type": "SystemAssigned", "tenantId": TENANT,
+      "principalId": "bbbbbbbb-0000-0000-0000-000000000002"}, 1),
+    ("a VM JSON without a tenant needs --claims-json (usage)", USER_ASSIGNED, 2),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("identity", "code"),
+    [c[1:] for c in EXPLAIN_WITHOUT_CLAIMS],
+    ids=[c[0] for c in EXPLAIN_WITHOUT_CLAIMS],
+)
+def test_explain_reads_az_vm_show_output_without_claims(
+    config: Path, capsys: pytest.CaptureFixture[str], identity: dict[str, object], code: int
+) -> None:
+    (config.parent / "tokens.yaml").write_text(IDENTITY_TOKENS)
+    vm_file = config.parent / "vm.json"
+    vm_file.write_text(json.dumps(_az_vm_show("web-1", identity=identity)))
+    args = ["rules", "explain", "-c", str(config), "--token", "by-identity"]
+    assert main([*args, "--vm-json", str(vm_file), "--json"]) == code
+    if code == 2:
+        assert "pass --claims-json" in capsys.readouterr().err
+        return
+    report = json.loads(capsys.readouterr().out)
+    assert report["matched_rule"] == (0 if code == 0 else None)
+    if code == 1:
+        assert report["rules"][0]["first_field_not_matching"] == "identities"
