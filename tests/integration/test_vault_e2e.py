@@ -54,6 +54,7 @@ from tests.support.binaries import require_binary
 from tests.support.joins import JoinAnswer, join
 from tests.support.openbao import VaultSetup as Setup
 from tests.support.slow_proxy import slow_proxy
+from tests.support.tokens import azure_token_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -202,7 +203,8 @@ spec:
     allow:
       - subscription: {DEV_SUBSCRIPTION}
         tags: {{env: prod}}
-"""
+---
+""" + azure_token_yaml(DEV_SUBSCRIPTION, name="plain")
 
 
 async def test_names_labels_and_the_spiffe_id_come_through_openbao(
@@ -265,14 +267,32 @@ async def test_names_labels_and_the_spiffe_id_come_through_openbao(
         }
         assert vs.signer.sign_calls == 1
 
+        # A uniform scale set's instance: `<set>_<id>` is an SSH principal, no dNSName.
+        [_, inst] = emu.add_scale_set(
+            subscription=DEV_SUBSCRIPTION, resource_group="uni", name="pool", tenant=tenant,
+            capacity=2, identity="user",
+        )  # fmt: skip
+        pooled = await join(
+            vs.stack, inst, vs.keys / inst.name, token="plain", possession=True,
+            host={"node_name": None},
+        )  # fmt: skip
+        assert pooled.status == 200, pooled.body
+        (tmp_path / "pool-cert.pub").write_text(pooled.body["certs"]["ssh"] + "\n")
+        shown = _run(ssh_keygen, "-L", "-f", str(tmp_path / "pool-cert.pub")).stdout
+        assert _principals(shown) == [pooled.body["host_id"], "pool_1"]
+        pool_cert = x509.load_pem_x509_certificate(pooled.body["certs"]["tls"].encode())
+        pool_sans = pool_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        assert "pool_1" not in pool_sans.value.get_values_for_type(x509.DNSName)
+        assert vs.signer.sign_calls == 2
+
         # Another VM's name is refused by the gateway: Vault is not asked to sign it.
         refused = await join(
             vs.stack, vm, vs.keys / vm.name, token="named", possession=True,
             host={"node_name": None, "dns_names": ["auth.cluster.internal"]},
         )  # fmt: skip
         assert (refused.status, refused.body["error"]["code"]) == (403, "name_not_allowed")
-        assert vs.signer.sign_calls == 1
-        assert await vs.registrations() == 1
+        assert vs.signer.sign_calls == 2
+        assert await vs.registrations() == 2
 
 
 # --- failures: the agent is told to come back; nothing is recorded ----------------------
