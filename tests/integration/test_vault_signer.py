@@ -29,14 +29,16 @@ from gateway.authservice.vault import (
     AppRoleAuth,
     TokenFileAuth,
     VaultClient,
+    VaultError,
     VaultSettings,
     VaultSigner,
     VaultStartupError,
 )
 from gateway.core.clock import FixedClock
 from tests.support.binaries import require_binary
+from tests.support.gateway_proc import free_port
 from tests.support.openbao import VaultSetup as Setup
-from tests.support.openbao import run_vault_setup
+from tests.support.openbao import bao_binary, run_vault_setup
 from tests.support.slow_proxy import slow_proxy
 
 pytestmark = pytest.mark.integration
@@ -401,3 +403,43 @@ async def test_the_auth_services_lifetime_reaches_both_certificates(signer: Vaul
     ssh = serialization.load_ssh_public_identity(issued.ssh_cert.encode())
     assert isinstance(ssh, serialization.SSHCertificate)
     assert abs((ssh.valid_before - ssh.valid_after) - 2 * 3600) <= 60
+
+
+async def test_vaults_tls_certificate_is_checked_against_the_vault_ca_file(
+    tmp_path: Path,
+) -> None:
+    """``--vault-ca-file``: an OpenBao serving TLS (``-dev-tls``, its own generated CA) is
+    trusted through that file, and refused without it (the system's CAs do not know it)."""
+    certs = tmp_path / "bao-tls"
+    certs.mkdir()
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        bao_binary(), "server", "-dev", "-dev-tls", f"-dev-tls-cert-dir={certs}",
+        f"-dev-listen-address=127.0.0.1:{port}", "-dev-no-store-token",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"HOME": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        addr = f"https://127.0.0.1:{port}"
+        trusted = VaultSettings(addr=addr, ca_file=certs / "vault-ca.pem")
+        client = VaultClient(trusted, TokenFileAuth(tmp_path / "unused"))
+        try:
+            for _ in range(200):  # the server generates its CA, then listens
+                try:
+                    health = await client.call("GET", "sys/health", token=None)
+                    break
+                except VaultError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("OpenBao with -dev-tls did not answer")
+        finally:
+            await client.aclose()
+        assert health["initialized"] is True
+        untrusted = VaultClient(VaultSettings(addr=addr), TokenFileAuth(tmp_path / "unused"))
+        try:
+            with pytest.raises(VaultError, match=r"[Cc]ertificate"):
+                await untrusted.call("GET", "sys/health", token=None)
+        finally:
+            await untrusted.aclose()
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
