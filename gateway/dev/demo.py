@@ -112,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
 
 async def _main(args: argparse.Namespace) -> int:
     # Refusals are expected here and reported in the table; the agents' own error lines
-    # would only bury it.
+    # (and the auth service's warning about the node the demo locks) would only bury it.
     logging.getLogger("gateway.agent").setLevel(logging.CRITICAL)
+    logging.getLogger("gateway.authservice.app").setLevel(logging.ERROR)
     if args.workdir:
         return await _demo(args, args.workdir)
     with tempfile.TemporaryDirectory(prefix="join-gateway-demo-") as tmp:
