@@ -56,7 +56,7 @@ def _request(
     if csr_names:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.DNSName(n) for n in csr_names]), critical=False
-        )
+        ).add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
     csr = builder.sign(tls_key, hashes.SHA256())
     ssh_key = ed25519.Ed25519PrivateKey.generate().public_key()
     now = datetime.now(UTC)
@@ -100,7 +100,7 @@ async def test_a_signed_pair_verifies_with_openssl_and_ssh_keygen(
 ) -> None:
     openssl = require_binary("openssl")
     ssh_keygen = require_binary("ssh-keygen")
-    # The CSR asks for other names: they must not reach the certificate.
+    # The CSR asks for other names and to be a CA: neither must reach the certificate.
     request, _ = _request(csr_names=["auth.cluster.internal", "localhost"])
     issued = await signer.sign(request)
 
@@ -119,6 +119,10 @@ async def test_a_signed_pair_verifies_with_openssl_and_ssh_keygen(
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {HOST_ID, "vm-a"}
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    # Nor the CA flag it asked for (OpenBao writes no basicConstraints: not a CA).
+    assert not any(
+        isinstance(e.value, x509.BasicConstraints) and e.value.ca for e in cert.extensions
+    )
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert x509.ExtendedKeyUsageOID.SERVER_AUTH in eku
     assert x509.ExtendedKeyUsageOID.CLIENT_AUTH in eku

@@ -58,6 +58,11 @@ def _csr_with_names(key: ec.EllipticCurvePrivateKey) -> str:
             x509.SubjectAlternativeName([x509.DNSName("vm-b"), x509.DNSName("localhost")]),
             critical=False,
         )
+        # Extensions a node might ask for: a CA of its own, code signing.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.PEM).decode()
@@ -153,7 +158,7 @@ async def test_proof_of_possession(
     assert (await _post(stack, again))[0] == 200
 
 
-async def test_a_csrs_own_names_never_reach_the_certificate(
+async def test_a_csrs_own_names_and_extensions_never_reach_the_certificate(
     stack: DevStack, vm: EmulatedVm, tmp_path: Path
 ) -> None:
     body = join_body(stack, vm, tmp_path, token="azure-token")
@@ -168,3 +173,15 @@ async def test_a_csrs_own_names_never_reach_the_certificate(
     assert not dns & {"vm-b", "localhost", "auth.cluster.internal"}
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     assert cn == data["host_id"]
+    assert_no_requested_extensions(cert)
+
+
+def assert_no_requested_extensions(cert: x509.Certificate) -> None:
+    """None of ``_csr_with_names``'s requested extensions is in ``cert``."""
+    try:
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        ca = False
+    assert ca is False
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert x509.ExtendedKeyUsageOID.CODE_SIGNING not in eku
