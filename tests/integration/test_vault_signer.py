@@ -369,6 +369,11 @@ async def test_an_approle_token_is_renewed_before_expiry_and_a_failed_renewal_lo
         assert (auth.logins, auth.renewals) == (2, 1)
         assert (await s.sign(_request()[0])).tls_cert_pem
         assert auth.logins == 2
+
+        # Past the lease's end (a suspended host): no renewal attempt, a fresh login.
+        clock.advance(2 * 3600)
+        assert await auth.token(client) not in (first, second)
+        assert (auth.logins, auth.renewals) == (3, 1)
     finally:
         await s.aclose()
 
