@@ -41,7 +41,7 @@ from gateway.core.tlsutil import spki_pin
 from gateway.dev.devstack import DEFAULT_TOKEN, DEV_SUBSCRIPTION, DEV_TOKENS, DevStack, dev_stack
 from gateway.dev.emulator import EmulatedVm
 from gateway.join.forward import AuthClient
-from gateway.protocol import Registration
+from gateway.protocol import RegisterResult, Registration
 from gateway.protocol.possession import make_csr, sign_ssh_possession
 from tests.integration.test_authservice import (
     ROOT,
@@ -456,6 +456,27 @@ async def test_retrying_a_registration_after_success_answers_the_same_certificat
         assert again == first
         assert vs.signer.sign_calls == 1
         assert await vs.registrations() == 1
+
+
+async def test_concurrent_retries_of_one_registration_record_it_once(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """Two replicas' (or a gateway's impatient) copies of one registration in flight while
+    Vault signs: one registration, one answer for both."""
+    async with vault_stack(setup, tmp_path) as vs:
+        assert vs.stack.auth.paths is not None
+        reg = possessed_reg("race-key-0000000000000000000000000")
+        async with auth_client(vs.stack.auth, vs.stack.auth.paths) as client:
+            results = await asyncio.gather(
+                *(client.register(reg) for _ in range(4)), return_exceptions=True
+            )
+        # Each copy may have been signed (Vault keeps nothing: no_store); only one is kept,
+        # and every copy answers with it.
+        answers = [r for r in results if isinstance(r, RegisterResult)]
+        assert len(answers) == 4, results
+        assert all(a == answers[0] for a in answers)
+        assert await vs.registrations() == 1
+        assert len(await vs.stack.auth.registry.hosts()) == 1
 
 
 # --- auth serve --ca-backend vault, the command ----------------------------------------
