@@ -466,22 +466,23 @@ class VaultSigner:
             "key_id": request.host_id,
             "ttl": ttl,
         }
-        try:
-            tls, ssh = await asyncio.gather(
-                self._client.authed(
-                    "POST", f"{self._pki}/sign/{self._settings.pki_role}", x509_body
-                ),
-                self._client.authed(
-                    "POST", f"{self._ssh}/sign/{self._settings.ssh_role}", ssh_body
-                ),
-            )
-        except VaultError as exc:
-            raise _translate(exc, "vault signing") from exc
+        tls, ssh = await asyncio.gather(
+            self._sign_at(f"{self._pki}/sign/{self._settings.pki_role}", x509_body),
+            self._sign_at(f"{self._ssh}/sign/{self._settings.ssh_role}", ssh_body),
+        )
         cert = (tls.get("data") or {}).get("certificate")
         signed = (ssh.get("data") or {}).get("signed_key")
         if not isinstance(cert, str) or not isinstance(signed, str):
             raise SigningUnavailable("vault answered without a certificate")
         return Issued(tls_cert_pem=cert.strip() + "\n", ssh_cert=signed.strip())
+
+    async def _sign_at(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        # The error names the path: "permission denied" alone does not say which of the
+        # two the operator must fix.
+        try:
+            return await self._client.authed("POST", path, body)
+        except VaultError as exc:
+            raise _translate(exc, f"vault signing ({path})") from exc
 
     async def aclose(self) -> None:
         await self._client.aclose()

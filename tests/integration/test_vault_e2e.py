@@ -442,6 +442,25 @@ async def test_a_revoked_file_token_is_a_clear_non_retryable_error(
         assert await vs.registrations() == 0
 
 
+async def test_a_permission_removed_while_running_is_a_clear_non_retryable_error(
+    setup: Setup, tmp_path: Path
+) -> None:
+    async with vault_stack(setup, tmp_path) as vs:
+        assert (await vs.join(vs.vm("perm-vm-0"))).status == 200
+        # An operator narrows the auth service's policy to the PKI path only.
+        setup.bao.ok(
+            "PUT",
+            "sys/policies/acl/join-auth-service",
+            {"policy": 'path "pki/sign/join-node" { capabilities = ["update"] }'},
+        )
+        answer = await vs.join(vs.vm("perm-vm-1"))
+        assert (answer.status, answer.body["error"]["code"]) == (502, "upstream_failed")
+        status, payload, _ = await register_directly(vs, "perm-key-00000000000000000000000000")
+        assert (status, payload["error"]["code"]) == (502, "signing_refused")
+        assert "ssh/sign/join-host" in payload["error"]["message"]
+        assert await vs.registrations() == 1, "nothing recorded without its certificates"
+
+
 async def test_retrying_a_registration_after_success_answers_the_same_certificates(
     setup: Setup, tmp_path: Path
 ) -> None:
