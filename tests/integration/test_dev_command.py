@@ -253,11 +253,29 @@ async def test_dev_with_the_vault_backend_signs_through_a_throwaway_openbao(
         assert rc == 0, out
         rc, out = await run_cli([*CLI, "status", "--auth-data-dir", info["auth"]["data_dir"]])
         assert rc == 0 and "CA backend: vault" in out, out
+        # The pins status prints (OpenBao's CAs) are what a node config pins: a pinned
+        # node joins; a node pinning another SSH CA refuses what the gateway returns.
+        pins = dict(ln.split(": ", 1) for ln in out.splitlines() if " pin: " in ln)
+        assert await join_pinned(vm, tmp_path, pins["CA pin"], pins["SSH CA pin"]) == 0
+        assert await join_pinned(vm, tmp_path, pins["CA pin"], "sha256:" + "0" * 64) != 0
     finally:
         rc = await stop_dev(proc, log)
     assert rc == 0, log.read_text()[-2000:]
     left = [pid for pid in children if alive(pid)]
     assert not left, f"OpenBao left behind: {left}"
+
+
+async def join_pinned(vm: dict[str, Any], workdir: Path, ca_pin: str, ssh_ca_pin: str) -> int:
+    """``vm``'s join command with its node config pinning ``ca_pin`` and ``ssh_ca_pin``."""
+    command = list(vm["join_command"])
+    at = command.index("--config") + 1
+    pinned = workdir / "pinned-node.yaml"
+    text = Path(command[at]).read_text()
+    pins = f"  ca_pin: {ca_pin}\n  ssh_ca_pin: {ssh_ca_pin}\n"
+    pinned.write_text(text.replace("teleport:\n", "teleport:\n" + pins, 1))
+    command[at] = str(pinned)
+    rc, _ = await run_cli([*CLI, *command[1:]])
+    return rc
 
 
 def _get(url: str) -> str:
