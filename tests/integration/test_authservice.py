@@ -662,6 +662,21 @@ async def test_auth_serve_runs_until_sigterm(paths: AuthPaths) -> None:
         assert result.host_id
 
 
+async def test_auth_serve_require_csr_refuses_a_registration_without_proofs(
+    paths: AuthPaths,
+) -> None:
+    """``--require-csr`` through the command line (not only ``AuthSettings``)."""
+    args = ("--data-dir", str(paths.data_dir), "--listen", "127.0.0.1:0", "--require-csr")
+    async with (
+        auth_serve(*args) as url,
+        aiohttp.ClientSession() as session,
+        session.post(
+            url + "/v1/register", json=make_reg(new_keys()).to_json(), ssl=gateway_ctx(paths)
+        ) as resp,
+    ):
+        assert (resp.status, (await resp.json())["error"]["code"]) == (400, "csr_required")
+
+
 # --- proof of possession: the auth service checks again what the gateway checked -------
 
 
