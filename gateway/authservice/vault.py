@@ -168,11 +168,20 @@ class TokenFileAuth(VaultAuth):
         return f"<TokenFileAuth {self._path}>"
 
 
+# Seconds a fresh AppRole token must have lived before a refusal of it means logging in
+# again (see AppRoleAuth): at most one login per interval while a permission is missing.
+RELOGIN_INTERVAL = 10.0
+
+
 class AppRoleAuth(VaultAuth):
     """AppRole: ``role_id`` + a ``secret_id`` read from a file at each login.
 
     The token is renewed (``auth/token/renew-self``) once two thirds of its lease have
-    passed; when renewal fails, or Vault refuses the token, the next call logs in again."""
+    passed; when renewal fails, or Vault refuses the token, the next call logs in again —
+    but not when the refused token is younger than :data:`RELOGIN_INTERVAL`: a token Vault
+    refuses seconds after issuing it lacks a permission (a narrowed policy) rather than
+    being revoked, and logging in again for every refused signing of a storm would mint
+    a token per join. Such a refusal is :class:`SigningRefused` at once."""
 
     def __init__(
         self,
@@ -190,6 +199,7 @@ class AppRoleAuth(VaultAuth):
         self._renew_at = 0.0
         self._expires_at = 0.0
         self._renewable = False
+        self._logged_in_at = float("-inf")
         self._lock = asyncio.Lock()
         self.logins = 0
         self.renewals = 0
@@ -220,6 +230,7 @@ class AppRoleAuth(VaultAuth):
         if not isinstance(auth, Mapping) or "client_token" not in auth:
             raise VaultError(200, ["login answer without auth.client_token"])
         self._stamp(auth)
+        self._logged_in_at = self._clock.monotonic()
         self.logins += 1
         log.info("vault approle login (lease %ss)", auth.get("lease_duration"))
 
@@ -232,9 +243,7 @@ class AppRoleAuth(VaultAuth):
                 try:
                     if not self._renewable:
                         raise VaultError(400, ["token is not renewable"])
-                    data = await client.call(
-                        "POST", "auth/token/renew-self", {}, token=self._token
-                    )
+                    data = await client.call("POST", "auth/token/renew-self", {}, token=self._token)
                     auth = data.get("auth")
                     if not isinstance(auth, Mapping) or "client_token" not in auth:
                         raise VaultError(200, ["renewal answer without auth"])
@@ -250,8 +259,11 @@ class AppRoleAuth(VaultAuth):
 
     async def invalidate(self, failed: str) -> bool:
         async with self._lock:
-            if self._token == failed:
-                self._token = None
+            if self._token != failed:
+                return True  # another call logged in already: try its token
+            if self._clock.monotonic() - self._logged_in_at < RELOGIN_INTERVAL:
+                return False  # a fresh token refused: a permission, not a lost token
+            self._token = None
         return True
 
     async def aclose(self) -> None:

@@ -20,6 +20,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,14 @@ from cryptography import x509
 from gateway.authservice import AuthSettings
 from gateway.authservice.authority import init_auth_dir
 from gateway.authservice.vault import (
+    RELOGIN_INTERVAL,
     TokenFileAuth,
     VaultAuth,
     VaultClient,
     VaultSettings,
     VaultSigner,
 )
-from gateway.core.clock import SystemClock
+from gateway.core.clock import FixedClock, SystemClock
 from gateway.core.tlsutil import spki_pin
 from gateway.dev.devstack import DEFAULT_TOKEN, DEV_SUBSCRIPTION, DEV_TOKENS, DevStack, dev_stack
 from gateway.dev.emulator import EmulatedVm
@@ -413,10 +415,12 @@ async def test_openbaos_rate_limit_is_503_with_its_retry_after(
 
 
 async def test_a_revoked_approle_token_means_a_fresh_login(setup: Setup, tmp_path: Path) -> None:
-    auth = setup.approle()
+    clock = FixedClock(datetime.now(UTC))
+    auth = setup.approle(clock=clock)
     async with vault_stack(setup, tmp_path, auth=auth) as vs:
         token = await auth.token(vs.signer.client)
         setup.bao.ok("POST", "auth/token/revoke", {"token": token})
+        clock.advance(RELOGIN_INTERVAL)  # a token this old that Vault refuses was lost
         answer = await vs.join(vs.vm("revoked-vm"))
         assert answer.status == 200, answer.body
         assert auth.logins == 2
@@ -445,7 +449,8 @@ async def test_a_revoked_file_token_is_a_clear_non_retryable_error(
 async def test_a_permission_removed_while_running_is_a_clear_non_retryable_error(
     setup: Setup, tmp_path: Path
 ) -> None:
-    async with vault_stack(setup, tmp_path) as vs:
+    auth = setup.approle()
+    async with vault_stack(setup, tmp_path, auth=auth) as vs:
         assert (await vs.join(vs.vm("perm-vm-0"))).status == 200
         # An operator narrows the auth service's policy to the PKI path only.
         setup.bao.ok(
@@ -459,6 +464,7 @@ async def test_a_permission_removed_while_running_is_a_clear_non_retryable_error
         assert (status, payload["error"]["code"]) == (502, "signing_refused")
         assert "ssh/sign/join-host" in payload["error"]["message"]
         assert await vs.registrations() == 1, "nothing recorded without its certificates"
+        assert auth.logins == 1, "a fresh token's refusals log in again no more"
 
 
 async def test_retrying_a_registration_after_success_answers_the_same_certificates(

@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.authservice.signing import SigningRefused, SigningUnavailable, SignRequest
 from gateway.authservice.vault import (
+    RELOGIN_INTERVAL,
     AppRoleAuth,
     TokenFileAuth,
     VaultClient,
@@ -235,16 +236,48 @@ async def test_vaults_rate_limit_is_retryable(setup: Setup, signer: VaultSigner)
 
 
 async def test_a_revoked_approle_token_means_a_fresh_login(setup: Setup) -> None:
-    auth = setup.approle()
+    clock = FixedClock(datetime.now(UTC))
+    auth = setup.approle(clock=clock)
     client = VaultClient(setup.settings(), auth)
     s = VaultSigner(client, setup.settings())
     await s.start()
     try:
         token = await auth.token(client)
         setup.bao.ok("POST", "auth/token/revoke", {"token": token})
+        clock.advance(RELOGIN_INTERVAL)  # no longer a fresh token: its refusal means it is lost
         assert (await s.sign(_request()[0])).tls_cert_pem
         assert auth.logins == 2
     finally:
+        await s.aclose()
+
+
+async def test_a_fresh_token_refused_is_a_missing_permission_not_a_login_per_signing(
+    setup: Setup,
+) -> None:
+    """A policy narrowed while running: every signing is refused, and the refusals of a
+    storm do not each log in again (one login per RELOGIN_INTERVAL at most)."""
+    clock = FixedClock(datetime.now(UTC))
+    auth = setup.approle(clock=clock)
+    client = VaultClient(setup.settings(), auth)
+    s = VaultSigner(client, setup.settings())
+    await s.start()
+    policy = setup.bao.ok("GET", "sys/policies/acl/join-auth-service")["data"]["policy"]
+    setup.bao.ok(
+        "PUT",
+        "sys/policies/acl/join-auth-service",
+        {"policy": 'path "pki/sign/join-node" { capabilities = ["update"] }'},
+    )
+    try:
+        for _ in range(5):
+            with pytest.raises(SigningRefused, match="ssh/sign/join-host"):
+                await s.sign(_request()[0])
+        assert auth.logins == 1, "a fresh token's refusals made no new logins"
+        clock.advance(RELOGIN_INTERVAL)
+        with pytest.raises(SigningRefused):
+            await s.sign(_request()[0])
+        assert auth.logins == 2, "past the interval, one fresh login is tried"
+    finally:
+        setup.bao.ok("PUT", "sys/policies/acl/join-auth-service", {"policy": policy})
         await s.aclose()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway.authservice.vault import AppRoleAuth, VaultSettings
+from gateway.core.clock import Clock
 from gateway.dev.openbao import OpenBao
 
 __all__ = ["OpenBao", "VaultSetup", "bao_binary", "openbao_server", "run_vault_setup"]
@@ -51,8 +52,8 @@ class VaultSetup:
     def settings(self, addr: str | None = None, *, timeout: float = 5.0) -> VaultSettings:
         return VaultSettings(addr=addr or self.bao.addr, timeout=timeout)
 
-    def approle(self) -> AppRoleAuth:
-        return AppRoleAuth(role_id=self.role_id, secret_id_file=self.secret_id_file)
+    def approle(self, *, clock: Clock | None = None) -> AppRoleAuth:
+        return AppRoleAuth(role_id=self.role_id, secret_id_file=self.secret_id_file, clock=clock)
 
 
 def run_vault_setup(bao: OpenBao, workdir: Path, *, namespace: str | None = None) -> VaultSetup:
