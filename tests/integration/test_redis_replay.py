@@ -103,6 +103,43 @@ async def test_two_replicas_sharing_redis_see_each_others_redemptions(
         await b_client.aclose()
 
 
+async def test_redemptions_asked_together_share_round_trips(client: aioredis.Redis) -> None:
+    # 200 joins redeeming at once cost a few pipelined round trips, not 200; each SET NX
+    # is still its own command, so a challenge asked twice in one batch wins once.
+    store = RedisReplayStore(client, max_in_flight=4, max_batch=128)
+    keys = [f"storm-{i}" for i in range(200)]
+    results = await asyncio.gather(*(store.redeem(k, 30) for k in [*keys, "twice", "twice"]))
+    assert results[:200] == [True] * 200
+    assert sorted(results[200:]) == [False, True]
+    assert 2 <= store.round_trips <= 4
+    again = await asyncio.gather(*(store.redeem(k, 30) for k in keys))
+    assert again == [False] * 200
+    assert [await client.pttl(f"jg:replay:{k}") > 29_000 for k in keys[:5]] == [True] * 5
+
+
+async def test_a_lone_redemption_is_one_round_trip(client: aioredis.Redis) -> None:
+    store = RedisReplayStore(client)
+    assert await store.redeem("alone", 30) is True
+    assert await store.redeem("alone", 30) is False
+    assert store.round_trips == 2
+
+
+async def test_every_redemption_of_a_failed_round_trip_fails_closed(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    store = RedisReplayStore(client, op_timeout=0.5)
+    assert await store.redeem("warm", 30) is True
+    server.stop()
+    results = await asyncio.gather(
+        *(store.redeem(f"down-{i}", 30) for i in range(20)), return_exceptions=True
+    )
+    assert all(isinstance(r, Overloaded) for r in results)
+    assert {r.code for r in results if isinstance(r, Overloaded)} == {Code.REPLAY_STORE_UNAVAILABLE}
+    assert store.failures == 20
+    server.start()
+    assert await store.redeem("down-0", 30) is True  # never recorded while Redis was down
+
+
 async def test_key_prefixes_separate_deployments(client: aioredis.Redis) -> None:
     blue = RedisReplayStore(client, key_prefix="blue:")
     green = RedisReplayStore(client, key_prefix="green:")
