@@ -73,7 +73,7 @@ async def challenge(request: web.Request) -> web.Response:
     limited(request, client_address(request))
     decode_challenge_request(await read_body(request))
     issued = request.app[DEPS].challenges.issue()
-    request.app[METRICS].challenges.inc()
+    request.app[METRICS].challenge_issued()
     return web.json_response(ChallengeResponse(issued.value, issued.expires_at_rfc3339()).to_json())
 
 
@@ -86,7 +86,7 @@ async def join(request: web.Request) -> web.Response:
     # The connection's peer is audited as-is if the forwarding headers are bad.
     address = connection_peer(request, app[TRUSTED_PROXIES]).raw
     outcome, code, detail, host_id = "error", Code.INTERNAL_ERROR.value, None, None
-    metrics.in_flight.inc()
+    metrics.join_started()
     try:
         address = client_address(request)
         limited(request, address)
@@ -101,14 +101,14 @@ async def join(request: web.Request) -> web.Response:
             # Bounded joins in flight and a short queue; beyond them 503 at once, so the
             # joins admitted stay fast instead of all of them timing out (DESIGN §5).
             async with admission.slot():
-                metrics.queue_depth.set(admission.queued)
+                metrics.set_queue_depth(admission.queued)
                 result = await admit_join(req, app[DEPS], trace)
         except Overloaded as err:
             if err.code is Code.OVERLOADED:
                 metrics.shed.labels(reason="admission").inc()
             raise
         finally:
-            metrics.queue_depth.set(admission.queued)
+            metrics.set_queue_depth(admission.queued)
         outcome, code, host_id = "joined", "", result.result.host_id
         return web.json_response(result.to_json())
     except GatewayError as err:
@@ -116,7 +116,7 @@ async def join(request: web.Request) -> web.Response:
         code, detail = err.code.value, err.detail
         raise
     finally:
-        metrics.in_flight.dec()
+        metrics.join_ended()
         metrics.set_circuit_state(app[DEPS].auth.breaker.state.value)
         elapsed = time.perf_counter() - start
         metrics.join_decided(outcome, code, elapsed, trace.steps)
