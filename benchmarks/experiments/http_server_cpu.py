@@ -11,7 +11,9 @@ granian), one worker process each. Two modes: every request on a kept-alive conn
 and every request on a new connection (a full TLS handshake each, as a first join's
 challenge is). The figure is the server process tree's CPU (utime + stime from /proc,
 all threads and worker processes) over the requests, divided by their number; the load
-generator runs in this process and is not counted.
+generator runs in this process and is not counted. ``uvloop-raw`` is no framework at all
+(a protocol answering the same bytes on uvloop with the same ``SSLContext``): what is left
+per connection there is uvloop's TLS path and OpenSSL, not aiohttp.
 
 Not part of the product: granian is installed into a virtualenv by hand for this
 (``pip install granian``), it is not a dependency, and the gateway keeps aiohttp (the
@@ -138,9 +140,54 @@ def serve_aiohttp(port: int, cert: Path, key: Path) -> None:
     uvloop.run(main())
 
 
+class _RawHttp(asyncio.Protocol):
+    """No HTTP framework at all: enough HTTP/1.1 for this client, to split what uvloop
+    and OpenSSL cost per connection from what aiohttp adds."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._transport: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # uvloop's TLS transport is not an asyncio.Transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        head, sep, rest = self._buf.partition(b"\r\n\r\n")
+        if not sep or self._transport is None:
+            return
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        if len(rest) < length:
+            return
+        self._buf = rest[length:]
+        body = reply_for(rest[:length])
+        close = b"connection: close" in head.lower()
+        self._transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+            % (len(body), b"Connection: close\r\n" if close else b"")
+            + body
+        )
+        if close:
+            self._transport.close()
+
+
+def serve_raw(port: int, cert: Path, key: Path) -> None:
+    import uvloop
+
+    async def main() -> None:
+        ctx = server_ssl_context(cert, key)
+        await asyncio.get_running_loop().create_server(_RawHttp, "127.0.0.1", port, ssl=ctx)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
 def start_server(kind: str, port: int, cert: Path, key: Path, log: Path) -> subprocess.Popen[bytes]:
-    if kind == "aiohttp":
-        cmd = [sys.executable, __file__, "--serve-aiohttp", str(port), str(cert), str(key)]
+    if kind in ("aiohttp", "uvloop-raw"):
+        cmd = [sys.executable, __file__, f"--serve-{kind}", str(port), str(cert), str(key)]
     else:
         granian = shutil.which("granian", path=str(Path(sys.executable).parent))
         if granian is None:
@@ -251,16 +298,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=3000, help="requests per mode and round")
     p.add_argument("--connections", type=int, default=32, help="requests in flight")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--servers", default="aiohttp,granian-rsgi,granian-asgi", help="comma-separated")
-    p.add_argument("--out", type=Path, help="write the figures as JSON here")
     p.add_argument(
-        "--serve-aiohttp", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS
+        "--servers", default="aiohttp,uvloop-raw,granian-rsgi,granian-asgi", help="comma-separated"
     )
+    p.add_argument("--out", type=Path, help="write the figures as JSON here")
+    for kind in ("aiohttp", "uvloop-raw"):
+        p.add_argument(
+            f"--serve-{kind}", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS
+        )
     args = p.parse_args(argv)
-    if args.serve_aiohttp:
-        port, cert, key = args.serve_aiohttp
-        serve_aiohttp(int(port), Path(cert), Path(key))
-        return 0
+    for given, serve in ((args.serve_aiohttp, serve_aiohttp), (args.serve_uvloop_raw, serve_raw)):
+        if given:
+            port, cert, key = given
+            serve(int(port), Path(cert), Path(key))
+            return 0
 
     body = request_body()
     kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
