@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # Seconds an agent should wait before retrying when the store is unreachable.
 _UNAVAILABLE_RETRY_AFTER = 2.0
 
+# A redemption waiting for its round trip: redis key, ttl ms, asked at (loop time), waiter.
+_Queued = tuple[str, int, float, "asyncio.Future[bool]"]
+
 
 class ReplayStore(Protocol):
     async def redeem(self, key: str, ttl: float) -> bool: ...
@@ -89,8 +92,9 @@ class RedisReplayStore:
     * client — from ``gateway.core.redis_tier.redis_client`` (bounded blocking pool, no
       retries, socket timeouts); owned by the caller, who closes it.
     * key_prefix — namespace of the keys (``{prefix}{challenge}``).
-    * op_timeout — hard bound on one redemption (queueing included), on top of the
-      client's socket timeouts, so a join never waits on Redis longer than this.
+    * op_timeout — hard bound on one round trip to Redis, on top of the client's socket
+      timeouts; a redemption that has waited this long for a round trip fails without
+      being sent, so none waits on Redis more than twice this.
     * max_in_flight — round trips to Redis at once; redemptions asked for while all of
       them are out wait and leave together in the next one.
     * max_batch — redemptions in one round trip at most.
@@ -113,8 +117,8 @@ class RedisReplayStore:
         *,
         key_prefix: str = "jg:replay:",
         op_timeout: float = 0.5,
-        max_in_flight: int = 4,
-        max_batch: int = 128,
+        max_in_flight: int = 8,
+        max_batch: int = 64,
     ) -> None:
         if op_timeout <= 0:
             raise ValueError(f"op_timeout must be > 0, got {op_timeout}")
@@ -127,8 +131,7 @@ class RedisReplayStore:
         self._op_timeout = op_timeout
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
-        # (redis key, ttl ms, asked at loop time, the waiting redemption)
-        self._queue: list[tuple[str, int, float, asyncio.Future[bool]]] = []
+        self._queue: list[_Queued] = []
         self._senders: set[asyncio.Task[None]] = set()
         self.failures = 0
         self.round_trips = 0  # pipelines sent: what a test counts, and a benchmark
@@ -144,49 +147,60 @@ class RedisReplayStore:
             task = loop.create_task(self._send_queued())
             self._senders.add(task)
             task.add_done_callback(self._senders.discard)
-        # The sender bounds the wait (op_timeout from the moment it was asked) and
-        # answers every waiter, so no timer of our own is needed here.
+        # The senders bound the wait (op_timeout queued, op_timeout on the wire) and
+        # answer every waiter, so no timer of our own is needed here.
         return await waiter
 
     async def _send_queued(self) -> None:
         """Send what is queued, a batch per round trip, until nothing is left."""
         loop = asyncio.get_running_loop()
         while self._queue:
+            self._expire_queued(loop.time())
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
+            if not batch:
+                return
             try:
-                replies = await self._round_trip(batch, loop.time())
+                replies = await self._round_trip(batch)
             except (RedisError, OSError) as exc:  # OSError includes asyncio's TimeoutError
-                self._note_failure("redeem", exc, len(batch))
-                for *_, waiter in batch:
-                    if not waiter.done():
-                        waiter.set_exception(self._overloaded("redeem", exc))
+                self._fail(batch, exc)
                 continue
             except BaseException as exc:  # cancelled (the loop is closing)
-                for *_, waiter in batch + self._queue:
-                    if not waiter.done():
-                        waiter.set_exception(self._overloaded("redeem", exc))
+                self._fail(batch + self._queue, exc)
                 self._queue.clear()
                 raise
-            for (*_, waiter), reply in zip(batch, replies, strict=True):
+            for item, reply in zip(batch, replies, strict=True):
+                waiter = item[3]
                 if waiter.done():  # its join was cancelled meanwhile
                     continue
                 if isinstance(reply, BaseException):
-                    self._note_failure("redeem", reply, 1)
-                    waiter.set_exception(self._overloaded("redeem", reply))
+                    self._fail([item], reply)
                 else:
                     # SET NX answers OK (True) when it set the key, nil (None) when the
                     # key existed.
                     waiter.set_result(bool(reply))
 
-    async def _round_trip(
-        self, batch: list[tuple[str, int, float, asyncio.Future[bool]]], now: float
-    ) -> list[object]:
-        # The oldest redemption's deadline bounds the round trip.
-        left = batch[0][2] + self._op_timeout - now
-        if left <= 0:
-            raise TimeoutError(f"queued for over {self._op_timeout}s")
-        async with asyncio.timeout(left):
+    def _expire_queued(self, now: float) -> None:
+        """Fail the redemptions that waited op_timeout for a round trip (oldest first)."""
+        stale = 0
+        for _, _, asked, _ in self._queue:
+            if asked + self._op_timeout > now:
+                break
+            stale += 1
+        if stale:
+            expired = self._queue[:stale]
+            del self._queue[:stale]
+            self._fail(expired, TimeoutError(f"queued for over {self._op_timeout}s"))
+
+    def _fail(self, items: list[_Queued], exc: BaseException) -> None:
+        waiting = [item[3] for item in items if not item[3].done()]
+        if waiting:
+            self._note_failure("redeem", exc, len(waiting))
+        for waiter in waiting:
+            waiter.set_exception(self._overloaded("redeem", exc))
+
+    async def _round_trip(self, batch: list[_Queued]) -> list[object]:
+        async with asyncio.timeout(self._op_timeout):
             async with self._client.pipeline(transaction=False) as pipe:
                 for rkey, ttl_ms, _, _ in batch:
                     pipe.set(rkey, b"1", nx=True, px=ttl_ms)
