@@ -160,6 +160,13 @@ class Metrics:
         self._outbound_latency: dict[str, _BatchedHistogram] = {}
         self._circuit_state: float | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._challenges = self._batched_counter(self.challenges)
+        # The two gauges a join moves (four writes per join), kept in plain Python and
+        # written at the flush when they changed: /metrics flushes first, so a scrape
+        # always sees this worker's current values.
+        self._in_flight = 0
+        self._queued = 0
+        self._gauges_written = (0, 0)
 
     # --- hot path: label children bound once, not looked up per join ----------------------
 
@@ -181,11 +188,31 @@ class Metrics:
             hist.observe(spent)
         self._flush_soon()
 
+    def join_started(self) -> None:
+        self._in_flight += 1
+        self._flush_soon()
+
+    def join_ended(self) -> None:
+        self._in_flight -= 1
+        self._flush_soon()
+
+    def set_queue_depth(self, queued: int) -> None:
+        self._queued = queued
+
+    def challenge_issued(self) -> None:
+        self._challenges.count += 1
+        self._flush_soon()
+
     def flush(self) -> None:
         """Write the batched histogram observations into the prometheus values."""
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
+        gauges = (self._in_flight, self._queued)
+        if gauges != self._gauges_written:
+            self.in_flight.set(gauges[0])
+            self.queue_depth.set(gauges[1])
+            self._gauges_written = gauges
         self._join_latency.flush()
         for batch in (*self._step_children.values(), *self._outbound_latency.values()):
             batch.flush()

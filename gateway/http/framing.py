@@ -31,6 +31,7 @@ from aiohttp.web_response import StreamResponse
 
 from gateway.core.errors import Code, GatewayError, Overloaded
 from gateway.http.middleware import render_error
+from gateway.http.proxy import Peer
 
 __all__ = [
     "Connections",
@@ -167,6 +168,8 @@ class JsonErrorRequestHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._connections = connections
         self.phase = Phase.FRESH
+        # The connection's peer, worked out at its first request (gateway.http.proxy).
+        self.client_peer: Peer | None = None
 
     @property
     def draining(self) -> bool:

@@ -47,8 +47,10 @@ __all__ = [
     "MAX_HEADER_CHARS",
     "MAX_HOPS",
     "Headers",
+    "Peer",
     "TrustedProxies",
     "client_address_for",
+    "connection_peer",
     "effective_client_address",
     "parse_ip",
     "transport_peer",
@@ -81,6 +83,10 @@ def parse_ip(value: str) -> IPAddress | None:
         addr = ipaddress.ip_address(value)
     except ValueError:
         return None
+    return _unmapped(addr)
+
+
+def _unmapped(addr: IPAddress) -> IPAddress:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
@@ -120,7 +126,7 @@ class TrustedProxies:
 
     def is_trusted(self, ip: str | IPAddress) -> bool:
         """Whether ``ip`` is inside a trusted network; a non-address is never trusted."""
-        addr = parse_ip(ip) if isinstance(ip, str) else parse_ip(str(ip))
+        addr = parse_ip(ip) if isinstance(ip, str) else _unmapped(ip)
         if addr is None:
             return False
         if isinstance(addr, ipaddress.IPv4Address):
@@ -284,20 +290,50 @@ def effective_client_address(peer_ip: str, headers: Headers, trusted: TrustedPro
     not an address at all (a UNIX socket) is returned unchanged and trusted for nothing.
     Raises ``BadRequest(invalid_forwarded_header)`` only for a trusted peer's headers.
     """
-    peer = parse_ip(peer_ip)
-    if peer is None or not trusted.is_trusted(peer):
-        return str(peer) if peer is not None else peer_ip
-    hops = _hops(headers, trusted.header)
-    if hops is None:
-        return str(peer)
-    last_known: IPAddress = peer
-    for hop in reversed(hops):
-        if hop is _UNKNOWN:
-            return str(last_known)
-        if not trusted.is_trusted(hop):
-            return str(hop)
-        last_known = hop
-    return str(last_known)  # every hop trusted: the left-most one
+    return Peer.of(peer_ip, trusted).client_address(headers, trusted)
+
+
+class Peer:
+    """A connection's peer, decided once per connection (:func:`connection_peer`).
+
+    * raw — the PROXY-protocol source or the TCP peer, as the transport gave it;
+    * address — the same, normalised (IPv4-mapped IPv6 as IPv4; ``raw`` if it is not an
+      address at all, as for a UNIX socket);
+    * trusted — whether it is a trusted proxy, whose forwarding header is then read on
+      every request (the header, unlike the peer, changes from request to request).
+    """
+
+    __slots__ = ("_ip", "address", "raw", "trusted")
+
+    def __init__(self, raw: str, ip: IPAddress | None, trusted: bool) -> None:
+        self.raw = raw
+        self._ip = ip
+        self.address = str(ip) if ip is not None else raw
+        self.trusted = trusted
+
+    @classmethod
+    def of(cls, raw: str, trusted: TrustedProxies) -> Peer:
+        ip = parse_ip(raw)
+        return cls(raw, ip, ip is not None and trusted.is_trusted(ip))
+
+    def client_address(self, headers: Headers, trusted: TrustedProxies) -> str:
+        """The client's address for one request with these headers."""
+        if not self.trusted or self._ip is None:
+            return self.address
+        hops = _hops(headers, trusted.header)
+        if hops is None:
+            return self.address
+        last_known: IPAddress = self._ip
+        for hop in reversed(hops):
+            if hop is _UNKNOWN:
+                return str(last_known)
+            if not trusted.is_trusted(hop):
+                return str(hop)
+            last_known = hop
+        return str(last_known)  # every hop trusted: the left-most one
+
+    def __repr__(self) -> str:
+        return f"Peer({self.raw!r}, trusted={self.trusted})"
 
 
 def transport_peer(request: web.Request) -> str:
@@ -315,7 +351,25 @@ def transport_peer(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
+def connection_peer(request: web.Request, trusted: TrustedProxies) -> Peer:
+    """The peer of ``request``'s connection, parsed and checked against ``trusted`` at
+    its first request and kept on the connection's handler for the next ones.
+
+    Safe to keep: a connection's PROXY-protocol source and TCP peer never change while it
+    is open, and ``trusted`` is the app's, fixed at start. A handler that cannot keep it
+    (aiohttp's own, in tests) gets it worked out afresh each time.
+    """
+    protocol = request.protocol
+    peer = getattr(protocol, "client_peer", None)
+    if isinstance(peer, Peer):
+        return peer
+    peer = Peer.of(transport_peer(request), trusted)
+    if hasattr(protocol, "client_peer"):
+        protocol.client_peer = peer
+    return peer
+
+
 def client_address_for(request: web.Request, trusted: TrustedProxies) -> str:
     """The client address of ``request``: PROXY-protocol source, else the TCP peer, then
     the forwarding headers if that peer is trusted."""
-    return effective_client_address(transport_peer(request), request.headers, trusted)
+    return connection_peer(request, trusted).client_address(request.headers, trusted)

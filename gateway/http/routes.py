@@ -20,7 +20,7 @@ from gateway.http.keys import (
     TRUSTED_PROXIES,
 )
 from gateway.http.middleware import REQUEST_ID
-from gateway.http.proxy import client_address_for, transport_peer
+from gateway.http.proxy import connection_peer
 from gateway.http.schema import decode_challenge_request, decode_join_request
 from gateway.join.pipeline import JoinTrace, admit_join
 from gateway.protocol import CHALLENGE_PATH, JOIN_PATH, ChallengeResponse
@@ -34,7 +34,8 @@ routes = web.RouteTableDef()
 def client_address(request: web.Request) -> str:
     """The client: PROXY-protocol source or TCP peer, then Forwarded/X-Forwarded-For if
     that peer is a trusted proxy (DESIGN §6). Raises BadRequest(invalid_forwarded_header)."""
-    return client_address_for(request, request.app[TRUSTED_PROXIES])
+    trusted = request.app[TRUSTED_PROXIES]
+    return connection_peer(request, trusted).client_address(request.headers, trusted)
 
 
 def limited(request: web.Request, address: str) -> None:
@@ -55,6 +56,10 @@ async def read_body(request: web.Request) -> bytes:
         raise GatewayError(Code.UNSUPPORTED_MEDIA_TYPE)
     limit = request.app[CONFIG].limits.body_read_timeout_seconds
     try:
+        if request.content.is_eof():
+            # The whole body came with the headers (a join's few KB usually does):
+            # nothing is awaited, so there is no deadline to arm and disarm.
+            return await request.read()
         async with asyncio.timeout(limit):
             return await request.read()  # client_max_size caps chunked bodies too
     except web.HTTPRequestEntityTooLarge as exc:
@@ -68,7 +73,7 @@ async def challenge(request: web.Request) -> web.Response:
     limited(request, client_address(request))
     decode_challenge_request(await read_body(request))
     issued = request.app[DEPS].challenges.issue()
-    request.app[METRICS].challenges.inc()
+    request.app[METRICS].challenge_issued()
     return web.json_response(ChallengeResponse(issued.value, issued.expires_at_rfc3339()).to_json())
 
 
@@ -78,9 +83,10 @@ async def join(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     start = time.perf_counter()
     trace = JoinTrace()
-    address = transport_peer(request)  # audited as-is if the forwarding headers are bad
+    # The connection's peer is audited as-is if the forwarding headers are bad.
+    address = connection_peer(request, app[TRUSTED_PROXIES]).raw
     outcome, code, detail, host_id = "error", Code.INTERNAL_ERROR.value, None, None
-    metrics.in_flight.inc()
+    metrics.join_started()
     try:
         address = client_address(request)
         limited(request, address)
@@ -95,14 +101,14 @@ async def join(request: web.Request) -> web.Response:
             # Bounded joins in flight and a short queue; beyond them 503 at once, so the
             # joins admitted stay fast instead of all of them timing out (DESIGN §5).
             async with admission.slot():
-                metrics.queue_depth.set(admission.queued)
+                metrics.set_queue_depth(admission.queued)
                 result = await admit_join(req, app[DEPS], trace)
         except Overloaded as err:
             if err.code is Code.OVERLOADED:
                 metrics.shed.labels(reason="admission").inc()
             raise
         finally:
-            metrics.queue_depth.set(admission.queued)
+            metrics.set_queue_depth(admission.queued)
         outcome, code, host_id = "joined", "", result.result.host_id
         return web.json_response(result.to_json())
     except GatewayError as err:
@@ -110,7 +116,7 @@ async def join(request: web.Request) -> web.Response:
         code, detail = err.code.value, err.detail
         raise
     finally:
-        metrics.in_flight.dec()
+        metrics.join_ended()
         metrics.set_circuit_state(app[DEPS].auth.breaker.state.value)
         elapsed = time.perf_counter() - start
         metrics.join_decided(outcome, code, elapsed, trace.steps)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from gateway.azure.resource_id import azure_name_key, same_azure_name
 
@@ -169,7 +170,7 @@ class AllowRule:
                     self, name, tuple(Glob(v) if isinstance(v, str) else v for v in values)
                 )
 
-    @property
+    @cached_property  # read by every check of every join; the rule never changes
     def fields(self) -> tuple[str, ...]:
         """The fields this rule sets, in ``FIELD_ORDER``."""
         return tuple(f for f in FIELD_ORDER if getattr(self, f) not in (None, ()))

@@ -31,7 +31,8 @@ from gateway.core.tlsutil import (
     server_ssl_context,
     write_pem_files,
 )
-from gateway.http.proxy import TrustedProxies, client_address_for
+from gateway.http.framing import JsonErrorRequestHandler, handler_factory
+from gateway.http.proxy import TrustedProxies, client_address_for, connection_peer
 from gateway.http.proxyproto import (
     V2_SIGNATURE,
     ProxyProtocolListener,
@@ -94,12 +95,25 @@ async def _whoami(request: web.Request) -> web.Response:
     )
 
 
+async def _whoami_kept(request: web.Request) -> web.Response:
+    """The client address, and which parsed peer object the connection kept."""
+    assert isinstance(request.protocol, JsonErrorRequestHandler)
+    return web.json_response(
+        {
+            "client": client_address_for(request, TRUST_LOCALHOST),
+            "peer_object": id(connection_peer(request, TRUST_LOCALHOST)),
+            "kept": request.protocol.client_peer is not None,
+        }
+    )
+
+
 class Gateway:
     """An AppRunner (no sites) whose only listener is ours."""
 
-    def __init__(self, pki: Pki, header_timeout: float) -> None:
+    def __init__(self, pki: Pki, header_timeout: float, *, ours: bool = False) -> None:
         self._pki = pki
         self._timeout = header_timeout
+        self._ours = ours  # the gateway's connection handler (framing), not aiohttp's
         self.runner: web.AppRunner | None = None
         self.listener: ProxyProtocolListener | None = None
         self.port = 0
@@ -107,6 +121,7 @@ class Gateway:
     async def __aenter__(self) -> Gateway:
         app = web.Application()
         app.router.add_get("/whoami", _whoami)
+        app.router.add_get("/whoami-kept", _whoami_kept)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -116,7 +131,9 @@ class Gateway:
         assert self.runner.server is not None
         self.listener = await serve_proxy_protocol(
             sock,
-            handler_factory=self.runner.server,
+            handler_factory=(
+                handler_factory(self.runner.server) if self._ours else self.runner.server
+            ),
             ssl_context=self._pki.server,
             trusted=TRUST_LOCALHOST,
             header_timeout=self._timeout,
@@ -255,6 +272,67 @@ def test_proxied_address_reaches_the_handler(
             # A second connection gets its own address, not the first one's.
             again = await gw.whoami(v1("192.0.2.44"))
             assert again["proxied"] == "192.0.2.44"
+            assert gw.listener is not None and gw.listener.accepted == 2
+
+    run(factory, go())
+
+
+async def _kept_alive_requests(
+    gw: Gateway, pki: Pki, header: bytes, forwarded_for: list[str]
+) -> list[dict[str, Any]]:
+    """One connection, one request per ``forwarded_for`` value, kept alive between them."""
+    reader, writer = await gw.connect()
+    out: list[dict[str, Any]] = []
+    try:
+        writer.write(header)
+        await writer.drain()
+        await writer.start_tls(pki.client, server_hostname="127.0.0.1")
+        for value in forwarded_for:
+            writer.write(
+                f"GET /whoami-kept HTTP/1.1\r\nHost: gateway\r\n"
+                f"X-Forwarded-For: {value}\r\n\r\n".encode()
+            )
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            out.append(json.loads(await reader.readexactly(length)))
+    finally:
+        writer.close()
+    return out
+
+
+@pytest.mark.parametrize("factory", LOOPS, ids=LOOP_IDS)
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("127.0.0.1", ["198.51.100.1", "198.51.100.2", "198.51.100.1"]),
+        ("203.0.113.9", ["203.0.113.9"] * 3),
+    ],
+    ids=[
+        "a trusted proxy's header is read again on every request of a kept-alive connection",
+        "an untrusted source stays the client on every request, whatever its header says",
+    ],
+)
+def test_the_peer_is_worked_out_once_per_connection(
+    pki: Pki, factory: LoopFactory, source: str, expected: list[str]
+) -> None:
+    async def go() -> None:
+        async with Gateway(pki, header_timeout=5, ours=True) as gw:
+            answers = await _kept_alive_requests(
+                gw, pki, v1(source), ["198.51.100.1", "198.51.100.2", "198.51.100.1"]
+            )
+            assert [a["client"] for a in answers] == expected
+            assert all(a["kept"] for a in answers)
+            # The same parsed peer served every request of the connection...
+            assert len({a["peer_object"] for a in answers}) == 1
+            # ...and a new connection works its own out.
+            (other,) = await _kept_alive_requests(gw, pki, v1("192.0.2.44"), ["198.51.100.3"])
+            assert other["client"] == "192.0.2.44"
             assert gw.listener is not None and gw.listener.accepted == 2
 
     run(factory, go())

@@ -4,6 +4,7 @@ failing closed (``replay_store_unavailable``) while Redis is down, then recoveri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
@@ -103,6 +104,43 @@ async def test_two_replicas_sharing_redis_see_each_others_redemptions(
         await b_client.aclose()
 
 
+async def test_redemptions_asked_together_share_round_trips(client: aioredis.Redis) -> None:
+    # 200 joins redeeming at once cost a few pipelined round trips, not 200; each SET NX
+    # is still its own command, so a challenge asked twice in one batch wins once.
+    store = RedisReplayStore(client, max_in_flight=4, max_batch=128)
+    keys = [f"storm-{i}" for i in range(200)]
+    results = await asyncio.gather(*(store.redeem(k, 30) for k in [*keys, "twice", "twice"]))
+    assert results[:200] == [True] * 200
+    assert sorted(results[200:]) == [False, True]
+    assert 2 <= store.round_trips <= 4
+    again = await asyncio.gather(*(store.redeem(k, 30) for k in keys))
+    assert again == [False] * 200
+    assert [await client.pttl(f"jg:replay:{k}") > 29_000 for k in keys[:5]] == [True] * 5
+
+
+async def test_a_lone_redemption_is_one_round_trip(client: aioredis.Redis) -> None:
+    store = RedisReplayStore(client)
+    assert await store.redeem("alone", 30) is True
+    assert await store.redeem("alone", 30) is False
+    assert store.round_trips == 2
+
+
+async def test_every_redemption_of_a_failed_round_trip_fails_closed(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    store = RedisReplayStore(client, op_timeout=0.5)
+    assert await store.redeem("warm", 30) is True
+    server.stop()
+    results = await asyncio.gather(
+        *(store.redeem(f"down-{i}", 30) for i in range(20)), return_exceptions=True
+    )
+    assert all(isinstance(r, Overloaded) for r in results)
+    assert {r.code for r in results if isinstance(r, Overloaded)} == {Code.REPLAY_STORE_UNAVAILABLE}
+    assert store.failures == 20
+    server.start()
+    assert await store.redeem("down-0", 30) is True  # never recorded while Redis was down
+
+
 async def test_key_prefixes_separate_deployments(client: aioredis.Redis) -> None:
     blue = RedisReplayStore(client, key_prefix="blue:")
     green = RedisReplayStore(client, key_prefix="green:")
@@ -154,11 +192,10 @@ async def test_a_restart_between_calls_is_healed_without_a_failed_call(
     assert store.failures == 0
 
 
-async def test_a_black_holed_redis_is_bounded_by_the_op_timeout(
-    tmp_path: Path,
-) -> None:
-    # A server that accepts connections but never answers: the op timeout, not the
-    # socket's, bounds the wait.
+@contextlib.asynccontextmanager
+async def black_holed_redis() -> AsyncIterator[aioredis.Redis]:
+    """A client of a server that accepts connections but never answers."""
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(-1)
         writer.close()
@@ -167,6 +204,16 @@ async def test_a_black_holed_redis_is_bounded_by_the_op_timeout(
     port = srv.sockets[0].getsockname()[1]
     c = redis_client(f"redis://127.0.0.1:{port}/0", timeout=5.0)
     try:
+        yield c
+    finally:
+        await c.aclose()
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_a_black_holed_redis_is_bounded_by_the_op_timeout() -> None:
+    # The op timeout, not the socket's, bounds the wait.
+    async with black_holed_redis() as c:
         store = RedisReplayStore(c, op_timeout=0.3)
         started = time.monotonic()
         with pytest.raises(Overloaded) as info:
@@ -174,10 +221,25 @@ async def test_a_black_holed_redis_is_bounded_by_the_op_timeout(
         assert info.value.code == Code.REPLAY_STORE_UNAVAILABLE
         assert await store.ping() is False
         assert time.monotonic() - started < 1.5
-    finally:
-        await c.aclose()
-        srv.close()
-        await srv.wait_closed()
+
+
+async def test_a_redemption_that_waited_out_its_timeout_in_the_queue_is_never_sent() -> None:
+    # One round trip at a time, to a server that never answers, and a loop that stalls
+    # while a redemption is queued: when the first round trip times out, the queued one
+    # has waited op_timeout and fails without being sent (two failures, one round trip).
+    async with black_holed_redis() as c:
+        store = RedisReplayStore(c, op_timeout=0.3, max_in_flight=1)
+        first = asyncio.ensure_future(store.redeem("first", 30))
+        await asyncio.sleep(0.05)  # its round trip is out
+        queued = asyncio.ensure_future(store.redeem("queued", 30))
+        await asyncio.sleep(0)  # queued behind it
+        time.sleep(0.35)  # noqa: ASYNC251 - the stalled loop (a starved CPU) is the point
+        results = await asyncio.gather(first, queued, return_exceptions=True)
+        assert [r.code for r in results if isinstance(r, Overloaded)] == [
+            Code.REPLAY_STORE_UNAVAILABLE
+        ] * 2
+        assert store.round_trips == 1
+        assert store.failures == 2
 
 
 @pytest.mark.parametrize(

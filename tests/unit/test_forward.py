@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import socket
@@ -24,7 +25,9 @@ import pytest
 from aiohttp import web
 
 from gateway.core.clock import FixedClock
+from gateway.core.config import Config, UpstreamConfig
 from gateway.core.errors import Code, GatewayError, Overloaded, UpstreamFailed
+from gateway.core.metrics import Metrics
 from gateway.core.tlsutil import (
     client_ssl_context,
     generate_ca,
@@ -32,6 +35,7 @@ from gateway.core.tlsutil import (
     server_ssl_context,
     write_pem_files,
 )
+from gateway.join.deps import auth_client
 from gateway.join.forward import AuthClient, BreakerState, CircuitBreaker
 from gateway.protocol import HostParams, JoinBlock, RegisterResult, Registration
 
@@ -602,6 +606,33 @@ async def test_concurrent_calls_share_one_pool(pki: Pki) -> None:
         assert len(results) == 10
         assert len(up.bodies) == 10
         assert proxy.accepted <= 2
+
+
+async def test_the_gateway_pool_keeps_its_connections_warm_across_a_storm(pki: Pki) -> None:
+    # The pool production_deps builds (upstream.max_connections): three waves of 60
+    # registrations, each wave 15 times the pool, open the pool's connections once —
+    # every later registration rides a kept-alive connection, no new TLS handshake.
+    async with (
+        run_upstream(pki, []) as up,
+        CountingProxy(int(up.url.rsplit(":", 1)[1])) as proxy,
+    ):
+        config = dataclasses.replace(
+            Config(),
+            upstream=UpstreamConfig(
+                url=proxy.url,
+                ca_file=str(pki.ca_file),
+                client_cert_file=str(pki.client_cert),
+                client_key_file=str(pki.client_key),
+                max_connections=4,
+            ),
+        )
+        trace = Metrics().trace_config([(proxy.url, "auth")])
+        async with auth_client(config, FixedClock(T0), trace, aiohttp.ClientSession) as client:
+            for _ in range(3):
+                results = await asyncio.gather(*(client.register(REG) for _ in range(60)))
+                assert len(results) == 60
+        assert len(up.bodies) == 180
+        assert 1 <= proxy.accepted <= 4
 
 
 async def test_ready_reflects_the_upstream_and_the_circuit(pki: Pki) -> None:

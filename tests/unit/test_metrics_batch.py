@@ -175,3 +175,27 @@ async def test_cache_lookups_are_counted_in_batches() -> None:
         )
         == 1
     )
+
+
+async def test_the_join_gauges_and_challenges_are_written_at_the_flush() -> None:
+    metrics = Metrics(CollectorRegistry())
+    registry = metrics.registry
+    for _ in range(5):
+        metrics.join_started()
+        metrics.challenge_issued()
+    metrics.set_queue_depth(3)
+    metrics.join_ended()
+    # Nothing written yet: four gauge writes and a counter write per join were the cost.
+    assert registry.get_sample_value("join_gateway_joins_in_flight") == 0
+    assert registry.get_sample_value("join_gateway_admission_queue_depth") == 0
+    assert registry.get_sample_value("join_gateway_challenges_issued_total") == 0
+    metrics.exposition()  # a scrape of this worker sees its current values
+    assert registry.get_sample_value("join_gateway_joins_in_flight") == 4
+    assert registry.get_sample_value("join_gateway_admission_queue_depth") == 3
+    assert registry.get_sample_value("join_gateway_challenges_issued_total") == 5
+    for _ in range(4):
+        metrics.join_ended()
+    metrics.set_queue_depth(0)
+    await asyncio.sleep(FLUSH_SECONDS * 2)  # the loop's flush, as after the last join
+    assert registry.get_sample_value("join_gateway_joins_in_flight") == 0
+    assert registry.get_sample_value("join_gateway_admission_queue_depth") == 0

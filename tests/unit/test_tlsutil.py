@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import ssl
@@ -196,6 +197,32 @@ def test_server_context_policy(tmp_path: Path) -> None:
     assert optional.verify_mode == ssl.CERT_OPTIONAL
     with pytest.raises(ValueError, match="client_ca_file"):
         server_ssl_context(cert, key, require_client_cert=True)
+
+
+def test_a_server_handshake_issues_no_session_ticket(tmp_path: Path) -> None:
+    # TLS 1.3 with OP_NO_TICKET alone still sends two stateful tickets per handshake
+    # (work and cache entries for sessions no client of ours resumes).
+    ca = generate_ca("ca")
+    cert, key = write_pem_files(
+        issue_cert(ca, common_name="s", ip_addresses=["127.0.0.1"]), tmp_path, "s"
+    )
+    ca_file, _ = write_pem_files(ca, tmp_path, "ca")
+    server_ctx = server_ssl_context(cert, key)
+    assert server_ctx.num_tickets == 0
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ssl_context(ca_file).wrap_bio(c_in, c_out, server_hostname="127.0.0.1")
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(4):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+    server.write(b"ok")  # the client reads past any post-handshake message
+    c_in.write(s_out.read())
+    assert client.read() == b"ok"
+    assert client.version() == "TLSv1.3"
+    assert client.session is not None and client.session.has_ticket is False
 
 
 def test_client_context_verifies_by_default(tmp_path: Path) -> None:
