@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -841,15 +842,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = load_or_create_keys(out / "work" / "node-keys")
     started = time.time()
     try:
-        main_phase = run_phase(
-            out / "work" / args.mode,
-            mode=args.mode,
-            vms=args.vms,
+        # What every phase of this run shares.
+        phase = functools.partial(
+            run_phase,
             workers=args.workers,
             arrival=args.arrival,
             concurrency=args.concurrency,
             keys=keys,
             signing_threads=args.signing_threads,
+        )
+        main_phase = phase(
+            out / "work" / args.mode,
+            mode=args.mode,
+            vms=args.vms,
             measure_floor_samples=args.floor_samples,
             profile_gateway=args.profile_gateway,
             stage_cpu=args.stage_cpu,
@@ -860,42 +865,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.mode == "tuned" and not args.no_baseline:
             bvms = args.baseline_vms if args.baseline_vms is not None else min(args.vms, 1000)
             if bvms > 0:
-                baseline_phase = run_phase(
+                baseline_phase = phase(
                     out / "work" / "naive",
                     mode="naive",
                     vms=bvms,
-                    workers=args.workers,
-                    arrival=args.arrival,
-                    concurrency=args.concurrency,
-                    keys=keys,
-                    signing_threads=args.signing_threads,
                 )
         tight_phase = None
         if args.arm_list_per_minute is not None:
-            tight_phase = run_phase(
+            tight_phase = phase(
                 out / "work" / "tight-list-budget",
                 mode="tuned",
                 vms=args.vms,
-                workers=args.workers,
-                arrival=args.arrival,
-                concurrency=args.concurrency,
-                keys=keys,
-                signing_threads=args.signing_threads,
                 arm_list_per_minute=args.arm_list_per_minute,
             )
         backends = {}
         if args.compare_ca_backends:
             for backend in ("local", "vault"):
                 backends[backend] = backend_figures(
-                    run_phase(
+                    phase(
                         out / "work" / f"ca-{backend}",
                         mode=f"tuned, {backend} CA",
                         vms=args.vms,
-                        workers=args.workers,
-                        arrival=args.arrival,
-                        concurrency=args.concurrency,
-                        keys=keys,
-                        signing_threads=args.signing_threads,
                         ca_backend=backend,
                     )
                 )
