@@ -103,7 +103,11 @@ async def vault_setup(client: VaultClient, plan: SetupPlan) -> dict[str, str]:
         await client.authed("POST", f"sys/mounts/{plan.ssh_mount}", {"type": "ssh"})
     try:
         await client.call("GET", f"{plan.ssh_mount}/public_key", token=None, raw=True)
-    except VaultError:
+    except VaultError as exc:
+        # Only "no CA yet" (400) makes one: a timeout, a 5xx or a 429 while re-running
+        # the setup must never replace the SSH CA every node already trusts.
+        if exc.status != 400:
+            raise
         await client.authed(
             "POST", f"{plan.ssh_mount}/config/ca", {"generate_signing_key": True}
         )

@@ -14,9 +14,10 @@ import asyncio
 import base64
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -35,6 +36,7 @@ from gateway.authservice.vault import (
     VaultSigner,
     VaultStartupError,
 )
+from gateway.authservice.vault_setup import SetupPlan, vault_setup
 from gateway.core.clock import FixedClock
 from tests.support.binaries import require_binary
 from tests.support.gateway_proc import free_port
@@ -349,6 +351,38 @@ async def test_vault_setup_is_idempotent(setup: Setup) -> None:
     assert "BEGIN CERTIFICATE" in before
     assert after == before
     assert f"role_id: {setup.role_id}" in out.stdout
+
+
+class _SshCaUnreadable(VaultClient):
+    """The real OpenBao, except that reading the SSH CA's public key fails as a busy Vault
+    fails (503): what a re-run of vault-setup may meet in production."""
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        token: str | None,
+        raw: bool = False,
+    ) -> dict[str, Any]:
+        if method == "GET" and path == "ssh/public_key":
+            raise VaultError(503, ["Vault is busy"])
+        return await super().call(method, path, body, token=token, raw=raw)
+
+
+async def test_rerunning_vault_setup_while_vault_fails_never_replaces_the_ssh_ca(
+    setup: Setup,
+) -> None:
+    before = setup.bao.request("GET", "ssh/public_key", token=None)[1]["text"]
+    client = _SshCaUnreadable(setup.settings(), TokenFileAuth(setup.workdir / "root-token"))
+    try:
+        with pytest.raises(VaultError, match="503"):
+            await vault_setup(client, SetupPlan())
+    finally:
+        await client.aclose()
+    after = setup.bao.request("GET", "ssh/public_key", token=None)[1]["text"]
+    assert before.startswith("ssh-") and after == before, "the SSH CA nodes trust was kept"
 
 
 async def test_vault_setup_writes_least_privilege_roles_with_no_store_and_ttl_limits(
