@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from gateway.azure.token import normalize_guid
 from gateway.core.errors import Code, JoinRejected
@@ -79,7 +80,12 @@ class ResourceId:
     name: str
     child_names: tuple[str, ...] = ()
 
-    @property
+    # The derived forms below are worked out once per parsed ID (``cached_property``
+    # stores into the instance ``__dict__``, which a frozen dataclass allows): a join asks
+    # for the token's ``key`` and shape several times, and each was a dozen
+    # ``str.translate`` calls.
+
+    @cached_property
     def key(self) -> str:
         """Canonical form (``azure_name_key`` of each segment), for cache keys and
         equality across spellings."""
@@ -93,31 +99,34 @@ class ResourceId:
         ]
         for typ, name in zip(self.types, (self.name, *self.child_names), strict=True):
             parts += [typ, name]
-        return "/" + "/".join(azure_name_key(p) for p in parts)
+        # One translate of the joined ID is the per-segment one: it maps code points one
+        # by one and leaves "/" alone.
+        return azure_name_key("/" + "/".join(parts))
 
-    @property
+    @cached_property
     def group_key(self) -> str:
         """Comparison form of the resource's resource group (cache keys per group)."""
         return f"{self.subscription}/{azure_name_key(self.resource_group)}"
 
+    @cached_property
     def _shape(self) -> tuple[str, tuple[str, ...]]:
         return azure_name_key(self.provider), tuple(azure_name_key(t) for t in self.types)
 
     @property
     def is_vm(self) -> bool:
-        return self._shape() == (_COMPUTE, (_VM,))
+        return self._shape == (_COMPUTE, (_VM,))
 
     @property
     def is_scale_set(self) -> bool:
-        return self._shape() == (_COMPUTE, (_VMSS,))
+        return self._shape == (_COMPUTE, (_VMSS,))
 
     @property
     def is_scale_set_vm(self) -> bool:
-        return self._shape() == (_COMPUTE, (_VMSS, _VM))
+        return self._shape == (_COMPUTE, (_VMSS, _VM))
 
     @property
     def is_user_assigned_identity(self) -> bool:
-        return self._shape() == (_MI, (_UAI,))
+        return self._shape == (_MI, (_UAI,))
 
     @property
     def names_vm_or_scale_set(self) -> bool:

@@ -108,6 +108,20 @@ def test_key_is_the_same_across_spellings() -> None:
     )
 
 
+def test_derived_forms_are_worked_out_once_per_parsed_id() -> None:
+    # A join asks for the token's key and shape several times: each is computed once and
+    # kept on the (frozen) ID, which still compares and hashes by its fields only.
+    rid = parse_resource_id(
+        f"{BASE}/Microsoft.Compute/virtualMachineScaleSets/ss/virtualMachines/3"
+    )
+    assert rid.key is rid.key
+    assert rid.group_key is rid.group_key
+    assert rid.is_scale_set_vm and not rid.is_vm and not rid.is_scale_set
+    again = parse_resource_id(rid.raw)
+    assert again == rid and hash(again) == hash(rid)
+    assert again.key == rid.key
+
+
 # (id, one spelling, another spelling, same name to Resource Manager?)
 NAMES: list[tuple[str, str, str, bool]] = [
     ("ASCII letters fold", "Kube-Prod", "kube-PROD", True),
