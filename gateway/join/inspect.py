@@ -63,7 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help='IMDS attested-data response ({"encoding":"pkcs7","signature":...}) or bare base64',
     )
-    parser.add_argument("--nonce", help="expected nonce (the challenge); omitted: not checked")
+    parser.add_argument(
+        "--nonce",
+        help="expected nonce (the challenge; write --nonce=VALUE, as a challenge may begin "
+        "with '-'); omitted: not checked",
+    )
     when = parser.add_mutually_exclusive_group()
     when.add_argument("--at", metavar="RFC3339", help="verify as of this time (default: now)")
     when.add_argument(

@@ -648,7 +648,7 @@ async def test_the_gateway_and_inspect_give_the_same_verdict(
         _inspect,
         [
             "--attested", str(tmp_path / "doc.json"),
-            "--nonce", challenge,
+            f"--nonce={challenge}",  # a challenge may begin with "-"
             "--ca-bundle", str(tmp_path / "root.pem"),
             "--ca-bundle", str(tmp_path / "intermediate.pem"),
             "--token", str(tmp_path / "token.jwt"),

@@ -130,6 +130,12 @@ REJECTED = [
         ["--nonce", "not-the-nonce", "--at-created"],
         "nonce_mismatch",
     ),
+    (
+        # Challenges are base64url: one in 64 begins with "-" (as a key id can make it).
+        "a wrong nonce beginning with '-' is a nonce mismatch, not a usage error",
+        ["--nonce=-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "--at-created"],
+        "nonce_mismatch",
+    ),
     ("today the 2026-07-28 document is untrusted (signer expired)", [], "attested_chain_untrusted"),
     (
         "at a time after expiresOn but while the signer is valid the document is expired",
