@@ -31,6 +31,7 @@ from gateway.authservice.vault import (
     VaultSigner,
     VaultStartupError,
 )
+from gateway.core.runtime import tune_gc
 
 __all__ = ["add_arguments", "run", "vault_signer"]
 
@@ -280,6 +281,7 @@ async def _serve(service: AuthService) -> int:
     except (OSError, ValueError, RegistryError, VaultStartupError) as exc:
         print(f"auth service failed to start: {exc}", file=sys.stderr)
         return 3
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
