@@ -23,11 +23,17 @@ Python frame that called it or to the next one to run — the TLS handshake is s
 because ``ssl.SSLObject.do_handshake`` is a Python frame around OpenSSL's; socket I/O
 done by uvloop outside any Python callback lands in "event loop" or the next callback.
 The handler's own cost is counted, as "profiler".
+
+The cyclic garbage collector is not sampled but timed: ``gc.callbacks`` read the thread's
+CPU clock when each collection starts and stops, the time is filed as "garbage
+collector", and the next sample's weight leaves it out (a collection runs inside whatever
+allocation triggered it, which would otherwise be charged for it).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import runpy
@@ -41,9 +47,19 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
-__all__ = ["FLUSH_S", "RULES", "STAGES", "breakdown", "classify", "main", "read_counts"]
+__all__ = [
+    "FLUSH_S",
+    "GARBAGE_COLLECTOR",
+    "RULES",
+    "STAGES",
+    "breakdown",
+    "classify",
+    "main",
+    "read_counts",
+]
 
 EVENT_LOOP = "event loop"
+GARBAGE_COLLECTOR = "garbage collector"
 _HANDSHAKE = "TLS handshake"
 SERVER_HANDSHAKE = "TLS handshake (server)"
 CLIENT_HANDSHAKE = "TLS handshake (client: upstream, ARM)"
@@ -102,6 +118,7 @@ STAGES: tuple[str, ...] = tuple(
             *(s for _, _, s in RULES if s != _HANDSHAKE),
             SERVER_HANDSHAKE,
             CLIENT_HANDSHAKE,
+            GARBAGE_COLLECTOR,
             EVENT_LOOP,
         ]
     )
@@ -147,10 +164,15 @@ class _Sampler:
         self._interval = interval
         self._counts: Counter[str] = Counter()  # stage → CPU nanoseconds
         self._last = time.thread_time_ns()
+        self._thread = threading.get_ident()
+        self._gc_started = 0
+        self._gc_unsampled = 0  # GC CPU since the last sample, already filed as GC
 
     def start(self) -> None:
         signal.signal(signal.SIGPROF, self._on_sample)
+        self._thread = threading.get_ident()
         self._last = time.thread_time_ns()
+        gc.callbacks.append(self._on_gc)
         signal.setitimer(signal.ITIMER_PROF, self._interval, self._interval)
         threading.Thread(target=self._writer, name="stage-sampler", daemon=True).start()
 
@@ -159,8 +181,22 @@ class _Sampler:
         # SIGPROFs raised during one long C call (an RSA verify, a handshake) collapse
         # into one Python handler call once it returns, which would undercount C work.
         now = time.thread_time_ns()
-        self._counts[classify(frame)] += now - self._last
+        # A collection runs inside whatever allocation triggered it: its CPU is timed
+        # exactly by the gc callbacks and filed as its own stage, not as that caller's.
+        self._counts[classify(frame)] += max(now - self._last - self._gc_unsampled, 0)
+        self._gc_unsampled = 0
         self._last = now
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if threading.get_ident() != self._thread:
+            return  # the writer thread's rare collections are not the gateway's work
+        now = time.thread_time_ns()
+        if phase == "start":
+            self._gc_started = now
+            return
+        spent = now - self._gc_started
+        self._counts[GARBAGE_COLLECTOR] += spent
+        self._gc_unsampled += spent
 
     def _writer(self) -> None:
         while True:

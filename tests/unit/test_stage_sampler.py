@@ -6,9 +6,13 @@ innermost last, so the table reads like a traceback.
 
 from __future__ import annotations
 
+import gc
+import signal
 import ssl
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 from types import FrameType
 
 import pytest
@@ -16,8 +20,10 @@ import pytest
 from benchmarks.stage_sampler import (
     CLIENT_HANDSHAKE,
     EVENT_LOOP,
+    GARBAGE_COLLECTOR,
     SERVER_HANDSHAKE,
     STAGES,
+    _Sampler,
     breakdown,
     classify,
 )
@@ -104,3 +110,30 @@ def test_the_breakdown_scales_shares_to_the_measured_cpu() -> None:
     assert out["us_per_join"]["rules"] == 0.0  # every stage is listed, sampled or not
     assert out["sampled_s_per_join"] == 0.002
     assert set(out["us_per_join"]) == set(STAGES)
+
+
+def test_garbage_collections_are_timed_as_their_own_stage(tmp_path: Path) -> None:
+    sampler = _Sampler(tmp_path, interval=1.0)
+    gc.callbacks.append(sampler._on_gc)
+    try:
+        # Cycles enough to give the collector work: each one is found only by a collection.
+        junk = []
+        for _ in range(20_000):
+            a: list[object] = []
+            a.append(a)
+            junk.append(a)
+        del junk, a
+        gc.collect()
+    finally:
+        gc.callbacks.remove(sampler._on_gc)
+    spent = sampler._counts[GARBAGE_COLLECTOR]
+    assert spent > 0
+    # The next sample's weight leaves the collection out: it is already filed.
+    assert sampler._gc_unsampled == spent
+    # Pretend the collection happened since the previous sample, 1 µs of other work with it.
+    sampler._last = time.thread_time_ns() - spent - 1_000
+    sampler._on_sample(signal.SIGPROF, sys._getframe())
+    assert sampler._gc_unsampled == 0
+    filed_elsewhere = sum(n for s, n in sampler._counts.items() if s != GARBAGE_COLLECTOR)
+    assert 1_000 <= filed_elsewhere < spent  # without the subtraction: >= spent + 1 µs
+    assert GARBAGE_COLLECTOR in STAGES
