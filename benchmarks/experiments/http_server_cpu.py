@@ -140,6 +140,24 @@ def serve_aiohttp(port: int, cert: Path, key: Path) -> None:
     uvloop.run(main())
 
 
+def serve_aiohttp_lowlevel(port: int, cert: Path, key: Path) -> None:
+    """aiohttp's protocol and request/response objects without the Application: its
+    low-level ``web.Server`` with one handler (no router, no middlewares, no signals)."""
+    import uvloop
+    from aiohttp import web
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        return web.Response(body=reply_for(await request.read()), content_type="application/json")
+
+    async def main() -> None:
+        server = web.Server(handle, access_log=None)
+        ctx = server_ssl_context(cert, key)
+        await asyncio.get_running_loop().create_server(server, "127.0.0.1", port, ssl=ctx)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
 class _RawHttp(asyncio.Protocol):
     """No HTTP framework at all: enough HTTP/1.1 for this client, to split what uvloop
     and OpenSSL cost per connection from what aiohttp adds."""
@@ -186,7 +204,7 @@ def serve_raw(port: int, cert: Path, key: Path) -> None:
 
 
 def start_server(kind: str, port: int, cert: Path, key: Path, log: Path) -> subprocess.Popen[bytes]:
-    if kind in ("aiohttp", "uvloop-raw"):
+    if kind in ("aiohttp", "aiohttp-lowlevel", "uvloop-raw"):
         cmd = [sys.executable, __file__, f"--serve-{kind}", str(port), str(cert), str(key)]
     else:
         granian = shutil.which("granian", path=str(Path(sys.executable).parent))
@@ -302,12 +320,17 @@ def main(argv: list[str] | None = None) -> int:
         "--servers", default="aiohttp,uvloop-raw,granian-rsgi,granian-asgi", help="comma-separated"
     )
     p.add_argument("--out", type=Path, help="write the figures as JSON here")
-    for kind in ("aiohttp", "uvloop-raw"):
+    for kind in ("aiohttp", "aiohttp-lowlevel", "uvloop-raw"):
         p.add_argument(
             f"--serve-{kind}", nargs=3, metavar=("PORT", "CERT", "KEY"), help=argparse.SUPPRESS
         )
     args = p.parse_args(argv)
-    for given, serve in ((args.serve_aiohttp, serve_aiohttp), (args.serve_uvloop_raw, serve_raw)):
+    servers = (
+        (args.serve_aiohttp, serve_aiohttp),
+        (args.serve_aiohttp_lowlevel, serve_aiohttp_lowlevel),
+        (args.serve_uvloop_raw, serve_raw),
+    )
+    for given, serve in servers:
         if given:
             port, cert, key = given
             serve(int(port), Path(cert), Path(key))
