@@ -418,8 +418,9 @@ class RenewalResult:
     gateway_cpu_s: float
     auth_cpu_s: float
     wall_s: float
+    stage_samples: Counter[str] | None = None  # the sampler's counts during the rounds
 
-    def figures(self, first_join_cpu_s: float) -> dict[str, Any]:
+    def figures(self, first_join_cpu_s: float, floor: Floor) -> dict[str, Any]:
         ok = [r for r in self.outcome.records if r.ok]
         n = max(len(ok), 1)
         arm_calls, arm_429 = arm_call_count(self.counters)
@@ -444,7 +445,16 @@ class RenewalResult:
             "renewal_vs_first_join_cpu": round(per_renewal / first_join_cpu_s, 2)
             if first_join_cpu_s
             else None,
+            # Reported as first joins are: against the floor measured in the same run (a
+            # renewal is a full re-join, so it pays at least what a first join must).
+            "floor_cpu_s_per_join": _significant(floor.per_join_s),
+            "cpu_vs_floor": round(per_renewal / floor.per_join_s, 2),
             "auth_cpu_s_per_renewal": _significant(self.auth_cpu_s / n),
+            **(
+                {"cpu_stages": breakdown(self.stage_samples, per_renewal, len(ok))}
+                if self.stage_samples is not None
+                else {}
+            ),
         }
 
 
@@ -603,6 +613,7 @@ def run_phase(
                 interval=renewal_interval,
                 concurrency=concurrency,
                 pids=(gw.pid, auth.pid),
+                stages_dir=stages_dir,
             )
         floor = None
         if measure_floor_samples:
@@ -644,11 +655,13 @@ def _renewal_rounds(
     interval: float,
     concurrency: int,
     pids: tuple[int, int],
+    stages_dir: Path | None,
 ) -> RenewalResult:
     """``rounds`` rounds in which every VM renews by a full re-join, spread over
     ``interval`` seconds (time compressed: Teleport's bots renew 1 h certificates every
     20 minutes; here a round is that schedule's 20 minutes)."""
     print(f"[renewal] {rounds} rounds, every VM once per {interval:g} s ...", flush=True)
+    stages0 = _stage_counts(stages_dir)
     before = _get_json(info.http_url + "/_emulator/counters")
     cpu0 = (process_cpu_seconds(pids[0]), process_cpu_seconds(pids[1]))
     started = time.perf_counter()
@@ -674,6 +687,7 @@ def _renewal_rounds(
     cpu1 = (process_cpu_seconds(pids[0]), process_cpu_seconds(pids[1]))
     after = _get_json(info.http_url + "/_emulator/counters")
     delta = {str(k): int(v) - int(before.get(k, 0)) for k, v in after.items()}
+    stages1 = _stage_counts(stages_dir)
     return RenewalResult(
         rounds=rounds,
         interval_s=interval,
@@ -682,6 +696,7 @@ def _renewal_rounds(
         gateway_cpu_s=cpu1[0] - cpu0[0],
         auth_cpu_s=cpu1[1] - cpu0[1],
         wall_s=wall,
+        stage_samples=None if stages0 is None or stages1 is None else stages1 - stages0,
     )
 
 
@@ -750,10 +765,10 @@ def _print_table(main: dict[str, Any], baseline: dict[str, Any] | None) -> None:
         print(line)
 
 
-def _print_stages(stages: dict[str, Any]) -> None:
+def _print_stages(stages: dict[str, Any], what: str = "join") -> None:
     print(
-        "gateway CPU per join by stage (µs; sampled total "
-        f"{stages['sampled_s_per_join'] * 1e6:.0f} µs/join):"
+        f"gateway CPU per {what} by stage (µs; sampled total "
+        f"{stages['sampled_s_per_join'] * 1e6:.0f} µs/{what}):"
     )
     for stage, us in stages["us_per_join"].items():
         print(f"  {stage:40}{us:>10.1f}  {stages['share'][stage]:>6.1%}")
@@ -919,7 +934,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "latency_p99_ms": _ratio(baseline["latency_ms"]["p99"], result["latency_ms"]["p99"]),
         }
     if main_phase.renewal is not None:
-        result["renewal"] = main_phase.renewal.figures(result["gateway_cpu_s_per_join"])
+        result["renewal"] = main_phase.renewal.figures(result["gateway_cpu_s_per_join"], floor)
     if backends:
         result["ca_backends"] = backends
     if tight_phase is not None:
@@ -969,9 +984,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({r['failed']} failed), {r['renewals_per_s']}/s, gateway CPU "
             f"{r['gateway_cpu_s_per_renewal'] * 1e3:.2f} ms/renewal vs "
             f"{r['gateway_cpu_s_per_first_join'] * 1e3:.2f} ms/first join "
-            f"({r['renewal_vs_first_join_cpu']}x), ARM calls/renewal {r['arm_calls_per_renewal']}"
+            f"({r['renewal_vs_first_join_cpu']}x), {r['cpu_vs_floor']}x the floor, "
+            f"ARM calls/renewal {r['arm_calls_per_renewal']}"
             f", auth CPU {r['auth_cpu_s_per_renewal'] * 1e3:.2f} ms/renewal"
         )
+        if "cpu_stages" in r:
+            _print_stages(r["cpu_stages"], "renewal")
     if tight_phase is not None:
         t, c = result["tight_list_budget"], tight_phase.counters
         print(

@@ -101,6 +101,19 @@ def test_the_renewal_profile_reports_renewals_cpu_and_arm_calls(
     assert r["gateway_cpu_s_per_first_join"] == res["gateway_cpu_s_per_join"]
     # The VM records are cached from the first joins: renewals reach ARM (almost) never.
     assert r["arm_calls_per_renewal"] <= 0.05
+    # Reported as first joins are: against the same run's floor, and by stage.
+    assert r["floor_cpu_s_per_join"] == pytest.approx(res["floor_cpu_s_per_join"], rel=1e-3)
+    assert r["cpu_vs_floor"] == pytest.approx(
+        r["gateway_cpu_s_per_renewal"] / r["floor_cpu_s_per_join"], rel=0.02
+    )
+    stages = r["cpu_stages"]
+    assert set(stages["us_per_join"]) == set(STAGES)
+    assert sum(stages["us_per_join"].values()) == pytest.approx(
+        r["gateway_cpu_s_per_renewal"] * 1e6, rel=0.01
+    )
+    # A renewal is a full re-join: a new connection and a document check each.
+    assert stages["us_per_join"]["TLS handshake (server)"] > 0
+    assert stages["us_per_join"]["document"] > 0
 
 
 def test_floor_is_the_sum_of_its_parts(storm: tuple[Path, dict[str, Any]]) -> None:
