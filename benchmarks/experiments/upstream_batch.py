@@ -17,12 +17,18 @@ of a join's upstream call), the auth service's CPU per registration (its process
 from /proc) and the HTTP requests sent; and each ratio against ``single`` of the same run.
 The auth service's figure includes what batching cannot change (signing the certificates,
 the registry's transactions, the audit line).
+
+``--lone N`` then answers "a batch of one: which endpoint?": N registrations one after
+the other (nothing else in flight), each POSTed by a bare aiohttp session on a warm
+connection to ``/v1/register`` and, as a batch of one, to ``/v1/register/batch``; client
+and auth service CPU per registration, medians over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -43,7 +49,13 @@ from benchmarks.stack import AuthEndpoint, process_cpu_seconds, start_auth  # no
 from gateway.core.clock import SystemClock  # noqa: E402
 from gateway.core.tlsutil import client_ssl_context  # noqa: E402
 from gateway.join.forward import AuthClient  # noqa: E402
-from gateway.protocol import HostParams, JoinBlock, Registration  # noqa: E402
+from gateway.protocol import (  # noqa: E402
+    REGISTER_BATCH_PATH,
+    REGISTER_PATH,
+    HostParams,
+    JoinBlock,
+    Registration,
+)
 
 MODES = ("single", "batched")
 _KEY_POOL = 32  # node key pairs, reused across VMs (the auth service does not care)
@@ -171,6 +183,37 @@ async def one_run(
     return Run(mode, cpu / n * 1e6, auth_cpu / n * 1e6, requests, wall)
 
 
+async def lone_run(
+    path: str, auth: AuthEndpoint, auth_pid: int, regs: list[Registration]
+) -> tuple[float, float]:
+    """Client and auth service CPU (µs) per registration, sent one after the other to
+    ``path`` (a batch of one on the batch path)."""
+    ctx = client_ssl_context(auth.cluster_ca, cert_file=auth.client_cert, key_file=auth.client_key)
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    bodies = [
+        json.dumps({"registrations": [r.to_json()]} if path == REGISTER_BATCH_PATH else r.to_json())
+        for r in regs
+    ]
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1, ssl=ctx), trust_env=False
+    ) as session:
+
+        async def post(body: str) -> None:
+            async with session.post(auth.url + path, data=body, headers=headers) as resp:
+                await resp.read()
+                assert resp.status == 200, resp.status
+
+        await post(bodies[0])  # the connection, opened once
+        auth_cpu = process_cpu_seconds(auth_pid)
+        cpu = time.process_time()
+        for body in bodies[1:]:
+            await post(body)
+        cpu = time.process_time() - cpu
+        auth_cpu = process_cpu_seconds(auth_pid) - auth_cpu
+    n = len(bodies) - 1
+    return cpu / n * 1e6, auth_cpu / n * 1e6
+
+
 async def experiment(args: argparse.Namespace, workdir: Path) -> list[list[Run]]:
     proc, auth = start_auth(workdir)
     pool = _key_pool()
@@ -194,6 +237,24 @@ async def experiment(args: argparse.Namespace, workdir: Path) -> list[list[Run]]
                 )
                 runs.append(run)
             rounds.append(sorted(runs, key=lambda x: MODES.index(x.mode)))
+        if args.lone:
+            lone: dict[str, list[tuple[float, float]]] = {
+                REGISTER_PATH: [],
+                REGISTER_BATCH_PATH: [],
+            }
+            for r in range(args.rounds):
+                paths = [REGISTER_PATH, REGISTER_BATCH_PATH]
+                for path in paths if r % 2 == 0 else reversed(paths):
+                    prefix += 1
+                    regs = registrations(prefix, args.lone + 1, pool)
+                    lone[path].append(await lone_run(path, auth, proc.popen.pid, regs))
+                    c, a = lone[path][-1]
+                    print(f"lone round {r + 1} {path:20s} client {c:6.1f} us  auth {a:7.1f} us")
+            print(f"\nlone registrations, medians of {args.rounds} rounds, {args.lone} each")
+            for path, figures in lone.items():
+                c = statistics.median(f[0] for f in figures)
+                a = statistics.median(f[1] for f in figures)
+                print(f"{path:20s} client {c:6.1f} us/reg  auth {a:7.1f} us/reg")
     finally:
         proc.stop()
     return rounds
@@ -224,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--registrations", type=int, default=2000)
     p.add_argument("--in-flight", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--lone", type=int, default=0, help="lone registrations per endpoint")
     args = p.parse_args(argv)
     try:
         import uvloop
