@@ -429,8 +429,10 @@ class AuthClient:
                 await self._settle_single(members[0])
             else:
                 await self._send_batch(members)
+        except Exception:
+            log.exception("auth service batch request failed unexpectedly")
         finally:
-            for queued in members:  # cancelled (aclose): nobody is left waiting
+            for queued in members:  # cancelled (aclose), or a bug: nobody is left waiting
                 _settle_closed(queued)
             if counted:
                 self._in_flight -= 1
@@ -508,8 +510,9 @@ class AuthClient:
                 _settle_outcome(queued, 200, item, retry_after=None, raw=b"")
                 continue
             seconds = item.get("retry_after")
+            # The Retry-After header's rules (no negative or NaN, capped), as alone.
             item_retry = (
-                float(seconds)
+                parse_retry_after(str(seconds))
                 if isinstance(seconds, int | float) and not isinstance(seconds, bool)
                 else None
             )

@@ -31,6 +31,7 @@ from gateway.core.errors import (
     Overloaded,
     UpstreamFailed,
 )
+from gateway.core.httputil import MAX_RETRY_AFTER
 from gateway.core.tlsutil import client_ssl_context, server_ssl_context
 from gateway.join.forward import PIPELINE_DEPTH, AuthClient, BreakerState, CircuitBreaker
 from gateway.protocol import REGISTER_BATCH_PATH, REGISTER_PATH, RegisterResult, Registration
@@ -227,6 +228,16 @@ ITEM_CASES = [
         "a 503 with retry_after is passed on, not retried",
         ItemCase(
             _error_item(503, "signing_unavailable", 7), Overloaded, Code.UPSTREAM_UNAVAILABLE, 1, 7
+        ),
+    ),
+    (
+        "an item's retry_after is capped as a Retry-After header is",
+        ItemCase(
+            _error_item(503, "signing_unavailable", 10**9),
+            Overloaded,
+            Code.UPSTREAM_UNAVAILABLE,
+            1,
+            MAX_RETRY_AFTER,
         ),
     ),
     (
