@@ -1,4 +1,5 @@
-"""The reference auth service's HTTP app (``POST /v1/register``, ``GET /healthz``).
+"""The reference auth service's HTTP app (``POST /v1/register``, ``POST
+/v1/register/batch``, ``GET /healthz``).
 
 Registrations go to the registry (``registry/``: SQLite in the data directory, or a shared
 PostgreSQL): one host per attested VM identity, so a VM that joins again gets the same host
@@ -61,13 +62,20 @@ from gateway.authservice.store import RegistrationRecord
 from gateway.authservice.wire import (
     AuthServiceError,
     ErrorCode,
+    decode_register_batch,
     decode_registration,
     request_digest,
 )
 from gateway.core.clock import Clock, SystemClock
 from gateway.core.files import write_atomic
 from gateway.core.tlsutil import server_ssl_context
-from gateway.protocol import RegisterResult, Registration
+from gateway.protocol import (
+    MAX_BATCH,
+    REGISTER_BATCH_PATH,
+    REGISTER_PATH,
+    RegisterResult,
+    Registration,
+)
 from gateway.protocol.possession import PossessionError, verify_csr, verify_ssh_possession
 
 __all__ = [
@@ -97,6 +105,12 @@ class AuthSettings:
     def __post_init__(self) -> None:
         if self.spiffe_trust_domain is not None:
             check_trust_domain(self.spiffe_trust_domain)
+
+    @property
+    def max_batch_body(self) -> int:
+        """The cap on a batch body: room for MAX_BATCH registrations at ``max_body`` each
+        (and the wrapper), so any batch of valid registrations fits; bounded all the same."""
+        return MAX_BATCH * (self.max_body + 1) + 64
 
 
 @dataclass(frozen=True)
@@ -175,19 +189,46 @@ def _check_possession(reg: Registration, *, required: bool) -> None:
         raise AuthServiceError(400, ErrorCode(exc.code), str(exc)) from None
 
 
-async def _register(request: web.Request) -> web.Response:
-    state = request.app[AUTH_STATE_KEY]
-    settings = request.app[AUTH_SETTINGS_KEY]
-    if request.content_type != "application/json":
-        raise AuthServiceError(
-            415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json"
+@dataclass(frozen=True)
+class RegisterAnswer:
+    """What the auth service answers one registration: ``body`` is the 200 body
+    (``host_id``, ``certs``, ``renewal``) or the error's ``{"code", "message"}``."""
+
+    status: int
+    body: dict[str, Any]
+    replay: bool = False
+    retry_after: float | None = None
+
+    @classmethod
+    def refusal(cls, exc: AuthServiceError) -> RegisterAnswer:
+        return cls(
+            exc.status, {"code": exc.code, "message": exc.message}, retry_after=exc.retry_after
         )
-    gateway = _peer_subject(request)
-    if gateway == ADMIN_COMMON_NAME:
-        # The admin certificate manages the inventory; it does not register nodes.
-        raise AuthServiceError(403, ErrorCode.FORBIDDEN, "the admin certificate cannot register")
-    raw = await request.read()
-    reg = decode_registration(raw)
+
+    def batch_item(self) -> dict[str, Any]:
+        """This answer as an item of ``results`` in a batch response."""
+        if self.status == 200:
+            return {"status": 200, **self.body, "replay": self.replay}
+        retry_after = None if self.retry_after is None else max(1, math.ceil(self.retry_after))
+        return {"status": self.status, **self.body, "retry_after": retry_after}
+
+
+async def register_one(
+    reg: Registration, *, state: AuthState, settings: AuthSettings, gateway: str
+) -> RegisterAnswer:
+    """One registration, for ``/v1/register`` and for each item of ``/v1/register/batch``:
+    possession checks, idempotency, the registry's two phases with the signing between
+    them, the audit line. A refusal is an answer (a 4xx/5xx status with a code), not an
+    exception; anything else raised is a bug."""
+    try:
+        return await _register_one(reg, state=state, settings=settings, gateway=gateway)
+    except AuthServiceError as exc:
+        return RegisterAnswer.refusal(exc)
+
+
+async def _register_one(
+    reg: Registration, *, state: AuthState, settings: AuthSettings, gateway: str
+) -> RegisterAnswer:
     _check_possession(reg, required=settings.require_csr)
     digest = request_digest(reg)
     now = state.clock.now()
@@ -267,14 +308,75 @@ async def _register(request: web.Request) -> web.Response:
             gateway or "?",
             json.dumps(dict(reg.labels), sort_keys=True, separators=(",", ":")),
         )
-    return web.json_response(
+    return RegisterAnswer(
+        200,
         {
             "host_id": record.host_id,
             "certs": record.result.to_json(),
             "renewal": out.kind == "renewal",
         },
-        headers={"Idempotent-Replay": "true" if out.replay else "false"},
+        replay=out.replay,
     )
+
+
+async def _registration_body(request: web.Request, cap: int) -> tuple[str, bytes]:
+    """The peer rules both register endpoints share, then the body (at most ``cap``
+    bytes); returns the calling gateway's certificate CN and the body."""
+    if request.content_type != "application/json":
+        raise AuthServiceError(
+            415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json"
+        )
+    gateway = _peer_subject(request)
+    if gateway == ADMIN_COMMON_NAME:
+        # The admin certificate manages the inventory; it does not register nodes.
+        raise AuthServiceError(403, ErrorCode.FORBIDDEN, "the admin certificate cannot register")
+    # The app's client_max_size is the batch cap; a single registration has its own.
+    too_large = AuthServiceError(413, ErrorCode.BODY_TOO_LARGE, "body exceeds the size cap")
+    if request.content_length is not None and request.content_length > cap:
+        raise too_large
+    raw = await request.read()
+    if len(raw) > cap:
+        raise too_large
+    return gateway, raw
+
+
+async def _register(request: web.Request) -> web.Response:
+    state = request.app[AUTH_STATE_KEY]
+    settings = request.app[AUTH_SETTINGS_KEY]
+    gateway, raw = await _registration_body(request, settings.max_body)
+    reg = decode_registration(raw)
+    answer = await register_one(reg, state=state, settings=settings, gateway=gateway)
+    if answer.status != 200:
+        raise AuthServiceError(
+            answer.status,
+            answer.body["code"],
+            answer.body["message"],
+            retry_after=answer.retry_after,
+        )
+    return web.json_response(
+        answer.body, headers={"Idempotent-Replay": "true" if answer.replay else "false"}
+    )
+
+
+async def _register_batch(request: web.Request) -> web.Response:
+    """``POST /v1/register/batch``: each item as ``/v1/register`` would answer it, run
+    concurrently; one item's refusal (or a bug on it) never touches another's answer."""
+    state = request.app[AUTH_STATE_KEY]
+    settings = request.app[AUTH_SETTINGS_KEY]
+    gateway, raw = await _registration_body(request, settings.max_batch_body)
+    regs = decode_register_batch(raw)
+
+    async def one(reg: Registration) -> RegisterAnswer:
+        try:
+            return await register_one(reg, state=state, settings=settings, gateway=gateway)
+        except Exception:
+            log.exception("auth service: unexpected error on a batch item")
+            return RegisterAnswer(
+                500, {"code": ErrorCode.INTERNAL_ERROR, "message": "internal error"}
+            )
+
+    answers = await asyncio.gather(*(one(reg) for reg in regs))
+    return web.json_response({"results": [a.batch_item() for a in answers]})
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -291,12 +393,11 @@ def make_auth_app(
     """The auth service app over an open registry and a started signer (its owner
     closes both)."""
     settings = settings or AuthSettings()
-    app = web.Application(middlewares=[_errors_middleware], client_max_size=settings.max_body)
-    app[AUTH_STATE_KEY] = AuthState(
-        signer=signer, registry=registry, clock=clock or SystemClock()
-    )
+    app = web.Application(middlewares=[_errors_middleware], client_max_size=settings.max_batch_body)
+    app[AUTH_STATE_KEY] = AuthState(signer=signer, registry=registry, clock=clock or SystemClock())
     app[AUTH_SETTINGS_KEY] = settings
-    app.router.add_post("/v1/register", _register)
+    app.router.add_post(REGISTER_PATH, _register)
+    app.router.add_post(REGISTER_BATCH_PATH, _register_batch)
     app.router.add_get("/healthz", _healthz)
     add_admin_routes(app, registry=registry, clock=app[AUTH_STATE_KEY].clock)
     return app

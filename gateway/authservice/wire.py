@@ -13,11 +13,13 @@ import hashlib
 import json
 
 from gateway.protocol import RegisterCode, Registration, WireError
+from gateway.protocol import decode_register_batch as _decode_batch
 from gateway.protocol import decode_registration as _decode
 
 __all__ = [
     "AuthServiceError",
     "ErrorCode",
+    "decode_register_batch",
     "decode_registration",
     "request_digest",
 ]
@@ -44,6 +46,15 @@ def decode_registration(raw: bytes) -> Registration:
     """Decode and validate a register body; raises :class:`AuthServiceError` (400)."""
     try:
         return _decode(raw)
+    except WireError as exc:
+        raise AuthServiceError(400, RegisterCode(exc.code.value), exc.message) from exc
+
+
+def decode_register_batch(raw: bytes) -> tuple[Registration, ...]:
+    """Decode and validate a batch body; raises :class:`AuthServiceError` (400) for the
+    whole batch: its size, a repeated idempotency key or any malformed item."""
+    try:
+        return _decode_batch(raw)
     except WireError as exc:
         raise AuthServiceError(400, RegisterCode(exc.code.value), exc.message) from exc
 

@@ -151,6 +151,10 @@ class UpstreamConfig:
     # Consecutive failures that open the circuit, and how long it stays open.
     breaker_failures: int = 5
     breaker_reset_seconds: float = 10.0
+    # Registrations that arrive together share one POST /v1/register/batch request (up to
+    # 64). false: one request per registration — for an auth service without the batch
+    # endpoint (one that answers it 404/405 is detected and falls back on its own).
+    batch: bool = True
 
 
 @dataclass(frozen=True)

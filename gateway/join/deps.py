@@ -165,6 +165,7 @@ async def auth_client(
             clock=clock,
             timeout=upstream.timeout_seconds,
             session=session,
+            batch=upstream.batch,
             breaker=CircuitBreaker(
                 failure_threshold=upstream.breaker_failures,
                 reset_timeout=upstream.breaker_reset_seconds,

@@ -17,6 +17,15 @@ registrations it opens, and for ``reset_timeout`` seconds every call fails at on
 costs microseconds per join, not a timeout each. Then one probe is let through
 (half-open); its outcome closes or re-opens the circuit.
 
+Registrations that arrive together share one request (``POST /v1/register/batch``, up to
+64 per request): a registration leaves at once, on ``/v1/register``, while fewer than
+:data:`PIPELINE_DEPTH` requests are in flight — a lone join never waits for a timer — and
+otherwise queues; the next request to leave takes up to 64 queued registrations (distinct
+idempotency keys). Each member keeps its own breaker verdict and retry loop: a batch that
+fails whole (transport, 502/503/504) fails each member, and each member is retried as it
+would have been alone. An auth service without the batch endpoint (404/405) turns batching
+off for good: one request per registration, as before.
+
 Every aiohttp exception is translated here into ``gateway.core.errors``; none escapes.
 """
 
@@ -27,6 +36,8 @@ import json
 import logging
 import random
 import ssl
+from collections import deque
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Self
 
@@ -51,6 +62,8 @@ from gateway.core.httputil import (
 )
 from gateway.protocol import (
     HEALTH_PATH,
+    MAX_BATCH,
+    REGISTER_BATCH_PATH,
     REGISTER_PATH,
     ErrorBody,
     RegisterCode,
@@ -58,12 +71,17 @@ from gateway.protocol import (
     Registration,
 )
 
-__all__ = ["AuthClient", "BreakerState", "CircuitBreaker"]
+__all__ = ["PIPELINE_DEPTH", "AuthClient", "BreakerState", "CircuitBreaker"]
 
 log = logging.getLogger(__name__)
 
 _RETRYABLE_STATUSES = frozenset({502, 503, 504})
 _MAX_RESPONSE_BYTES = 1 << 20
+# A batch answer carries up to MAX_BATCH registrations' certificates (a few KiB each).
+_MAX_BATCH_RESPONSE_BYTES = 16 << 20
+# Requests to the auth service in flight per client before registrations queue for a batch.
+PIPELINE_DEPTH = 4
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 # When a failure gives no better hint, agents are told to come back after this long.
 _DEFAULT_RETRY_AFTER = 1.0
 
@@ -174,6 +192,15 @@ class _Rejected(Exception):
         self.error = error
 
 
+@dataclass(eq=False)
+class _Queued:
+    """A registration attempt waiting for a place in a batch request."""
+
+    key: str
+    body: bytes
+    future: asyncio.Future[RegisterResult]
+
+
 class AuthClient:
     """The gateway's client for the auth service.
 
@@ -190,6 +217,8 @@ class AuthClient:
       client opens its own pooled session.
     * backoff — base of the jittered exponential backoff between attempts, in seconds.
     * rng — randomness for the jitter (injected so tests are deterministic).
+    * batch — coalesce concurrent registrations into ``/v1/register/batch`` requests
+      (``upstream.batch``); False: one request per registration, always.
     """
 
     def __init__(
@@ -205,6 +234,7 @@ class AuthClient:
         session: aiohttp.ClientSession | None = None,
         backoff: float = 0.05,
         rng: random.Random | None = None,
+        batch: bool = True,
     ) -> None:
         if not url.startswith(("https://", "http://")):
             raise ValueError(f"url must be http(s)://..., not {url!r}")
@@ -215,6 +245,7 @@ class AuthClient:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self._endpoint = url.rstrip("/") + REGISTER_PATH
+        self._batch_endpoint = url.rstrip("/") + REGISTER_BATCH_PATH
         self._health_url = url.rstrip("/") + HEALTH_PATH
         self._ssl = ssl_context
         self._clock = clock
@@ -226,6 +257,11 @@ class AuthClient:
         self._owns_session = session is None
         self._backoff = backoff
         self._rng = rng or random.Random()  # jitter, not security
+        # Coalescing: False once the auth service showed it has no batch endpoint.
+        self._batching = batch
+        self._in_flight = 0  # requests to the register endpoints (batching only)
+        self._queue: deque[_Queued] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _get_session(self) -> aiohttp.ClientSession:
         # Created lazily: a ClientSession must be made inside a running loop.
@@ -236,7 +272,20 @@ class AuthClient:
             )
         return self._session
 
+    @property
+    def batching(self) -> bool:
+        """Whether registrations are coalesced (off when configured so, or for good once
+        the auth service answered the batch endpoint 404/405)."""
+        return self._batching
+
     async def aclose(self) -> None:
+        # Waiting registrations first, so that no cancelled request sends the next one.
+        while self._queue:
+            _settle_closed(self._queue.popleft())
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None
@@ -250,6 +299,7 @@ class AuthClient:
     async def register(self, reg: Registration) -> RegisterResult:
         """Register ``reg``; raises ``Overloaded`` or ``UpstreamFailed``, nothing else."""
         self.breaker.acquire()
+        key = reg.idempotency_key
         body = json.dumps(reg.to_json(), separators=(",", ":")).encode()
         verdict: bool | None = None  # True healthy, False failed, None unknown
         try:
@@ -257,7 +307,7 @@ class AuthClient:
                 if attempt:
                     await asyncio.sleep(self._delay(attempt))
                 try:
-                    result = await self._attempt(body)
+                    result = await self._attempt(key, body)
                 except _Retryable as exc:
                     if attempt == self._retries:
                         verdict = False
@@ -305,13 +355,31 @@ class AuthClient:
         cap = min(self._backoff * (2 ** (attempt - 1)), 1.0)
         return self._rng.uniform(0, cap)
 
-    async def _attempt(self, body: bytes) -> RegisterResult:
+    async def _attempt(self, key: str, body: bytes) -> RegisterResult:
+        """One attempt: alone on the plain endpoint when a request slot is free (or
+        batching is off), else in the next batch. Raises what :func:`_outcome` raises."""
+        if not self._batching:
+            return await self._attempt_single(body)
+        if self._in_flight < PIPELINE_DEPTH and not self._queue:
+            self._in_flight += 1
+            try:
+                return await self._attempt_single(body)
+            finally:
+                self._in_flight -= 1
+                self._pump()
+        queued = _Queued(key, body, asyncio.get_running_loop().create_future())
+        self._queue.append(queued)
+        # Cancelled here, the future is cancelled too: a batch not yet sent skips it, one
+        # already sent drops its answer (the registration may have happened: idempotent).
+        return await queued.future
+
+    async def _attempt_single(self, body: bytes) -> RegisterResult:
         session = self._get_session()
         try:
             async with session.post(
                 self._endpoint,
                 data=body,
-                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                headers=_JSON_HEADERS,
                 ssl=self._ssl,
                 timeout=self._timeout,
                 allow_redirects=False,
@@ -321,65 +389,245 @@ class AuthClient:
                 raw = await read_capped(resp, _MAX_RESPONSE_BYTES)
         except TRANSPORT_ERRORS as exc:
             raise _transport_error(exc, self._timeout.total) from exc
+        return _outcome(status, _decode(raw), retry_after=retry_after, raw=raw)
 
-        if status == 200:
-            try:
-                return RegisterResult.from_json(json.loads(raw))
-            except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError too
-                raise UpstreamFailed(
-                    f"auth service sent a malformed 200 body: {exc}", retry_after=1.0
-                ) from exc
-        summary = _error_summary(raw)
-        err = _error_body(raw)
-        if status >= 500:
-            error: GatewayError = UpstreamFailed(
-                f"auth service answered {status}: {summary}",
-                retry_after=retry_after or _DEFAULT_RETRY_AFTER,
-            )
-            if status == 503:
-                # The auth service (its registry, its signing backend) is unavailable for
-                # now: the agent gets its Retry-After.
-                error = Overloaded(
-                    Code.UPSTREAM_UNAVAILABLE,
-                    retry_after=retry_after or _DEFAULT_RETRY_AFTER,
-                    detail=f"auth service answered 503: {summary}",
+    def _pump(self) -> None:
+        """Send queued registrations while request slots are free (all of them, one
+        request each, once batching is off)."""
+        loop = asyncio.get_running_loop()
+        while self._queue and (not self._batching or self._in_flight < PIPELINE_DEPTH):
+            members = self._take(MAX_BATCH if self._batching else 1)
+            if not members:
+                break
+            if self._batching:
+                self._in_flight += 1
+            task = loop.create_task(self._send(members, counted=self._batching))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self, limit: int) -> list[_Queued]:
+        """Up to ``limit`` waiting registrations, oldest first, one per idempotency key
+        (a batch may not repeat a key; a repeat waits for the next request)."""
+        members: list[_Queued] = []
+        keys: set[str] = set()
+        later: list[_Queued] = []
+        while self._queue and len(members) < limit:
+            queued = self._queue.popleft()
+            if queued.future.done():  # its join was cancelled while it waited
+                continue
+            if queued.key in keys:
+                later.append(queued)
+                continue
+            keys.add(queued.key)
+            members.append(queued)
+        self._queue.extendleft(reversed(later))
+        return members
+
+    async def _send(self, members: list[_Queued], *, counted: bool) -> None:
+        try:
+            if len(members) == 1:
+                await self._settle_single(members[0])
+            else:
+                await self._send_batch(members)
+        except Exception:
+            log.exception("auth service batch request failed unexpectedly")
+        finally:
+            for queued in members:  # cancelled (aclose), or a bug: nobody is left waiting
+                _settle_closed(queued)
+            if counted:
+                self._in_flight -= 1
+            self._pump()
+
+    async def _settle_single(self, queued: _Queued) -> None:
+        try:
+            result = await self._attempt_single(queued.body)
+        except Exception as exc:
+            _settle(queued.future, exc)
+        else:
+            _settle(queued.future, result)
+
+    async def _send_batch(self, members: list[_Queued]) -> None:
+        payload = b'{"registrations":[' + b",".join(q.body for q in members) + b"]}"
+        try:
+            async with self._get_session().post(
+                self._batch_endpoint,
+                data=payload,
+                headers=_JSON_HEADERS,
+                ssl=self._ssl,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                raw = await read_capped(resp, _MAX_BATCH_RESPONSE_BYTES)
+        except TRANSPORT_ERRORS as exc:
+            # The whole request failed: each member failed, and retries on its own.
+            for queued in members:
+                error = _transport_error(exc, self._timeout.total, _MAX_BATCH_RESPONSE_BYTES)
+                error.__cause__ = exc
+                _settle(queued.future, error)
+            return
+        if status in (404, 405):
+            # An auth service that predates the batch endpoint: one request per
+            # registration from now on (these members too).
+            if self._batching:
+                self._batching = False
+                log.warning(
+                    "auth service answered %s on %s: registrations are sent one per request",
+                    status,
+                    REGISTER_BATCH_PATH,
                 )
-                if retry_after is not None:
-                    # It said when to come back (Vault sealed or rate-limited): retrying
-                    # sooner would only add load where it is short; the agent waits.
-                    raise error
-            if err is not None and err.code == RegisterCode.SIGNING_REFUSED:
-                # Vault refused a well-formed request (policy, role): the same request
-                # would be refused again; an operator must act.
-                raise error
-            if status in _RETRYABLE_STATUSES:
-                raise _Retryable(error)
-            raise error
-        if status == 403 and err is not None and err.code == Code.HOST_LOCKED:
-            # An operator locked this VM (host, vmId, subscription or token): a decision,
-            # not a fault — the agent must stop, and the audit record says why.
-            raise _Rejected(JoinRejected(Code.HOST_LOCKED, f"auth service: {err.message[:300]}"))
-        if status == 400 and err is not None and err.code == Code.CSR_REQUIRED:
-            # The auth service demands proof of possession this node did not send: the
-            # node must be upgraded, not the request retried.
-            raise _Rejected(BadRequest(Code.CSR_REQUIRED, detail=f"auth service: {err.message}"))
-        # 4xx (or any other status): our request was wrong — a bug in us, not a retry case.
-        raise _Rejected(
-            UpstreamFailed(f"auth service rejected the registration ({status}): {summary}")
-        )
+            await asyncio.gather(*(self._settle_single(q) for q in members))
+            return
+        body = _decode(raw)
+        if status != 200:
+            for queued in members:
+                _settle_outcome(queued, status, body, retry_after=retry_after, raw=raw)
+            return
+        results = body.get("results") if isinstance(body, dict) else None
+        if not isinstance(results, list) or len(results) != len(members):
+            for queued in members:
+                _settle(
+                    queued.future,
+                    UpstreamFailed(
+                        f"auth service sent a malformed batch body ({len(raw)} bytes)",
+                        retry_after=_DEFAULT_RETRY_AFTER,
+                    ),
+                )
+            return
+        for queued, item in zip(members, results, strict=True):
+            item_status = item.get("status") if isinstance(item, dict) else None
+            if not isinstance(item, dict) or type(item_status) is not int:
+                _settle(
+                    queued.future,
+                    UpstreamFailed(
+                        "auth service sent a malformed batch item",
+                        retry_after=_DEFAULT_RETRY_AFTER,
+                    ),
+                )
+                continue
+            if item_status == 200:
+                _settle_outcome(queued, 200, item, retry_after=None, raw=b"")
+                continue
+            seconds = item.get("retry_after")
+            # The Retry-After header's rules (no negative or NaN, capped), as alone.
+            item_retry = (
+                parse_retry_after(str(seconds))
+                if isinstance(seconds, int | float) and not isinstance(seconds, bool)
+                else None
+            )
+            error_body = {"error": {"code": item.get("code"), "message": item.get("message")}}
+            _settle_outcome(
+                queued,
+                item_status,
+                error_body,
+                retry_after=item_retry,
+                raw=json.dumps(item).encode()[:200],
+            )
 
     def __repr__(self) -> str:
         return f"<AuthClient {self._endpoint} breaker={self.breaker.state}>"
 
 
-def _transport_error(exc: BaseException, timeout: float | None) -> Exception:
+def _decode(raw: bytes) -> object:
+    """The answer's JSON, or None when it is not JSON (a proxy's page, an empty body)."""
+    try:
+        return json.loads(raw)
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError
+        return None
+
+
+def _outcome(status: int, body: object, *, retry_after: float | None, raw: bytes) -> RegisterResult:
+    """What one registration's answer means: its result, or the exception to raise —
+    ``_Retryable`` (a retry may help), ``_Rejected`` (the upstream is healthy, we are
+    wrong) or a ``GatewayError`` (the upstream failed). ``body`` is the decoded answer (a
+    batch item: its fields), ``raw`` what to quote when it is not an error body."""
+    if status == 200:
+        try:
+            return RegisterResult.from_json(body)
+        except ValueError as exc:
+            raise UpstreamFailed(
+                f"auth service sent a malformed 200 body: {exc}", retry_after=1.0
+            ) from exc
+    err = ErrorBody.from_json(body)
+    summary = f"{err.code}: {err.message}"[:300] if err is not None else repr(raw[:200])
+    if status >= 500:
+        error: GatewayError = UpstreamFailed(
+            f"auth service answered {status}: {summary}",
+            retry_after=retry_after or _DEFAULT_RETRY_AFTER,
+        )
+        if status == 503:
+            # The auth service (its registry, its signing backend) is unavailable for
+            # now: the agent gets its Retry-After.
+            error = Overloaded(
+                Code.UPSTREAM_UNAVAILABLE,
+                retry_after=retry_after or _DEFAULT_RETRY_AFTER,
+                detail=f"auth service answered 503: {summary}",
+            )
+            if retry_after is not None:
+                # It said when to come back (Vault sealed or rate-limited): retrying
+                # sooner would only add load where it is short; the agent waits.
+                raise error
+        if err is not None and err.code == RegisterCode.SIGNING_REFUSED:
+            # Vault refused a well-formed request (policy, role): the same request
+            # would be refused again; an operator must act.
+            raise error
+        if status in _RETRYABLE_STATUSES:
+            raise _Retryable(error)
+        raise error
+    if status == 403 and err is not None and err.code == Code.HOST_LOCKED:
+        # An operator locked this VM (host, vmId, subscription or token): a decision,
+        # not a fault — the agent must stop, and the audit record says why.
+        raise _Rejected(JoinRejected(Code.HOST_LOCKED, f"auth service: {err.message[:300]}"))
+    if status == 400 and err is not None and err.code == Code.CSR_REQUIRED:
+        # The auth service demands proof of possession this node did not send: the
+        # node must be upgraded, not the request retried.
+        raise _Rejected(BadRequest(Code.CSR_REQUIRED, detail=f"auth service: {err.message}"))
+    # 4xx (or any other status): our request was wrong — a bug in us, not a retry case.
+    raise _Rejected(UpstreamFailed(f"auth service rejected the registration ({status}): {summary}"))
+
+
+def _settle(future: asyncio.Future[RegisterResult], outcome: RegisterResult | Exception) -> None:
+    if future.done():  # its join was cancelled meanwhile
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _settle_outcome(
+    queued: _Queued, status: int, body: object, *, retry_after: float | None, raw: bytes
+) -> None:
+    try:
+        result = _outcome(status, body, retry_after=retry_after, raw=raw)
+    except Exception as exc:
+        _settle(queued.future, exc)
+    else:
+        _settle(queued.future, result)
+
+
+def _settle_closed(queued: _Queued) -> None:
+    _settle(
+        queued.future,
+        Overloaded(
+            Code.UPSTREAM_UNAVAILABLE,
+            retry_after=_DEFAULT_RETRY_AFTER,
+            detail="auth service client closed",
+        ),
+    )
+
+
+def _transport_error(
+    exc: BaseException, timeout: float | None, limit: int = _MAX_RESPONSE_BYTES
+) -> Exception:
     """What a failed attempt means for the caller (``exc`` is one of TRANSPORT_ERRORS)."""
     failure = classify(exc)
     if failure is Failure.TOO_LARGE:
         # The service answered, with more than a node's certificates can be: a broken
         # upstream, not an unreachable one.
         return UpstreamFailed(
-            f"auth service response exceeds {_MAX_RESPONSE_BYTES} bytes",
+            f"auth service response exceeds {limit} bytes",
             retry_after=_DEFAULT_RETRY_AFTER,
         )
     if failure is Failure.TLS:
@@ -398,16 +646,3 @@ def _transport_error(exc: BaseException, timeout: float | None) -> Exception:
     else:
         why = f"auth service call failed: {describe(exc)}"
     return Overloaded(Code.UPSTREAM_UNAVAILABLE, retry_after=_DEFAULT_RETRY_AFTER, detail=why)
-
-
-def _error_body(raw: bytes) -> ErrorBody | None:
-    try:
-        return ErrorBody.from_json(json.loads(raw))
-    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError
-        return None
-
-
-def _error_summary(raw: bytes) -> str:
-    """``code: message`` from an error body, or a short prefix of whatever came back."""
-    err = _error_body(raw)
-    return f"{err.code}: {err.message}"[:300] if err is not None else repr(raw[:200])

@@ -26,8 +26,11 @@ from gateway.protocol.join import (
 )
 from gateway.protocol.register import (
     HEALTH_PATH,
+    MAX_BATCH,
+    REGISTER_BATCH_PATH,
     REGISTER_PATH,
     Registration,
+    decode_register_batch,
     decode_registration,
 )
 from gateway.protocol.types import HostParams, JoinBlock, RegisterResult, decode_host_params
@@ -55,7 +58,9 @@ __all__ = [
     "HEALTH_PATH",
     "HOST_ROLES",
     "JOIN_PATH",
+    "MAX_BATCH",
     "MAX_BODY_BYTES",
+    "REGISTER_BATCH_PATH",
     "REGISTER_PATH",
     "TOKEN_ROLES",
     "ChallengeResponse",
@@ -77,6 +82,7 @@ __all__ = [
     "decode_challenge_request",
     "decode_host_params",
     "decode_join_request",
+    "decode_register_batch",
     "decode_registration",
     "is_challenge",
     "is_dns_name",

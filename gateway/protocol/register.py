@@ -35,15 +35,22 @@ from gateway.protocol.validators import (
 
 __all__ = [
     "HEALTH_PATH",
+    "MAX_BATCH",
+    "REGISTER_BATCH_PATH",
     "REGISTER_PATH",
     "HostParams",
     "JoinBlock",
     "RegisterResult",
     "Registration",
+    "decode_register_batch",
     "decode_registration",
 ]
 
 REGISTER_PATH = "/v1/register"
+# ``{"registrations": [<Registration>, ...]}`` (1..MAX_BATCH, distinct idempotency keys) →
+# ``{"results": [...]}`` in request order, each item what ``REGISTER_PATH`` would answer.
+REGISTER_BATCH_PATH = "/v1/register/batch"
+MAX_BATCH = 64
 HEALTH_PATH = "/healthz"
 
 # The idempotency key is the join's challenge; any URL-safe or base64 token fits.
@@ -114,17 +121,49 @@ def _guid(obj: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def decode_registration(raw: bytes) -> Registration:
-    """Decode and validate a register body; raises ``WireError`` (malformed_body or
-    invalid_request)."""
+def _parse(raw: bytes) -> object:
     try:
-        body = json.loads(
+        return json.loads(
             raw.decode("utf-8"),
             object_pairs_hook=_no_duplicates,
             parse_constant=_no_constants,
         )
     except (UnicodeDecodeError, ValueError) as exc:
         raise WireError(Code.MALFORMED_BODY, f"body is not JSON: {exc}") from None
+
+
+def decode_registration(raw: bytes) -> Registration:
+    """Decode and validate a register body; raises ``WireError`` (malformed_body or
+    invalid_request)."""
+    return _registration(_parse(raw))
+
+
+def decode_register_batch(raw: bytes) -> tuple[Registration, ...]:
+    """Decode and validate a batch body: 1..MAX_BATCH registrations with distinct
+    idempotency keys, each under the rules of :func:`decode_registration`. Raises
+    ``WireError`` (malformed_body or invalid_request) for the whole batch; the message of an
+    item's error names the item (``registrations[3]: ...``)."""
+    top = _object(_parse(raw), "body", frozenset({"registrations"}))
+    items = top["registrations"]
+    if not isinstance(items, list):
+        raise invalid("body.registrations must be a list")
+    if not 1 <= len(items) <= MAX_BATCH:
+        raise invalid(f"body.registrations must hold 1 to {MAX_BATCH} registrations")
+    regs: list[Registration] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        try:
+            reg = _registration(item)
+        except WireError as exc:
+            raise WireError(exc.code, f"registrations[{i}]: {exc.message}") from None
+        if reg.idempotency_key in seen:
+            raise invalid(f"registrations[{i}]: idempotency_key repeats an earlier item's")
+        seen.add(reg.idempotency_key)
+        regs.append(reg)
+    return tuple(regs)
+
+
+def _registration(body: object) -> Registration:
     top = _object(body, "body", _TOP, _TOP_OPTIONAL)
 
     key = require_str(top, "idempotency_key", "body", max_len=128)
