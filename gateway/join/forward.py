@@ -373,20 +373,23 @@ class AuthClient:
         # already sent drops its answer (the registration may have happened: idempotent).
         return await queued.future
 
+    async def _post(self, url: str, body: bytes, cap: int) -> tuple[int, float | None, bytes]:
+        """One POST: its status, Retry-After and body (at most ``cap`` bytes). Raises what
+        aiohttp raises (``TRANSPORT_ERRORS``)."""
+        async with self._get_session().post(
+            url,
+            data=body,
+            headers=_JSON_HEADERS,
+            ssl=self._ssl,
+            timeout=self._timeout,
+            allow_redirects=False,
+        ) as resp:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            return resp.status, retry_after, await read_capped(resp, cap)
+
     async def _attempt_single(self, body: bytes) -> RegisterResult:
-        session = self._get_session()
         try:
-            async with session.post(
-                self._endpoint,
-                data=body,
-                headers=_JSON_HEADERS,
-                ssl=self._ssl,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                status = resp.status
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                raw = await read_capped(resp, _MAX_RESPONSE_BYTES)
+            status, retry_after, raw = await self._post(self._endpoint, body, _MAX_RESPONSE_BYTES)
         except TRANSPORT_ERRORS as exc:
             raise _transport_error(exc, self._timeout.total) from exc
         return _outcome(status, _decode(raw), retry_after=retry_after, raw=raw)
@@ -449,17 +452,9 @@ class AuthClient:
     async def _send_batch(self, members: list[_Queued]) -> None:
         payload = b'{"registrations":[' + b",".join(q.body for q in members) + b"]}"
         try:
-            async with self._get_session().post(
-                self._batch_endpoint,
-                data=payload,
-                headers=_JSON_HEADERS,
-                ssl=self._ssl,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                status = resp.status
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                raw = await read_capped(resp, _MAX_BATCH_RESPONSE_BYTES)
+            status, retry_after, raw = await self._post(
+                self._batch_endpoint, payload, _MAX_BATCH_RESPONSE_BYTES
+            )
         except TRANSPORT_ERRORS as exc:
             # The whole request failed: each member failed, and retries on its own.
             for queued in members:
