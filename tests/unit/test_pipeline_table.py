@@ -762,3 +762,12 @@ async def test_a_warm_join_runs_its_steps_without_a_task(world: World) -> None:
         loop.set_task_factory(previous)
     assert attrs.vm_id and {"document", "access_token"} <= set(trace.steps)
     assert created == []
+
+
+def test_the_trace_times_each_step_also_when_it_raises() -> None:
+    trace = JoinTrace()
+    with trace.step("a"):
+        pass
+    with pytest.raises(JoinRejected), trace.step("b"):
+        raise JoinRejected(Code.NOT_ALLOWED, "no")
+    assert set(trace.steps) == {"a", "b"} and all(t >= 0 for t in trace.steps.values())
