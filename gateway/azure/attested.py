@@ -288,8 +288,10 @@ def parse_azure_time(value: object) -> datetime:
     mo, d, y, h, mi, s, sign, oh, om = match.groups()
     # strptime's %y pivot (69-99 → 19xx), without strptime's cost on every join.
     year = int(y) + (1900 if int(y) >= 69 else 2000)
-    offset = timedelta(hours=int(oh), minutes=int(om)) * (-1 if sign == "-" else 1)
     try:
+        if oh == "00" and om == "00":  # Azure's "-0000": already UTC, nothing to convert
+            return datetime(year, int(mo), int(d), int(h), int(mi), int(s), tzinfo=UTC)
+        offset = timedelta(hours=int(oh), minutes=int(om)) * (-1 if sign == "-" else 1)
         return datetime(
             year, int(mo), int(d), int(h), int(mi), int(s), tzinfo=timezone(offset)
         ).astimezone(UTC)
