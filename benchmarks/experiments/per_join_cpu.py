@@ -22,7 +22,7 @@ gateway's own functions on inputs shaped like the storm's (``gateway/dev/emulato
   and shape read.
 * ``labels`` — ``node_labels`` of an ARM-verified VM with two tags.
 * ``azure_time`` — ``parse_azure_time`` of the document's two timestamps.
-* ``jwt_split`` — ``_split`` of an access token (``_b64url`` of its three parts).
+* ``token`` — ``TokenVerifier.verify`` of an RS256 access token, its tenant's keys warm.
 """
 
 from __future__ import annotations
@@ -227,25 +227,44 @@ def _azure_time() -> tuple[Callable[[], object], int]:
     return many, n
 
 
-def _jwt_split() -> tuple[Callable[[], object], int]:
-    import base64
+def _token() -> tuple[Callable[[], object], int]:
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from gateway.azure.token import _split
+    from gateway.azure.jwks import TokenVerifier
+    from gateway.core.clock import SystemClock
+    from gateway.core.cloud import CLOUDS
 
-    def part(obj: object) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = int(time.time())
+    cloud = CLOUDS["public"]
+    claims = {
+        "aud": cloud.arm_audience,
+        "iss": cloud.issuer_for(SUB),
+        "tid": SUB,
+        "oid": SUB,
+        "sub": SUB,
+        "appid": SUB,
+        "iat": now - 60,
+        "nbf": now - 60,
+        "exp": now + 3600,
+        "xms_mirid": f"/subscriptions/{SUB}/resourcegroups/kube-prod/providers/"
+        "Microsoft.Compute/virtualMachines/node-7",
+    }
+    token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
 
-    claims = {k: "x" * 36 for k in ("aud", "iss", "oid", "tid", "xms_mirid", "appid", "sub")}
-    token = ".".join(
-        (part({"alg": "RS256", "kid": "k1", "typ": "JWT"}), part(claims), part("s" * 256))
-    )
-    n = 50_000
+    class WarmKeys:
+        async def key_for(self, tid: str, kid: str) -> Any:
+            return key.public_key()
 
-    def many() -> None:
+    verifier = TokenVerifier(WarmKeys(), cloud=cloud, clock=SystemClock())  # type: ignore[arg-type]
+    n = 5_000
+
+    async def many() -> None:
         for _ in range(n):
-            _split(token)
+            await verifier.verify(token)
 
-    return many, n
+    return lambda: asyncio.run(many()), n
 
 
 ITEMS: dict[str, Callable[[], tuple[Callable[[], object], int]]] = {
@@ -255,7 +274,7 @@ ITEMS: dict[str, Callable[[], tuple[Callable[[], object], int]]] = {
     "token_rid": _token_rid,
     "labels": _labels,
     "azure_time": _azure_time,
-    "jwt_split": _jwt_split,
+    "token": _token,
 }
 
 

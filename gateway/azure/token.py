@@ -19,7 +19,7 @@ import json
 import logging
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
@@ -32,11 +32,13 @@ from gateway.protocol import GUID_RE, normalize_guid  # re-exported: the one GUI
 __all__ = [
     "GUID_RE",
     "MIN_RSA_BITS",
+    "ReadToken",
     "TokenClaims",
     "TokenHeaderView",
     "normalize_guid",
     "parse_jwks",
     "peek_token",
+    "read_token",
     "verify_access_token",
 ]
 
@@ -132,6 +134,24 @@ def peek_token(token: str) -> TokenHeaderView:
     ``tid`` is not a GUID (a ``tid`` like ``../x`` must never reach a URL).
     """
     return _peek(token)[0]
+
+
+@dataclass(frozen=True)
+class ReadToken:
+    """A token split and decoded once (``read_token``): its header view, its claims as
+    sent (unverified) and its signature, for ``verify_access_token`` to verify without
+    decoding the token a second time. Never logged: ``repr`` names the key only."""
+
+    token: str = field(repr=False)
+    view: TokenHeaderView
+    payload: dict[str, Any] = field(repr=False)
+    signature: bytes = field(repr=False)
+
+
+def read_token(token: str) -> ReadToken:
+    """``peek_token``, keeping what was decoded (raises as ``peek_token`` does)."""
+    view, payload, signature = _peek(token)
+    return ReadToken(token, view, payload, signature)
 
 
 def _peek(token: str) -> tuple[TokenHeaderView, dict[str, Any], bytes]:
@@ -231,7 +251,7 @@ def _req_str(payload: Mapping[str, Any], name: str) -> str:
 
 
 def verify_access_token(
-    token: str,
+    token: str | ReadToken,
     *,
     keys: Mapping[str, RSAPublicKey],
     cloud: CloudProfile,
@@ -251,8 +271,12 @@ def verify_access_token(
     has already validated and decoded the same segments with a regular expression. The
     signature is checked over exactly those segments, so the claims read are the ones
     signed.
+
+    ``token`` may be what ``read_token`` made of it (``TokenVerifier`` reads the header
+    first to find the key): it is then not decoded again.
     """
-    view, payload, signature = _peek(token)
+    read = token if isinstance(token, ReadToken) else read_token(token)
+    token, view, payload, signature = read.token, read.view, read.payload, read.signature
     if view.alg != "RS256":
         raise JoinRejected(Code.ACCESS_TOKEN_INVALID, f"token alg {view.alg!r} is not RS256")
     key = keys.get(view.kid)
