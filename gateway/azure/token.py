@@ -49,6 +49,8 @@ MIN_RSA_BITS = 2048
 # A JWT from IMDS is a few KiB; the request body cap bounds it anyway, this bounds peeking.
 _MAX_JWT_CHARS = 16 * 1024
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
+_B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
 # The only algorithm a token is ever verified with (RS256: RSASSA-PKCS1-v1_5, SHA-256).
 _RS256 = RSAAlgorithm(RSAAlgorithm.SHA256)
 _REQUIRED_CLAIMS = ("exp", "iat", "nbf", "iss", "aud", "tid")
@@ -89,10 +91,13 @@ class TokenClaims:
 def _b64url(part: str, what: str) -> bytes:
     """One JWT segment's bytes. Every segment is decoded here, so no base64 error (a
     length of 4k+1 is no base64 at all) can leave this module as anything but ours."""
-    if not _B64URL_RE.fullmatch(part):
+    # ``_B64URL_RE`` as two byte-table passes (a third of the cost): ASCII, and nothing
+    # left once the alphabet is deleted; then ``urlsafe_b64decode``'s own steps, unwrapped.
+    raw = part.encode("ascii", "replace")  # "?" is not in the alphabet
+    if raw.translate(None, _B64URL_ALPHABET):
         raise BadRequest(Code.ACCESS_TOKEN_MALFORMED, detail=f"JWT {what} is not base64url")
     try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        return binascii.a2b_base64(raw.translate(_URLSAFE_TO_STD) + b"=" * (-len(raw) % 4))
     except (binascii.Error, ValueError) as exc:
         raise BadRequest(
             Code.ACCESS_TOKEN_MALFORMED, detail=f"JWT {what} is not base64url"
