@@ -23,6 +23,8 @@ gateway's own functions on inputs shaped like the storm's (``gateway/dev/emulato
 * ``labels`` — ``node_labels`` of an ARM-verified VM with two tags.
 * ``azure_time`` — ``parse_azure_time`` of the document's two timestamps.
 * ``token`` — ``TokenVerifier.verify`` of an RS256 access token, its tenant's keys warm.
+* ``document`` — ``AttestedVerifier.verify`` of a forged attested document
+  (``tests/support/cms_forge``), its chain cached: what a warm join's document step costs.
 """
 
 from __future__ import annotations
@@ -267,6 +269,39 @@ def _token() -> tuple[Callable[[], object], int]:
     return lambda: asyncio.run(many()), n
 
 
+def _document() -> tuple[Callable[[], object], int]:
+    from datetime import timedelta
+
+    from gateway.azure.attested import AttestedVerifier
+    from gateway.azure.certs import TrustStore
+    from gateway.core.cache import MemoryCache
+    from gateway.core.clock import FixedClock
+    from gateway.core.cloud import CLOUDS
+    from tests.support.cms_forge import INTERMEDIATE_CN, T0, azure_content, forge, make_pki
+
+    pki = make_pki()
+    clock = FixedClock(T0 + timedelta(hours=1))
+    verifier = AttestedVerifier(
+        cloud=CLOUDS["public"],
+        trust=TrustStore(roots=(pki.root.cert,), intermediates=()),
+        aia=None,
+        chain_cache=MemoryCache("chains", clock=clock),
+        clock=clock,
+        known_issuer_names=(INTERMEDIATE_CN,),
+    )
+    nonces = [f"nonce-{i:010d}" for i in range(64)]
+    docs = [forge(pki.leaf, azure_content(nonce=nonce)) for nonce in nonces]
+    n = 2_000
+
+    async def many() -> None:
+        for i in range(n):
+            await verifier.verify(
+                docs[i % 64], intermediates=(pki.intermediate.der,), expected_nonce=nonces[i % 64]
+            )
+
+    return lambda: asyncio.run(many()), n
+
+
 ITEMS: dict[str, Callable[[], tuple[Callable[[], object], int]]] = {
     "steps": _steps,
     "host_keys": _host_keys,
@@ -275,6 +310,7 @@ ITEMS: dict[str, Callable[[], tuple[Callable[[], object], int]]] = {
     "labels": _labels,
     "azure_time": _azure_time,
     "token": _token,
+    "document": _document,
 }
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -114,8 +114,27 @@ def codes_of(table: StepTable[S]) -> frozenset[Code]:
     return frozenset(out)
 
 
+class _NoTimer:
+    """The timer of an untimed run: one shared object that does nothing."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NOTHING = _NoTimer()
+
+
 def _no_timer(name: str) -> AbstractContextManager[object]:
-    return nullcontext()
+    return _NOTHING
+
+
+def _skipped(step: Step[S], skip: Skip) -> RuntimeError:
+    # The gateway gives every input; a check that skips itself there would let a join
+    # through unchecked. Fail loudly (a 500 and a log line), never pass.
+    return RuntimeError(f"step {step.name!r} skipped in a fail-fast run: {skip}")
 
 
 async def _run_one(step: Step[S], state: S, timer: Timer) -> None:
@@ -123,9 +142,7 @@ async def _run_one(step: Step[S], state: S, timer: Timer) -> None:
         try:
             await step.run(state)
         except Skip as skip:
-            # The gateway gives every input; a check that skips itself there would let a
-            # join through unchecked. Fail loudly (a 500 and a log line), never pass.
-            raise RuntimeError(f"step {step.name!r} skipped in a fail-fast run: {skip}") from None
+            raise _skipped(step, skip) from None
 
 
 async def run_fail_fast(table: StepTable[S], state: S, *, timer: Timer = _no_timer) -> None:
@@ -142,8 +159,12 @@ async def run_fail_fast(table: StepTable[S], state: S, *, timer: Timer = _no_tim
     order).
     """
     for entry in table:
-        if isinstance(entry, Step):
-            await _run_one(entry, state, timer)
+        if isinstance(entry, Step):  # _run_one, inlined: one coroutine less per step
+            with timer(entry.name):
+                try:
+                    await entry.run(state)
+                except Skip as skip:
+                    raise _skipped(entry, skip) from None
             continue
         for i, step in enumerate(entry):
             coro = _run_one(step, state, timer)
