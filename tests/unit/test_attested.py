@@ -775,3 +775,38 @@ def test_a_utc_stamp_that_is_no_date_is_refused() -> None:
     with pytest.raises(JoinRejected) as info:
         parse_azure_time("02/30/26 10:00:00 -0000")
     assert info.value.code == Code.ATTESTED_CONTENT_INVALID
+
+
+async def test_a_request_intermediate_is_read_once_for_all_joins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every VM sends the same intermediate: its bytes are loaded and checked once, and a
+    # document whose chain cache misses (a second verifier) still builds with it.
+    from gateway.azure import attested
+
+    fresh = make_pki()
+    loaded: list[bytes] = []
+    real = attested.load_der_certificate
+
+    def counting(der: bytes) -> x509.Certificate:
+        loaded.append(der)
+        return real(der)
+
+    monkeypatch.setattr(attested, "load_der_certificate", counting)
+    s = Scenario(forge(fresh.leaf, azure_content()), intermediates=(fresh.intermediate.der,))
+    s.trust = "root"
+    verifier = _verifier(fresh, s, cache=MemoryCache("chains", clock=FixedClock(NOW)))
+    for _ in range(3):
+        doc = await verifier.verify(
+            s.signature, intermediates=s.intermediates, expected_nonce=NONCE
+        )
+        assert doc.vm_id
+    other = await _verifier(fresh, s).verify(
+        s.signature, intermediates=s.intermediates, expected_nonce=NONCE
+    )
+    assert other.vm_id and verifier.chain_builds == 1
+    assert loaded == [fresh.intermediate.der]
+    # Unreadable bytes are dropped each time (logged), and read once too.
+    junk = b"\x30\x03\x02\x01\x00"
+    assert verifier._usable_intermediates([junk, junk]) == {}
+    assert loaded == [fresh.intermediate.der, junk]
