@@ -244,6 +244,10 @@ class _Run:
         assert self.resource is not None
         return self.resource
 
+    def _identity_kind(self) -> IdentityKind:
+        assert self.identity_kind is not None
+        return self.identity_kind
+
     def _identity(self) -> VmIdentity:
         assert self.identity is not None
         return self.identity
@@ -386,6 +390,8 @@ async def _step_arm(run: _Run) -> Detail:
         doc_subscription=doc.subscription_id,
         claims=run._claims(),
         bearer=run.access_token or "",
+        # What the identity step made of these very claims (not parsed a second time).
+        resource=(run._resource(), run._identity_kind()),
     )
     run.trace.facts.update(resource_id=identity.resource_id, resource_group=identity.resource_group)
     if not identity.arm_verified:

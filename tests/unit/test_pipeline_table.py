@@ -771,3 +771,21 @@ def test_the_trace_times_each_step_also_when_it_raises() -> None:
     with pytest.raises(JoinRejected), trace.step("b"):
         raise JoinRejected(Code.NOT_ALLOWED, "no")
     assert set(trace.steps) == {"a", "b"} and all(t >= 0 for t in trace.steps.values())
+
+
+async def test_a_join_parses_the_token_resource_id_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The identity step parses it; the binding step binds that very ID.
+    from gateway.join import binding
+
+    parsed: list[str] = []
+    real = binding.parse_resource_id
+
+    def counting(raw: str) -> ResourceId:
+        parsed.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(binding, "parse_resource_id", counting)
+    attrs = await verify_join(_request(world, Case()), world.deps, JoinTrace())
+    assert attrs.arm_verified and len(parsed) == 1
