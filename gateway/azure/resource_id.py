@@ -169,27 +169,32 @@ def parse_resource_id(raw: str) -> ResourceId:
                 raise _unsupported(raw, "forbidden character")
     if len(segments) < 8 or len(segments) % 2 != 0:
         raise _unsupported(raw, "not a provider resource ID")
-    if (
-        azure_name_key(segments[0]) != "subscriptions"
-        or azure_name_key(segments[2]) != "resourcegroups"
-        or azure_name_key(segments[4]) != "providers"
-    ):
+    # The fold maps code points one by one and leaves "/" alone: folding the whole ID
+    # folds every segment, and it is the key (below).
+    key = azure_name_key(raw)
+    folded = key[1:].split("/")
+    if folded[0] != "subscriptions" or folded[2] != "resourcegroups" or folded[4] != "providers":
         raise _unsupported(raw, "not /subscriptions/…/resourceGroups/…/providers/…")
     subscription = normalize_guid(segments[1])
     if subscription is None:
         raise _unsupported(raw, "subscription is not a GUID")
-    rest = segments[6:]
-    types = tuple(rest[0::2])
-    names = tuple(rest[1::2])
-    return ResourceId(
-        raw=raw,
-        subscription=subscription,
-        resource_group=segments[3],
-        provider=segments[5],
-        types=types,
-        name=names[0],
-        child_names=names[1:],
-    )
+    names = segments[7::2]
+    # What ``ResourceId(...)`` would make of these fields, without working the derived
+    # forms out again: ``key`` is the folded ID (its subscription, an ASCII GUID, folds to
+    # the lowercase ``subscription``; the three fixed names fold to themselves).
+    rid = object.__new__(ResourceId)
+    set_ = object.__setattr__
+    set_(rid, "raw", raw)
+    set_(rid, "subscription", subscription)
+    set_(rid, "resource_group", segments[3])
+    set_(rid, "provider", segments[5])
+    set_(rid, "types", tuple(segments[6::2]))
+    set_(rid, "name", names[0])
+    set_(rid, "child_names", tuple(names[1:]))
+    set_(rid, "key", key)
+    set_(rid, "group_key", f"{subscription}/{folded[3]}")
+    set_(rid, "_shape", (folded[5], tuple(folded[6::2])))
+    return rid
 
 
 def parse_vm_resource_id(raw: str) -> ResourceId:
