@@ -31,7 +31,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from urllib.parse import quote, urlsplit
 
@@ -88,6 +88,17 @@ class VmRecord:
     # properties.networkProfile.networkInterfaces[].id (at most _MAX_NICS): where the
     # VM's private IPs are, read only when a token allows IP names (get_nic_private_ips).
     nic_ids: tuple[str, ...] = ()
+    # ``resource_id`` as ``vm_record_from_model`` parsed it, so that the directory does
+    # not parse every listed VM's ID a second time; not compared (it follows from
+    # ``resource_id``), and read through ``parsed_id``, which parses when it is absent.
+    rid: ResourceId | None = field(default=None, compare=False, repr=False)
+
+    def parsed_id(self) -> ResourceId:
+        """``resource_id``, parsed (raises ``JoinRejected`` when it does not parse)."""
+        rid = self.rid
+        if rid is not None and rid.raw == self.resource_id:
+            return rid
+        return parse_resource_id(self.resource_id)
 
 
 @dataclass(frozen=True)
@@ -455,7 +466,7 @@ class ArmClient:
     def _point_record(self, body: Mapping[str, Any], rid: ResourceId, kind: str) -> VmRecord:
         record = self._record(body, strict=True)
         # ARM answers for the resource we asked about; anything else is not to be trusted.
-        if record is None or parse_resource_id(record.resource_id).key != rid.key:
+        if record is None or record.parsed_id().key != rid.key:
             raise self._bad_answer(kind, "answer names another resource")
         return record
 
@@ -615,6 +626,7 @@ def vm_record_from_model(item: Mapping[str, Any]) -> VmRecord:
         location=location if isinstance(location, str) else None,
         tags=_tags(item.get("tags")),
         nic_ids=_nic_ids(props),
+        rid=rid,
     )
 
 

@@ -22,7 +22,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -288,8 +288,10 @@ def parse_azure_time(value: object) -> datetime:
     mo, d, y, h, mi, s, sign, oh, om = match.groups()
     # strptime's %y pivot (69-99 → 19xx), without strptime's cost on every join.
     year = int(y) + (1900 if int(y) >= 69 else 2000)
-    offset = timedelta(hours=int(oh), minutes=int(om)) * (-1 if sign == "-" else 1)
     try:
+        if oh == "00" and om == "00":  # Azure's "-0000": already UTC, nothing to convert
+            return datetime(year, int(mo), int(d), int(h), int(mi), int(s), tzinfo=UTC)
+        offset = timedelta(hours=int(oh), minutes=int(om)) * (-1 if sign == "-" else 1)
         return datetime(
             year, int(mo), int(d), int(h), int(mi), int(s), tzinfo=timezone(offset)
         ).astimezone(UTC)
@@ -692,8 +694,9 @@ class AttestedVerifier:
     ) -> VerifiedChain:
         """The verified chain for this signer: from the cache, refused from the failed-chain
         cache, or built now (off the event loop)."""
-        candidates = self._usable_intermediates(request_intermediates)
-        failed_key = _failed_key(leaf, dns_name, candidates)
+        usable = self._usable_intermediates(request_intermediates)
+        candidates = list(usable.values())
+        failed_key = _failed_key(leaf, dns_name, usable)
         failure = self._failed.get(failed_key)
         if failure is not None:
             self.failed_chain_hits += 1
@@ -716,7 +719,7 @@ class AttestedVerifier:
         # Keyed by the leaf *and* the name: the cached fact is "this leaf chains for this name".
         return await self._chain_cache.get_or_load(fingerprint(leaf) + dns_name.encode(), load)
 
-    def _usable_intermediates(self, ders: Sequence[bytes]) -> list[x509.Certificate]:
+    def _usable_intermediates(self, ders: Sequence[bytes]) -> dict[bytes, x509.Certificate]:
         """Request-supplied intermediates that may reach the path builder: candidates only,
         never trust. Dropped: what does not parse, subjects that are no known issuing CA
         name, self-issued certificates (they can only make the search loop) and
@@ -724,33 +727,31 @@ class AttestedVerifier:
         :data:`MAX_REQUEST_INTERMEDIATES` left."""
         usable: dict[bytes, x509.Certificate] = {}
         for der in ders:
-            try:
-                cert = load_der_certificate(der)
-                name = common_name(cert.subject)
-                self_issued = cert.subject == cert.issuer
-            except CertificateUnreadable as exc:
+            facts = _request_certificate(der)
+            if facts.cert is None:
                 # It could only have helped the requester: dropping it is safe.
-                logger.info("dropping an unreadable request intermediate: %s", exc)
+                logger.info("dropping an unreadable request intermediate: %s", facts.unreadable)
                 continue
+            name = facts.name
             if name is None or name not in self._known_names:
                 logger.info("dropping a request intermediate named %r: not an Azure CA", name)
                 continue
-            refusal = key_refusal(cert)
+            refusal, digest = facts.checks()
             if refusal is not None:
                 raise JoinRejected(
                     Code.ATTESTED_CHAIN_UNTRUSTED,
                     detail=f"request intermediate {name!r} refused: {refusal}",
                 )
-            if self_issued:
+            if facts.self_issued:
                 continue
-            usable.setdefault(fingerprint(cert), cert)
+            usable.setdefault(digest, facts.cert)
         if len(usable) > MAX_REQUEST_INTERMEDIATES:
             raise JoinRejected(
                 Code.ATTESTED_CHAIN_UNTRUSTED,
                 detail=f"{len(usable)} usable request intermediates "
                 f"(at most {MAX_REQUEST_INTERMEDIATES})",
             )
-        return list(usable.values())
+        return usable  # by fingerprint
 
     async def _build(
         self, leaf: x509.Certificate, dns_name: str, untrusted: list[x509.Certificate]
@@ -836,11 +837,59 @@ def _may_issue(cert: x509.Certificate, leaf: x509.Certificate) -> bool:
         return False
 
 
-def _failed_key(leaf: x509.Certificate, dns_name: str, untrusted: list[x509.Certificate]) -> bytes:
-    """The exact leaf, its name and the request intermediates used: a different set of
-    intermediates is a different question."""
+class _RequestCertificate:
+    """What ``_usable_intermediates`` reads of one request intermediate: all of it follows
+    from its bytes. The key check and the fingerprint are worked out when first asked
+    (only for a certificate under a known CA name)."""
+
+    __slots__ = ("_checks", "cert", "name", "self_issued", "unreadable")
+
+    def __init__(self, der: bytes) -> None:
+        self._checks: tuple[str | None, bytes] | None = None
+        self.cert: x509.Certificate | None = None  # None: does not load (``unreadable``)
+        self.unreadable = ""
+        self.name: str | None = None
+        self.self_issued = False
+        try:
+            cert = load_der_certificate(der)
+            self.name = common_name(cert.subject)
+            self.self_issued = cert.subject == cert.issuer
+        except CertificateUnreadable as exc:
+            self.unreadable = str(exc)
+        else:
+            self.cert = cert
+
+    def checks(self) -> tuple[str | None, bytes]:
+        """(``key_refusal``, ``fingerprint``) of the certificate (it loaded)."""
+        if self._checks is None:
+            assert self.cert is not None
+            self._checks = (key_refusal(self.cert), fingerprint(self.cert))
+        return self._checks
+
+
+# Every VM of a fleet sends the same intermediate with each join: what its bytes say is
+# worked out once (loading, names, key check, fingerprint: more than the document's RSA
+# verify) and kept by the exact bytes, at most this many (oldest out first; a miss only
+# costs the work again).
+_REQUEST_CERTS_MAX = 64
+_request_certs: dict[bytes, _RequestCertificate] = {}
+
+
+def _request_certificate(der: bytes) -> _RequestCertificate:
+    facts = _request_certs.get(der)
+    if facts is None:
+        facts = _RequestCertificate(der)
+        if len(_request_certs) >= _REQUEST_CERTS_MAX:
+            del _request_certs[next(iter(_request_certs))]
+        _request_certs[bytes(der)] = facts
+    return facts
+
+
+def _failed_key(leaf: x509.Certificate, dns_name: str, untrusted: Iterable[bytes]) -> bytes:
+    """The exact leaf, its name and the request intermediates used (their fingerprints): a
+    different set of intermediates is a different question."""
     digest = hashlib.sha256()
-    for der in sorted(fingerprint(c) for c in untrusted):
+    for der in sorted(untrusted):
         digest.update(der)
     return fingerprint(leaf) + digest.digest() + dns_name.encode()
 

@@ -33,7 +33,7 @@ from gateway.azure.token import (
     TokenClaims,
     normalize_guid,
     parse_jwks,
-    peek_token,
+    read_token,
     verify_access_token,
 )
 from gateway.core.cache import Cache, MemoryCache
@@ -362,7 +362,8 @@ class TokenVerifier:
         self._allowed = frozenset(t.lower() for t in allowed_tenants)
 
     async def verify(self, token: str) -> TokenClaims:
-        view = peek_token(token)
+        read = read_token(token)  # decoded once: verify_access_token reuses it
+        view = read.view
         if view.alg != "RS256":
             raise JoinRejected(Code.ACCESS_TOKEN_INVALID, f"token alg {view.alg!r} is not RS256")
         if self._allowed and view.tid not in self._allowed:
@@ -370,7 +371,7 @@ class TokenVerifier:
         key = await self._jwks.key_for(view.tid, view.kid)
         # Verification is a single RSA verify (~50 µs): not worth a thread hop.
         return verify_access_token(
-            token,
+            read,
             keys={view.kid: key},
             cloud=self._cloud,
             now=self._clock.time(),

@@ -22,8 +22,7 @@ rules, cache keys) goes through :func:`azure_name_key`: ASCII letters fold, noth
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 from gateway.azure.token import normalize_guid
 from gateway.core.errors import Code, JoinRejected
@@ -40,6 +39,8 @@ _MAX_ID_CHARS = 2048
 # Segments are resource names: ARM allows letters (Unicode), digits, '-', '_', '.', '(', ')'.
 # Refuse whatever could reshape a URL or a log line instead of listing every legal char.
 _BAD_SEGMENT = re.compile(r"[\s/\\?#%&=+:;@\"'<>`|*\x00-\x1f\x7f]")
+# The same characters but '/': one search over the whole ID finds whether any segment has one.
+_BAD_IN_ID = re.compile(r"[\s\\?#%&=+:;@\"'<>`|*\x00-\x1f\x7f]")
 
 # A-Z -> a-z and nothing else (str.translate leaves unmapped code points alone).
 _ASCII_FOLD = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
@@ -48,7 +49,9 @@ _ASCII_FOLD = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 def azure_name_key(name: str) -> str:
     """The comparison form of an Azure name: ASCII letters lowercased, every other code
     point kept exactly (no Unicode case folding, no normalization)."""
-    return name.translate(_ASCII_FOLD)
+    # On an all-ASCII string ``lower()`` is exactly this fold (and a fraction of the cost
+    # of ``translate``); anything else goes through the table, which folds A-Z only.
+    return name.lower() if name.isascii() else name.translate(_ASCII_FOLD)
 
 
 def same_azure_name(a: str, b: str) -> bool:
@@ -61,9 +64,13 @@ _VM = "virtualmachines"
 _VMSS = "virtualmachinescalesets"
 _MI = "microsoft.managedidentity"
 _UAI = "userassignedidentities"
+_SHAPE_VM = (_COMPUTE, (_VM,))
+_SHAPE_VMSS = (_COMPUTE, (_VMSS,))
+_SHAPE_VMSS_VM = (_COMPUTE, (_VMSS, _VM))
+_SHAPE_UAI = (_MI, (_UAI,))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ResourceId:
     """A parsed resource ID. Fields keep ARM's spelling; ``key`` is the comparison form.
 
@@ -80,53 +87,46 @@ class ResourceId:
     name: str
     child_names: tuple[str, ...] = ()
 
-    # The derived forms below are worked out once per parsed ID (``cached_property``
-    # stores into the instance ``__dict__``, which a frozen dataclass allows): a join asks
-    # for the token's ``key`` and shape several times, and each was a dozen
-    # ``str.translate`` calls.
+    # The derived forms, worked out once when the ID is made (a join and every record of
+    # an ARM listing read them: ``key`` and ``group_key`` are cache keys, the shape says
+    # what the ID names). Not compared: they follow from the fields above.
+    # Canonical form (``azure_name_key`` of each segment), for cache keys and equality
+    # across spellings.
+    key: str = field(init=False, repr=False, compare=False)
+    # Comparison form of the resource's resource group (cache keys per group).
+    group_key: str = field(init=False, repr=False, compare=False)
+    _shape: tuple[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def key(self) -> str:
-        """Canonical form (``azure_name_key`` of each segment), for cache keys and
-        equality across spellings."""
-        parts = [
-            "subscriptions",
-            self.subscription,
-            "resourcegroups",
-            self.resource_group,
-            "providers",
-            self.provider,
-        ]
-        for typ, name in zip(self.types, (self.name, *self.child_names), strict=True):
+    def __post_init__(self) -> None:
+        names = (self.name, *self.child_names)
+        parts = ["subscriptions", self.subscription, "resourcegroups", self.resource_group]
+        parts += ["providers", self.provider]
+        for typ, name in zip(self.types, names, strict=True):
             parts += [typ, name]
-        # One translate of the joined ID is the per-segment one: it maps code points one
-        # by one and leaves "/" alone.
-        return azure_name_key("/" + "/".join(parts))
-
-    @cached_property
-    def group_key(self) -> str:
-        """Comparison form of the resource's resource group (cache keys per group)."""
-        return f"{self.subscription}/{azure_name_key(self.resource_group)}"
-
-    @cached_property
-    def _shape(self) -> tuple[str, tuple[str, ...]]:
-        return azure_name_key(self.provider), tuple(azure_name_key(t) for t in self.types)
+        # One fold of the joined ID is the per-segment one: it maps code points one by one
+        # and leaves "/" alone.
+        key = azure_name_key("/" + "/".join(parts))
+        types = tuple(azure_name_key(t) for t in self.types)
+        setattr_ = object.__setattr__
+        setattr_(self, "key", key)
+        setattr_(self, "group_key", f"{self.subscription}/{azure_name_key(self.resource_group)}")
+        setattr_(self, "_shape", (azure_name_key(self.provider), types))
 
     @property
     def is_vm(self) -> bool:
-        return self._shape == (_COMPUTE, (_VM,))
+        return self._shape == _SHAPE_VM
 
     @property
     def is_scale_set(self) -> bool:
-        return self._shape == (_COMPUTE, (_VMSS,))
+        return self._shape == _SHAPE_VMSS
 
     @property
     def is_scale_set_vm(self) -> bool:
-        return self._shape == (_COMPUTE, (_VMSS, _VM))
+        return self._shape == _SHAPE_VMSS_VM
 
     @property
     def is_user_assigned_identity(self) -> bool:
-        return self._shape == (_MI, (_UAI,))
+        return self._shape == _SHAPE_UAI
 
     @property
     def names_vm_or_scale_set(self) -> bool:
@@ -157,36 +157,44 @@ def parse_resource_id(raw: str) -> ResourceId:
     if not raw.startswith("/"):
         raise _unsupported(raw, "does not start with '/'")
     segments = raw[1:].split("/")
-    for seg in segments:
-        if not seg:
-            raise _unsupported(raw, "empty segment")
-        if seg in (".", ".."):
-            raise _unsupported(raw, "dot segment")
-        if _BAD_SEGMENT.search(seg):
-            raise _unsupported(raw, "forbidden character")
+    # One search over the ID and three list scans say whether a segment is bad; only then
+    # is each looked at, for the message naming the first bad one.
+    if _BAD_IN_ID.search(raw) or "" in segments or "." in segments or ".." in segments:
+        for seg in segments:
+            if not seg:
+                raise _unsupported(raw, "empty segment")
+            if seg in (".", ".."):
+                raise _unsupported(raw, "dot segment")
+            if _BAD_SEGMENT.search(seg):
+                raise _unsupported(raw, "forbidden character")
     if len(segments) < 8 or len(segments) % 2 != 0:
         raise _unsupported(raw, "not a provider resource ID")
-    if (
-        azure_name_key(segments[0]) != "subscriptions"
-        or azure_name_key(segments[2]) != "resourcegroups"
-        or azure_name_key(segments[4]) != "providers"
-    ):
+    # The fold maps code points one by one and leaves "/" alone: folding the whole ID
+    # folds every segment, and it is the key (below).
+    key = azure_name_key(raw)
+    folded = key[1:].split("/")
+    if folded[0] != "subscriptions" or folded[2] != "resourcegroups" or folded[4] != "providers":
         raise _unsupported(raw, "not /subscriptions/…/resourceGroups/…/providers/…")
     subscription = normalize_guid(segments[1])
     if subscription is None:
         raise _unsupported(raw, "subscription is not a GUID")
-    rest = segments[6:]
-    types = tuple(rest[0::2])
-    names = tuple(rest[1::2])
-    return ResourceId(
-        raw=raw,
-        subscription=subscription,
-        resource_group=segments[3],
-        provider=segments[5],
-        types=types,
-        name=names[0],
-        child_names=names[1:],
-    )
+    names = segments[7::2]
+    # What ``ResourceId(...)`` would make of these fields, without working the derived
+    # forms out again: ``key`` is the folded ID (its subscription, an ASCII GUID, folds to
+    # the lowercase ``subscription``; the three fixed names fold to themselves).
+    rid = object.__new__(ResourceId)
+    set_ = object.__setattr__
+    set_(rid, "raw", raw)
+    set_(rid, "subscription", subscription)
+    set_(rid, "resource_group", segments[3])
+    set_(rid, "provider", segments[5])
+    set_(rid, "types", tuple(segments[6::2]))
+    set_(rid, "name", names[0])
+    set_(rid, "child_names", tuple(names[1:]))
+    set_(rid, "key", key)
+    set_(rid, "group_key", f"{subscription}/{folded[3]}")
+    set_(rid, "_shape", (folded[5], tuple(folded[6::2])))
+    return rid
 
 
 def parse_vm_resource_id(raw: str) -> ResourceId:

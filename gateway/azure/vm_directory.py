@@ -244,9 +244,7 @@ class VmDirectory:
         self._misses: dict[str, dict[str, float]] = {}
         self._unlistable: dict[str, float] = {}  # group key -> until (403 on list)
         # vmId -> its NICs' private IPs, for as long as a VM record lives.
-        self._nic_ips: MemoryCache[str, frozenset[NicAddress]] = MemoryCache(
-            "nic_ips", clock=clock
-        )
+        self._nic_ips: MemoryCache[str, frozenset[NicAddress]] = MemoryCache("nic_ips", clock=clock)
         self._seq = 0
         self._closed = False
         self.stats = DirectoryStats()
@@ -363,7 +361,7 @@ class VmDirectory:
         return len(misses) >= self._list_threshold
 
     def _in_group(self, record: VmRecord, rid: ResourceId, vm_id: str) -> VmRecord:
-        if parse_resource_id(record.resource_id).key != rid.key:
+        if record.parsed_id().key != rid.key:
             raise JoinRejected(
                 Code.VM_BINDING_FAILED,
                 f"vmId {vm_id} is VM {record.resource_id!r}, the token names {rid.raw!r}",
@@ -441,7 +439,7 @@ class VmDirectory:
                     retry_after=max(1.0, wait),
                     detail=f"listing scale set {ss.key} waits {wait:.1f}s for the list budget",
                 )
-        record_rid = parse_resource_id(record.resource_id)
+        record_rid = record.parsed_id()
         if not record_rid.key.startswith(ss.key + "/"):  # the list answered for another set
             raise JoinRejected(
                 Code.VM_BINDING_FAILED, f"ARM listed {record.resource_id!r} under {ss.raw!r}"
@@ -710,7 +708,7 @@ class VmDirectory:
 
     def _merge(self, listing: _Listing, page: VmPage) -> None:
         for record in page.records:
-            r_rid = parse_resource_id(record.resource_id)
+            r_rid = record.parsed_id()
             if listing.kind == "group":
                 belongs = r_rid.is_vm and r_rid.group_key == listing.key
             else:

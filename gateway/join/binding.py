@@ -112,11 +112,20 @@ class VmBinder:
         return self._directory.stats if self._directory is not None else DirectoryStats()
 
     async def bind(
-        self, *, doc_vm_id: str, doc_subscription: str, claims: TokenClaims, bearer: str
+        self,
+        *,
+        doc_vm_id: str,
+        doc_subscription: str,
+        claims: TokenClaims,
+        bearer: str,
+        resource: tuple[ResourceId, IdentityKind] | None = None,
     ) -> VmIdentity:
         """Bind the token's resource to the document; raise ``JoinRejected`` with the code
-        of the first check that fails, or ``Overloaded`` when ARM cannot answer now."""
-        rid, kind = resource_from_claims(claims)
+        of the first check that fails, or ``Overloaded`` when ARM cannot answer now.
+
+        ``resource`` is ``resource_from_claims(claims)`` when the caller has it already
+        (the pipeline's identity step): the token's resource ID is then not parsed again."""
+        rid, kind = resource if resource is not None else resource_from_claims(claims)
         doc_sub = normalize_guid(doc_subscription)
         if doc_sub is None or rid.subscription != doc_sub:
             raise JoinRejected(

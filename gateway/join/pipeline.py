@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -139,13 +137,27 @@ class JoinTrace:
         self.facts: dict[str, str] = {}
         self.labels: Labels | None = None
 
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.steps[name] = time.perf_counter() - start
+    def step(self, name: str) -> _StepTimer:
+        """Times the ``with`` block into ``steps[name]`` (also when it raises)."""
+        return _StepTimer(self.steps, name)
+
+
+class _StepTimer:
+    """``JoinTrace.step``'s context manager: a join enters thirteen of them, and a plain
+    class costs a fraction of a ``@contextmanager`` generator."""
+
+    __slots__ = ("_name", "_start", "_steps")
+
+    def __init__(self, steps: dict[str, float], name: str) -> None:
+        self._steps = steps
+        self._name = name
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._steps[self._name] = time.perf_counter() - self._start
 
 
 @dataclass(frozen=True)
@@ -231,6 +243,10 @@ class _Run:
     def _resource(self) -> ResourceId:
         assert self.resource is not None
         return self.resource
+
+    def _identity_kind(self) -> IdentityKind:
+        assert self.identity_kind is not None
+        return self.identity_kind
 
     def _identity(self) -> VmIdentity:
         assert self.identity is not None
@@ -374,6 +390,8 @@ async def _step_arm(run: _Run) -> Detail:
         doc_subscription=doc.subscription_id,
         claims=run._claims(),
         bearer=run.access_token or "",
+        # What the identity step made of these very claims (not parsed a second time).
+        resource=(run._resource(), run._identity_kind()),
     )
     run.trace.facts.update(resource_id=identity.resource_id, resource_group=identity.resource_group)
     if not identity.arm_verified:

@@ -106,7 +106,8 @@ def label_problem(key: str, value: str) -> str | None:
             return f"label key {key[:60]!r}: {problem}"
     if len(value) > MAX_TAG_VALUE:
         return f"label {key[:60]!r}: a value is at most {MAX_TAG_VALUE} characters"
-    if _CONTROL.search(value):
+    # Printable ASCII holds none of _CONTROL's characters: the search only for the rest.
+    if not (value.isascii() and value.isprintable()) and _CONTROL.search(value):
         return f"label {key[:60]!r}: a value has no control characters"
     return None
 

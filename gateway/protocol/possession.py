@@ -26,6 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from gateway.protocol.validators import checked_ssh_key, checked_tls_key
+
 __all__ = [
     "MAX_CSR_BYTES",
     "MAX_SSH_KEY_PROOF",
@@ -79,7 +81,8 @@ def verify_csr(csr_pem: str, public_tls_key_pem: str) -> None:
     if not valid:
         raise PossessionError("csr_invalid", "the CSR's signature does not verify")
     try:
-        wanted = serialization.load_pem_public_key(public_tls_key_pem.encode("ascii"))
+        pem = public_tls_key_pem.encode("ascii")
+        wanted = checked_tls_key(pem) or serialization.load_pem_public_key(pem)
     except (ValueError, UnicodeEncodeError, UnsupportedAlgorithm) as exc:
         raise PossessionError("csr_key_mismatch", "the TLS key does not parse") from exc
     if _spki(csr_key) != _spki(wanted):
@@ -128,7 +131,8 @@ def verify_ssh_possession(public_ssh_key: str, challenge: str, proof: str) -> No
         raise PossessionError("ssh_key_proof_invalid", "the SSH key proof is empty or too long")
     try:
         sig = base64.b64decode(proof.encode("ascii"), validate=True)
-        key = serialization.load_ssh_public_key(public_ssh_key.encode("ascii"))
+        line = public_ssh_key.encode("ascii")
+        key = checked_ssh_key(line) or serialization.load_ssh_public_key(line)
     except (ValueError, binascii.Error, UnicodeEncodeError, UnsupportedAlgorithm) as exc:
         raise PossessionError("ssh_key_proof_invalid", "the SSH key proof does not decode") from exc
     message = ssh_possession_message(challenge)

@@ -11,6 +11,7 @@ Everything here is pure: values in, a bool or a :class:`WireError` out.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeGuard
@@ -37,6 +38,8 @@ __all__ = [
     "check_key_strength",
     "check_ssh_public_key",
     "check_tls_public_key",
+    "checked_ssh_key",
+    "checked_tls_key",
     "invalid",
     "is_dns_name",
     "is_guid",
@@ -158,10 +161,11 @@ def check_ssh_public_key(value: str, where: str) -> None:
     if "\n" in value.strip() or "\r" in value:
         raise invalid(f"{where} must be one OpenSSH public key line")
     try:
-        key = load_ssh_public_key(value.strip().encode("ascii"))
+        key = load_ssh_public_key(line := value.strip().encode("ascii"))
     except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm) as exc:
         raise invalid(f"{where} is not a supported OpenSSH public key") from exc
     check_key_strength(key, where)
+    _keep(_ssh_keys, line, key)
 
 
 def check_tls_public_key(value: str, where: str) -> None:
@@ -171,10 +175,38 @@ def check_tls_public_key(value: str, where: str) -> None:
     if "-----BEGIN PUBLIC KEY-----" not in value:
         raise invalid(f"{where} must be a PEM SubjectPublicKeyInfo")
     try:
-        key = load_pem_public_key(value.encode("ascii"))
+        key = load_pem_public_key(pem := value.encode("ascii"))
     except (ValueError, UnicodeEncodeError, TypeError, UnsupportedAlgorithm) as exc:
         raise invalid(f"{where} is not a supported PEM public key") from exc
     check_key_strength(key, where)
+    _keep(_tls_keys, pem, key)
+
+
+# The keys the two checks above loaded and accepted, by the exact bytes they loaded, so
+# that the proof-of-possession checks of the same join (``possession.py``) do not load
+# them again. Bounded (oldest out first); a key not found here is simply loaded again.
+_MAX_KEPT_KEYS = 1024
+_ssh_keys: dict[bytes, object] = {}
+_tls_keys: dict[bytes, object] = {}
+
+
+def _keep(kept: dict[bytes, object], text: bytes, key: object) -> None:
+    if text not in kept and len(kept) >= _MAX_KEPT_KEYS:
+        with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # another thread
+            del kept[next(iter(kept))]
+    kept[text] = key
+
+
+def checked_ssh_key(line: bytes) -> object | None:
+    """The key ``check_ssh_public_key`` loaded from exactly ``line`` (and accepted), if
+    still kept: what ``load_ssh_public_key(line)`` would give."""
+    return _ssh_keys.get(line)
+
+
+def checked_tls_key(pem: bytes) -> object | None:
+    """The key ``check_tls_public_key`` loaded from exactly ``pem`` (and accepted), if
+    still kept: what ``load_pem_public_key(pem)`` would give."""
+    return _tls_keys.get(pem)
 
 
 def check_key_strength(key: object, where: str) -> None:

@@ -407,7 +407,6 @@ async def test_the_bearer_token_never_reaches_logs_or_errors(
     assert BEARER not in repr(c)
 
 
-
 NIC = (
     f"/subscriptions/{SUB}/resourceGroups/net/providers/Microsoft.Network/"
     "networkInterfaces/web-1-nic"
@@ -456,3 +455,41 @@ async def test_a_missing_nic_is_none_and_a_vm_id_is_no_nic(
     assert await c.get_nic_private_ips(NIC, bearer=BEARER) is None
     with pytest.raises(ValueError):
         await c.get_nic_private_ips(VM1.raw, bearer=BEARER)
+
+
+async def test_a_listed_vm_id_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A listing page's every VM becomes a record and then an entry of the group's map: the
+    # ID parsed for the record is the one the map is keyed by, not parsed a second time.
+    from gateway.azure import arm as arm_module
+    from gateway.azure import vm_directory
+    from gateway.azure.arm import VmPage, vm_record_from_model
+
+    parsed: list[str] = []
+
+    def counting(raw: str) -> Any:
+        parsed.append(raw)
+        return parse_resource_id(raw)
+
+    monkeypatch.setattr(arm_module, "parse_resource_id", counting)
+    monkeypatch.setattr(vm_directory, "parse_resource_id", counting)
+    models = [vm_model("group1", f"web-{i}", i) for i in range(5)]
+    records = tuple(vm_record_from_model(m) for m in models)
+    assert parsed == [m["id"] for m in models]
+    directory = vm_directory.VmDirectory(None, clock=FixedClock(NOW))  # type: ignore[arg-type]
+    listing = vm_directory._Listing("group", VM1.group_key, VM1, created=0.0, expires=60.0)
+    directory._merge(listing, VmPage(records, None))
+    assert len(parsed) == len(models)
+    assert sorted(listing.by_key) == sorted(parse_resource_id(m["id"]).key for m in models)
+    # A record made by hand (no parsed ID kept) parses its ID when asked, and so does one
+    # whose kept ID is not its own.
+    by_hand = VmRecord(
+        resource_id=models[0]["id"],
+        name="web-0",
+        vm_id=vm_id(0),
+        resource_group="G",
+        subscription=SUB,
+    )
+    assert by_hand.parsed_id().key == records[0].parsed_id().key
+    other = VmRecord(**{**by_hand.__dict__, "rid": records[1].rid})
+    assert other.parsed_id().key == records[0].parsed_id().key
+    assert len(parsed) == len(models) + 2

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -749,3 +749,64 @@ async def test_builds_beyond_the_pending_cap_are_refused_as_overload(pki: Pki) -
     finally:
         executor.gate.set()
         executor.shutdown()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "07/28/26 13:24:00 -0000",
+        "07/28/26 13:24:00 +0000",
+        "12/31/99 23:59:59 +0100",
+        "01/01/69 00:30:00 -0130",
+        "02/29/28 23:59:59 +0000",
+        "01/01/00 00:00:00 -0000",
+    ],
+)
+def test_azure_time_is_strptime_in_utc(text: str) -> None:
+    # The UTC stamps Azure writes take a shorter path; every stamp is the same instant
+    # as strptime reads it, in UTC.
+    got = parse_azure_time(text)
+    want = datetime.strptime(text, "%m/%d/%y %H:%M:%S %z").astimezone(UTC)
+    assert got == want and got.utcoffset() == timedelta(0) and got.tzinfo is UTC
+    assert got.isoformat() == want.isoformat()
+
+
+def test_a_utc_stamp_that_is_no_date_is_refused() -> None:
+    with pytest.raises(JoinRejected) as info:
+        parse_azure_time("02/30/26 10:00:00 -0000")
+    assert info.value.code == Code.ATTESTED_CONTENT_INVALID
+
+
+async def test_a_request_intermediate_is_read_once_for_all_joins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every VM sends the same intermediate: its bytes are loaded and checked once, and a
+    # document whose chain cache misses (a second verifier) still builds with it.
+    from gateway.azure import attested
+
+    fresh = make_pki()
+    loaded: list[bytes] = []
+    real = attested.load_der_certificate
+
+    def counting(der: bytes) -> x509.Certificate:
+        loaded.append(der)
+        return real(der)
+
+    monkeypatch.setattr(attested, "load_der_certificate", counting)
+    s = Scenario(forge(fresh.leaf, azure_content()), intermediates=(fresh.intermediate.der,))
+    s.trust = "root"
+    verifier = _verifier(fresh, s, cache=MemoryCache("chains", clock=FixedClock(NOW)))
+    for _ in range(3):
+        doc = await verifier.verify(
+            s.signature, intermediates=s.intermediates, expected_nonce=NONCE
+        )
+        assert doc.vm_id
+    other = await _verifier(fresh, s).verify(
+        s.signature, intermediates=s.intermediates, expected_nonce=NONCE
+    )
+    assert other.vm_id and verifier.chain_builds == 1
+    assert loaded == [fresh.intermediate.der]
+    # Unreadable bytes are dropped each time (logged), and read once too.
+    junk = b"\x30\x03\x02\x01\x00"
+    assert verifier._usable_intermediates([junk, junk]) == {}
+    assert loaded == [fresh.intermediate.der, junk]

@@ -443,3 +443,33 @@ async def test_a_known_tenant_that_discovery_suddenly_denies_keeps_its_keys(
     key = await client.key_for(TENANT, "k1")
     assert key.public_numbers() == rsa_keys["k1"].public_key().public_numbers()
     assert client.fetches == {"discovery": 2, "jwks": 1}
+
+
+async def test_the_verifier_decodes_a_token_once(
+    session: aiohttp.ClientSession,
+    entra: FakeEntra,
+    rsa_keys: dict[str, rsa.RSAPrivateKey],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The header is read to find the key; the claims verified are those very ones, not a
+    # second decoding of the token.
+    from gateway.azure import token as token_module
+
+    entra.jwks[TENANT] = [rsa_jwk(rsa_keys["k1"], "k1")]
+    clock = FixedClock(NOW)
+    verifier = TokenVerifier(make_client(session, entra, clock), cloud=CLOUD, clock=clock)
+    await verifier.verify(token(rsa_keys["k1"]))  # the tenant's keys fetched
+    splits: list[str] = []
+    real = token_module._split
+
+    def counting(text: str) -> Any:
+        splits.append(text)
+        return real(text)
+
+    monkeypatch.setattr(token_module, "_split", counting)
+    jwt_text = token(rsa_keys["k1"])
+    claims = await verifier.verify(jwt_text)
+    assert claims.tid == TENANT and splits == [jwt_text]
+    # What was read names neither the token nor its claims when shown.
+    read = token_module.read_token(jwt_text)
+    assert "payload" not in repr(read) and jwt_text not in repr(read)

@@ -256,3 +256,15 @@ def test_the_auth_service_refuses_labels_out_of_bounds(labels: Any, message: str
         decode_registration(_with(labels))
     assert info.value.code.value == "invalid_request"
     assert message in info.value.message
+
+
+def test_a_value_is_refused_for_exactly_the_control_characters() -> None:
+    # C0, DEL and C1 are refused wherever they stand; every other code point (printable
+    # or not: U+2028, U+00AD, ...) is a value's own business.
+    from gateway.protocol.labels import label_problem
+
+    control = {*range(0x20), *range(0x7F, 0xA0)}
+    for cp in range(0x3000):
+        for value in (chr(cp), f"ab{chr(cp)}", f"{chr(cp)}\u00e9"):
+            refused = label_problem("azure/vm_name", value) is not None
+            assert refused is (cp in control), (hex(cp), value)

@@ -376,11 +376,21 @@ def _saturated_build_pool(w: World) -> JoinDeps:
         for _ in range(_MAX_PENDING_BUILDS)
     ]
 
+    async def full() -> None:
+        # The builds take their places once their tasks have run; the join's document
+        # starts at once (no task of its own), so wait until every place is taken.
+        for _ in range(10):
+            if verifier._pending_builds == _MAX_PENDING_BUILDS:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"the build pool did not fill: {verifier!r}")
+
     async def drain() -> None:
         executor.gate.set()
         await asyncio.gather(*pending)
         executor.shutdown()
 
+    w.extra.setdefault("setups", []).append(full)
     w.extra.setdefault("cleanups", []).append(drain)
     return dataclasses.replace(w.deps, attested=verifier)
 
@@ -580,6 +590,8 @@ async def _admit(world: World, case: Case) -> tuple[Code | None, int, JoinReques
     """Run one case through ``admit_join``: (code or None, ARM calls it made, request,
     outcome or None)."""
     deps = case.deps(world) if case.deps else world.deps
+    for setup in world.extra.pop("setups", []):
+        await setup()
     req = _request(world, case)
     if case.replayed:
         await admit_join(req, deps, JoinTrace())
@@ -727,3 +739,53 @@ async def test_without_vm_binding_a_scale_set_token_gives_no_node_name(world: Wo
     # A standalone VM's token names the VM: its name is the token's.
     req = _request(world, Case(node_name=""))
     assert (await verify_join(req, deps, JoinTrace())).names.node_name == "node-0"
+
+
+async def test_a_warm_join_runs_its_steps_without_a_task(world: World) -> None:
+    # The document and the access token are checked side by side only when one of them
+    # has to wait (a cold key set or chain): with the caches warm, a join creates no task.
+    await verify_join(_request(world, Case()), world.deps, JoinTrace())  # warms the caches
+    req = _request(world, Case())
+    loop = asyncio.get_running_loop()
+    created: list[object] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        created.append(coro)
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    previous = loop.get_task_factory()
+    loop.set_task_factory(factory)
+    try:
+        trace = JoinTrace()
+        attrs = await verify_join(req, world.deps, trace)
+    finally:
+        loop.set_task_factory(previous)
+    assert attrs.vm_id and {"document", "access_token"} <= set(trace.steps)
+    assert created == []
+
+
+def test_the_trace_times_each_step_also_when_it_raises() -> None:
+    trace = JoinTrace()
+    with trace.step("a"):
+        pass
+    with pytest.raises(JoinRejected), trace.step("b"):
+        raise JoinRejected(Code.NOT_ALLOWED, "no")
+    assert set(trace.steps) == {"a", "b"} and all(t >= 0 for t in trace.steps.values())
+
+
+async def test_a_join_parses_the_token_resource_id_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The identity step parses it; the binding step binds that very ID.
+    from gateway.join import binding
+
+    parsed: list[str] = []
+    real = binding.parse_resource_id
+
+    def counting(raw: str) -> ResourceId:
+        parsed.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(binding, "parse_resource_id", counting)
+    attrs = await verify_join(_request(world, Case()), world.deps, JoinTrace())
+    assert attrs.arm_verified and len(parsed) == 1

@@ -189,3 +189,48 @@ def test_ssh_proof_refused(make: Callable[[], tuple[str, str, str]]) -> None:
     with pytest.raises(PossessionError) as info:
         verify_ssh_possession(key, challenge, proof)
     assert info.value.code == "ssh_key_proof_invalid"
+
+
+def test_a_join_loads_each_public_key_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The body's keys are loaded when the body is decoded (validators); the proofs of the
+    # same join use those keys instead of loading them a second time.
+    from gateway.protocol import validators
+    from gateway.protocol.types import decode_host_params
+
+    loads: list[str] = []
+
+    def counting(name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def load(data: bytes, *args: object, **kw: object) -> object:
+            loads.append(name)
+            return real(data, *args, **kw)
+
+        return load
+
+    for module in (validators, serialization):
+        for name in ("load_pem_public_key", "load_ssh_public_key"):
+            monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    node, ssh = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
+    body = {
+        "role": "Node",
+        "public_ssh_key": _ssh_pub(ssh),
+        "public_tls_key": _pub_pem(node),
+        "csr": make_csr(node),
+        "ssh_key_proof": sign_ssh_possession(ssh, CHALLENGE),
+    }
+    host = decode_host_params(body, "host", lists_required=False)
+    assert host.csr is not None and host.ssh_key_proof is not None
+    verify_csr(host.csr, host.public_tls_key)
+    verify_ssh_possession(host.public_ssh_key, CHALLENGE, host.ssh_key_proof)
+    assert sorted(loads) == ["load_pem_public_key", "load_ssh_public_key"]
+    # Kept by the exact text loaded: a line with a trailing space (the check loads it
+    # stripped, the proof's check as it came) is loaded again, as it always was.
+    padded = _ssh_pub(ssh) + " "
+    validators.check_ssh_public_key(padded, "host.public_ssh_key")
+    loads.clear()
+    verify_ssh_possession(padded, CHALLENGE, host.ssh_key_proof)
+    assert loads == ["load_ssh_public_key"]
+    # Bounded: the oldest go first.
+    for _ in range(validators._MAX_KEPT_KEYS):
+        validators.check_tls_public_key(_pub_pem(ed25519.Ed25519PrivateKey.generate()), "k")
+    assert len(validators._tls_keys) == validators._MAX_KEPT_KEYS
+    assert validators.checked_tls_key(host.public_tls_key.encode()) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.azure.resource_id import (
+    ResourceId,
     azure_name_key,
     parse_resource_id,
     parse_vm_resource_id,
@@ -203,3 +204,29 @@ def test_other_ids_are_unsupported(raw: str) -> None:
     with pytest.raises(JoinRejected) as info:
         parse_vm_resource_id(raw)
     assert info.value.code == Code.IDENTITY_UNSUPPORTED
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [a[1] for a in ACCEPTED]
+    + [
+        f"/subscriptions/{SUB.upper()}/resourcegroups/\u212aube/providers/Microsoft.Compute/virtualMachines/\u0130x",
+        f"/Subscriptions/{SUB}/ResourceGroups/Gr\u00dfp/PROVIDERS/Microsoft.ManagedIdentity/userAssignedIdentities/Id",
+    ],
+)
+def test_a_parsed_id_is_the_id_made_from_its_fields(raw: str) -> None:
+    # The parser builds its IDs without recomputing the derived forms; they must be what
+    # the constructor works out from the same fields.
+    rid = parse_resource_id(raw)
+    made = ResourceId(
+        raw=rid.raw,
+        subscription=rid.subscription,
+        resource_group=rid.resource_group,
+        provider=rid.provider,
+        types=rid.types,
+        name=rid.name,
+        child_names=rid.child_names,
+    )
+    assert made == rid and hash(made) == hash(rid)
+    assert (made.key, made.group_key, made._shape) == (rid.key, rid.group_key, rid._shape)
+    assert repr(made) == repr(rid)

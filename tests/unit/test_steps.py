@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,133 @@ def test_the_table_declares_its_names_and_codes() -> None:
         Code.ACCESS_TOKEN_INVALID,
         Code.NOT_ALLOWED,
     }
+
+
+# -- the concurrent group: no task while its steps do not wait, one per step once one does --
+
+
+class CountTasks:
+    """Counts the tasks the running loop creates (its task factory) while installed."""
+
+    def __init__(self) -> None:
+        self.created = 0
+
+    def __enter__(self) -> CountTasks:
+        loop = asyncio.get_running_loop()
+        self._previous = loop.get_task_factory()
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            self.created += 1
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.get_running_loop().set_task_factory(self._previous)
+
+
+async def test_a_group_whose_steps_do_not_wait_runs_without_tasks() -> None:
+    state = State()
+    with CountTasks() as tasks:
+        await run_fail_fast(TABLE, state)
+    assert tasks.created == 0
+    assert state.ran == ["a", "b", "c", "d", "e"]
+
+
+async def test_a_group_step_failing_without_waiting_is_raised_and_the_rest_never_start() -> None:
+    # As the task group did: the first failure cancels the tasks that had not started.
+    async def b_fails(state: State) -> Detail:
+        state.ran.append("b")
+        raise JoinRejected(Code.NONCE_MISMATCH, "b failed")
+
+    table: StepTable[State] = ((Step("b", b_fails), _step("c", code=Code.ACCESS_TOKEN_INVALID)),)
+    state = State()
+    with CountTasks() as tasks, pytest.raises(JoinRejected) as err:
+        await run_fail_fast(table, state)
+    assert err.value.code is Code.NONCE_MISMATCH and state.ran == ["b"]
+    assert tasks.created == 0
+
+
+def _waiting_step(
+    name: str, event: asyncio.Event, *, then_fail: BaseException | None = None
+) -> Step[State]:
+    async def run(state: State) -> Detail:
+        state.ran.append(name)
+        await event.wait()
+        state.ran.append(f"{name} resumed")
+        if then_fail is not None:
+            raise then_fail
+        return "ok"
+
+    return Step(name, run)
+
+
+def _setting_step(
+    name: str, event: asyncio.Event, *, fail: BaseException | None = None
+) -> Step[State]:
+    async def run(state: State) -> Detail:
+        state.ran.append(name)
+        event.set()
+        if fail is not None:
+            raise fail
+        return "ok"
+
+    return Step(name, run)
+
+
+async def test_once_a_group_step_waits_the_rest_of_the_group_runs_concurrently() -> None:
+    # b waits for what c does: run one after the other, this would never finish.
+    event = asyncio.Event()
+    table: StepTable[State] = (
+        _step("a"),
+        (_waiting_step("b", event), _setting_step("c", event)),
+        _step("d"),
+    )
+    state = State()
+    with CountTasks() as tasks:
+        async with asyncio.timeout(5):
+            await run_fail_fast(table, state)
+    assert state.ran == ["a", "b", "c", "b resumed", "d"]
+    assert tasks.created == 2  # the waiting step and the one after it
+
+
+async def test_a_waiting_group_keeps_the_task_group_order_of_errors() -> None:
+    # c fails first, b (waiting on c) right after: b's error, first in the table, wins.
+    event = asyncio.Event()
+    table: StepTable[State] = (
+        (
+            _waiting_step("b", event, then_fail=JoinRejected(Code.NONCE_MISMATCH, "b")),
+            _setting_step("c", event, fail=JoinRejected(Code.ACCESS_TOKEN_INVALID, "c")),
+        ),
+    )
+    with pytest.raises(JoinRejected) as err:
+        await run_fail_fast(table, State())
+    assert err.value.code is Code.NONCE_MISMATCH
+    # A bug wins over a rejection, even one earlier in the table.
+    event = asyncio.Event()
+    table = (
+        (
+            _waiting_step("b", event, then_fail=JoinRejected(Code.NONCE_MISMATCH, "b")),
+            _setting_step("c", event, fail=RuntimeError("bug in c")),
+        ),
+    )
+    with pytest.raises(RuntimeError, match="bug in c"):
+        await run_fail_fast(table, State())
+
+
+async def test_a_waiting_step_that_is_cancelled_sees_the_cancellation() -> None:
+    event = asyncio.Event()
+    cleaned: list[str] = []
+
+    async def waits(state: State) -> Detail:
+        try:
+            await event.wait()
+        finally:
+            cleaned.append("b")
+        return "ok"
+
+    table: StepTable[State] = ((Step("b", waits), _step("c", code=Code.ACCESS_TOKEN_INVALID)),)
+    with pytest.raises(JoinRejected):
+        await run_fail_fast(table, State(fail={"c"}))
+    assert cleaned == ["b"]  # c's failure cancelled b mid-wait, and b's cleanup ran

@@ -431,3 +431,36 @@ def test_parse_jwks_keeps_only_rsa_signing_keys(keys: Keys) -> None:
 def test_parse_jwks_rejects_documents_without_a_key_list(doc: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         parse_jwks(doc)
+
+
+@pytest.mark.parametrize(
+    ("part", "decoded"),
+    [
+        ("", b""),
+        ("QQ", b"A"),
+        ("QUI", b"AB"),
+        ("QUJD", b"ABC"),
+        ("-_-_", base64.urlsafe_b64decode("-_-_")),
+        ("QUJDRA", b"ABCD"),
+        ("a", None),  # 4k+1 characters: no base64 at all
+        ("QQ==", None),  # padding is not base64url
+        ("a+b/", None),  # the standard alphabet's two is not base64url's
+        ("QU\nJD", None),
+        ("QUJD\n", None),
+        ("QU JD", None),
+        ("QU.D", None),
+        ("QU\u00e9D", None),
+        ("\u212aUJD", None),  # KELVIN SIGN, not K
+        ("QU\x00D", None),
+        ("QU?D", None),
+    ],
+)
+def test_a_jwt_segment_is_base64url_and_nothing_else(part: str, decoded: bytes | None) -> None:
+    from gateway.azure.token import _b64url
+
+    if decoded is None:
+        with pytest.raises(BadRequest) as err:
+            _b64url(part, "payload")
+        assert err.value.code is Code.ACCESS_TOKEN_MALFORMED
+    else:
+        assert _b64url(part, "payload") == decoded
