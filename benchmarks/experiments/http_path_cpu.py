@@ -2,12 +2,15 @@
 
     git archive <base-commit> | tar -x -C /tmp/http-before
     python benchmarks/experiments/http_path_cpu.py --before /tmp/http-before \\
-        --joins 2000 --rounds 5
+        --joins 500 --rounds 21
 
 Each round runs one child process per tree (``--before DIR`` and this repository),
 alternating which goes first; a child imports ``gateway`` from its tree only and prints
 thread CPU per join (µs) for each item, measured over ``--joins`` joins after a warm-up.
-The table gives the median over the rounds of each tree and the difference. Items:
+The table gives the median over the rounds of each tree and the median of the rounds'
+differences (after minus before, each round's two children back to back: the machine's
+load drifts between rounds, less within one). Many short rounds beat a few long ones on a
+shared machine. Items:
 
 * ``http path`` — the real app (``make_app``, ``handler_factory``, uvloop, plain TCP on
   127.0.0.1): per join a new connection, ``POST`` challenge, ``POST`` join with an
@@ -264,8 +267,8 @@ def _child(joins: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, help="a checkout to compare against")
-    parser.add_argument("--joins", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--joins", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -295,12 +298,15 @@ def main() -> None:
     }
     cols = list(trees)
     print(f"median of {args.rounds} rounds, µs per join | " + " | ".join(cols), end="")
-    print(" | difference" if "before" in med else "")
+    print(" | difference (median of the rounds' differences)" if "before" in med else "")
     for item in ITEMS:
         row = " | ".join(f"{med[c][item]:.1f}" for c in cols)
         diff = ""
         if "before" in med:
-            d = med["after"][item] - med["before"][item]
+            # Paired within each round (the two children ran back to back), so a change
+            # of the machine's load between rounds does not count as a difference.
+            pairs = zip(results["before"], results["after"], strict=True)
+            d = statistics.median(a[item] - b[item] for b, a in pairs)
             diff = f" | {d:+.1f} ({d / med['before'][item] * 100:+.0f} %)"
         print(f"{item} | {row}{diff}")
 
