@@ -23,9 +23,9 @@ import hashlib
 import hmac
 import secrets
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.core.clock import Clock
@@ -49,6 +49,8 @@ __all__ = [
 _RAW_LENGTH = 24
 _TAG_LENGTH = 12
 _MIN_KEY_BYTES = 32
+_HEAD = struct.Struct(">BI")  # key id, expiry
+_EXPIRY = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,25 @@ class IssuedChallenge:
     expires_at: float
 
     def expires_at_rfc3339(self) -> str:
-        return datetime.fromtimestamp(self.expires_at, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        # The expiry is whole seconds: gmtime loses nothing, at half datetime's CPU.
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.expires_at))
 
 
 class _Key:
-    __slots__ = ("id", "secret")
+    __slots__ = ("_mac", "id", "secret")
 
     def __init__(self, secret: bytes) -> None:
         self.secret = secret
         self.id = hashlib.sha256(secret).digest()[0]
+        # The key's HMAC state (its inner and outer pads), keyed once: each tag copies it
+        # instead of keying a new HMAC (about half the CPU; hmac.digest is slower here).
+        self._mac = hmac.new(secret, digestmod=hashlib.sha256)
+
+    def tag(self, body: bytes) -> bytes:
+        """HMAC-SHA256(secret, body), first 96 bits."""
+        mac = self._mac.copy()
+        mac.update(body)
+        return mac.digest()[:_TAG_LENGTH]
 
 
 class ChallengeCodec:
@@ -97,9 +109,8 @@ class ChallengeCodec:
     def issue(self) -> IssuedChallenge:
         key = self._keys[0]
         expires = int(self._clock.time() + self._ttl)
-        body = bytes([key.id]) + struct.pack(">I", expires) + secrets.token_bytes(7)
-        tag = hmac.new(key.secret, body, hashlib.sha256).digest()[:_TAG_LENGTH]
-        value = base64.urlsafe_b64encode(body + tag).decode("ascii")
+        body = _HEAD.pack(key.id, expires) + secrets.token_bytes(7)
+        value = base64.urlsafe_b64encode(body + key.tag(body)).decode("ascii")
         return IssuedChallenge(value=value, expires_at=float(expires))
 
     def verify(self, value: str) -> float:
@@ -118,14 +129,13 @@ class ChallengeCodec:
         for key in self._keys:
             if key.id != body[0]:
                 continue
-            expected = hmac.new(key.secret, body, hashlib.sha256).digest()[:_TAG_LENGTH]
-            if hmac.compare_digest(expected, tag):
+            if hmac.compare_digest(key.tag(body), tag):
                 break
         else:
             raise JoinRejected(
                 Code.CHALLENGE_INVALID, "challenge MAC does not verify under any current key"
             )
-        (expires,) = struct.unpack(">I", body[1:5])
+        (expires,) = _EXPIRY.unpack_from(body, 1)
         if self._clock.time() > expires:
             raise JoinRejected(Code.CHALLENGE_EXPIRED, f"challenge expired at {expires}")
         return float(expires)

@@ -86,6 +86,17 @@ _HOST_FIELDS = frozenset(
 )
 _POSSESSION_FIELDS = frozenset({"csr", "ssh_key_proof"})
 _HOST_REQUIRED = frozenset({"role", "public_ssh_key", "public_tls_key"})
+_HOST_REQUIRED_WITH_LISTS = _HOST_FIELDS - _POSSESSION_FIELDS
+
+
+def check_fields(
+    obj: Mapping[str, Any], allowed: frozenset[str], required: frozenset[str], where: str
+) -> None:
+    """``require_fields``, whose two set builds are left to the refusals: the keys are
+    compared with the sets as they are (a dict's keys view is set-like)."""
+    keys = obj.keys()
+    if not (keys <= allowed and keys >= required):
+        require_fields(obj, allowed, required, where)  # raises, naming the fields
 
 
 def decode_host_params(value: object, where: str, *, lists_required: bool) -> HostParams:
@@ -93,10 +104,10 @@ def decode_host_params(value: object, where: str, *, lists_required: bool) -> Ho
 
     The agent may leave out the node name and the two name lists (join API); the gateway
     always sends them (registration API: ``lists_required``)."""
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):  # dict: no ABC check
         raise invalid(f"{where} must be an object")
-    required = (_HOST_FIELDS - _POSSESSION_FIELDS) if lists_required else _HOST_REQUIRED
-    require_fields(value, _HOST_FIELDS, required, where)
+    required = _HOST_REQUIRED_WITH_LISTS if lists_required else _HOST_REQUIRED
+    check_fields(value, _HOST_FIELDS, required, where)
     node_name = ""
     if "node_name" in value:
         node_name = require_str(value, "node_name", where, max_len=MAX_NODE_NAME)

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import struct
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,7 @@ from gateway.core.clock import FixedClock
 from gateway.core.errors import Code, JoinRejected
 from gateway.join.challenge import (
     ChallengeCodec,
+    IssuedChallenge,
     generate_key,
     load_keys_file,
     write_new_keys_file,
@@ -32,6 +37,29 @@ def test_issued_challenge_is_32_base64url_chars_and_verifies() -> None:
     )
     assert codec([KEY_A], clock).verify(issued.value) == T0 + 60
     assert issued.expires_at_rfc3339().endswith("Z")
+
+
+def test_challenge_layout_is_the_documented_hmac_of_its_body() -> None:
+    """The keyed HMAC state copied per tag gives HMAC-SHA256(key, body)[:12], every time
+    (a copy never carries one challenge's bytes into the next)."""
+    clock = FixedClock(T0)
+    c = codec([KEY_A, KEY_B], clock)
+    for _ in range(3):
+        raw = base64.urlsafe_b64decode(c.issue().value)
+        body, tag = raw[:12], raw[12:]
+        assert body[0] == hashlib.sha256(KEY_A).digest()[0]
+        assert struct.unpack(">I", body[1:5]) == (int(T0 + 60),)
+        assert tag == hmac.new(KEY_A, body, hashlib.sha256).digest()[:12]
+    # A challenge MACed by hand under the second (verify-only) key verifies too.
+    body = bytes([hashlib.sha256(KEY_B).digest()[0]]) + struct.pack(">I", int(T0 + 5)) + b"r" * 7
+    forged = body + hmac.new(KEY_B, body, hashlib.sha256).digest()[:12]
+    assert c.verify(base64.urlsafe_b64encode(forged).decode()) == T0 + 5
+
+
+@pytest.mark.parametrize("expires", [0.0, T0, 951_782_400.0, 4_102_444_799.0, 4_294_967_295.0])
+def test_expires_at_is_rfc3339_utc(expires: float) -> None:
+    expected = datetime.fromtimestamp(expires, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert IssuedChallenge("x", expires).expires_at_rfc3339() == expected
 
 
 def test_challenges_are_unique() -> None:

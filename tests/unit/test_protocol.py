@@ -455,3 +455,54 @@ def test_node_name_is_optional_in_the_join_api_and_required_in_a_registration() 
         decode_registration(_reg_raw(host))
     with pytest.raises(WireError):
         decode_join_request(_join_raw({**host, "node_name": ""}), client_address="203.0.113.7")
+
+
+def test_the_fields_check_refuses_exactly_what_require_fields_refuses() -> None:
+    """``check_fields`` (key views against the sets) and ``require_fields`` (set
+    differences) agree on every subset of known fields plus strangers, message included."""
+    import itertools
+
+    from gateway.protocol.types import check_fields
+    from gateway.protocol.validators import require_fields
+
+    allowed = frozenset({"a", "b", "c"})
+    required = frozenset({"a", "b"})
+    names = ["a", "b", "c", "x", "y"]
+    checked = 0
+    for n in range(len(names) + 1):
+        for combo in itertools.combinations(names, n):
+            obj = dict.fromkeys(combo, 1)
+            try:
+                require_fields(obj, allowed, required, "w")
+                expected = None
+            except WireError as exc:
+                expected = (exc.code, exc.message)
+            try:
+                check_fields(obj, allowed, required, "w")
+                got = None
+            except WireError as exc:
+                got = (exc.code, exc.message)
+            assert got == expected, combo
+            checked += expected is not None
+    assert checked == 30  # of the 32 subsets only {a,b} and {a,b,c} pass
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{}",
+        b"{" * 8,
+        b"{" * 9,
+        b"[" * 4 + b"{" * 4,
+        b"[" * 4 + b"{" * 5,
+        b'{"a": "[[[[[[[[[["}',
+        b'{"a": [{"b": [{"c": {}}]}], "d": "x"}',
+        b"x" * 5000 + b"[" * 9 + b"x" * 5000,
+        b"{" + b"x" * 5000 + b"[" + b"x" * 5000 + b"{",
+    ],
+)
+def test_the_opener_bound_is_the_opener_count(raw: bytes) -> None:
+    from gateway.protocol.join import _openers_at_most
+
+    assert _openers_at_most(raw, 8) == (raw.count(b"[") + raw.count(b"{") <= 8)
