@@ -30,10 +30,10 @@ from gateway.authservice import (
 from gateway.authservice.signing import LocalSigner
 from gateway.core.clock import SystemClock
 from gateway.core.errors import Code, JoinRejected
-from gateway.core.tlsutil import server_ssl_context
 from gateway.join.forward import AuthClient
 from gateway.protocol import REGISTER_BATCH_PATH, REGISTER_PATH, RegisterResult, Registration
 from tests.integration.test_authservice import gateway_ctx, make_reg, new_keys, paths
+from tests.support.mtls_site import serve_mtls
 
 pytestmark = pytest.mark.integration
 
@@ -89,21 +89,12 @@ async def counted_auth_service(paths: AuthPaths) -> AsyncIterator[Counted]:
         return response
 
     app.middlewares.insert(0, count)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    ctx = server_ssl_context(
-        paths.server_cert,
-        paths.server_key,
-        client_ca_file=paths.client_ca_cert,
-        require_client_cert=True,
-    )
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    counted.url = f"https://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        yield counted
+        async with serve_mtls(
+            app, cert=paths.server_cert, key=paths.server_key, client_ca=paths.client_ca_cert
+        ) as counted.url:
+            yield counted
     finally:
-        await runner.cleanup()
         await registry.aclose()
         await signer.aclose()
 

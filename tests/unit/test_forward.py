@@ -32,12 +32,12 @@ from gateway.core.tlsutil import (
     client_ssl_context,
     generate_ca,
     issue_cert,
-    server_ssl_context,
     write_pem_files,
 )
 from gateway.join.deps import auth_client
 from gateway.join.forward import AuthClient, BreakerState, CircuitBreaker
 from gateway.protocol import HostParams, JoinBlock, RegisterResult, Registration
+from tests.support.mtls_site import serve_mtls
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -321,18 +321,10 @@ async def run_upstream(pki: Pki, script: list[Action]) -> AsyncIterator[Upstream
     app = web.Application()
     app.router.add_post("/v1/register", up.handle)
     app.router.add_get("/healthz", up.health)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    ctx = server_ssl_context(
-        pki.server_cert, pki.server_key, client_ca_file=pki.ca_file, require_client_cert=True
-    )
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    up.url = f"https://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serve_mtls(
+        app, cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca_file
+    ) as up.url:
         yield up
-    finally:
-        await runner.cleanup()
 
 
 class CountingProxy:

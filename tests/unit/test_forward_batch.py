@@ -32,9 +32,10 @@ from gateway.core.errors import (
     UpstreamFailed,
 )
 from gateway.core.httputil import MAX_RETRY_AFTER
-from gateway.core.tlsutil import client_ssl_context, server_ssl_context
+from gateway.core.tlsutil import client_ssl_context
 from gateway.join.forward import PIPELINE_DEPTH, AuthClient, BreakerState, CircuitBreaker
 from gateway.protocol import REGISTER_BATCH_PATH, REGISTER_PATH, RegisterResult, Registration
+from tests.support.mtls_site import serve_mtls
 from tests.unit.test_forward import OK_BODY, REG, T0, Pki, pki
 
 __all__ = ["pki"]  # the fixture, imported for pytest
@@ -125,18 +126,10 @@ async def run_upstream(pki: Pki, up: Upstream) -> AsyncIterator[Upstream]:
     app.router.add_post(SINGLE, up.single)
     if up.with_batch:
         app.router.add_post(BATCH, up.batch)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    ctx = server_ssl_context(
-        pki.server_cert, pki.server_key, client_ca_file=pki.ca_file, require_client_cert=True
-    )
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    up.url = f"https://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serve_mtls(
+        app, cert=pki.server_cert, key=pki.server_key, client_ca=pki.ca_file
+    ) as up.url:
         yield up
-    finally:
-        await runner.cleanup()
 
 
 def client(
