@@ -6,7 +6,8 @@ and the agent and the Azure checks use the same GUID rule. Every pattern is anch
 ``\\A``/``\\Z`` and applied with ``fullmatch``: with ``re.match`` and ``$``, "web-1\\n" or a
 vmId ending in a newline passed, because ``$`` also matches before a trailing newline.
 
-Everything here is pure: values in, a bool or a :class:`WireError` out.
+Everything here is pure — values in, a bool or a :class:`WireError` out — but for a bounded
+memo of the public keys the checks accepted, by their exact bytes (see ``_keep``).
 """
 
 from __future__ import annotations
