@@ -184,13 +184,7 @@ class Metrics:
             hist = children.get(step)
             if hist is None:
                 hist = children[step] = _BatchedHistogram(self.step_latency.labels(step=step))
-            # _BatchedHistogram.observe, inlined: a dozen steps per join.
-            bounds = hist._bounds
-            index = bisect_left(bounds, spent)
-            if index < len(bounds) and spent <= bounds[index]:
-                hist._counts[index] += 1
-            hist._total += spent
-            hist._observed += 1
+            hist.observe(spent)
         if self._flush_timer is None:
             self._flush_soon()
 

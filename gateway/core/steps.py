@@ -159,12 +159,8 @@ async def run_fail_fast(table: StepTable[S], state: S, *, timer: Timer = _no_tim
     order).
     """
     for entry in table:
-        if isinstance(entry, Step):  # _run_one, inlined: one coroutine less per step
-            with timer(entry.name):
-                try:
-                    await entry.run(state)
-                except Skip as skip:
-                    raise _skipped(entry, skip) from None
+        if isinstance(entry, Step):
+            await _run_one(entry, state, timer)
             continue
         for i, step in enumerate(entry):
             coro = _run_one(step, state, timer)
