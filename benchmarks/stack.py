@@ -498,12 +498,14 @@ def start_gateway(
     *,
     profile_to: Path | None = None,
     stages_to: Path | None = None,
+    stage_interval_ms: float = 1.0,
 ) -> tuple[Proc, str]:
     """``join-gateway serve -c gateway.yaml`` (supervisor + workers); waits for /readyz.
 
     ``profile_to``: run it under ``cProfile`` (one worker only), stats written on SIGTERM.
     ``stages_to``: run it under ``benchmarks.stage_sampler``, per-stage CPU samples of
-    every process written into that directory.
+    every process written into that directory, one sample per ``stage_interval_ms`` of
+    each process's CPU.
     """
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -522,7 +524,7 @@ def start_gateway(
         ["serve", "-c", str(config_path)],
         workdir / f"{name}.log",
         env={"PROMETHEUS_MULTIPROC_DIR": str(prom), **_sampler_env(stages_to)},
-        python_args=_gateway_python_args(profile_to, stages_to),
+        python_args=_gateway_python_args(profile_to, stages_to, stage_interval_ms),
     )
     if redis is not None:
         proc.companions.append(redis)
@@ -532,11 +534,14 @@ def start_gateway(
     return proc, url
 
 
-def _gateway_python_args(profile_to: Path | None, stages_to: Path | None) -> tuple[str, ...]:
+def _gateway_python_args(
+    profile_to: Path | None, stages_to: Path | None, stage_interval_ms: float
+) -> tuple[str, ...]:
     if profile_to is not None:
         return ("-m", "cProfile", "-o", str(profile_to.resolve()))
     if stages_to is not None:
-        return ("-m", "benchmarks.stage_sampler", "--out", str(stages_to.resolve()))
+        sampler = ("-m", "benchmarks.stage_sampler", "--out", str(stages_to.resolve()))
+        return (*sampler, "--interval-ms", str(stage_interval_ms))
     return ()
 
 
