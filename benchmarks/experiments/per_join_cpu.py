@@ -15,6 +15,10 @@ gateway's own functions on inputs shaped like the storm's (``gateway/dev/emulato
 * ``host_keys`` — a join body's ``host`` block decoded (``decode_host_params``: the SSH
   and TLS public keys checked) and its proofs verified (``verify_csr``,
   ``verify_ssh_possession``); an ECDSA P-256 TLS key and an Ed25519 SSH key, as the agent.
+* ``host_block`` — ``decode_host_params`` of the host block a storm's agent sends (no
+  proofs: the storm's agents send none), each call with another VM's keys (2,048 key
+  pairs in turn), so the SSH and TLS checks load keys never seen and the kept-keys memo
+  is full and turning over, as in a storm.
 * ``arm_page`` — per VM of a resource group's listing page (100 emulator VM models, as
   JSON decodes them): the records made (``ArmClient._page``'s ``_record``) and merged
   into the group's map (``VmDirectory._merge``).
@@ -112,6 +116,37 @@ def _host_keys() -> tuple[Callable[[], object], int]:
             assert host.csr is not None and host.ssh_key_proof is not None
             verify_csr(host.csr, host.public_tls_key)
             verify_ssh_possession(host.public_ssh_key, challenge, host.ssh_key_proof)
+
+    return many, n
+
+
+def _host_block() -> tuple[Callable[[], object], int]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    from gateway.protocol.types import decode_host_params
+
+    def block() -> dict[str, object]:
+        tls = ec.generate_private_key(ec.SECP256R1()).public_key()
+        ssh = ed25519.Ed25519PrivateKey.generate().public_key()
+        return {
+            "role": "Node",
+            "public_ssh_key": ssh.public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            ).decode(),
+            "public_tls_key": tls.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode(),
+            "additional_principals": [],
+            "dns_names": [],
+        }
+
+    blocks = [block() for _ in range(2048)]
+    n = 20_000
+
+    def many() -> None:
+        for i in range(n):
+            decode_host_params(blocks[i % 2048], "host", lists_required=False)
 
     return many, n
 
@@ -306,6 +341,7 @@ def _document() -> tuple[Callable[[], object], int]:
 ITEMS: dict[str, Callable[[], tuple[Callable[[], object], int]]] = {
     "steps": _steps,
     "host_keys": _host_keys,
+    "host_block": _host_block,
     "arm_page": _arm_page,
     "token_rid": _token_rid,
     "labels": _labels,

@@ -94,7 +94,7 @@ class Auditor:
             "request_id": request_id,
             "resource_group": get("resource_group"),
             "resource_id": get("resource_id"),
-            "steps_ms": {k: round(v * 1000, 3) for k, v in sorted(steps.items())},
+            "steps_ms": {k: round(steps[k] * 1000, 3) for k in sorted(steps)},
             "subscription": get("subscription"),
             "tenant": get("tenant"),
             "time": self._time(),

@@ -209,6 +209,10 @@ def test_a_join_loads_each_public_key_once(monkeypatch: pytest.MonkeyPatch) -> N
     for module in (validators, serialization):
         for name in ("load_pem_public_key", "load_ssh_public_key"):
             monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    # The check loads an agent's Ed25519 line through its short cut (``load_ssh_key``).
+    monkeypatch.setattr(
+        validators, "load_ssh_key", counting("load_ssh_key", validators.load_ssh_key)
+    )
     node, ssh = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
     body = {
         "role": "Node",
@@ -221,7 +225,7 @@ def test_a_join_loads_each_public_key_once(monkeypatch: pytest.MonkeyPatch) -> N
     assert host.csr is not None and host.ssh_key_proof is not None
     verify_csr(host.csr, host.public_tls_key)
     verify_ssh_possession(host.public_ssh_key, CHALLENGE, host.ssh_key_proof)
-    assert sorted(loads) == ["load_pem_public_key", "load_ssh_public_key"]
+    assert sorted(loads) == ["load_pem_public_key", "load_ssh_key"]
     # Kept by the exact text loaded: a line with a trailing space (the check loads it
     # stripped, the proof's check as it came) is loaded again, as it always was.
     padded = _ssh_pub(ssh) + " "
