@@ -48,6 +48,7 @@ __all__ = [
     "ArmClient",
     "ArmLimitsObserver",
     "ArmReadKind",
+    "ListedVm",
     "NoBudget",
     "VmPage",
     "VmRecord",
@@ -101,13 +102,90 @@ class VmRecord:
         return parse_resource_id(self.resource_id)
 
 
+class ListedVm:
+    """One VM model of a list page, held until someone asks for its ``VmRecord``.
+
+    A listing answers every later join of its group, but most VMs it lists never join
+    through this process (another worker gets them, or they never join at all), so a
+    page keeps of each model only what finds it — its vmId and its resource ID's folded
+    key (``azure_name_key``, the form ``ResourceId.key`` has) — and the few raw fields a
+    record is made of. ``record()`` makes and checks the record the first time it is
+    asked, exactly as ``vm_record_from_model`` does for a model read whole, and keeps the
+    answer (then drops the raw fields).
+
+    Only models with a string ``id`` and ``name`` and a GUID ``properties.vmId`` become
+    one (``listed_vm``): anything else is skipped when the page is read, as before."""
+
+    __slots__ = ("_built", "_raw", "key", "vm_id")
+
+    def __init__(
+        self, vm_id: str, key: str, raw: tuple[str, str, object, object, object, object]
+    ) -> None:
+        self.vm_id = vm_id  # properties.vmId, lowercased (normalize_guid)
+        self.key = key  # azure_name_key(id)
+        # (id, name, location, tags, properties.networkProfile,
+        # properties.virtualMachineScaleSet), as JSON decoded them; None once built.
+        self._raw: tuple[str, str, object, object, object, object] | None = raw
+        self._built: VmRecord | None = None
+
+    def record(self) -> VmRecord | None:
+        """The model's ``VmRecord``; None when it is malformed (logged once)."""
+        raw = self._raw
+        if raw is None:
+            return self._built
+        self._raw = None
+        raw_id, name, location, tags, network_profile, scale_set_ref = raw
+        try:
+            self._built = _record_of(
+                raw_id, name, self.vm_id, location, tags, network_profile, scale_set_ref
+            )
+        except (ValueError, JoinRejected) as exc:
+            logger.warning("skipping a malformed VM model from ARM: %s", exc)
+        return self._built
+
+    def __repr__(self) -> str:
+        state = "unbuilt" if self._raw is not None else "built" if self._built else "malformed"
+        return f"<ListedVm {self.key[:200]!r} vmId={self.vm_id} {state}>"
+
+
+def listed_vm(item: dict[str, Any]) -> ListedVm | None:
+    """A list item (a JSON object) as a ``ListedVm``, or None (logged) when it lacks what
+    every VM model has: a string ``id`` and ``name`` and a GUID ``properties.vmId`` (the
+    first check of ``vm_record_from_model``; the rest waits for ``ListedVm.record``).
+    JSON decodes objects to ``dict`` only, so ``dict`` is checked, not ``Mapping``."""
+    raw_id = item.get("id")
+    name = item.get("name")
+    props = item.get("properties")
+    vm_id = normalize_guid(props.get("vmId")) if type(props) is dict else None
+    if vm_id is None or type(props) is not dict or type(raw_id) is not str or type(name) is not str:
+        logger.warning(
+            "skipping a malformed VM model from ARM: "
+            "VM model lacks id, name or a GUID properties.vmId"
+        )
+        return None
+    fields = (
+        raw_id,
+        name,
+        item.get("location"),
+        item.get("tags"),
+        props.get("networkProfile"),
+        props.get("virtualMachineScaleSet"),
+    )
+    return ListedVm(vm_id, azure_name_key(raw_id), fields)
+
+
 @dataclass(frozen=True)
 class VmPage:
     """One page of a list call; ``next_link`` (on our endpoint, checked) names the next
-    page, None after the last one."""
+    page, None after the last one.
+
+    ``ArmClient``'s page reads fill ``models`` (each VM made into a record only when asked,
+    ``ListedVm``) and leave ``records`` empty; a page put together by hand may hold records
+    made already there instead."""
 
     records: tuple[VmRecord, ...]
     next_link: str | None
+    models: tuple[ListedVm, ...] = ()
 
 
 # "list": a page of a list call, which also spends from Compute's list budget.
@@ -433,6 +511,10 @@ class ArmClient:
                 )
             page = await self._page(next_url, kind, subscription, bearer)
             records.extend(page.records)
+            for model in page.models:  # the whole list is asked for: make every record
+                record = model.record()
+                if record is not None:
+                    records.append(record)
             next_url = page.next_link
         return records
 
@@ -443,16 +525,17 @@ class ArmClient:
         value = body.get("value")
         if not isinstance(value, list):
             raise self._bad_answer(kind, "list has no 'value' array")
-        records: list[VmRecord] = []
+        models: list[ListedVm] = []
         for item in value:
-            record = self._record(item, strict=False) if isinstance(item, dict) else None
-            if record is not None:
-                records.append(record)
+            # Records are made when asked (ListedVm): most listed VMs never are.
+            model = listed_vm(item) if type(item) is dict else None
+            if model is not None:
+                models.append(model)
         link = body.get("nextLink")
         if link is None or link == "":
-            return VmPage(tuple(records), None)
+            return VmPage((), None, tuple(models))
         if isinstance(link, str) and self._on_endpoint(link):
-            return VmPage(tuple(records), link)
+            return VmPage((), link, tuple(models))
         # Following it would send the bearer token to another host.
         raise self._bad_answer(kind, f"nextLink {str(link)[:200]!r} is off the endpoint")
 
@@ -464,22 +547,15 @@ class ArmClient:
         )
 
     def _point_record(self, body: Mapping[str, Any], rid: ResourceId, kind: str) -> VmRecord:
-        record = self._record(body, strict=True)
-        # ARM answers for the resource we asked about; anything else is not to be trusted.
-        if record is None or record.parsed_id().key != rid.key:
+        """The ``VmRecord`` of a point read's answer; a malformed model, or one of another
+        resource than the one asked about (not to be trusted), is a dependency failure."""
+        try:
+            record = vm_record_from_model(body)
+        except (ValueError, JoinRejected) as exc:
+            raise self._bad_answer("VM model", str(exc)) from exc
+        if record.parsed_id().key != rid.key:
             raise self._bad_answer(kind, "answer names another resource")
         return record
-
-    def _record(self, item: Mapping[str, Any], *, strict: bool) -> VmRecord | None:
-        """A ``VmRecord`` from an ARM VM model; malformed ones are skipped in lists
-        (logged) and are a dependency failure for point reads."""
-        try:
-            return vm_record_from_model(item)
-        except (ValueError, JoinRejected) as exc:
-            if strict:
-                raise self._bad_answer("VM model", str(exc)) from exc
-            logger.warning("skipping a malformed VM model from ARM: %s", exc)
-            return None
 
     def _read_limits(
         self, subscription: str, resp: aiohttp.ClientResponse, *, is_list: bool
@@ -608,32 +684,59 @@ def vm_record_from_model(item: Mapping[str, Any]) -> VmRecord:
     raw_id = item.get("id")
     name = item.get("name")
     props = item.get("properties")
-    vm_id = normalize_guid(props.get("vmId")) if isinstance(props, Mapping) else None
+    if not isinstance(props, Mapping):
+        props = {}  # so no vmId: refused below
+    vm_id = normalize_guid(props.get("vmId"))
     if not isinstance(raw_id, str) or not isinstance(name, str) or vm_id is None:
         raise ValueError("VM model lacks id, name or a GUID properties.vmId")
+    return _record_of(
+        raw_id,
+        name,
+        vm_id,
+        item.get("location"),
+        item.get("tags"),
+        props.get("networkProfile"),
+        props.get("virtualMachineScaleSet"),
+    )
+
+
+def _record_of(
+    raw_id: str,
+    name: str,
+    vm_id: str,
+    location: object,
+    tags: object,
+    network_profile: object,
+    scale_set_ref: object,
+) -> VmRecord:
+    """The record of a VM model's fields (``vm_record_from_model`` took them out and
+    checked the first three; ``ListedVm`` keeps them until asked): raises ``ValueError``
+    or ``JoinRejected`` as that function says."""
     rid = parse_resource_id(raw_id)
-    if not (rid.is_vm or rid.is_scale_set_vm):
+    if rid.is_vm:  # a standalone VM, or a flexible scale set's (its model names the set)
+        scale_set, instance_id = _flexible_scale_set(scale_set_ref), None
+    elif rid.is_scale_set_vm:  # a uniform scale set's instance: its ID names both
+        scale_set, instance_id = rid.name, rid.child_names[0]
+    else:
         raise ValueError("id names neither a VM nor a scale set VM")
-    location = item.get("location")
     return VmRecord(
         resource_id=raw_id,
         name=name,
         vm_id=vm_id,
         resource_group=rid.resource_group,
         subscription=rid.subscription,
-        scale_set=rid.scale_set or _flexible_scale_set(props),
-        instance_id=rid.instance_id,
+        scale_set=scale_set,
+        instance_id=instance_id,
         location=location if isinstance(location, str) else None,
-        tags=_tags(item.get("tags")),
-        nic_ids=_nic_ids(props),
+        tags=_tags(tags),
+        nic_ids=_nic_ids(network_profile),
         rid=rid,
     )
 
 
-def _nic_ids(props: object) -> tuple[str, ...]:
+def _nic_ids(profile: object) -> tuple[str, ...]:
     """``properties.networkProfile.networkInterfaces[].id``: the first ``_MAX_NICS``
     strings (a VM model without a network profile has none)."""
-    profile = props.get("networkProfile") if isinstance(props, Mapping) else None
     nics = profile.get("networkInterfaces") if isinstance(profile, Mapping) else None
     if not isinstance(nics, list):
         return ()
@@ -641,11 +744,10 @@ def _nic_ids(props: object) -> tuple[str, ...]:
     return tuple(i for i in ids if isinstance(i, str) and i)[:_MAX_NICS]
 
 
-def _flexible_scale_set(props: object) -> str | None:
+def _flexible_scale_set(ref: object) -> str | None:
     """A flexible scale set's VM is an ordinary ``virtualMachines`` resource whose
-    ``properties.virtualMachineScaleSet.id`` names its set
+    ``properties.virtualMachineScaleSet.id`` (``ref`` is that object) names its set
     (https://learn.microsoft.com/azure/virtual-machine-scale-sets/virtual-machine-scale-sets-orchestration-modes)."""
-    ref = props.get("virtualMachineScaleSet") if isinstance(props, Mapping) else None
     ref_id = ref.get("id") if isinstance(ref, Mapping) else None
     if not isinstance(ref_id, str):
         return None

@@ -54,7 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.azure.arm import ArmClient, VmPage, VmRecord
+from gateway.azure.arm import ArmClient, ListedVm, VmPage, VmRecord
 from gateway.azure.resource_id import ResourceId, parse_resource_id
 from gateway.core.cache import MemoryCache
 from gateway.core.clock import Clock
@@ -131,8 +131,10 @@ class _Listing:
         self.scale_set = rid.name if kind == "scale_set" else None
         self.created = created
         self.expires = expires
-        self.by_vm_id: dict[str, VmRecord] = {}
-        self.by_key: dict[str, VmRecord] = {}
+        # vmId -> the VM, and its resource ID's key (ResourceId.key) -> the VM: a record
+        # once a find asked for it (checked to belong here), a ListedVm until then.
+        self.by_vm_id: dict[str, VmRecord | ListedVm] = {}
+        self.by_key: dict[str, VmRecord | ListedVm] = {}
         self.next_link: str | None = None
         self.pages = 0
         self.complete = False
@@ -466,7 +468,7 @@ class VmDirectory:
     def _known(self, listing: _Listing, vm_id: str) -> VmRecord | None:
         """The vmId's record in the map, or, while a reread is partial, in the map it
         replaces (still within its lifetime)."""
-        record = listing.by_vm_id.get(vm_id)
+        record = _entry(listing, listing.by_vm_id, vm_id)
         if record is not None:
             self.stats.map_hits += 1
             if not listing.complete:
@@ -474,7 +476,7 @@ class VmDirectory:
             return record
         previous = self._previous.get(f"{listing.kind}:{listing.key}")
         if previous is not None and previous.expires > self._clock.monotonic():
-            record = previous.by_vm_id.get(vm_id)
+            record = _entry(previous, previous.by_vm_id, vm_id)
             if record is not None:
                 self.stats.map_hits += 1
         return record
@@ -510,10 +512,10 @@ class VmDirectory:
     ) -> VmRecord:
         """The vmId is not in a complete map: refuse, reread the map, or ask the agent to
         come back, depending on when the map was read."""
-        named = listing.by_key.get(rid.key)
+        named = _entry(listing, listing.by_key, rid.key)
         started = self._clock.monotonic()
         age = started - listing.completed_at
-        if not listing.by_key:
+        if not listing.by_key:  # complete: empty iff no VM (_merge checked, _lists_any)
             pass  # ARM lists no VM there (kept for negative_ttl): refused, no call
         elif listing.completed_seq > seq_at_start:
             pass  # read for this very call: the vmId is not there
@@ -591,7 +593,7 @@ class VmDirectory:
                 self._active.setdefault(listing.subscription, set()).add(listing)
                 self._pump(listing.subscription)
             while True:
-                record = listing.by_vm_id.get(vm_id)
+                record = _entry(listing, listing.by_vm_id, vm_id)
                 if record is not None:
                     if not mine:
                         self.stats.coalesced += 1
@@ -707,19 +709,21 @@ class VmDirectory:
         )
 
     def _merge(self, listing: _Listing, page: VmPage) -> None:
-        for record in page.records:
-            r_rid = record.parsed_id()
-            if listing.kind == "group":
-                belongs = r_rid.is_vm and r_rid.group_key == listing.key
+        """Add a page to the listing's map: its models as they are (checked and made
+        records when a find asks for one, ``_entry``), its records checked now."""
+        by_vm_id, by_key = listing.by_vm_id, listing.by_key
+        for model in page.models:
+            if model.vm_id in by_vm_id or model.key in by_key:
+                # Another VM of the listing has this vmId or ID: the later one replaces it
+                # only if it is a record of this listing, so it must be checked now.
+                record = _admitted(listing, model)
+                if record is not None:
+                    by_vm_id[record.vm_id] = by_key[model.key] = record
             else:
-                belongs = r_rid.is_scale_set_vm and r_rid.key.startswith(listing.key + "/")
-            if not belongs:
-                logger.warning(
-                    "ARM listed %s under %s: ignored", record.resource_id[:200], listing.key
-                )
-                continue
-            listing.by_vm_id[record.vm_id] = record
-            listing.by_key[r_rid.key] = record
+                by_vm_id[model.vm_id] = by_key[model.key] = model
+        for record in page.records:
+            if _belongs(listing, record):
+                by_vm_id[record.vm_id] = by_key[record.parsed_id().key] = record
         listing.pages += 1
         self.stats.list_pages += 1
         listing.next_link = page.next_link
@@ -729,8 +733,12 @@ class VmDirectory:
             listing.complete = True
             listing.completed_at = now
             listing.completed_seq = self._seq
-            ttl = self._map_ttl if listing.by_key else self._negative_ttl
-            listing.expires = min(listing.expires, now + ttl) if listing.by_key else now + ttl
+            # Whether it has a VM at all decides its lifetime. Models not asked for are
+            # checked until one passes, and those that fail leave the map: from here on
+            # the map is empty exactly when it has no VM (_complete_miss counts on it).
+            listed = _lists_any(listing)
+            ttl = self._map_ttl if listed else self._negative_ttl
+            listing.expires = min(listing.expires, now + ttl) if listed else now + ttl
             self._previous.pop(f"{listing.kind}:{listing.key}", None)
 
     def _refused(self, listing: _Listing, exc: JoinRejected) -> None:
@@ -745,6 +753,51 @@ class VmDirectory:
         logger.info(
             "cannot list resource group %s (%s): point reads instead", listing.key, exc.code
         )
+
+
+def _entry(listing: _Listing, index: dict[str, VmRecord | ListedVm], key: str) -> VmRecord | None:
+    """The record ``index`` (``listing.by_vm_id`` or ``.by_key``) has under ``key``: a
+    model listed but not asked for before is made a record and checked now, and the
+    answer kept in both indexes (a model that is malformed or not of this listing is
+    taken out: it is not in the map, as if never listed)."""
+    found = index.get(key)
+    if not isinstance(found, ListedVm):
+        return found
+    record = _admitted(listing, found)
+    for index_, key_ in ((listing.by_vm_id, found.vm_id), (listing.by_key, found.key)):
+        if index_.get(key_) is found:
+            if record is None:
+                del index_[key_]
+            else:
+                index_[key_] = record
+    return record
+
+
+def _admitted(listing: _Listing, model: ListedVm) -> VmRecord | None:
+    """The model's record if it is well formed and a VM of the listing, else None."""
+    record = model.record()
+    return record if record is not None and _belongs(listing, record) else None
+
+
+def _belongs(listing: _Listing, record: VmRecord) -> bool:
+    """The record is a VM of the listing's resource group (a standalone VM) or an
+    instance of its scale set; anything else ARM listed there is ignored (logged)."""
+    r_rid = record.parsed_id()
+    if listing.kind == "group":
+        belongs = r_rid.is_vm and r_rid.group_key == listing.key
+    else:
+        belongs = r_rid.is_scale_set_vm and r_rid.key.startswith(listing.key + "/")
+    if not belongs:
+        logger.warning("ARM listed %s under %s: ignored", record.resource_id[:200], listing.key)
+    return belongs
+
+
+def _lists_any(listing: _Listing) -> bool:
+    """The map has a VM: models not asked for yet are checked, first listed first, until
+    one passes (usually the first; each model is checked once, ``_entry``)."""
+    # A copy of the keys to walk (_entry takes failed models out); restarting iter() on
+    # the dict after each would rescan the deleted slots, quadratic in a broken answer.
+    return any(_entry(listing, listing.by_key, key) is not None for key in list(listing.by_key))
 
 
 def _in_subscription(resource_id: str, subscription: str) -> bool:
