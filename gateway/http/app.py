@@ -8,7 +8,6 @@ from gateway.core.audit import Auditor
 from gateway.core.config import Config
 from gateway.core.metrics import Metrics
 from gateway.http.admission import AdmissionController
-from gateway.http.framing import refuse_while_draining
 from gateway.http.keys import (
     ADMISSION,
     AUDITOR,
@@ -38,10 +37,10 @@ def make_app(
     auditor: Auditor | None = None,
 ) -> web.Application:
     app = web.Application(
-        # Outermost first: errors must be rendered for everything below, including
-        # aiohttp's own 404/405/413; a request arriving during the drain is refused
-        # before any work.
-        middlewares=[error_middleware, refuse_while_draining],
+        # One layer: errors are rendered for everything below, including aiohttp's own
+        # 404/405/413, and a request arriving during the drain is refused before any
+        # work (``error_middleware`` does both).
+        middlewares=[error_middleware],
         # The body cap applies to chunked bodies as well as to Content-Length.
         client_max_size=config.limits.max_body_bytes,
     )

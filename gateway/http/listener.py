@@ -9,6 +9,15 @@ our side), and hands the others to aiohttp's server with ``loop.connect_accepted
 The PROXY-protocol listener (``gateway.http.proxyproto``) is this loop plus a header read
 before the handover.
 
+Accepting is a reader callback on the listening socket, registered once, that accepts
+up to :data:`_ACCEPT_BATCH` connections per readiness event — what asyncio's own server
+does. (``await loop.sock_accept()`` per connection costs uvloop a poll handle made and
+closed each time: an ``ioctl`` and two ``epoll_ctl`` calls, a future and a task wake-up.)
+The listening socket carries ``SO_KEEPALIVE`` and ``TCP_NODELAY``, which Linux copies to
+every connection it accepts: aiohttp's handler need not set them per connection
+(``tcp_keepalive=False``, and ``framing``'s handler skips the other), which under uvloop
+builds a socket object around the descriptor for each ``setsockopt``.
+
 Stopping: :meth:`Listener.stop_accepting` cancels the loop and closes this process's
 descriptor. The descriptor is shared — the supervisor binds once and forks, so the parent
 and every worker hold it — and a ``close()`` in one process leaves the socket listening
@@ -103,7 +112,9 @@ class Listener:
         self._admission = admission
         self._ssl_handshake_timeout = ssl_handshake_timeout
         self._owns_socket = owns_socket
-        self._accept_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False  # the accept callback is registered
+        self._retry: asyncio.TimerHandle | None = None  # accepting again after EMFILE & co
         self._pending: set[asyncio.Task[bool]] = set()
         self._closed = False
         self.accepted = 0
@@ -121,36 +132,57 @@ class Listener:
 
     def start(self) -> None:
         self._sock.setblocking(False)
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        # Inherited by every accepted connection (Linux), on either event loop: TCP
+        # keep-alive probes find peers that vanished without a FIN, and no Nagle delay.
+        # aiohttp's handler set both per connection; ours leaves them to this.
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._loop = asyncio.get_running_loop()
+        self._resume()
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._closed:
+    def _resume(self) -> None:
+        self._retry = None
+        if self._closed or self._loop is None:
+            return
+        self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+        self._reading = True
+
+    def _pause(self) -> None:
+        if self._reading and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+        self._reading = False
+
+    def _accept_ready(self) -> None:
+        """The listening socket is readable: accept what waits, up to a batch."""
+        loop = self._loop
+        assert loop is not None
+        for _ in range(_ACCEPT_BATCH):
             try:
-                conn, addr = await loop.sock_accept(self._sock)
-                self._dispatch(loop, conn, addr)
-                for _ in range(_ACCEPT_BATCH - 1):
-                    conn, addr = self._sock.accept()
-                    self._dispatch(loop, conn, addr)
+                conn, addr = self._sock.accept()
             except (BlockingIOError, InterruptedError):
-                continue  # the backlog is empty: wait for readiness again
-            except asyncio.CancelledError:
-                raise
+                return  # the backlog is empty: wait for readiness again
             except OSError as exc:
-                if self._closed:
-                    return
-                if exc.errno == errno.EINVAL:
-                    # The socket's owner (the supervisor) stopped it listening: the drain.
-                    log.info("listener %s stopped by its owner", self.sockname)
-                    return
-                # EMFILE and friends: back off as asyncio's own accept loop does.
-                log.error("accept failed: %s", exc)
-                await asyncio.sleep(_ACCEPT_RETRY_DELAY)
+                self._accept_failed(loop, exc)
+                return
+            self._dispatch(loop, conn, addr)
+
+    def _accept_failed(self, loop: asyncio.AbstractEventLoop, exc: OSError) -> None:
+        self._pause()
+        if self._closed:
+            return
+        if exc.errno == errno.EINVAL:
+            # The socket's owner (the supervisor) stopped it listening: the drain.
+            log.info("listener %s stopped by its owner", self.sockname)
+            return
+        # EMFILE and friends: back off as asyncio's own accept loop does.
+        log.error("accept failed: %s", exc)
+        self._retry = loop.call_later(_ACCEPT_RETRY_DELAY, self._resume)
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, addr: object) -> None:
         if self._admission is not None and not self._admission.admit():
             self.refused += 1
-            refuse_connection(conn)
+            loop.call_soon(refuse_connection, conn)
             return
         task = loop.create_task(self._handle(conn, addr))
         self._pending.add(task)
@@ -181,15 +213,18 @@ class Listener:
     async def _handle(self, conn: socket.socket, addr: object) -> bool:
         """Work before the handover, then the TLS handshake; whether it was handed over."""
         peer = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
-        conn.setblocking(False)
+        # Left blocking here: the event loop makes it non-blocking as it opens the
+        # transport, and a ``_before_handover`` that reads makes it so itself.
         try:
             wrap = await self._before_handover(conn, peer)
         except Refused:
             self.refused += 1
             return False
         factory = self._factory if wrap is None else (lambda: wrap(self._factory()))
+        loop = self._loop
+        assert loop is not None, "start() first"
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
+            await loop.connect_accepted_socket(
                 factory,
                 conn,
                 ssl=self._ssl,
@@ -217,14 +252,13 @@ class Listener:
         self._closed = True
         if self._owns_socket:
             stop_listening(self._sock)
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-        # The accept task's own cancellation removes its reader first; only then may the
-        # descriptor be closed (and its number reused).
-        if self._accept_task is not None and not self._accept_task.done():
-            self._accept_task.add_done_callback(lambda _: self._sock.close())
-        else:
-            self._sock.close()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        # The reader goes first; only then may the descriptor be closed (and its number
+        # reused).
+        self._pause()
+        self._sock.close()
 
     def close(self) -> None:
         """Stop accepting and drop connections not yet handed over."""
@@ -234,8 +268,7 @@ class Listener:
 
     async def aclose(self) -> None:
         self.close()
-        tasks = [t for t in (self._accept_task, *self._pending) if t is not None]
-        for task in tasks:
+        for task in list(self._pending):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 

@@ -46,6 +46,7 @@ __all__ = [
     "CLIENT_ADDRESS_HEADERS",
     "MAX_HEADER_CHARS",
     "MAX_HOPS",
+    "PEER_CACHE_SIZE",
     "Headers",
     "Peer",
     "TrustedProxies",
@@ -64,6 +65,8 @@ Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 MAX_HOPS: Final = 32
 MAX_HEADER_CHARS: Final = 8192
+# Peers remembered per TrustedProxies (:meth:`TrustedProxies.peer`); the oldest goes first.
+PEER_CACHE_SIZE: Final = 4096
 
 ClientAddressHeader = Literal["x-forwarded-for", "forwarded"]
 CLIENT_ADDRESS_HEADERS: Final[tuple[ClientAddressHeader, ...]] = ("x-forwarded-for", "forwarded")
@@ -120,6 +123,25 @@ class TrustedProxies:
                 raise ValueError(f"trusted proxy {cidr!r} is not a CIDR") from exc
         self._v4 = tuple(n for n in nets if isinstance(n, ipaddress.IPv4Network))
         self._v6 = tuple(n for n in nets if isinstance(n, ipaddress.IPv6Network))
+        self._peers: dict[str, Peer] = {}
+
+    def peer(self, raw: str) -> Peer:
+        """``Peer.of(raw, self)``, remembered for the next connection from ``raw``.
+
+        Parsing an address and checking it against the networks is ~4 µs, paid once per
+        connection; a balancer, or a host that connects again, brings the same few
+        addresses each time. Keyed by the exact string the transport gave; a Peer
+        depends on nothing else (this object's networks and header never change), and
+        it is immutable. At most :data:`PEER_CACHE_SIZE` entries, the oldest dropped
+        first, so a flood of distinct addresses costs a bounded amount of memory.
+        """
+        peer = self._peers.get(raw)
+        if peer is None:
+            peer = Peer.of(raw, self)
+            if len(self._peers) >= PEER_CACHE_SIZE:
+                del self._peers[next(iter(self._peers))]
+            self._peers[raw] = peer
+        return peer
 
     def __bool__(self) -> bool:
         return bool(self._v4 or self._v6)
@@ -363,7 +385,7 @@ def connection_peer(request: web.Request, trusted: TrustedProxies) -> Peer:
     peer = getattr(protocol, "client_peer", None)
     if isinstance(peer, Peer):
         return peer
-    peer = Peer.of(transport_peer(request), trusted)
+    peer = trusted.peer(transport_peer(request))
     if hasattr(protocol, "client_peer"):
         protocol.client_peer = peer
     return peer

@@ -339,6 +339,7 @@ class ProxyProtocolListener(Listener):
         if not self._trusted.is_trusted(peer):
             log.warning("PROXY listener: refused %s, not a trusted proxy", peer)
             raise Refused(peer)
+        conn.setblocking(False)  # the listener hands it over as accepted (blocking)
         try:
             async with asyncio.timeout(self._timeout):
                 info = await read_proxy_header(conn)

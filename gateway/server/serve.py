@@ -161,9 +161,12 @@ class GatewayServer:
         # Our handler renders HTTP framing errors as JSON with a code, times every
         # request's headers and keeps each connection's phase for the drain; the runner's
         # Server stays the connection manager, so runner.cleanup() still drains them all.
+        # TCP keep-alive is on every connection all the same: the listeners' sockets
+        # carry SO_KEEPALIVE, which accepted connections inherit (listener.py).
         factory = handler_factory(
             runner.server,
             access_log=None,
+            tcp_keepalive=False,
             header_timeout=limits.header_read_timeout_seconds,
             keepalive_timeout=limits.keepalive_timeout_seconds,
             connections=self.connections,
