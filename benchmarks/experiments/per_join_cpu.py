@@ -29,7 +29,9 @@ gateway's own functions on inputs shaped like the storm's (``gateway/dev/emulato
 * ``token_rid`` — the token's resource ID as a join uses it: parsed, its key, group key
   and shape read.
 * ``labels`` — ``node_labels`` of an ARM-verified VM with two tags.
-* ``azure_time`` — ``parse_azure_time`` of the document's two timestamps.
+* ``azure_time`` — ``parse_azure_time`` of the document's two timestamps (the same two
+  on every call, as documents fetched in the same second carry them: a memo hit).
+* ``azure_time_fresh`` — the same for two stamps never parsed before on every call.
 * ``token`` — ``TokenVerifier.verify`` of an RS256 access token, its tenant's keys warm.
 * ``document`` — ``AttestedVerifier.verify`` of a forged attested document
   (``tests/support/cms_forge``), its chain cached: what a warm join's document step costs.
@@ -326,6 +328,26 @@ def _azure_time() -> tuple[Callable[[], object], int]:
     return many, n
 
 
+def _azure_time_fresh() -> tuple[Callable[[], object], int]:
+    from gateway.azure.attested import parse_azure_time
+
+    # Two stamps never seen before on every call (a document fetched in a quiet second).
+    stamps = [
+        f"11/27/26 {h:02d}:{m:02d}:{s:02d} -0000"
+        for h in range(24)
+        for m in range(60)
+        for s in range(0, 60, 7)
+    ][:20_000]
+    n = len(stamps) // 2
+
+    def many() -> None:
+        for i in range(n):
+            parse_azure_time(stamps[2 * i])
+            parse_azure_time(stamps[2 * i + 1])
+
+    return many, n
+
+
 def _token() -> tuple[Callable[[], object], int]:
     import jwt
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -409,6 +431,7 @@ ITEMS: dict[str, Callable[[], tuple[Callable[[], object], int]]] = {
     "token_rid": _token_rid,
     "labels": _labels,
     "azure_time": _azure_time,
+    "azure_time_fresh": _azure_time_fresh,
     "token": _token,
     "document": _document,
 }

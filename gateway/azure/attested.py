@@ -77,6 +77,7 @@ __all__ = [
     "check_digest_algorithm",
     "check_nonce",
     "check_signature",
+    "check_signature_algorithm",
     "check_signer_name",
     "check_single_signer",
     "check_window",
@@ -84,6 +85,8 @@ __all__ = [
     "find_signer_certificate",
     "parse_azure_time",
     "parse_content",
+    "signer_key",
+    "verify_signed_content",
 ]
 
 logger = logging.getLogger(__name__)
@@ -113,6 +116,12 @@ _MAX_PENDING_BUILDS = 32
 
 _SHA256_DIGEST_OIDS = frozenset({OID_SHA256, OID_SHA256_WITH_RSA})
 _RSA_SIGNATURE_OIDS = frozenset({OID_RSA_ENCRYPTION, OID_SHA256_WITH_RSA})
+# Stateless parameter objects, made once instead of on every verify.
+_PKCS1V15 = padding.PKCS1v15()
+_PREHASHED_SHA256 = Prehashed(hashes.SHA256())
+# Signer certificates whose key and name a verifier remembers (Azure signs with a few
+# leaves a year; more distinct signers than this only cost the checks again).
+_SIGNERS_MAX = 64
 
 # Azure's timeStamp format, e.g. "07/28/26 13:24:00 -0000" (two-digit year, UTC offset).
 # https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service#attested-data
@@ -184,16 +193,15 @@ def find_signer_certificate(view: SignedDataView, signer: SignerInfoView) -> x50
         raise JoinRejected(
             Code.ATTESTED_SIGNER_INVALID, detail="signer is not identified by issuer+serial"
         )
-    matches = [
-        cert
-        for cert, issuer in zip(view.certificates, view.certificate_issuers, strict=True)
-        if cert.serial_number == signer.serial and issuer == signer.issuer_der
-    ]
+    matches: list[x509.Certificate] = []
+    for cert, issuer in zip(view.certificates, view.certificate_issuers, strict=True):
+        if issuer == signer.issuer_der and cert.serial_number == signer.serial:
+            matches.append(cert)
     if not matches:
         raise JoinRejected(
             Code.ATTESTED_SIGNER_INVALID, detail="no embedded certificate matches the SignerInfo"
         )
-    if len({fingerprint(c) for c in matches}) != 1:
+    if len(matches) > 1 and len({fingerprint(c) for c in matches}) != 1:
         raise JoinRejected(
             Code.ATTESTED_SIGNER_INVALID, detail="several certificates match the SignerInfo"
         )
@@ -210,11 +218,22 @@ def check_digest_algorithm(signer: SignerInfoView) -> None:
 
 def check_signature(view: SignedDataView, signer: SignerInfoView, cert: x509.Certificate) -> None:
     """RSA PKCS#1 v1.5 / SHA-256 over the content, or over the signed attributes (RFC 5652 §5.4)."""
+    check_signature_algorithm(signer)
+    verify_signed_content(view, signer, signer_key(cert))
+
+
+def check_signature_algorithm(signer: SignerInfoView) -> None:
     if signer.signature_algorithm not in _RSA_SIGNATURE_OIDS:
         raise JoinRejected(
             Code.ATTESTED_SIGNATURE_INVALID,
             detail=f"signature algorithm {signer.signature_algorithm} is not RSA",
         )
+
+
+def signer_key(cert: x509.Certificate) -> rsa.RSAPublicKey:
+    """The signer certificate's RSA key, refused when it does not load, is not RSA, or is
+    too costly to verify with. A pure function of the certificate's bytes: the verifier
+    remembers its answer per signer (:class:`_Signer`)."""
     try:
         key = cert.public_key()
     except (ValueError, UnsupportedAlgorithm) as exc:
@@ -228,6 +247,14 @@ def check_signature(view: SignedDataView, signer: SignerInfoView, cert: x509.Cer
     refusal = key_refusal(cert)
     if refusal is not None:
         raise JoinRejected(Code.ATTESTED_SIGNER_INVALID, detail=f"signer key refused: {refusal}")
+    return key
+
+
+def verify_signed_content(
+    view: SignedDataView, signer: SignerInfoView, key: rsa.RSAPublicKey
+) -> None:
+    """The RSA verify itself (per document, never remembered): over the content's digest,
+    or over the signed attributes' once their messageDigest is the content's."""
     content_digest = hashlib.sha256(view.content).digest()
     attrs = signer.signed_attrs
     if attrs is None:
@@ -246,7 +273,7 @@ def check_signature(view: SignedDataView, signer: SignerInfoView, cert: x509.Cer
             )
         signed_digest = hashlib.sha256(attrs.der).digest()
     try:
-        key.verify(signer.signature, signed_digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        key.verify(signer.signature, signed_digest, _PKCS1V15, _PREHASHED_SHA256)
     except (InvalidSignature, ValueError) as exc:
         raise JoinRejected(
             Code.ATTESTED_SIGNATURE_INVALID, detail="RSA signature does not verify"
@@ -282,7 +309,16 @@ def check_signer_name(cert: x509.Certificate, cloud: CloudProfile) -> str:
 
 def parse_azure_time(value: object) -> datetime:
     """``MM/DD/YY HH:MM:SS -0000`` → aware datetime. Anything else → CONTENT_INVALID."""
-    match = _AZURE_TIME.fullmatch(value) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail=f"bad timestamp {value!r}")
+    return _parse_azure_time(value)
+
+
+# A pure function of the exact text: documents fetched in the same second (a storm's
+# thousands of VMs) carry the same stamps. Bounded; a refusal raises and is not kept.
+@functools.lru_cache(maxsize=256)
+def _parse_azure_time(value: str) -> datetime:
+    match = _AZURE_TIME.fullmatch(value)
     if match is None:
         raise JoinRejected(Code.ATTESTED_CONTENT_INVALID, detail=f"bad timestamp {value!r}")
     mo, d, y, h, mi, s, sign, oh, om = match.groups()
@@ -413,6 +449,7 @@ class _DocRun:
     view: SignedDataView | None = None
     signer: SignerInfoView | None = None
     cert: x509.Certificate | None = None
+    signer_checks: _Signer | None = None
     cn: str | None = None
     signer_fingerprint: bytes = b""
     chain: VerifiedChain | None = None
@@ -472,15 +509,19 @@ async def _step_digest(run: _DocRun) -> str:
 
 
 async def _step_signature(run: _DocRun) -> str:
+    # check_signature, with the signer's key checks remembered per certificate.
     signer, cert = run._signed_by()
-    check_signature(run._view(), signer, cert)
+    check_signature_algorithm(signer)
+    checks = run.signer_checks = run.verifier.signer_checks(cert)
+    verify_signed_content(run._view(), signer, checks.key())
     attrs = "signed attributes" if signer.signed_attrs else "content (no signed attributes)"
     return f"RSA PKCS#1 v1.5 over {attrs}"
 
 
 async def _step_signer_name(run: _DocRun) -> str:
-    _, cert = run._signed_by()
-    run.cn, run.signer_fingerprint = run.verifier.signer_facts(cert)
+    checks = run.signer_checks
+    assert checks is not None
+    run.cn, run.signer_fingerprint = checks.name(), checks.fingerprint
     return f"CN {run.cn} under {run.verifier.cloud.metadata_domain}"
 
 
@@ -592,9 +633,9 @@ class AttestedVerifier:
         self._clock = clock
         self._skew = skew
         self._require_subscription = require_subscription
-        # Per signer certificate (Azure signs with a few leaves a year): its checked name
-        # and fingerprint, so a steady stream of joins does not redo them. Bounded.
-        self._signers: dict[x509.Certificate, tuple[str, bytes]] = {}
+        # Per signer certificate, by fingerprint (Azure signs with a few leaves a year):
+        # its checked key and name, so a steady stream of joins does not redo them.
+        self._signers: dict[bytes, _Signer] = {}
         # Request intermediates reach the path builder only under these subject names:
         # a thousand lookalike CAs named anything else cost a parse each, no search.
         self._known_names = (
@@ -650,12 +691,19 @@ class AttestedVerifier:
     def signer_facts(self, cert: x509.Certificate) -> tuple[str, bytes]:
         """The signer's checked name and its fingerprint, remembered per certificate
         (Azure signs with a few leaves a year): a steady stream of joins does not redo them."""
-        known = self._signers.get(cert)
+        checks = self.signer_checks(cert)
+        return checks.name(), checks.fingerprint
+
+    def signer_checks(self, cert: x509.Certificate) -> _Signer:
+        """The remembered checks of this signer certificate, by its fingerprint (SHA-256 of
+        its exact bytes): at most :data:`_SIGNERS_MAX` certificates, oldest out first."""
+        digest = fingerprint(cert)
+        known = self._signers.get(digest)
         if known is None:
-            known = (check_signer_name(cert, self._cloud), fingerprint(cert))
-            if len(self._signers) >= 64:
-                self._signers.clear()
-            self._signers[cert] = known
+            known = _Signer(cert, digest, self._cloud)
+            if len(self._signers) >= _SIGNERS_MAX:
+                del self._signers[next(iter(self._signers))]
+            self._signers[digest] = known
         return known
 
     async def verify(
@@ -822,6 +870,36 @@ class AttestedVerifier:
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         finally:
             self._pending_builds -= 1
+
+
+class _Signer:
+    """One signer certificate's checks that follow from its exact bytes alone (and, for
+    the name, the verifier's cloud): its RSA key once :func:`signer_key` accepted it, its
+    CN once :func:`check_signer_name` did. Only passes are remembered: a refusal is worked
+    out and raised again on each document, exactly as without the record. Nothing about
+    trust or time is here (the chain has its own cache, bounded by its validity), and
+    the signature is verified per document with the remembered key."""
+
+    __slots__ = ("_cloud", "_cn", "_key", "cert", "fingerprint")
+
+    def __init__(self, cert: x509.Certificate, digest: bytes, cloud: CloudProfile) -> None:
+        self.cert = cert
+        self.fingerprint = digest
+        self._cloud = cloud
+        self._key: rsa.RSAPublicKey | None = None
+        self._cn: str | None = None
+
+    def key(self) -> rsa.RSAPublicKey:
+        """:func:`signer_key` of the certificate (raises as it does)."""
+        if self._key is None:
+            self._key = signer_key(self.cert)
+        return self._key
+
+    def name(self) -> str:
+        """:func:`check_signer_name` of the certificate (raises as it does)."""
+        if self._cn is None:
+            self._cn = check_signer_name(self.cert, self._cloud)
+        return self._cn
 
 
 def _may_issue(cert: x509.Certificate, leaf: x509.Certificate) -> bool:

@@ -66,6 +66,12 @@ _CERTS: dict[bytes, x509.Certificate] = {}
 # id(certificate) → (the certificate, its fingerprint), for the certificates in _CERTS.
 # The entry holds the object itself, so its id cannot be reused while it is remembered.
 _FINGERPRINTS: dict[int, tuple[x509.Certificate, bytes]] = {}
+# Exact certificate bytes → the issuer Name's DER inside them (bounded like _CERTS).
+_ISSUERS: dict[bytes, bytes] = {}
+# A SignerInfo's exact bytes before its signature → (issuer DER, serial, digest and
+# signature algorithm OIDs), for headers that read in full. Bounded, oldest out first.
+_SIGNER_HEADERS_MAX = 64
+_SIGNER_HEADERS: dict[bytes, tuple[bytes, int, str, str]] = {}
 
 
 class _Unusual(Exception):
@@ -147,8 +153,9 @@ def _read(buf: bytes) -> SignedDataView:
             cert_tag, cert_start, cert_end = read_tlv(buf, start, end)
             if cert_tag != TAG_SEQUENCE:
                 raise _Unusual  # an attribute or "other" certificate choice
-            issuers.append(_certificate_issuer(buf, cert_start, cert_end))
-            certificates.append(cached_certificate(buf[start:cert_end]))
+            cert, issuer = _embedded_certificate(buf, start, cert_start, cert_end)
+            certificates.append(cert)
+            issuers.append(issuer)
             start = cert_end
         tag, start, end = read_tlv(buf, end, sd_end)
     if tag == TAG_CONTEXT_1:
@@ -189,6 +196,23 @@ def _encap_content(buf: bytes, start: int, end: int) -> tuple[str, bytes]:
     return content_type, buf[os_start:os_end]
 
 
+def _embedded_certificate(
+    buf: bytes, start: int, cert_start: int, cert_end: int
+) -> tuple[x509.Certificate, bytes]:
+    """The certificate at ``buf[start:cert_end]`` and its issuer's DER. The issuer follows
+    from the certificate's bytes alone: read once per byte string, like the certificate."""
+    der = buf[start:cert_end]
+    issuer = _ISSUERS.get(der)
+    if issuer is None:
+        issuer = _certificate_issuer(buf, cert_start, cert_end)
+        cert = cached_certificate(der)  # loads after the issuer read, as without the memo
+        if len(_ISSUERS) >= CERT_CACHE_MAX:
+            del _ISSUERS[next(iter(_ISSUERS))]
+        _ISSUERS[der] = issuer
+        return cert, issuer
+    return cached_certificate(der), issuer
+
+
 def _certificate_issuer(buf: bytes, start: int, end: int) -> bytes:
     """The issuer Name's DER as encoded in the certificate (issuer+serial matching
     compares original bytes, never re-encodings)."""
@@ -206,6 +230,33 @@ def _certificate_issuer(buf: bytes, start: int, end: int) -> bytes:
 
 
 def _signer_info(buf: bytes, start: int, end: int) -> SignerInfoView:
+    """One SignerInfo. Its elements before the signature (version, sid, both algorithms)
+    are the same bytes on every document a leaf signs: read once per byte string, then
+    looked up, the signature itself read as the full reader reads it."""
+    header_end = _signer_header_end(buf, start, end)
+    known = None if header_end is None else _SIGNER_HEADERS.get(buf[start:header_end])
+    if header_end is None or known is None:
+        return _read_signer_info(buf, start, end)
+    issuer_der, serial, digest_algorithm, signature_algorithm = known
+    return _signer_view(
+        buf, header_end, end, issuer_der, serial, digest_algorithm, signature_algorithm
+    )
+
+
+def _signer_header_end(buf: bytes, start: int, end: int) -> int | None:
+    """Where the SignerInfo's fifth element starts (after four of any kind), or None
+    when four elements do not read: the full reader then judges the bytes, so what it
+    would answer first stays the answer."""
+    pos = start
+    try:
+        for _ in range(4):
+            pos = read_tlv(buf, pos, end)[2]
+    except DerError:
+        return None
+    return pos
+
+
+def _read_signer_info(buf: bytes, start: int, end: int) -> SignerInfoView:
     # SignerInfo ::= SEQUENCE { version, sid, digestAlgorithm, signedAttrs [0] IMPLICIT
     #   OPTIONAL, signatureAlgorithm, signature OCTET STRING, unsignedAttrs [1] OPTIONAL }
     _, pos = expect(buf, start, end, TAG_INTEGER, "SignerInfo.version")
@@ -220,13 +271,33 @@ def _signer_info(buf: bytes, start: int, end: int) -> SignerInfoView:
     if buf[pos : pos + 1] == bytes([TAG_CONTEXT_0]):
         raise _Unusual  # signed attributes: RFC 5652's other form, for the general parser
     signature_algorithm, pos = _algorithm(buf, pos, end, "SignerInfo.signatureAlgorithm")
+    issuer_der = buf[sid_start:issuer_end]  # the Name is the first element of the sid
+    serial = read_integer(buf, serial_start, serial_end)
+    view = _signer_view(buf, pos, end, issuer_der, serial, digest_algorithm, signature_algorithm)
+    # Only a header that read in full is remembered (keyed by its exact bytes).
+    if len(_SIGNER_HEADERS) >= _SIGNER_HEADERS_MAX:
+        del _SIGNER_HEADERS[next(iter(_SIGNER_HEADERS))]
+    _SIGNER_HEADERS[buf[start:pos]] = (issuer_der, serial, digest_algorithm, signature_algorithm)
+    return view
+
+
+def _signer_view(
+    buf: bytes,
+    pos: int,
+    end: int,
+    issuer_der: bytes,
+    serial: int,
+    digest_algorithm: str,
+    signature_algorithm: str,
+) -> SignerInfoView:
+    """The SignerInfo's signature at ``pos``, its last element, and the view."""
     sig_start, sig_end = expect(buf, pos, end, TAG_OCTET_STRING, "SignerInfo.signature")
     if sig_end != end:
         read_tlv(buf, sig_end, end)  # still DER, whatever follows
         raise _Unusual  # unsigned attributes (or junk): let the general parser judge
     return SignerInfoView(
-        issuer_der=buf[sid_start:issuer_end],  # the Name is the first element of the sid
-        serial=read_integer(buf, serial_start, serial_end),
+        issuer_der=issuer_der,
+        serial=serial,
         digest_algorithm=digest_algorithm,
         signature_algorithm=signature_algorithm,
         signature=buf[sig_start:sig_end],

@@ -63,7 +63,13 @@ def read_tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
         count = first & 0x7F
         if count > _MAX_LENGTH_OCTETS or pos + count > end:
             raise DerError(f"length of {count} octets at offset {pos - 2}")
-        length = int.from_bytes(buf[pos : pos + count], "big")
+        # One or two length octets (every element of a document): no slice, no call.
+        if count == 1:
+            length = buf[pos]
+        elif count == 2:
+            length = buf[pos] << 8 | buf[pos + 1]
+        else:
+            length = int.from_bytes(buf[pos : pos + count], "big")
         # DER: the shortest form, so no leading zero octet and no long form under 128.
         if buf[pos] == 0 or length < 0x80:
             raise DerError(f"non-minimal length at offset {pos - 2}")

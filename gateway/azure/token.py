@@ -22,8 +22,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
-from jwt.algorithms import RSAAlgorithm
 
 from gateway.core.cloud import CloudProfile
 from gateway.core.errors import BadRequest, Code, JoinRejected
@@ -51,9 +53,15 @@ _MAX_JWT_CHARS = 16 * 1024
 _B64URL_RE = re.compile(r"^[A-Za-z0-9_-]*$")
 _B64URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
-# The only algorithm a token is ever verified with (RS256: RSASSA-PKCS1-v1_5, SHA-256).
-_RS256 = RSAAlgorithm(RSAAlgorithm.SHA256)
 _REQUIRED_CLAIMS = ("exp", "iat", "nbf", "iss", "aud", "tid")
+# RS256's parameters (stateless objects), made once rather than on every verify.
+_PKCS1V15 = padding.PKCS1v15()
+_SHA256 = hashes.SHA256()
+# Decoded header segments by their exact text (``_header``): at most this many, each at
+# most this long (Entra's are ~200 characters).
+_HEADERS_MAX = 64
+_HEADER_MAX_CHARS = 1024
+_HEADERS: dict[str, dict[str, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,21 @@ def _b64url_json(part: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+def _header(part: str) -> Mapping[str, Any]:
+    """The header segment's JSON object. Entra's headers are a few fixed strings (one per
+    signing key): a segment that decoded is remembered by its exact text (bounded; a
+    segment that does not decode raises each time). Read-only: callers only look."""
+    header = _HEADERS.get(part)
+    if header is None:
+        header = _b64url_json(part, "header")
+        if len(part) <= _HEADER_MAX_CHARS:
+            if len(_HEADERS) >= _HEADERS_MAX:
+                del _HEADERS[next(iter(_HEADERS))]
+            _HEADERS[part] = header
+    return header
+
+
+def _split(token: str) -> tuple[Mapping[str, Any], dict[str, Any], bytes]:
     if not isinstance(token, str) or not token or len(token) > _MAX_JWT_CHARS:
         raise BadRequest(Code.ACCESS_TOKEN_MALFORMED, detail="JWT is empty or too long")
     parts = token.split(".")
@@ -126,7 +148,7 @@ def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes]:
     # is then refused for its algorithm, with a 403, like any other algorithm but RS256.
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise BadRequest(Code.ACCESS_TOKEN_MALFORMED, detail="JWT does not have three parts")
-    header = _b64url_json(parts[0], "header")
+    header = _header(parts[0])
     payload = _b64url_json(parts[1], "payload")
     return header, payload, _b64url(parts[2], "signature")
 
@@ -230,6 +252,13 @@ def _audience_ok(aud: str, expected: str) -> bool:
     return aud in (base, base + "/")
 
 
+def _issuer_ok(iss: str, cloud: CloudProfile, tid_as_sent: str, tid: str) -> bool:
+    """``iss`` is the cloud's issuer for the tid as written or as normalised."""
+    if iss == cloud.issuer_for(tid):
+        return True
+    return tid_as_sent != tid and iss == cloud.issuer_for(tid_as_sent)
+
+
 def _number(payload: Mapping[str, Any], name: str) -> float:
     value = payload.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -267,7 +296,8 @@ def verify_access_token(
     """Verify a managed-identity token against ``keys`` and return its claims.
 
     Order: shape, algorithm (RS256 only, from the header, and pinned again by verifying
-    with PyJWT's RS256 algorithm object and nothing else), key, signature, then claims. The
+    with RSASSA-PKCS1-v1_5 / SHA-256 and nothing else, as PyJWT's RS256 does), key,
+    signature (per token: a verdict is never remembered), then claims. The
     validity window is checked against ``now`` with ``leeway``; ``iat`` may be old (IMDS
     caches tokens up to 24 h) but not in the future.
 
@@ -289,9 +319,11 @@ def verify_access_token(
         raise JoinRejected(
             Code.ACCESS_TOKEN_KEY_UNKNOWN, f"no key {view.kid!r} in the tenant's JWKS"
         )
-    signing_input = token.rpartition(".")[0]
-    if not _RS256.verify(signing_input.encode("ascii"), key, signature):
-        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, "token signature does not verify")
+    signing_input = token.rpartition(".")[0].encode("ascii")
+    try:
+        key.verify(signature, signing_input, _PKCS1V15, _SHA256)
+    except InvalidSignature:
+        raise JoinRejected(Code.ACCESS_TOKEN_INVALID, "token signature does not verify") from None
     missing = [name for name in _REQUIRED_CLAIMS if name not in payload]
     if missing:
         raise JoinRejected(Code.ACCESS_TOKEN_INVALID, f"token lacks claim(s) {missing}")
@@ -303,7 +335,7 @@ def verify_access_token(
     iss = _req_str(payload, "iss")
     # Entra writes the tid in lowercase in both places; compare the issuer for the tid as
     # written and as normalised, so a tenant GUID in upper case cannot slip past either.
-    if iss not in (cloud.issuer_for(payload["tid"]), cloud.issuer_for(tid)):
+    if not _issuer_ok(iss, cloud, payload["tid"], tid):
         raise JoinRejected(
             Code.ACCESS_TOKEN_ISSUER_INVALID, f"iss {iss!r} is not {cloud.issuer_for(tid)!r}"
         )
@@ -323,7 +355,12 @@ def verify_access_token(
         )
     if iat > now + leeway:
         raise JoinRejected(Code.ACCESS_TOKEN_EXPIRED, f"token issued in the future ({iat:.0f})")
-    if allowed_tenants and tid not in {t.lower() for t in allowed_tenants}:
+    # ``tid in allowed_tenants`` first: TokenVerifier passes a lowercase set already.
+    if (
+        allowed_tenants
+        and tid not in allowed_tenants
+        and tid not in {t.lower() for t in allowed_tenants}
+    ):
         raise JoinRejected(Code.TENANT_NOT_ALLOWED, f"tenant {tid} is not an allowed tenant")
 
     return TokenClaims(
