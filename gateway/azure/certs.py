@@ -118,11 +118,17 @@ class CertificateUnreadable(Exception):
 
 
 def load_der_certificate(der: bytes) -> x509.Certificate:
-    """One DER certificate, its subject and issuer decoded (they are read next anyway).
-    Raises :class:`CertificateUnreadable`, never a library error."""
+    """One DER certificate, its subject, issuer and public key decoded (they are read next
+    anyway). Raises :class:`CertificateUnreadable`, never a library error.
+
+    The key too: a certificate whose key algorithm no library here knows (a mutated OID)
+    is not one Azure sends, and the asn1crypto reader refuses such an envelope whole, so
+    the strict reader must not carry it along unread (``tests/security/
+    test_der_differential.py``); the callers load each distinct certificate once."""
     try:
         cert = x509.load_der_x509_certificate(der)
         cert.subject, cert.issuer  # noqa: B018 - decode now: lazily, they raise later
+        cert.public_key()
     except CERTIFICATE_ERRORS as exc:
         raise CertificateUnreadable(f"{type(exc).__name__}: {exc}") from exc
     return cert

@@ -238,3 +238,25 @@ def test_byte_mutations_never_make_the_reader_accept_more(
         if not der:
             der = bytearray(b"\x30")
     _assert_agree(source, bytes(der))
+
+
+def test_an_embedded_certificate_whose_key_no_reader_knows_is_refused(
+    sources: list[Source],
+) -> None:
+    """Found by the byte mutations above: one flipped bit turned the embedded
+    intermediate's key algorithm (rsaEncryption) into an OID nobody knows. asn1crypto
+    refuses the envelope; the strict reader used to carry that certificate along unread
+    (the signer is the leaf, so nothing read the intermediate's key) and accept."""
+    source = next(s for s in sources if s.name == "emulated, chain embedded")
+    rsa_encryption = bytes.fromhex("06092a864886f70d010101")
+    # Its three occurrences: the leaf's key, the intermediate's key, the SignerInfo's
+    # signature algorithm. The second is the intermediate's.
+    at = source.der.index(rsa_encryption, source.der.index(rsa_encryption) + 1)
+    assert source.der.index(rsa_encryption, at + 1) > at
+    der = bytearray(source.der)
+    # The OID's length 9 -> 11: it swallows the NULL parameters that follow, so the key
+    # algorithm reads 1.2.840.113549.1.1.1.5.0 (the example hypothesis found).
+    der[at + 1] ^= 0b10
+    assert _oracle(source, bytes(der)) == Code.ATTESTED_MALFORMED
+    assert _product(source, bytes(der)) == Code.ATTESTED_MALFORMED
+    _assert_agree(source, bytes(der))
