@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,27 @@ def test_serve_with_a_broken_config_is_a_startup_failure(tmp_path: Path) -> None
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text("listeners: 3\n")
     assert main(["serve", "-c", str(cfg)]) == 3
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        pytest.param([1_764_288_000.0], id="one record"),
+        pytest.param([1_764_288_000.001, 1_764_288_000.999], id="same second"),
+        pytest.param([1_764_288_000.999, 1_764_288_001.0, 1_764_288_000.5], id="next, back"),
+        pytest.param([1_764_287_999.9995, 1_764_288_059.25], id="minute boundary"),
+    ],
+)
+def test_the_log_formatter_writes_the_default_time_text(created: list[float]) -> None:
+    """The CLI's formatter remembers its date and time text a second at a time; every
+    line must read exactly as logging's own formatter writes it."""
+    from gateway.cli import _Formatter
+
+    fmt = "%(asctime)s %(levelname)s %(name)s %(message)s"
+    mine, stock = _Formatter(fmt), logging.Formatter(fmt)
+    for at in created:
+        record = logging.LogRecord("gateway.audit", logging.INFO, __file__, 0, "x", None, None)
+        record.created, record.msecs = at, int((at - int(at)) * 1000) + 0.0
+        assert mine.format(record) == stock.format(record)
+    record.created = created[0]
+    assert mine.formatTime(record, "%H") == stock.formatTime(record, "%H")
