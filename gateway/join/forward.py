@@ -603,6 +603,8 @@ def _settle_outcome(
 
 
 def _settle_closed(queued: _Queued) -> None:
+    if queued.future.done():  # the usual case, after its request: no error to build
+        return
     _settle(
         queued.future,
         Overloaded(

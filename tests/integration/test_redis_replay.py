@@ -30,7 +30,7 @@ from gateway.core.errors import Code, Overloaded
 from gateway.core.redis_tier import redis_client
 from gateway.dev.devstack import dev_stack
 from gateway.join.deps import production_deps
-from gateway.join.replay import RedisReplayStore
+from gateway.join.replay import RedisReplayStore, _set_nx_px
 from gateway.server.serve import GatewayServer
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import azure_token_yaml
@@ -123,6 +123,18 @@ async def test_a_lone_redemption_is_one_round_trip(client: aioredis.Redis) -> No
     assert await store.redeem("alone", 30) is True
     assert await store.redeem("alone", 30) is False
     assert store.round_trips == 2
+
+
+async def test_redemptions_one_after_another_are_each_sent_with_one_round_trip_at_a_time(
+    client: aioredis.Redis,
+) -> None:
+    # A redemption asked just after a sender found the queue empty, before that task's
+    # done callback ran, used to be queued with no sender left to send it.
+    store = RedisReplayStore(client, max_in_flight=1)
+    async with asyncio.timeout(5):
+        for i in range(5):
+            assert await store.redeem(f"row-{i}", 30) is True
+    assert store.round_trips == 5
 
 
 async def test_every_redemption_of_a_failed_round_trip_fails_closed(
@@ -240,6 +252,82 @@ async def test_a_redemption_that_waited_out_its_timeout_in_the_queue_is_never_se
         ] * 2
         assert store.round_trips == 1
         assert store.failures == 2
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param("jg:replay:chal", id="ascii"),
+        pytest.param("jg:replay:ch\u00e4l-\u2603", id="non-ascii"),
+        pytest.param("jg:replay:a b\r\n$3", id="protocol bytes in the key"),
+    ],
+)
+@pytest.mark.parametrize("ttl_ms", [1000, 30_000, 86_400_000])
+def test_a_redemption_is_written_as_redis_py_packs_set_nx_px(key: str, ttl_ms: int) -> None:
+    conn = aioredis.Connection()
+    packed = b"".join(conn.pack_command("SET", key, b"1", "NX", "PX", ttl_ms))
+    assert _set_nx_px(key, ttl_ms) == packed
+
+
+async def test_a_command_the_server_refuses_fails_that_redemption_alone(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    # A user whose ACL allows only "jg:replay:ok-*": in one round trip, the SET on another
+    # key is refused (NOPERM) and fails closed, the others are answered, and the next
+    # round trip reads its own replies.
+    await client.acl_setuser(
+        "replayer", enabled=True, passwords=["+pw"], keys=["jg:replay:ok-*"], commands=["+set"]
+    )
+    limited = redis_client(server.url.replace("redis://", "redis://replayer:pw@"))
+    try:
+        store = RedisReplayStore(limited)
+        results = await asyncio.gather(
+            store.redeem("ok-1", 30),
+            store.redeem("denied", 30),
+            store.redeem("ok-2", 30),
+            return_exceptions=True,
+        )
+        assert store.round_trips == 1
+        assert results[0] is True and results[2] is True
+        assert isinstance(results[1], Overloaded)
+        assert results[1].code == Code.REPLAY_STORE_UNAVAILABLE
+        assert "NoPermissionError" in str(results[1])
+        assert store.failures == 1
+        assert await store.redeem("ok-1", 30) is False
+        assert await store.redeem("ok-3", 30) is True
+        await store.aclose()
+    finally:
+        await limited.aclose()
+
+
+async def test_a_reply_that_comes_after_the_op_timeout_is_never_read_as_another_ones(
+    client: aioredis.Redis,
+) -> None:
+    # Writes paused: the SET is sent, its reply comes late. The round trip fails closed
+    # and drops its socket, so that late reply cannot answer the next redemption.
+    store = RedisReplayStore(client, op_timeout=0.2, max_in_flight=1)
+    assert await store.redeem("warm", 30) is True
+    await client.execute_command("CLIENT", "PAUSE", "400", "WRITE")
+    with pytest.raises(Overloaded) as info:
+        await store.redeem("paused", 30)
+    assert info.value.code == Code.REPLAY_STORE_UNAVAILABLE
+    await asyncio.sleep(0.4)
+    assert await store.redeem("after", 30) is True
+    assert await store.redeem("after", 30) is False
+    assert await store.redeem("warm", 30) is False
+
+
+async def test_closing_the_store_hands_its_connections_back_as_they_were(
+    client: aioredis.Redis,
+) -> None:
+    pool = client.connection_pool
+    store = RedisReplayStore(client, max_in_flight=2)
+    await asyncio.gather(*(store.redeem(f"hand-back-{i}", 30) for i in range(10)))
+    leased = set(pool._in_use_connections)  # type: ignore[attr-defined]
+    assert 1 <= len(leased) <= 2
+    await store.aclose()
+    assert not pool._in_use_connections  # type: ignore[attr-defined]
+    assert all(conn.socket_timeout == 0.5 for conn in leased)
 
 
 @pytest.mark.parametrize(
