@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, cast
 
 from aiohttp import web
@@ -31,7 +31,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from gateway.core.errors import Code, GatewayError
-from gateway.http.middleware import render_error, shutting_down
+from gateway.http.middleware import render_error
 from gateway.http.proxy import Peer
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "JsonErrorRequestHandler",
     "Phase",
     "handler_factory",
-    "refuse_while_draining",
 ]
 
 log = logging.getLogger(__name__)
@@ -332,15 +331,3 @@ def handler_factory(
 
     return make
 
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def refuse_while_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The drain's refusal (:func:`gateway.http.middleware.shutting_down`) as a middleware
-    of its own, for an app without ``error_middleware``; ``make_app``'s
-    ``error_middleware`` does this check itself."""
-    if getattr(request.protocol, "draining", False):
-        return shutting_down()
-    return await handler(request)

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from gateway.http.framing import Connections, Phase, handler_factory, refuse_while_draining
+from gateway.http.framing import Connections, Phase, handler_factory
 from gateway.http.listener import Listener
 from gateway.http.middleware import error_middleware
 
@@ -50,7 +50,7 @@ async def server() -> AsyncIterator[Server]:
         await release.wait()
         return web.json_response({"ok": True})
 
-    app = web.Application(middlewares=[error_middleware, refuse_while_draining])
+    app = web.Application(middlewares=[error_middleware])  # it refuses during the drain
     app.router.add_get("/fast", fast)
     app.router.add_get("/slow", slow)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
