@@ -141,7 +141,10 @@ def _label_filter(text: str) -> tuple[str, str]:
 async def _body(request: web.Request) -> Mapping[str, Any]:
     if request.content_type != "application/json":
         raise AdminError(415, "unsupported_media_type", "Content-Type must be application/json")
-    raw = await request.content.read(_MAX_BODY + 1)
+    # Up to the end of the body: ``content.read(n)`` alone returns what has arrived so far.
+    raw = bytearray()
+    while len(raw) <= _MAX_BODY and (chunk := await request.content.read(_MAX_BODY + 1 - len(raw))):
+        raw += chunk
     if len(raw) > _MAX_BODY:
         raise AdminError(413, "body_too_large", "body exceeds 16 KiB")
     try:

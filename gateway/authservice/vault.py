@@ -48,6 +48,7 @@ from gateway.authservice.signing import (
     ssh_ca_pin,
 )
 from gateway.core.clock import Clock, SystemClock
+from gateway.core.httputil import ResponseTooLarge, read_capped
 from gateway.core.tlsutil import spki_pin
 
 __all__ = [
@@ -326,13 +327,17 @@ class VaultClient:
                 json=dict(body) if body is not None else None,
                 headers=headers,
             ) as resp:
-                payload = await resp.content.read(_MAX_BODY + 1)
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"))
+                # The whole answer: ``content.read(n)`` returns what has arrived so far,
+                # and a reply that came in two segments read as {} (an empty mount list
+                # made a re-run of vault-setup mount pki again and fail).
+                try:
+                    payload = await read_capped(resp, _MAX_BODY)
+                except ResponseTooLarge:
+                    raise VaultError(status, ["answer larger than 1 MiB"]) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise VaultError(0, [f"{type(exc).__name__}: {exc}"]) from exc
-        if len(payload) > _MAX_BODY:
-            raise VaultError(status, ["answer larger than 1 MiB"])
         if raw and status == 200:
             return {"text": payload.decode("utf-8", "replace")}
         try:

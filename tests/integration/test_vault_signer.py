@@ -204,6 +204,24 @@ async def test_vault_down_is_retryable(setup: Setup) -> None:
         await s.aclose()
 
 
+async def test_an_answer_that_arrives_in_pieces_is_read_whole(setup: Setup) -> None:
+    """Vault's answer reaching us in several reads (a network, not loopback) is read to its
+    end: reading only what had arrived made a mount list of 5 KB read as {}, and a re-run
+    of vault-setup then mounted pki again and failed (400 "path is already in use")."""
+    async with slow_proxy("127.0.0.1", setup.bao.port) as proxy:
+        proxy.trickle = 512
+        client = VaultClient(
+            setup.settings(f"http://127.0.0.1:{proxy.port}"),
+            TokenFileAuth(setup.workdir / "root-token"),
+        )
+        try:
+            mounts = await client.authed("GET", "sys/mounts")
+            assert {"pki/", "ssh/"} <= set(mounts.get("data", {})), sorted(mounts)
+            await vault_setup(client, SetupPlan())  # a re-run: nothing mounted twice
+        finally:
+            await client.aclose()
+
+
 async def test_a_slow_vault_is_bounded_by_the_timeout(setup: Setup) -> None:
     async with slow_proxy("127.0.0.1", setup.bao.port) as proxy:
         settings = setup.settings(f"http://127.0.0.1:{proxy.port}", timeout=0.5)

@@ -16,6 +16,9 @@ class SlowProxy:
     delay: float = 0.0
     connections: int = 0
     held: int = 0  # chunks being held right now
+    # When set, each chunk is passed on in pieces of this many bytes, a moment apart: an
+    # answer that reaches the client in several reads (as over a real network).
+    trickle: int = 0
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -30,6 +33,12 @@ async def _pipe(
                     await asyncio.sleep(proxy.delay)
                 finally:
                     proxy.held -= 1
+            if proxy.trickle:
+                for at in range(0, len(data), proxy.trickle):
+                    writer.write(data[at : at + proxy.trickle])
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                continue
             writer.write(data)
             await writer.drain()
     except (ConnectionError, asyncio.CancelledError):
