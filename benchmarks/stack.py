@@ -46,6 +46,7 @@ from gateway.core.config import (
 )
 from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
 from gateway.dev.emulator.pki import INTERMEDIATE_CN
+from gateway.dev.ports import free_port as free_port  # imported from here by tests
 from gateway.join.challenge import write_new_keys_file
 
 __all__ = [
@@ -75,10 +76,6 @@ class StackError(Exception):
     """A process of the stack did not come up (the harness failed, not the gateway)."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

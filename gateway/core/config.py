@@ -465,8 +465,40 @@ def _validate(cfg: Config, source: str) -> None:
     problems: list[str] = []
     if not cfg.listeners:
         problems.append("listeners: at least one listener is needed")
+    problems.extend(_shared_ports(cfg))
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "*"})
+
+
+def _shared_ports(cfg: Config) -> list[str]:
+    """Two of the listeners (``metrics.listen`` included) on one port of one address.
+
+    The supervisor binds every listener with ``SO_REUSEPORT``, so the kernel would accept
+    both binds and split connections between them: TLS clients landing on the plain
+    ``/metrics`` listener (or on a PROXY-protocol one) would fail at random. A wildcard
+    host shares its port with every address. Port 0 (any free port) never clashes."""
+    named = [(f"listeners[{i}].address", lst.address) for i, lst in enumerate(cfg.listeners)]
+    if cfg.metrics.listen:
+        named.append(("metrics.listen", cfg.metrics.listen))
+    seen: list[tuple[str, str, str, int]] = []
+    problems: list[str] = []
+    for key, address in named:
+        try:
+            host, port = split_hostport(address)
+        except ValueError:
+            continue  # refused with its own message where the key is read
+        for other_key, other_address, other_host, other_port in seen:
+            same_host = host == other_host or {host, other_host} & _WILDCARD_HOSTS
+            if port and port == other_port and same_host:
+                problems.append(
+                    f"{other_key} {other_address!r} and {key} {address!r} share a port: "
+                    "the kernel would split connections between them"
+                )
+        seen.append((key, address, host, port))
+    return problems
 
 
 def split_hostport(value: str, *, default_port: int | None = None) -> tuple[str, int]:

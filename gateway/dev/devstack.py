@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -51,6 +50,7 @@ from gateway.core.tlsutil import generate_ca, issue_cert, write_pem_files
 from gateway.dev.emulator import AzureEmulator, EmulatedVm, Latency
 from gateway.dev.emulator.pki import INTERMEDIATE_CN
 from gateway.dev.openbao import OpenBao, find_bao, set_up_approle
+from gateway.dev.ports import free_port
 from gateway.dev.redis_server import RedisServer, find_redis_server
 from gateway.join.challenge import write_new_keys_file
 from gateway.server.serve import GatewayServer
@@ -318,12 +318,6 @@ def write_stack_files(
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _wait_ready(url: str, ca_file: Path, proc: asyncio.subprocess.Process) -> None:
     ctx = ssl.create_default_context(cafile=str(ca_file))
     loop = asyncio.get_running_loop()
@@ -347,7 +341,7 @@ async def _gateway_process(
     config: Config, stack: DevStack
 ) -> AsyncIterator[tuple[str, Config, asyncio.subprocess.Process]]:
     """``join-gateway serve`` with several workers, as a child process of ours."""
-    port = _free_port()
+    port = free_port()
     config = dataclasses.replace(config, listeners=(ListenerConfig(f"127.0.0.1:{port}"),))
     config_path = stack.workdir / "gateway" / "gateway.yaml"
     write_atomic(config_path, dump_config(config).encode(), mode=0o644, make_parents=True)

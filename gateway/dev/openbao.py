@@ -26,7 +26,7 @@ from typing import Any
 from gateway.authservice.vault import TokenFileAuth, VaultClient, VaultError, VaultSettings
 from gateway.authservice.vault_setup import SetupPlan, vault_setup
 from gateway.core.files import write_atomic
-from gateway.dev.redis_server import free_port
+from gateway.dev.ports import free_port
 
 __all__ = ["AppRoleFiles", "OpenBao", "find_bao", "set_up_approle"]
 

@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["RedisServer", "find_redis_server", "free_port"]
+from gateway.dev.ports import free_port
+
+__all__ = ["RedisServer", "find_redis_server"]
 
 
 def find_redis_server() -> str | None:
@@ -24,13 +26,6 @@ def find_redis_server() -> str | None:
     return shutil.which("redis-server") or (
         "/usr/sbin/redis-server" if Path("/usr/sbin/redis-server").exists() else None
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _ping(port: int, timeout: float) -> bool:

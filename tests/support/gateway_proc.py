@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import os
 import signal
-import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -16,13 +15,8 @@ from pathlib import Path
 
 import aiohttp
 
+from benchmarks.stack import free_port as free_port  # the tests' one source of ports
 from gateway.core.config import Config, ListenerConfig, MetricsConfig, dump_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

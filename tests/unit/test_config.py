@@ -76,6 +76,16 @@ def test_config_keys_lists_every_dotted_key() -> None:
             "listeners[1].address 'nohost' is not host:port",
         ),
         ("azure:\n  cloud: mars\n", "g.yaml:2", "azure.cloud must be one of"),
+        (
+            "listeners:\n  - address: 127.0.0.1:8443\nmetrics:\n  listen: 127.0.0.1:8443\n",
+            "g.yaml",
+            "listeners[0].address '127.0.0.1:8443' and metrics.listen '127.0.0.1:8443' share",
+        ),
+        (
+            "listeners:\n  - address: 0.0.0.0:443\n  - address: 10.0.0.4:443\n",
+            "g.yaml",
+            "listeners[0].address '0.0.0.0:443' and listeners[1].address '10.0.0.4:443' share",
+        ),
     ],
     ids=[
         "an unknown key names its file and line",
@@ -110,6 +120,8 @@ def test_config_keys_lists_every_dotted_key() -> None:
         "the bad item of a list is named with its line",
         "the bad listener of several is named with its line",
         "an unknown cloud is named with its line",
+        "the metrics listener on the main listener's port would take some of its connections",
+        "a wildcard listener shares its port with every address",
     ],
 )
 def test_bad_configs_name_file_and_line(text: str, where: str, what: str) -> None:
