@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -274,6 +273,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(args.joins)))
         return
+    if str(ROOT) not in sys.path:  # run as a script: this repository's harness
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.experiments.trees import run_in_tree
+
     trees = {"after": ROOT}
     if args.before is not None:
         trees = {"before": args.before.resolve(), "after": ROOT}
@@ -282,15 +285,8 @@ def main() -> None:
         order = list(trees) if rnd % 2 == 0 else list(reversed(trees))
         for name in order:
             tree = trees[name]
-            env = {**os.environ, "PYTHONPATH": str(tree)}
-            proc = subprocess.run(
-                [sys.executable, "-c", _BOOT, str(tree), __file__, str(args.joins)],
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            argv = ["-c", _BOOT, str(tree), __file__, str(args.joins)]
+            results[name].append(run_in_tree(tree, argv))
             print(f"round {rnd + 1} {name}: {results[name][-1]}", file=sys.stderr)
     med = {
         name: {item: statistics.median(r[item] for r in runs) for item in ITEMS}

@@ -42,9 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -449,16 +447,11 @@ def _child(names: list[str]) -> None:
 
 
 def _measure(tree: Path, names: list[str]) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    result = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", *names],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=str(tree),
-    )
-    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+    if str(HERE) not in sys.path:  # run as a script: this repository's harness
+        sys.path.insert(0, str(HERE))
+    from benchmarks.experiments.trees import run_in_tree
+
+    return run_in_tree(tree, [str(Path(__file__).resolve()), "--child", *names], cwd=tree)
 
 
 def main() -> None:

@@ -36,10 +36,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -182,21 +180,15 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _measure(tree: Path, args: argparse.Namespace, url: str, pid: int) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--url", url]
+    cmd = [str(Path(__file__).resolve()), "--child", "--url", url]
     cmd += ["--server-pid", str(pid), "--lone", str(args.lone), "--burst", str(args.burst)]
     cmd += ["--joins", str(args.joins), "--concurrency", str(args.concurrency)]
     cmd += ["--join-cpu-us", str(args.join_cpu_us)]
     if args.max_in_flight is not None:
         cmd += ["--max-in-flight", str(args.max_in_flight)]
-    result = subprocess.run(
-        [*cmd, *args.scenarios],
-        env=dict(os.environ, PYTHONPATH=str(tree)),
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=str(tree),
-    )
-    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+    from benchmarks.experiments.trees import run_in_tree  # main() put HERE on the path
+
+    return run_in_tree(tree, [*cmd, *args.scenarios], cwd=tree)
 
 
 def main() -> None:
