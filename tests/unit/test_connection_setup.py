@@ -14,7 +14,8 @@ import errno
 import json
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -190,43 +191,41 @@ class _FlakySocket(socket.socket):
         return super().accept()
 
 
-async def test_an_accept_failure_backs_off_then_accepting_resumes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(listener_mod, "_ACCEPT_RETRY_DELAY", 0.05)
+@asynccontextmanager
+async def _flaky_listener(failures: list[int]) -> AsyncIterator[tuple[_FlakySocket, Listener]]:
+    """A started listener on a :class:`_FlakySocket` whose first accepts fail so, in front
+    of an app answering ``GET /options``."""
     app = web.Application()
     app.router.add_get("/options", _socket_options)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     assert runner.server is not None
     sock = _FlakySocket()
-    sock.failures = [errno.EMFILE]
+    sock.failures = failures
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
     listener = Listener(sock, handler_factory=handler_factory(runner.server), ssl_context=None)
     listener.start()
     try:
-        status, _ = await _get(listener.sockname[1], "/options")
-        assert status == 200 and sock.failures == [] and listener.accepted == 1
+        yield sock, listener
     finally:
         await listener.aclose()
         await runner.cleanup()
 
 
+async def test_an_accept_failure_backs_off_then_accepting_resumes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(listener_mod, "_ACCEPT_RETRY_DELAY", 0.05)
+    async with _flaky_listener([errno.EMFILE]) as (sock, listener):
+        status, _ = await _get(listener.sockname[1], "/options")
+        assert status == 200 and sock.failures == [] and listener.accepted == 1
+
+
 async def test_einval_from_accept_ends_accepting_for_good() -> None:
     """The supervisor stopped the shared socket listening (the drain): no retry timer,
     no reader left behind."""
-    app = web.Application()
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    assert runner.server is not None
-    sock = _FlakySocket()
-    sock.failures = [errno.EINVAL]
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    listener = Listener(sock, handler_factory=handler_factory(runner.server), ssl_context=None)
-    listener.start()
-    try:
+    async with _flaky_listener([errno.EINVAL]) as (sock, listener):
         client = socket.create_connection(listener.sockname)
         for _ in range(100):
             if not sock.failures:
@@ -236,9 +235,6 @@ async def test_einval_from_accept_ends_accepting_for_good() -> None:
         assert sock.failures == [] and listener.accepted == 0 and listener.pending == 0
         assert not listener._reading and listener._retry is None
         client.close()
-    finally:
-        await listener.aclose()
-        await runner.cleanup()
 
 
 async def test_make_app_refuses_requests_during_the_drain_with_one_middleware() -> None:
