@@ -688,12 +688,6 @@ class AttestedVerifier:
     def require_subscription(self) -> bool:
         return self._require_subscription
 
-    def signer_facts(self, cert: x509.Certificate) -> tuple[str, bytes]:
-        """The signer's checked name and its fingerprint, remembered per certificate
-        (Azure signs with a few leaves a year): a steady stream of joins does not redo them."""
-        checks = self.signer_checks(cert)
-        return checks.name(), checks.fingerprint
-
     def signer_checks(self, cert: x509.Certificate) -> _Signer:
         """The remembered checks of this signer certificate, by its fingerprint (SHA-256 of
         its exact bytes): at most :data:`_SIGNERS_MAX` certificates, oldest out first."""
